@@ -1,0 +1,380 @@
+"""The client end of a session: the guest's bus to the server's device windows.
+
+:func:`connect` does the handshake, picks the memory mode, registers guest RAM and returns a
+:class:`Connection`. The connection is the ``RegisterBus`` the virtio-mmio transport talks to:
+MMIO reads are request/response, MMIO writes are posted by default (no round trip, order kept),
+interrupts arrive as IRQ line events, and in proxied mode the server's guest-memory requests are
+answered here from the guest RAM this process owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from viowire.client.guest import DEFAULT_RAM_BASE, DEFAULT_RAM_SIZE, GuestRAM
+from viowire.fdsocket import FdSocketTransport
+from viowire.protocol import messages as m
+from viowire.protocol.codec import DecodeError, decode_body, encode
+from viowire.protocol.framing import Frame, FrameError, FrameReader
+from viowire.protocol.hostid import host_id
+from viowire.urls import Endpoint, parse_endpoint
+from viowire.virtio.constants import device_name
+from viowire.virtio.memory import GuestMemoryError
+
+log = logging.getLogger("viowire.client")
+
+CLIENT_FEATURES = (
+    m.ProtoFeature.POSTED_WRITES
+    | m.ProtoFeature.MEMORY_PROXIED
+    | m.ProtoFeature.MEMORY_MEMFD
+    | m.ProtoFeature.MEMORY_SHM
+)
+REQUEST_TIMEOUT = 30.0
+MEMORY_MODES = ("auto", "shared", "proxied")
+
+
+class ProtocolError(Exception):
+    """The server answered a request with ERROR; ``code`` is an ErrorCode."""
+
+    def __init__(self, code: int, message: str) -> None:
+        try:
+            name = m.ErrorCode(code).name
+        except ValueError:
+            name = f"error {code}"
+        super().__init__(f"{name}: {message}")
+        self.code = code
+
+
+class ConnectionClosed(ConnectionError):
+    """The session ended; reconnect to go on."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One entry of the platform table the server sends (a static platform device)."""
+
+    base: int
+    size: int
+    irq: int
+    version: int
+    device_id: int
+    vendor_id: int
+
+    @property
+    def name(self) -> str:
+        return device_name(self.device_id)
+
+
+class Connection(asyncio.Protocol):
+    """A session with a viowire server; use :func:`connect` to make one."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.reader = FrameReader()
+        self.session_id = 0
+        self.features = 0
+        self.server_name = ""
+        self.same_host = False
+        self.memory_mode = ""
+        self.ram: GuestRAM | None = None
+        self.posted_errors: list[ProtocolError] = []
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._irq_handlers: dict[int, Callable[[bool], None]] = {}
+        self._closed = asyncio.get_running_loop().create_future()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except FrameError as exc:
+            log.error("server sent a malformed frame (%s); closing", exc)
+            self.transport.close()
+            return
+        for frame in frames:
+            self._dispatch(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = ConnectionClosed(
+            f"connection to {self.endpoint} closed" + (f": {exc}" if exc else "")
+        )
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._can_write.set()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.done()
+
+    # -- requests ------------------------------------------------------------------------------
+    def _send(self, msg: object, request_id: int = 0, flags: int = 0, fds: list[int] | None = None):
+        if self.closed:
+            raise ConnectionClosed(f"connection to {self.endpoint} is closed")
+        frame = encode(msg, request_id, flags)
+        if fds:
+            self.transport.write_with_fds(frame, fds)
+        else:
+            self.transport.write(frame)
+
+    def _new_id(self) -> int:
+        request_id = next(self._ids) & 0xFFFFFFFF
+        return request_id or next(self._ids) & 0xFFFFFFFF
+
+    async def request(self, msg: object, *, fds: list[int] | None = None) -> object:
+        """Send a request and await its reply; an ERROR reply raises :class:`ProtocolError`."""
+        request_id = self._new_id()
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            self._send(msg, request_id, 0, fds)
+            return await asyncio.wait_for(future, REQUEST_TIMEOUT)
+        except TimeoutError:
+            raise ConnectionClosed(
+                f"{self.endpoint} did not answer {type(msg).__name__} within {REQUEST_TIMEOUT} s"
+            ) from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    def _dispatch(self, frame: Frame) -> None:
+        if frame.flags & m.Flags.REPLY or frame.type == m.MsgType.ERROR:
+            self._complete(frame)
+        elif frame.type == m.MsgType.IRQ:
+            self._on_irq(frame)
+        elif frame.type in (m.MsgType.MEM_READ, m.MsgType.MEM_WRITE):
+            self._serve_memory(frame)
+        else:
+            log.warning("server sent unexpected message type %#x", frame.type)
+
+    def _complete(self, frame: Frame) -> None:
+        try:
+            msg = decode_body(frame.type, frame.body)
+        except DecodeError as exc:
+            msg = m.Error(code=exc.code, message=f"undecodable reply: {exc}")
+        future = self._pending.get(frame.request_id)
+        if isinstance(msg, m.Error):
+            error = ProtocolError(msg.code, msg.message)
+            if future is not None and not future.done():
+                future.set_exception(error)
+            else:  # a posted write failed, or the server is closing the session
+                log.warning("%s: %s", self.endpoint, error)
+                self.posted_errors.append(error)
+        elif future is not None and not future.done():
+            future.set_result(msg)
+
+    def _on_irq(self, frame: Frame) -> None:
+        msg = decode_body(frame.type, frame.body)
+        handler = self._irq_handlers.get(msg.irq)
+        if handler is not None:
+            handler(bool(msg.level))
+
+    def _serve_memory(self, frame: Frame) -> None:
+        """Proxied mode: the device reads or writes guest RAM through us."""
+        try:
+            msg = decode_body(frame.type, frame.body)
+            memory = self.ram.memory
+            if frame.type == m.MsgType.MEM_READ:
+                data = b"".join(memory.read_sync(gpa, length) for gpa, length in msg.ranges)
+                self._send(m.MemReadReply(data=data), frame.request_id, m.Flags.REPLY)
+                return
+            self._write_ranges(msg)
+            if not frame.flags & m.Flags.POSTED:
+                self._send(m.Ok(), frame.request_id, m.Flags.REPLY)
+        except (DecodeError, GuestMemoryError, AttributeError, ValueError) as exc:
+            log.warning("refused a guest-memory request from the server: %s", exc)
+            code = m.ErrorCode.MEMORY_FAULT
+            self._send(m.Error(code=code, message=str(exc)), frame.request_id, m.Flags.REPLY)
+
+    def _write_ranges(self, msg: m.MemWrite) -> None:
+        memory = self.ram.memory
+        if sum(length for _, length in msg.ranges) != len(msg.data):
+            raise ValueError("MEM_WRITE data length does not match its ranges")
+        for gpa, length in msg.ranges:
+            memory.check(gpa, length)
+        pos = 0
+        for gpa, length in msg.ranges:
+            memory.write_sync(gpa, msg.data[pos : pos + length])
+            pos += length
+
+    # -- the RegisterBus -----------------------------------------------------------------------
+    async def mmio_read(self, addr: int, width: int) -> int:
+        reply = await self.request(m.MmioRead(addr=addr, width=width))
+        return reply.value
+
+    async def mmio_write(self, addr: int, width: int, value: int, *, posted: bool = True) -> None:
+        msg = m.MmioWrite(addr=addr, width=width, value=value)
+        if posted and self.features & m.ProtoFeature.POSTED_WRITES:
+            if not self._can_write.is_set():
+                await self._can_write.wait()
+            self._send(msg, self._new_id(), m.Flags.POSTED)
+        else:
+            await self.request(msg)
+
+    def set_irq_handler(self, irq: int, handler: Callable[[bool], None] | None) -> None:
+        if handler is None:
+            self._irq_handlers.pop(irq, None)
+        else:
+            self._irq_handlers[irq] = handler
+
+    # -- platform ------------------------------------------------------------------------------
+    async def platform(self) -> list[DeviceInfo]:
+        """The server's platform table: one entry per device window."""
+        reply = await self.request(m.PlatformQuery())
+        return [DeviceInfo(*entry) for entry in reply.devices]
+
+    async def attach(self, info: DeviceInfo):
+        """A virtio-mmio transport for ``info``, bound to this connection and its guest RAM."""
+        from viowire.client.mmio import VirtioMmioDevice
+
+        return VirtioMmioDevice(
+            self, info.base, info.irq, self.ram.memory, self.ram, size=info.size
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._closed), 5)
+        if self.ram is not None:
+            self.ram.close()
+            self.ram = None
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def connect(
+    url: str,
+    *,
+    memory: str = "auto",
+    ram_size: int = DEFAULT_RAM_SIZE,
+    ram_base: int = DEFAULT_RAM_BASE,
+    name: str = "viowire-client",
+) -> Connection:
+    """Connect to a server, shake hands and register guest RAM.
+
+    ``memory``: ``shared`` (memfd over a Unix socket, a named segment to a same-host TCP peer),
+    ``proxied`` (the server reaches guest RAM through this connection), or ``auto`` (shared where
+    the server can map it, else proxied).
+    """
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    endpoint = parse_endpoint(url)
+    conn = await _open(endpoint)
+    try:
+        await _handshake(conn, name)
+        await _register_memory(conn, memory, ram_size, ram_base)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def _open(endpoint: Endpoint) -> Connection:
+    loop = asyncio.get_running_loop()
+    conn = Connection(endpoint)
+    if endpoint.scheme == "tcp":
+        await loop.create_connection(lambda: conn, endpoint.host, endpoint.port)
+        sock = conn.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, endpoint.path)
+    except OSError:
+        sock.close()
+        raise
+    FdSocketTransport(loop, sock, conn)
+    await asyncio.sleep(0)  # let connection_made run
+    return conn
+
+
+async def _handshake(conn: Connection, name: str) -> None:
+    hello = m.Hello(
+        magic=m.HELLO_MAGIC,
+        version=m.PROTOCOL_VERSION,
+        reserved=0,
+        features=CLIENT_FEATURES,
+        max_frame=m.DEFAULT_MAX_FRAME,
+        max_inflight=m.DEFAULT_MAX_INFLIGHT,
+        host_id=host_id(),
+        name=name,
+    )
+    reply = await conn.request(hello)
+    conn.session_id = reply.session_id
+    conn.features = reply.features
+    conn.server_name = reply.name
+    conn.reader.max_frame = reply.max_frame
+    conn.same_host = reply.host_id == host_id() and any(reply.host_id)
+
+
+async def _register_memory(conn: Connection, mode: str, size: int, base: int) -> None:
+    unix = conn.endpoint.scheme == "unix"
+    can_memfd = unix and conn.features & m.ProtoFeature.MEMORY_MEMFD
+    can_shm = conn.same_host and conn.features & m.ProtoFeature.MEMORY_SHM
+    if mode in ("auto", "shared") and (can_memfd or can_shm):
+        backing = "memfd" if can_memfd else "shm"
+        try:
+            await _register_shared(conn, backing, size, base)
+            return
+        except ProtocolError as exc:
+            if mode == "shared":
+                raise
+            log.info("shared memory refused (%s); falling back to proxied", exc)
+    elif mode == "shared":
+        raise ProtocolError(
+            m.ErrorCode.UNSUPPORTED,
+            f"{conn.endpoint} cannot share memory with this process (it is on another host or "
+            "the socket cannot pass descriptors); use --memory proxied",
+        )
+    conn.ram = GuestRAM(size, base, backing="anon")
+    await conn.request(
+        m.MemRegister(gpa=base, size=size, kind=m.MemoryKind.PROXIED, offset=0, name="")
+    )
+    conn.memory_mode = "proxied"
+
+
+async def _register_shared(conn: Connection, backing: str, size: int, base: int) -> None:
+    ram = GuestRAM(size, base, backing=backing)
+    try:
+        if backing == "memfd":
+            msg = m.MemRegister(gpa=base, size=size, kind=m.MemoryKind.MEMFD, offset=0, name="")
+            await conn.request(msg, fds=[ram.fd])
+        else:
+            msg = m.MemRegister(
+                gpa=base, size=size, kind=m.MemoryKind.SHM, offset=0, name=ram.shm_name
+            )
+            await conn.request(msg)
+            ram.unlink_shm()  # both sides have it mapped; the name is no longer needed
+    except BaseException:
+        ram.close()
+        raise
+    conn.ram = ram
+    conn.memory_mode = "shared"

@@ -1,0 +1,113 @@
+"""Guest RAM: the client is the guest, so it owns the memory that rings and buffers live in.
+
+Three backings, one per memory mode of the session:
+- ``memfd``: an anonymous memory file whose descriptor is passed to the server (Unix sockets);
+- ``shm``: a named segment under /dev/shm that a same-host server opens by name (TCP on one host);
+- ``anon``: private memory that the server reaches only through MEM_READ/MEM_WRITE (proxied).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import mmap
+import os
+import secrets
+
+from viowire.virtio.memory import MappedGuestMemory
+
+DEFAULT_RAM_BASE = 0x8000_0000  # where boards put DRAM; keeps legacy PFNs within 32 bits
+DEFAULT_RAM_SIZE = 64 << 20
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "viowire-"
+
+
+class GuestRAMFull(MemoryError):
+    """No free block of guest RAM is large enough; free buffers or start with a larger --ram."""
+
+
+class GuestRAM:
+    """One region of guest RAM with a first-fit allocator for rings and DMA buffers."""
+
+    def __init__(
+        self, size: int = DEFAULT_RAM_SIZE, base: int = DEFAULT_RAM_BASE, backing: str = "memfd"
+    ) -> None:
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ValueError(
+                f"guest RAM size {size:#x} must be a positive multiple of the page size"
+            )
+        self.base = base
+        self.size = size
+        self.backing = backing
+        self.fd: int | None = None
+        self.shm_name = ""
+        self._map = self._create_mapping(size, backing)
+        self.memory = MappedGuestMemory()
+        self.memory.add_region(base, self._map)
+        self._free: list[tuple[int, int]] = [(base, size)]  # sorted (start, length)
+        self._used: dict[int, tuple[int, int]] = {}  # gpa -> (block start, block length)
+
+    def _create_mapping(self, size: int, backing: str) -> mmap.mmap:
+        if backing == "anon":
+            return mmap.mmap(-1, size)
+        if backing == "memfd":
+            self.fd = os.memfd_create("viowire-guest-ram", os.MFD_CLOEXEC)
+        elif backing == "shm":
+            self.shm_name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+            path = os.path.join(SHM_DIR, self.shm_name)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        else:
+            raise ValueError(f"unknown guest RAM backing {backing!r}: use memfd, shm or anon")
+        os.ftruncate(self.fd, size)
+        return mmap.mmap(self.fd, size)
+
+    def unlink_shm(self) -> None:
+        """Remove the segment's name once the server has mapped it, so nothing leaks on a crash."""
+        if self.shm_name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM_DIR, self.shm_name))
+            self.shm_name = ""
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        """Return the guest-physical address of ``size`` zeroed bytes aligned to ``align``."""
+        if size <= 0 or align <= 0 or align & (align - 1):
+            raise ValueError(f"bad allocation: size {size}, align {align} (a power of two)")
+        for i, (start, length) in enumerate(self._free):
+            gpa = (start + align - 1) & ~(align - 1)
+            if gpa + size <= start + length:
+                self._take(i, start, length, gpa, size)
+                self.memory.view(gpa, size)[:] = bytes(size)
+                return gpa
+        raise GuestRAMFull(
+            f"guest RAM ({self.size >> 20} MiB at {self.base:#x}) has no free {size} bytes"
+        )
+
+    def _take(self, i: int, start: int, length: int, gpa: int, size: int) -> None:
+        end = gpa + size
+        rest = [(s, n) for s, n in ((start, gpa - start), (end, start + length - end)) if n > 0]
+        self._free[i : i + 1] = rest
+        self._used[gpa] = (gpa, size)
+
+    def free(self, gpa: int) -> None:
+        """Give a block back; neighbouring free blocks merge."""
+        start, length = self._used.pop(gpa)
+        i = bisect.bisect(self._free, (start, length))
+        self._free.insert(i, (start, length))
+        if i + 1 < len(self._free) and start + length == self._free[i + 1][0]:
+            length += self._free.pop(i + 1)[1]
+            self._free[i] = (start, length)
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:
+            prev = self._free.pop(i - 1)
+            self._free[i - 1] = (prev[0], prev[1] + length)
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(length for _, length in self._free)
+
+    def close(self) -> None:
+        self.unlink_shm()
+        self.memory.close()
+        self._map.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -1,0 +1,344 @@
+"""Generate docs/protocol.md from messages.py, so the specification cannot drift from the code.
+
+``python -m viowire.protocol.doc`` prints the specification, ``--write`` stores it in
+docs/protocol.md and ``--check`` exits 1 when the stored copy is stale. Field tables come from
+the same derivation the fast codec uses (``codec.layout``); construct definitions and enum
+comments are quoted from the source of messages.py, the one place they are written.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import sys
+import textwrap
+import tokenize
+from collections.abc import Iterator
+from pathlib import Path
+
+from construct import Construct, Struct
+
+from viowire.protocol import messages as m
+from viowire.protocol.codec import HEADER, FieldSpec, encode, layout
+
+DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+T = m.MsgType
+
+# How each request is answered. Not in messages.py because no code needs it; a new message type
+# stops doc generation until it is described here.
+ANSWERS: dict[m.MsgType, str] = {
+    T.HELLO: "HELLO_REPLY",
+    T.HELLO_REPLY: "— (reply)",
+    T.ERROR: "— (reply)",
+    T.OK: "— (reply)",
+    T.MMIO_READ: "MMIO_READ_REPLY",
+    T.MMIO_READ_REPLY: "— (reply)",
+    T.MMIO_WRITE: "OK, none if POSTED",
+    T.PLATFORM_QUERY: "PLATFORM_INFO",
+    T.PLATFORM_INFO: "— (reply)",
+    T.MEM_REGISTER: "OK",
+    T.MEM_UNREGISTER: "OK",
+    T.MEM_READ: "MEM_READ_REPLY",
+    T.MEM_READ_REPLY: "— (reply)",
+    T.MEM_WRITE: "OK, none if POSTED",
+    T.IRQ: "never (event)",
+}
+
+INTRO = """\
+# The viowire protocol, version {version}
+
+> Generated from `viowire/protocol/messages.py` by `python -m viowire.protocol.doc --write`.
+> Do not edit by hand: change messages.py (the single source of truth) and regenerate.
+
+viowire carries virtio-mmio devices over a byte stream. The **client** owns the guest: its
+physical address space and RAM. The **server** owns the devices: it answers the client's
+register reads and writes (MMIO_READ / MMIO_WRITE), reads and writes guest RAM to process
+virtqueues (directly from shared memory, or by asking the client with MEM_READ / MEM_WRITE),
+and signals interrupts (IRQ).
+
+## 1. Transport and framing
+
+The transport is any reliable, ordered byte stream: a Unix stream socket or TCP. **All integers
+are little-endian** and unsigned; there is no padding or alignment anywhere. Each message is
+one frame: a {header_size}-byte header followed by the body.
+
+{header_table}
+
+* `length` counts the bytes that follow the length field: `8 + len(body)`. It is never less
+  than 8.
+* A frame, including its 4-byte length field, is at most `max_frame` bytes: {max_frame}
+  ({max_frame_hex}) until the handshake ends, then the value in HELLO_REPLY.
+* `reserved` is 0.
+* A receiver that sees a length below 8, a frame above `max_frame` or a nonzero `reserved`
+  cannot find the next frame boundary: it sends ERROR (MALFORMED_FRAME or FRAME_TOO_LARGE,
+  request_id 0, flags 0) and closes the connection.
+* The body layout depends on `type` alone (section 5). A body that is shorter or longer than its
+  type needs, or holds invalid UTF-8, is answered with ERROR BAD_MESSAGE; an unknown type with
+  ERROR UNKNOWN_TYPE. The connection stays open, since the framing is intact.
+
+Example, an MMIO_READ of 4 bytes at 0x10000070 with request_id 7:
+
+```
+{example}
+```
+
+## 2. Requests, replies and pipelining
+
+Both sides send requests: the client sends MMIO and memory-registration requests, the server
+sends MEM_READ / MEM_WRITE (proxied memory) and IRQ events.
+
+* **Each side numbers its own requests.** `request_id` is chosen by the sender of a request
+  and is unique among that sender's requests still awaiting a reply (a wrapping counter that
+  skips 0 works). The two directions' numbers are independent: a frame with the REPLY flag is
+  matched against the receiver's own outstanding requests, a frame without it is a new request.
+* **A reply** carries the request's `request_id` and the REPLY flag. Requests are applied in
+  the order they arrive; a sender may pipeline up to `max_inflight` requests that await a reply
+  and must match replies by id, not by order. Beyond that limit a receiver may answer ERROR
+  TOO_MANY_IN_FLIGHT.
+* **POSTED** requests (flag POSTED; only with the POSTED_WRITES feature) get no reply when they
+  succeed. If one fails the receiver still sends ERROR with its `request_id`. A sender that does
+  not need to match such errors may use request_id 0.
+* **Events** (IRQ) use request_id 0 and get no reply of any kind.
+* **ERROR** answers any failed request, with the REPLY flag and the request's id. Nobody
+  answers a frame that carries REPLY, not even with ERROR: an unexpected or undecodable reply
+  is logged and dropped, so errors never ping-pong.
+
+## 3. Handshake
+
+1. The client's first frame is HELLO (flags 0, any nonzero request_id): `magic` =
+   {magic:#010x} (the bytes "{magic_text}" on the wire), `version` = {version}, the features it
+   supports, the largest `max_frame` and `max_inflight` it accepts, its `host_id` and a `name`
+   for logs.
+2. The server answers HELLO_REPLY (REPLY, same request_id): `features` = the intersection of
+   both offers, `max_frame` and `max_inflight` = the smaller of both offers, a `session_id`
+   that names the session in the server's logs, its own `host_id` and `name`. From this frame
+   on both sides use these values. A wrong magic or an unsupported version gets ERROR
+   UNSUPPORTED instead.
+3. Any other request before HELLO gets ERROR BAD_STATE, and so does a second HELLO.
+
+`host_id` is the 16 bytes of the kernel boot id (`/proc/sys/kernel/random/boot_id` parsed as a
+UUID), or 16 zero bytes when unknown. Equal, nonzero host ids mean the peers share a kernel,
+and so share `/dev/shm`.
+
+## 4. Guest memory
+
+After the handshake the client describes guest RAM with MEM_REGISTER, one region per frame.
+`kind` picks how the server reaches it, and needs the matching feature (else ERROR UNSUPPORTED):
+
+* **PROXIED** (MEMORY_PROXIED): the server has no mapping and reads and writes guest RAM by
+  sending MEM_READ and MEM_WRITE requests to the client. Works over any transport, also between
+  hosts.
+* **MEMFD** (MEMORY_MEMFD, Unix sockets only): the client passes a file descriptor holding the
+  region (a memfd) as SCM_RIGHTS ancillary data in the `sendmsg` call that carries the
+  MEM_REGISTER frame; the server maps `size` bytes from `offset` in it. Each MEM_REGISTER of kind
+  MEMFD takes the oldest descriptor received and not yet used.
+* **SHM** (MEMORY_SHM, same host, e.g. over TCP): `name` names a POSIX shared-memory segment
+  (under `/dev/shm` on Linux) that the server opens and maps from `offset`. Only meaningful when
+  the HELLO and HELLO_REPLY `host_id`s are equal and nonzero.
+
+Guest addresses and lengths are untrusted: a range outside registered memory is answered with
+ERROR MEMORY_FAULT.
+
+## 5. Message types
+
+{type_table}
+"""
+
+
+def generate() -> str:
+    """The whole specification as Markdown."""
+    source = inspect.getsource(m)
+    definitions = _definitions(source)
+    names = _named_constructs(source)
+    parts = [_intro()]
+    parts += [_message(t, definitions[t.name], names) for t in m.SCHEMAS]
+    parts.append(_shared_structures(definitions, names))
+    parts.append(_enumerations(source))
+    parts.append(_constants())
+    return "\n".join(parts)
+
+
+def _intro() -> str:
+    return INTRO.format(
+        version=m.PROTOCOL_VERSION,
+        header_size=m.HEADER_SIZE,
+        header_table=_field_table(m.Header, {}),
+        max_frame=m.DEFAULT_MAX_FRAME,
+        max_frame_hex=hex(m.DEFAULT_MAX_FRAME),
+        magic=m.HELLO_MAGIC,
+        magic_text=m.HELLO_MAGIC.to_bytes(4, "little").decode("ascii"),
+        example=_example(),
+        type_table=_type_table(),
+    )
+
+
+def _example() -> str:
+    frame = encode(m.MmioRead(addr=0x10000070, width=4), request_id=7)
+    lines, offset = [], 0
+    for spec in layout(m.Header) + layout(m.SCHEMAS[T.MMIO_READ]):
+        lines.append(f"{frame[offset:offset + spec.size].hex(' '):24} {spec.name}")
+        offset += spec.size
+    return "\n".join(lines)
+
+
+def _type_table() -> str:
+    rows = ["| code | message | answered by | summary |", "|---|---|---|---|"]
+    for t in m.MsgType:
+        if t not in ANSWERS:
+            raise LookupError(f"say how MsgType.{t.name} is answered in doc.ANSWERS")
+        summary = m.DOCS[t].split(". ")[0].rstrip(".")
+        rows.append(f"| `{t.value:#04x}` | [{t.name}](#{t.name.lower()}) | {ANSWERS[t]} | "
+                    f"{summary} |")
+    return "\n".join(rows)
+
+
+def _message(t: m.MsgType, definition: str, names: dict[int, str]) -> str:
+    schema = m.SCHEMAS[t]
+    table = _field_table(schema, names) if schema.subcons else "Empty body (0 bytes)."
+    cls = m.MESSAGE_CLASSES[t].__name__
+    doc = m.DOCS[t][0].upper() + m.DOCS[t][1:]
+    return (f"### {t.name}\n\nType `{t.value:#04x}`, Python class `{cls}`.\n\n{doc}\n\n"
+            f"{table}\n\n```python\n{definition}\n```\n")
+
+
+def _field_table(schema: Construct, names: dict[int, str]) -> str:
+    rows = ["| offset | size | type | field |", "|---|---|---|---|"]
+    offset: int | None = 0
+    for spec, sub in zip(layout(schema), schema.subcons, strict=True):
+        size = spec.size
+        where = str(offset) if offset is not None else "variable"
+        rows.append(f"| {where} | {size if size is not None else 'variable'} | "
+                    f"{_type_text(spec, sub.subcon, names)} | `{spec.name}` |")
+        offset = offset + size if offset is not None and size is not None else None
+    return "\n".join(rows)
+
+
+def _type_text(spec: FieldSpec, con: Construct, names: dict[int, str]) -> str:
+    prefix = FieldSpec("", "int", spec.fmt).type_name if spec.fmt else ""
+    if spec.kind == "text":
+        return f"{prefix} n, then n bytes of UTF-8" + _link(names.get(id(con)))
+    if spec.kind == "array":
+        element = con.subcons[1].subcon.subcon  # PrefixedArray: FocusedSeq(count, items=Array)
+        size = sum(e.size or 0 for e in spec.elements)
+        fields = ", ".join(f"{e.type_name} {e.name}" for e in spec.elements)
+        return f"{prefix} count, then count elements of {size} bytes: {{{fields}}}" + _link(
+            names.get(id(element)))
+    if spec.kind == "greedy":
+        return "bytes to the end of the body"
+    return spec.type_name
+
+
+def _link(name: str | None) -> str:
+    return f" ([{name}](#{name.lower()}))" if name else ""
+
+
+# --- quoting messages.py -------------------------------------------------------------------
+
+
+def _module_assignments(source: str) -> Iterator[tuple[str, ast.stmt]]:
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            yield node.targets[0].id, node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            yield node.target.id, node
+
+
+def _span(source: str, first: ast.AST, last: ast.AST) -> str:
+    """The source text from ``first`` to the end of ``last``, with its own indentation removed."""
+    lines = source.splitlines()[first.lineno - 1:last.end_lineno]
+    lines[-1] = lines[-1][:last.end_col_offset]
+    lines[0] = " " * first.col_offset + lines[0][first.col_offset:]
+    return textwrap.dedent("\n".join(lines))
+
+
+def _definitions(source: str) -> dict[str, str]:
+    """Source text of each SCHEMAS entry (by MsgType name) and each named module-level construct."""
+    found: dict[str, str] = {}
+    for name, node in _module_assignments(source):
+        if name == "SCHEMAS" and isinstance(node.value, ast.Dict):
+            for key, schema in zip(node.value.keys, node.value.values, strict=True):
+                found[key.attr] = _span(source, key, schema)
+        elif isinstance(getattr(m, name, None), Construct):
+            found[name] = _span(source, node, node)
+    missing = [t.name for t in m.SCHEMAS if t.name not in found]
+    if missing:
+        raise LookupError(f"no construct definition found in messages.py for {missing}")
+    return found
+
+
+def _named_constructs(source: str) -> dict[int, str]:
+    """id(construct) -> its name in messages.py, for the structures messages share."""
+    return {id(getattr(m, name)): name for name, _ in _module_assignments(source)
+            if isinstance(getattr(m, name, None), Construct)}
+
+
+def _shared_structures(definitions: dict[str, str], names: dict[int, str]) -> str:
+    parts = ["## 6. Shared structures\n"]
+    for name in names.values():
+        if name == "Header":
+            continue
+        con = getattr(m, name)
+        if hasattr(con, "subcons"):
+            table = _field_table(con, names)
+        else:  # a field type such as Text: describe it as the only field of a Struct
+            (spec,) = layout(Struct("value" / con))
+            table = f"A string: {_type_text(spec, con, {})}, no terminator."
+        table += "\n\n"
+        parts.append(f"### {name}\n\n{table}```python\n{definitions[name]}\n```\n")
+    return "\n".join(parts)
+
+
+def _comments(source: str) -> dict[int, str]:
+    """Line number -> the text of the comment on that line."""
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return {tok.start[0]: tok.string.lstrip("# ") for tok in tokens if tok.type == tokenize.COMMENT}
+
+
+def _enumerations(source: str) -> str:
+    comments = _comments(source)
+    classes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    parts = ["## 7. Enumerations\n"]
+    for enum_cls in (m.ErrorCode, m.Flags, m.ProtoFeature, m.MemoryKind):
+        node = classes[enum_cls.__name__]
+        lines = {t.id: comments.get(stmt.lineno, "") for stmt in node.body
+                 if isinstance(stmt, ast.Assign) for t in stmt.targets if isinstance(t, ast.Name)}
+        doc = ast.get_docstring(node)
+        rows = ["| value | name | meaning |", "|---|---|---|"]
+        rows += [f"| `{member.value:#x}` | {member.name} | {lines.get(member.name, '')} |"
+                 for member in enum_cls]
+        parts.append(f"### {enum_cls.__name__}\n\n" + (f"{doc}\n\n" if doc else "")
+                     + "\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
+def _constants() -> str:
+    rows = ["| name | value |", "|---|---|"]
+    for name in ("PROTOCOL_VERSION", "HELLO_MAGIC", "HEADER_SIZE", "LENGTH_FIELD_SIZE",
+                 "DEFAULT_MAX_FRAME", "DEFAULT_MAX_INFLIGHT"):
+        value = getattr(m, name)
+        rows.append(f"| `{name}` | {value} (`{value:#x}`) |")
+    rows.append(f"| header `struct` format | `{HEADER.format}` |")
+    return "## 8. Constants\n\n" + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    """Print the specification; ``--write`` stores it, ``--check`` fails when it is stale."""
+    text = generate()
+    if "--check" in argv:
+        current = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.exists() else ""
+        if current != text:
+            print(f"{DOC_PATH} is out of date: run python -m viowire.protocol.doc --write",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if "--write" in argv:
+        DOC_PATH.parent.mkdir(exist_ok=True)
+        DOC_PATH.write_text(text, encoding="utf-8")
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,120 @@
+"""Sans-IO frame reader: bytes in, complete frames out, whatever the reads' boundaries.
+
+A socket read may hold half a frame or a hundred of them. ``FrameReader.feed`` keeps the
+incomplete tail in one ``bytearray`` and cuts every complete frame out of a memoryview, so a
+read with many small frames costs one pass and one compaction, never a copy per frame.
+Bodies are handed out as ``bytes`` for ``codec.decode_body``; the reader does not look at the
+type byte, which is the codec's business.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from viowire.protocol.codec import HEADER
+from viowire.protocol.messages import (
+    DEFAULT_MAX_FRAME,
+    HEADER_SIZE,
+    LENGTH_FIELD_SIZE,
+    ErrorCode,
+)
+
+__all__ = ["DEFAULT_MAX_FRAME", "Frame", "FrameError", "FrameReader"]
+
+_LENGTH = struct.Struct("<I")
+_HEADER_REST = HEADER_SIZE - LENGTH_FIELD_SIZE
+
+
+class FrameError(Exception):
+    """The byte stream cannot be framed; the peer gets ERROR(code) and the connection closes.
+
+    ``frames`` holds the frames that were complete before the bad header in the same ``feed``
+    call, so a server can still answer them in order before it closes.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, frames: list[Frame] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.frames = frames or []
+
+
+@dataclass(slots=True)
+class Frame:
+    """One frame without its length field; ``body`` is what ``codec.decode_body`` takes."""
+
+    type: int
+    flags: int
+    request_id: int
+    body: bytes
+
+
+class FrameReader:
+    """Cuts a byte stream into frames; ``max_frame`` (whole frame, length field included) may be
+    lowered or raised once the handshake has negotiated it."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._error: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not yet make a complete frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Every frame completed by ``data``; FrameError if the stream is not valid framing.
+
+        After a FrameError the reader stays broken: the stream has lost its frame boundaries.
+        """
+        if self._error is not None:
+            raise FrameError(self._error.code, str(self._error))
+        buffered = bool(self._buffer)
+        if buffered:
+            self._buffer += data
+            data = self._buffer
+        frames: list[Frame] = []
+        with memoryview(data) as view:
+            try:
+                consumed = self._cut(view, frames)
+            except FrameError as exc:
+                exc.frames = frames
+                self._error = exc
+                raise
+            if not buffered:
+                self._buffer += view[consumed:]
+        if buffered:
+            del self._buffer[:consumed]  # once per feed, so many small frames cost no extra copy
+        return frames
+
+    def _cut(self, view: memoryview, frames: list[Frame]) -> int:
+        """Append the complete frames in ``view`` to ``frames``; return the bytes they used."""
+        offset, size = 0, len(view)
+        while size - offset >= LENGTH_FIELD_SIZE:
+            (length,) = _LENGTH.unpack_from(view, offset)
+            self._check_length(length)
+            if size - offset < HEADER_SIZE:
+                break
+            _, msg_type, flags, reserved, request_id = HEADER.unpack_from(view, offset)
+            if reserved:
+                raise FrameError(ErrorCode.MALFORMED_FRAME, f"reserved header field is {reserved}")
+            end = offset + LENGTH_FIELD_SIZE + length
+            if end > size:
+                break
+            frames.append(Frame(msg_type, flags, request_id, bytes(view[offset + HEADER_SIZE:end])))
+            offset = end
+        return offset
+
+    def _check_length(self, length: int) -> None:
+        # checked as soon as the length field is in, so an oversized frame is refused unread
+        if length < _HEADER_REST:
+            raise FrameError(
+                ErrorCode.MALFORMED_FRAME,
+                f"frame length {length} is less than the {_HEADER_REST} header bytes it counts",
+            )
+        if length + LENGTH_FIELD_SIZE > self.max_frame:
+            raise FrameError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"frame of {length + LENGTH_FIELD_SIZE} bytes exceeds max_frame {self.max_frame}",
+            )

@@ -1,0 +1,215 @@
+"""Every viowire message, defined once with ``construct``: the single source of truth.
+
+A frame on the wire is a 12-byte header followed by a body::
+
+    u32 length      bytes that follow this field (8 + body), at most the negotiated max_frame
+    u8  type        MsgType
+    u8  flags       Flags: REPLY, POSTED
+    u16 reserved    0
+    u32 request_id  chosen by the sender of a request; a reply carries the request's id
+
+All integers are little-endian. The message classes below are generated from the construct
+structs, so a field's name and order exist in exactly one place. ``docs/protocol.md`` is
+generated from this module (``python -m viowire.protocol.doc``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from construct import (
+    Bytes,
+    GreedyBytes,
+    Int8ul,
+    Int16ul,
+    Int32ul,
+    Int64ul,
+    PascalString,
+    PrefixedArray,
+    Struct,
+)
+
+PROTOCOL_VERSION = 1
+HELLO_MAGIC = 0x52495756  # "VWIR"
+HEADER_SIZE = 12
+LENGTH_FIELD_SIZE = 4
+DEFAULT_MAX_FRAME = 1 << 20
+DEFAULT_MAX_INFLIGHT = 256
+MIN_MAX_FRAME = 4096  # a peer must accept frames of at least this size
+
+Header = Struct(
+    "length" / Int32ul,
+    "type" / Int8ul,
+    "flags" / Int8ul,
+    "reserved" / Int16ul,
+    "request_id" / Int32ul,
+)
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 0x01
+    HELLO_REPLY = 0x02
+    ERROR = 0x03
+    OK = 0x04
+    MMIO_READ = 0x10
+    MMIO_READ_REPLY = 0x11
+    MMIO_WRITE = 0x12
+    PLATFORM_QUERY = 0x20
+    PLATFORM_INFO = 0x21
+    MEM_REGISTER = 0x30
+    MEM_UNREGISTER = 0x31
+    MEM_READ = 0x32
+    MEM_READ_REPLY = 0x33
+    MEM_WRITE = 0x34
+    IRQ = 0x40
+
+
+class Flags(enum.IntFlag):
+    REPLY = 0x01  # this frame answers the request with the same request_id
+    POSTED = 0x02  # the sender wants no reply (errors still come back as ERROR)
+
+
+class ProtoFeature(enum.IntFlag):
+    """Session feature bits offered in HELLO; the session uses the intersection."""
+
+    POSTED_WRITES = 1 << 0  # MMIO_WRITE with POSTED gets no reply
+    MEMORY_PROXIED = 1 << 1  # the server reaches guest RAM with MEM_READ / MEM_WRITE
+    MEMORY_MEMFD = 1 << 2  # memfd passed with SCM_RIGHTS (Unix sockets)
+    MEMORY_SHM = 1 << 3  # named POSIX shared-memory segment (same host)
+
+
+class MemoryKind(enum.IntEnum):
+    PROXIED = 0  # the server reads and writes this region with MEM_READ / MEM_WRITE
+    MEMFD = 1  # the file descriptor rides with the frame (SCM_RIGHTS)
+    SHM = 2  # a named segment under /dev/shm
+
+
+class ErrorCode(enum.IntEnum):
+    MALFORMED_FRAME = 1  # header or length is invalid; the connection is closed after this
+    UNKNOWN_TYPE = 2  # the type byte names no message; the connection goes on
+    BAD_MESSAGE = 3  # body does not decode as its type
+    BUS_ERROR = 4  # no device window and no RAM at that physical address
+    BAD_WIDTH = 5  # access width is not 1, 2, 4 or 8
+    MEMORY_FAULT = 6  # a guest range outside registered memory
+    UNSUPPORTED = 7  # protocol version, feature or memory kind not supported
+    TOO_MANY_IN_FLIGHT = 8  # more requests awaiting replies than max_inflight
+    FRAME_TOO_LARGE = 9  # a length field above max_frame; the connection is closed after this
+    BAD_STATE = 10  # e.g. a request before HELLO
+    INTERNAL = 11  # a server bug; the session goes on, the log has the traceback
+
+
+Range = Struct("gpa" / Int64ul, "length" / Int32ul)
+
+DeviceEntry = Struct(
+    "base" / Int64ul,
+    "size" / Int32ul,
+    "irq" / Int32ul,
+    "version" / Int32ul,
+    "device_id" / Int32ul,
+    "vendor_id" / Int32ul,
+)
+
+Text = PascalString(Int16ul, "utf8")
+
+SCHEMAS: dict[MsgType, Struct] = {
+    MsgType.HELLO: Struct(
+        "magic" / Int32ul,
+        "version" / Int16ul,
+        "reserved" / Int16ul,
+        "features" / Int64ul,
+        "max_frame" / Int32ul,
+        "max_inflight" / Int32ul,
+        "host_id" / Bytes(16),
+        "name" / Text,
+    ),
+    MsgType.HELLO_REPLY: Struct(
+        "version" / Int16ul,
+        "reserved" / Int16ul,
+        "features" / Int64ul,
+        "max_frame" / Int32ul,
+        "max_inflight" / Int32ul,
+        "session_id" / Int64ul,
+        "host_id" / Bytes(16),
+        "name" / Text,
+    ),
+    MsgType.ERROR: Struct("code" / Int32ul, "message" / Text),
+    MsgType.OK: Struct(),
+    MsgType.MMIO_READ: Struct("addr" / Int64ul, "width" / Int8ul),
+    MsgType.MMIO_READ_REPLY: Struct("value" / Int64ul),
+    MsgType.MMIO_WRITE: Struct("addr" / Int64ul, "width" / Int8ul, "value" / Int64ul),
+    MsgType.PLATFORM_QUERY: Struct(),
+    MsgType.PLATFORM_INFO: Struct("devices" / PrefixedArray(Int32ul, DeviceEntry)),
+    MsgType.MEM_REGISTER: Struct(
+        "gpa" / Int64ul,
+        "size" / Int64ul,
+        "kind" / Int8ul,
+        "offset" / Int64ul,
+        "name" / Text,
+    ),
+    MsgType.MEM_UNREGISTER: Struct("gpa" / Int64ul),
+    MsgType.MEM_READ: Struct("ranges" / PrefixedArray(Int32ul, Range)),
+    MsgType.MEM_READ_REPLY: Struct("data" / GreedyBytes),
+    MsgType.MEM_WRITE: Struct("ranges" / PrefixedArray(Int32ul, Range), "data" / GreedyBytes),
+    MsgType.IRQ: Struct("irq" / Int32ul, "level" / Int8ul),
+}
+
+DOCS: dict[MsgType, str] = {
+    MsgType.HELLO: "client → server, first frame of a session. magic = 0x52495756; host_id = "
+    "the client's kernel boot id (16 bytes) so the server can tell a same-host peer.",
+    MsgType.HELLO_REPLY: "server → client. features = intersection of both offers; limits = the "
+    "smaller of both; session_id names the session in the server's logs.",
+    MsgType.ERROR: "reply to any request that failed, or to a POSTED request that failed "
+    "(carrying its request_id). A MALFORMED_FRAME error is followed by closing the connection.",
+    MsgType.OK: "empty reply to a request that succeeded and returns nothing.",
+    MsgType.MMIO_READ: "read `width` (1, 2, 4, 8) bytes at physical address `addr`.",
+    MsgType.MMIO_READ_REPLY: "value read, zero-extended.",
+    MsgType.MMIO_WRITE: "write the low `width` bytes of `value` at `addr`. With POSTED no reply is "
+    "sent; writes are applied in the order they arrive.",
+    MsgType.PLATFORM_QUERY: "ask for the platform description.",
+    MsgType.PLATFORM_INFO: "one entry per device window: base, window size, IRQ line, virtio-mmio "
+    "Version, DeviceID, VendorID.",
+    MsgType.MEM_REGISTER: "client → server: guest RAM at [gpa, gpa+size). kind MEMFD carries the "
+    "fd as SCM_RIGHTS ancillary data on this frame; SHM names a segment; PROXIED has no backing "
+    "on the server. offset = where the region starts inside the fd or segment.",
+    MsgType.MEM_UNREGISTER: "forget the region that starts at gpa.",
+    MsgType.MEM_READ: "server → client (proxied memory): read each range; the reply concatenates "
+    "them in order.",
+    MsgType.MEM_READ_REPLY: "the bytes of every requested range, concatenated.",
+    MsgType.MEM_WRITE: "server → client (proxied memory): `data` is the concatenation of the "
+    "ranges' bytes. Usually POSTED; applied in order with every other frame.",
+    MsgType.IRQ: "server → client event (request_id 0): the device's interrupt line `irq` changed "
+    "to `level` (1 asserted while InterruptStatus != 0, 0 deasserted).",
+}
+
+
+def _message_class(msg_type: MsgType, schema: Struct) -> type:
+    fields = [sub.name for sub in schema.subcons]
+    cls = dataclasses.make_dataclass(
+        "".join(part.capitalize() for part in msg_type.name.split("_")),
+        fields,
+        frozen=True,
+        slots=True,
+        namespace={"TYPE": msg_type, "__doc__": DOCS[msg_type]},
+    )
+    cls.__module__ = __name__
+    return cls
+
+
+MESSAGE_CLASSES: dict[MsgType, type] = {t: _message_class(t, s) for t, s in SCHEMAS.items()}
+
+Hello = MESSAGE_CLASSES[MsgType.HELLO]
+HelloReply = MESSAGE_CLASSES[MsgType.HELLO_REPLY]
+Error = MESSAGE_CLASSES[MsgType.ERROR]
+Ok = MESSAGE_CLASSES[MsgType.OK]
+MmioRead = MESSAGE_CLASSES[MsgType.MMIO_READ]
+MmioReadReply = MESSAGE_CLASSES[MsgType.MMIO_READ_REPLY]
+MmioWrite = MESSAGE_CLASSES[MsgType.MMIO_WRITE]
+PlatformQuery = MESSAGE_CLASSES[MsgType.PLATFORM_QUERY]
+PlatformInfo = MESSAGE_CLASSES[MsgType.PLATFORM_INFO]
+MemRegister = MESSAGE_CLASSES[MsgType.MEM_REGISTER]
+MemUnregister = MESSAGE_CLASSES[MsgType.MEM_UNREGISTER]
+MemRead = MESSAGE_CLASSES[MsgType.MEM_READ]
+MemReadReply = MESSAGE_CLASSES[MsgType.MEM_READ_REPLY]
+MemWrite = MESSAGE_CLASSES[MsgType.MEM_WRITE]
+Irq = MESSAGE_CLASSES[MsgType.IRQ]

@@ -1,0 +1,223 @@
+"""virtio-blk (§5.2; reference §5.2): a RAM disk or a file image behind one requestq.
+
+A request is one chain: a 16-byte header (type, ioprio, sector) at the start of the readable part,
+data, and a status byte as the last byte of the writable part. The framing is free (ANY_LAYOUT):
+the header, data and status may be split over descriptors anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+import struct
+
+from viowire.server.devices.base import VirtioBackend
+from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
+from viowire.virtio.constants import (
+    BLK_ID_BYTES,
+    BLK_REQ_HEADER_SIZE,
+    BLK_SECTOR_SIZE,
+    BlkFeature,
+    BlkStatus,
+    BlkType,
+    DeviceId,
+)
+from viowire.virtio.memory import GuestMemory
+
+log = logging.getLogger("viowire.device")
+
+_HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
+# capacity, size_max, seg_max, geometry (cylinders u16, heads u8, sectors u8), blk_size
+_CONFIG = struct.Struct("<QIIHBBI")
+_BARRIER = 0x8000_0000  # legacy flag OR-ed into the type; never offered, so ignored
+
+
+class _RamImage:
+    """Anonymous memory: pages stay unallocated (zero) until written."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._map = mmap.mmap(-1, max(size, 1))
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self._map[offset : offset + length]
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        self._map[offset : offset + len(data)] = data
+
+    async def flush(self) -> None:
+        pass
+
+    def resize(self, size: int) -> None:
+        grown = mmap.mmap(-1, max(size, 1))
+        keep = min(self.size, size)
+        grown[:keep] = self._map[:keep]
+        self._map.close()
+        self._map = grown
+        self.size = size
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class _FileImage:
+    """A disk image file; ``size`` given and larger than the file extends it."""
+
+    def __init__(self, path: str, size: int | None, readonly: bool) -> None:
+        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
+        self._fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        try:
+            on_disk = os.fstat(self._fd).st_size
+            if size is not None and size > on_disk:
+                if readonly:
+                    raise ValueError(f"{path}: read-only image is {on_disk} bytes, not {size}")
+                os.ftruncate(self._fd, size)
+            self.size = on_disk if size is None else size
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        return data.ljust(length, b"\0")  # the file was truncated behind our back: holes read 0
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view = view[done:]
+            offset += done
+
+    async def flush(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, os.fsync, self._fd)
+
+    def resize(self, size: int) -> None:
+        if size > os.fstat(self._fd).st_size:
+            os.ftruncate(self._fd, size)
+        self.size = size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class BlockBackend(VirtioBackend):
+    """A virtio-blk disk: IN, OUT, FLUSH (and legacy FLUSH_OUT), GET_ID."""
+
+    device_id = DeviceId.BLOCK
+    num_queues = 1
+
+    def __init__(
+        self,
+        size: int | None = None,
+        path: str | None = None,
+        readonly: bool = False,
+        serial: str = "viowire-blk",
+    ) -> None:
+        super().__init__()
+        if path is None:
+            if size is None or size < 0:
+                raise ValueError("a RAM disk needs size=<bytes>")
+            self._image: _RamImage | _FileImage = _RamImage(size)
+        else:
+            if size is not None and size < 0:
+                raise ValueError(f"size {size} is negative")
+            self._image = _FileImage(path, size, readonly)
+        self.readonly = readonly
+        self.serial = serial.encode()[:BLK_ID_BYTES]
+
+    @property
+    def capacity(self) -> int:
+        """Size in 512-byte sectors; a partial last sector is not addressable."""
+        return self._image.size // BLK_SECTOR_SIZE
+
+    def device_features(self, version: int) -> int:
+        bits = (BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH)
+        if self.readonly:
+            bits += (BlkFeature.RO,)
+        return sum(1 << bit for bit in bits)
+
+    def config_space(self) -> bytes:
+        seg_max = self.queue_num_max - 2  # room for header and status, as QEMU
+        return _CONFIG.pack(self.capacity, 0, seg_max, 0, 0, 0, BLK_SECTOR_SIZE)
+
+    def resize(self, new_size_bytes: int) -> None:
+        """Change the disk size; the driver learns of it through a config interrupt."""
+        self._image.resize(new_size_bytes)
+        self.on_config_change()
+
+    def close(self) -> None:
+        self._image.close()
+
+    async def handle(self, queue: int, chain: DescriptorChain, memory: GuestMemory) -> int:
+        if not chain.readable or not chain.writable:
+            raise ChainError("virtio-blk missing headers")
+        if chain.readable_len < BLK_REQ_HEADER_SIZE:
+            raise ChainError("virtio-blk request outhdr too short")
+        out = await self._read_out(chain, memory)
+        type_, _ioprio, sector = _HEADER.unpack_from(out)
+        payload = out[BLK_REQ_HEADER_SIZE:]
+        data_len = chain.writable_len - 1
+        status, data = await self._execute(type_ & ~_BARRIER, sector, payload, data_len)
+        last_gpa, last_len = chain.writable[-1]
+        segments = scatter(slice_segments(chain.writable, 0, data_len), data)
+        segments.append((last_gpa + last_len - 1, bytes([status])))
+        await memory.writev(segments)
+        return len(data) + 1
+
+    async def _read_out(self, chain: DescriptorChain, memory: GuestMemory) -> bytes:
+        """The readable part in one read; only the header if the rest could not be a valid
+        write (longer than the disk), so a hostile chain cannot make us copy gigabytes."""
+        segments = chain.readable
+        if chain.readable_len > BLK_REQ_HEADER_SIZE + self._image.size:
+            segments = slice_segments(segments, 0, BLK_REQ_HEADER_SIZE)
+        return b"".join(await memory.readv(segments))
+
+    async def _execute(
+        self, type_: int, sector: int, payload: bytes, data_len: int
+    ) -> tuple[int, bytes]:
+        if type_ == BlkType.IN:
+            return self._read(sector, data_len)
+        if type_ == BlkType.OUT:
+            return self._write(sector, payload)
+        if type_ in (BlkType.FLUSH, BlkType.FLUSH_OUT):
+            return await self._flush()
+        if type_ == BlkType.GET_ID:
+            serial = self.serial.ljust(BLK_ID_BYTES, b"\0")  # NUL-padded, unterminated at 20
+            return BlkStatus.OK, serial[: min(data_len, BLK_ID_BYTES)]
+        return BlkStatus.UNSUPP, b""
+
+    def _in_range(self, sector: int, length: int) -> bool:
+        return length % BLK_SECTOR_SIZE == 0 and sector * BLK_SECTOR_SIZE + length <= (
+            self.capacity * BLK_SECTOR_SIZE
+        )
+
+    def _read(self, sector: int, length: int) -> tuple[int, bytes]:
+        if not self._in_range(sector, length):
+            return BlkStatus.IOERR, b""
+        try:
+            return BlkStatus.OK, self._image.pread(sector * BLK_SECTOR_SIZE, length)
+        except OSError as exc:
+            log.error("%s: read of sector %d failed: %s", self.name, sector, exc)
+            return BlkStatus.IOERR, b""
+
+    def _write(self, sector: int, payload: bytes) -> tuple[int, bytes]:
+        if self.readonly or not self._in_range(sector, len(payload)):
+            return BlkStatus.IOERR, b""
+        try:
+            self._image.pwrite(sector * BLK_SECTOR_SIZE, payload)
+        except OSError as exc:
+            log.error("%s: write of sector %d failed: %s", self.name, sector, exc)
+            return BlkStatus.IOERR, b""
+        return BlkStatus.OK, b""
+
+    async def _flush(self) -> tuple[int, bytes]:
+        try:
+            await self._image.flush()
+        except OSError as exc:
+            log.error("%s: flush failed: %s", self.name, exc)
+            return BlkStatus.IOERR, b""
+        return BlkStatus.OK, b""

@@ -1,0 +1,32 @@
+"""virtio-rng (entropy source, §5.4): one requestq of device-writable buffers, filled at random."""
+
+from __future__ import annotations
+
+import os
+
+from viowire.server.devices.base import VirtioBackend
+from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
+from viowire.virtio.constants import DeviceId
+from viowire.virtio.memory import GuestMemory
+
+MAX_FILL = 64 * 1024
+"""Bytes produced per request at most: used.len may under-report (§2.7.8), and a chain of huge
+buffers must not stall the server. Linux asks for far less."""
+
+
+class RngBackend(VirtioBackend):
+    """Entropy from ``os.urandom``; no features, no config space."""
+
+    device_id = DeviceId.ENTROPY
+    num_queues = 1
+
+    def device_features(self, version: int) -> int:
+        return 0
+
+    async def handle(self, queue: int, chain: DescriptorChain, memory: GuestMemory) -> int:
+        if chain.readable:
+            raise ChainError("virtio-rng: device-readable buffer in the requestq")
+        length = min(chain.writable_len, MAX_FILL)
+        segments = slice_segments(chain.writable, 0, length)
+        await memory.writev(scatter(segments, os.urandom(length)))
+        return length

@@ -1,0 +1,596 @@
+"""The virtio-mmio register window of one device, Version 1 (legacy) and Version 2 (§4.2).
+
+One :class:`MmioDevice` per device window: a register file (reference §1.3, §2.4, §2.5 applied
+exactly, every guest mistake logged and survived) plus the queue engine that turns QueueNotify
+writes into asyncio tasks walking the rings. Register accesses are synchronous, so a reset is
+complete before the next access is answered (reference §8.2); queue tasks re-check the queue's
+epoch after every await, so nothing is written to guest memory after a reset or a queue stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Sequence
+
+from viowire.server.devices.base import VirtioBackend
+from viowire.server.virtqueue import (
+    RingError,
+    SplitVirtqueue,
+    StaleQueueError,
+    is_power_of_2,
+)
+from viowire.virtio.constants import (
+    CONFIG_OFFSET,
+    MAGIC_VALUE,
+    VENDOR_ID_VIOWIRE,
+    Feature,
+    Interrupt,
+    Reg,
+    Status,
+    device_name,
+    feature_names,
+)
+from viowire.virtio.memory import GuestMemory, GuestMemoryError, Region
+
+log = logging.getLogger("viowire.device")
+
+TRANSPORT_FEATURES = (1 << Feature.RING_INDIRECT_DESC) | (1 << Feature.RING_EVENT_IDX)
+"""Ring features offered by both versions; v2 adds VERSION_1, v1 adds ANY_LAYOUT."""
+
+_WORD = 0xFFFF_FFFF
+_LEGACY_NAMES = {
+    Reg.DEVICE_FEATURES: "HOST_FEATURES",
+    Reg.DEVICE_FEATURES_SEL: "HOST_FEATURES_SEL",
+    Reg.DRIVER_FEATURES: "GUEST_FEATURES",
+    Reg.DRIVER_FEATURES_SEL: "GUEST_FEATURES_SEL",
+}
+
+
+class _GuardedMemory(GuestMemory):
+    """Guest memory as a backend sees it while serving one queue: every access first checks
+    that the queue has not been reset or stopped since the chain was popped."""
+
+    def __init__(self, memory: GuestMemory, queue: SplitVirtqueue, epoch: int) -> None:
+        self._memory = memory
+        self._queue = queue
+        self._epoch = epoch
+
+    @property
+    def regions(self) -> Sequence[Region]:
+        return self._memory.regions
+
+    def _check_epoch(self) -> None:
+        if self._queue.epoch != self._epoch:
+            raise StaleQueueError(f"queue {self._queue.index} was reset during a request")
+
+    async def readv(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        self._check_epoch()
+        data = await self._memory.readv(ranges)
+        self._check_epoch()
+        return data
+
+    async def writev(self, segments: Sequence[tuple[int, bytes]]) -> None:
+        self._check_epoch()
+        await self._memory.writev(segments)
+
+
+class MmioDevice:
+    """A virtio-mmio device: register window + queue processing for one backend.
+
+    The session glue sets :attr:`memory` once the client has registered guest RAM and
+    :attr:`on_irq`, which is called with the new level of the interrupt line whenever
+    InterruptStatus goes from 0 to non-zero or back.
+    """
+
+    def __init__(
+        self,
+        backend: VirtioBackend,
+        version: int,
+        *,
+        vendor_id: int = VENDOR_ID_VIOWIRE,
+        name: str = "",
+    ) -> None:
+        if version not in (1, 2):
+            raise ValueError(f"virtio-mmio version {version} is not 1 (legacy) or 2")
+        self.backend = backend
+        self.version = version
+        self.vendor_id = vendor_id
+        self.name = name or device_name(backend.device_id)
+        self.memory: GuestMemory | None = None
+        self.on_irq: Callable[[bool], None] | None = None
+        self.queues = [SplitVirtqueue(i, backend.queue_num_max) for i in range(backend.num_queues)]
+        for queue in self.queues:
+            queue.legacy = version == 1
+        extra = (1 << Feature.VERSION_1) if version == 2 else (1 << Feature.ANY_LAYOUT)
+        self.device_features = backend.device_features(version) | TRANSPORT_FEATURES | extra
+        self._config_generation = 0
+        self._interrupt_status = 0
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._rerun: dict[int, bool] = {}
+        self._readers, self._writers = self._register_tables()
+        backend.on_config_change = self.config_changed
+        backend.name = self.name
+        self._clear_state()
+
+    # -- introspection --------------------------------------------------------------------------
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @property
+    def interrupt_status(self) -> int:
+        return self._interrupt_status
+
+    @property
+    def driver_features(self) -> int:
+        """The feature bits the driver wrote (legacy: masked to the offer)."""
+        return self._driver_features
+
+    @property
+    def negotiated_features(self) -> int:
+        """Features in force: legacy takes the driver's word as written, modern after
+        FEATURES_OK was accepted."""
+        if self.version == 1 or self._status & Status.FEATURES_OK:
+            return self._driver_features
+        return 0
+
+    @property
+    def config_generation(self) -> int:
+        return self._config_generation
+
+    @property
+    def broken(self) -> bool:
+        """A ring error was seen: notifications are ignored until the driver resets."""
+        return self._broken
+
+    # -- register access ------------------------------------------------------------------------
+    def read(self, offset: int, width: int) -> int:
+        """A driver read of ``width`` bytes at ``offset`` in the window; 0 for any misuse."""
+        try:
+            if offset >= CONFIG_OFFSET:
+                value = self.backend.config_read(offset - CONFIG_OFFSET, width)
+                return value & ((1 << 8 * width) - 1)
+            if width != 4 or offset % 4:
+                self._guest_error(f"{width}-byte read at {offset:#x}: registers are aligned u32")
+                return 0
+            handler = self._readers.get(offset)
+            if handler is None:
+                self._guest_error(self._misuse("read", offset))
+                return 0
+            return handler() & _WORD
+        except Exception:
+            log.exception("%s: internal error reading offset %#x", self.name, offset)
+            return 0
+
+    def write(self, offset: int, width: int, value: int) -> None:
+        """A driver write; invalid ones are logged and dropped, never raised."""
+        try:
+            if offset >= CONFIG_OFFSET:
+                mask = (1 << 8 * width) - 1
+                self.backend.config_write(offset - CONFIG_OFFSET, value & mask, width)
+                return
+            if width != 4 or offset % 4:
+                self._guest_error(f"{width}-byte write at {offset:#x}: registers are aligned u32")
+                return
+            handler = self._writers.get(offset)
+            if handler is None:
+                self._guest_error(self._misuse("write", offset))
+                return
+            handler(value & _WORD)
+        except Exception:
+            log.exception("%s: internal error writing %#x at offset %#x", self.name, value, offset)
+
+    def _register_tables(
+        self,
+    ) -> tuple[dict[int, Callable[[], int]], dict[int, Callable[[int], None]]]:
+        readers: dict[int, Callable[[], int]] = {
+            Reg.MAGIC_VALUE: lambda: MAGIC_VALUE,
+            Reg.VERSION: lambda: self.version,
+            Reg.DEVICE_ID: lambda: self.backend.device_id,
+            Reg.VENDOR_ID: lambda: self.vendor_id,
+            Reg.DEVICE_FEATURES: self._read_device_features,
+            Reg.QUEUE_NUM_MAX: self._read_queue_num_max,
+            Reg.INTERRUPT_STATUS: lambda: self._interrupt_status,
+            Reg.STATUS: lambda: self._status,
+        }
+        writers: dict[int, Callable[[int], None]] = {
+            Reg.DEVICE_FEATURES_SEL: functools.partial(setattr, self, "_device_features_sel"),
+            Reg.DRIVER_FEATURES: self._write_driver_features,
+            Reg.DRIVER_FEATURES_SEL: functools.partial(setattr, self, "_driver_features_sel"),
+            Reg.QUEUE_SEL: functools.partial(setattr, self, "_queue_sel"),
+            Reg.QUEUE_NUM: self._write_queue_num,
+            Reg.QUEUE_NOTIFY: self._write_queue_notify,
+            Reg.INTERRUPT_ACK: self._write_interrupt_ack,
+            Reg.STATUS: self._write_status,
+        }
+        if self.version == 1:
+            readers[Reg.QUEUE_PFN] = lambda: q.pfn if (q := self._selected_queue()) else 0
+            writers[Reg.GUEST_PAGE_SIZE] = self._write_guest_page_size
+            writers[Reg.QUEUE_ALIGN] = self._write_queue_align
+            writers[Reg.QUEUE_PFN] = self._write_queue_pfn
+            return readers, writers
+        readers[Reg.QUEUE_READY] = lambda: int(q.ready) if (q := self._selected_queue()) else 0
+        for reg in (Reg.SHM_LEN_LOW, Reg.SHM_LEN_HIGH, Reg.SHM_BASE_LOW, Reg.SHM_BASE_HIGH):
+            readers[reg] = lambda: _WORD  # no shared-memory regions: length and base all ones
+        readers[Reg.QUEUE_RESET] = lambda: 0
+        readers[Reg.CONFIG_GENERATION] = lambda: self._config_generation
+        writers[Reg.QUEUE_READY] = self._write_queue_ready
+        for reg, attr, shift in (
+            (Reg.QUEUE_DESC_LOW, "desc_addr", 0),
+            (Reg.QUEUE_DESC_HIGH, "desc_addr", 32),
+            (Reg.QUEUE_AVAIL_LOW, "avail_addr", 0),
+            (Reg.QUEUE_AVAIL_HIGH, "avail_addr", 32),
+            (Reg.QUEUE_USED_LOW, "used_addr", 0),
+            (Reg.QUEUE_USED_HIGH, "used_addr", 32),
+        ):
+            writers[reg] = functools.partial(self._write_queue_addr, Reg(reg), attr, shift)
+        writers[Reg.SHM_SEL] = functools.partial(setattr, self, "_shm_sel")
+        writers[Reg.QUEUE_RESET] = self._write_queue_reset
+        return readers, writers
+
+    # -- logging --------------------------------------------------------------------------------
+    def _guest_error(self, message: str) -> None:
+        log.warning("%s: %s", self.name, message)
+
+    def _reg_name(self, offset: int) -> str:
+        if self.version == 1 and offset in _LEGACY_NAMES:
+            return _LEGACY_NAMES[offset]
+        try:
+            return Reg(offset).name
+        except ValueError:
+            return f"offset {offset:#05x}"
+
+    def _misuse(self, access: str, offset: int) -> str:
+        name = self._reg_name(offset)
+        if access == "read" and offset in self._writers:
+            return f"read of write-only register {name}"
+        if access == "write" and offset in self._readers:
+            return f"write to read-only register {name} ignored"
+        if offset in Reg._value2member_map_:
+            return f"{access} of {name}, which a version {self.version} device does not have"
+        return f"{access} of reserved {name}"
+
+    # -- features -------------------------------------------------------------------------------
+    def _read_device_features(self) -> int:
+        sel = self._device_features_sel
+        if self.version == 1 and sel != 0:
+            return 0  # legacy devices have one feature word; word 1 (VERSION_1) must read 0
+        return (self.device_features >> (32 * sel)) & _WORD if sel < 2 else 0
+
+    def _write_driver_features(self, value: int) -> None:
+        sel = self._driver_features_sel
+        if self.version == 1:
+            self._write_legacy_guest_features(sel, value)
+        elif self._status & Status.FEATURES_OK:
+            self._guest_error("DRIVER_FEATURES written after FEATURES_OK: ignored")
+        elif sel >= 2:
+            if value:
+                self._guest_error(f"DRIVER_FEATURES word {sel} ({value:#x}) ignored: no such bits")
+        else:
+            shift = 32 * sel
+            self._driver_features &= ~(_WORD << shift)
+            self._driver_features |= value << shift
+
+    def _write_legacy_guest_features(self, sel: int, value: int) -> None:
+        if sel != 0:
+            return  # silently: current Linux writes word 1 first even to legacy devices
+        if self._status & Status.DRIVER_OK:
+            self._guest_error("GUEST_FEATURES written after DRIVER_OK: ignored")
+            return
+        unoffered = value & ~self.device_features
+        if unoffered:
+            names = feature_names(unoffered, self.backend.device_id)
+            self._guest_error(f"GUEST_FEATURES accepts bits not offered ({names}): dropped")
+        self._driver_features = value & self.device_features
+
+    def _feature_problem(self) -> str | None:
+        unoffered = self._driver_features & ~self.device_features
+        if unoffered:
+            names = feature_names(unoffered, self.backend.device_id)
+            return f"driver accepted features that were not offered: {names}"
+        if not self._driver_features >> Feature.VERSION_1 & 1:
+            return "driver did not accept VERSION_1"
+        return None
+
+    def _has(self, bit: int) -> bool:
+        return bool(self.negotiated_features >> bit & 1)
+
+    # -- status and reset -----------------------------------------------------------------------
+    def _write_status(self, value: int) -> None:
+        value &= 0xFF
+        if value == 0:
+            self.reset()
+            return
+        old = self._status
+        # DEVICE_NEEDS_RESET is the device's to set and only a reset clears it.
+        new = (value & ~Status.DEVICE_NEEDS_RESET) | (old & Status.DEVICE_NEEDS_RESET)
+        if self.version == 2 and new & ~old & Status.FEATURES_OK:
+            problem = self._feature_problem()
+            if problem is not None:
+                self._guest_error(f"FEATURES_OK refused: {problem}")
+                new &= ~Status.FEATURES_OK
+        if self.version == 2 and new & ~old & Status.DRIVER_OK and not new & Status.FEATURES_OK:
+            self._guest_error("DRIVER_OK without FEATURES_OK: queues will not be processed")
+        self._status = int(new)
+
+    def reset(self) -> None:
+        """Device reset (Status = 0, §2.4), complete on return; also used for hot-unplug."""
+        for queue in self.queues:
+            queue.reset()
+        self._clear_state()
+        try:
+            self.backend.reset()
+        except Exception:
+            log.exception("%s: backend reset failed", self.name)
+
+    def _clear_state(self) -> None:
+        self._status = 0
+        self._device_features_sel = 0
+        self._driver_features_sel = 0
+        self._driver_features = 0
+        self._queue_sel = 0
+        self._shm_sel = 0
+        self._guest_page_size = 0
+        self._broken = False
+        self._rerun.clear()
+        self._set_interrupt_status(0)
+
+    def _fail(self, reason: str) -> None:
+        """Enter DEVICE_NEEDS_RESET (§2.1.2): one log line, stop processing until reset, and
+        tell a modern driver through a configuration change notification."""
+        log.warning("%s: %s; device needs reset", self.name, reason)
+        self._broken = True
+        self._status = int(self._status | Status.DEVICE_NEEDS_RESET)
+        if self._has(Feature.VERSION_1) and self._status & Status.DRIVER_OK:
+            self._config_generation = (self._config_generation + 1) & _WORD
+            self._raise_interrupt(Interrupt.CONFIG)
+
+    # -- interrupts -----------------------------------------------------------------------------
+    def _set_interrupt_status(self, value: int) -> None:
+        old, self._interrupt_status = self._interrupt_status, value
+        if bool(old) != bool(value) and self.on_irq is not None:
+            try:
+                self.on_irq(bool(value))
+            except Exception:
+                log.exception("%s: on_irq(%s) failed", self.name, bool(value))
+
+    def _raise_interrupt(self, bits: int) -> None:
+        self._set_interrupt_status(self._interrupt_status | bits)
+
+    def _write_interrupt_ack(self, value: int) -> None:
+        self._set_interrupt_status(self._interrupt_status & ~value)
+
+    def config_changed(self) -> None:
+        """The backend changed its config space: new generation, and once the driver is up a
+        configuration change notification (QEMU also sets bit 0; bit 1 alone is enough)."""
+        self._config_generation = (self._config_generation + 1) & _WORD
+        if self._status & Status.DRIVER_OK:
+            self._raise_interrupt(Interrupt.CONFIG)
+
+    # -- queue registers ------------------------------------------------------------------------
+    def _selected_queue(self) -> SplitVirtqueue | None:
+        sel = self._queue_sel
+        return self.queues[sel] if sel < len(self.queues) else None
+
+    def _read_queue_num_max(self) -> int:
+        queue = self._selected_queue()
+        return queue.num_max if queue is not None else 0
+
+    def _queue_for_write(self, reg: str) -> SplitVirtqueue | None:
+        """The selected queue if the driver may program it now; otherwise log and None."""
+        queue = self._selected_queue()
+        if queue is None:
+            self._guest_error(f"{reg} write for queue {self._queue_sel}, which does not exist")
+        elif queue.ready:
+            self._guest_error(f"{reg} write while queue {queue.index} is live: ignored")
+        else:
+            return queue
+        return None
+
+    def _write_queue_num(self, value: int) -> None:
+        queue = self._queue_for_write("QUEUE_NUM")
+        if queue is None:
+            return
+        if not 0 < value <= queue.num_max:
+            self._guest_error(f"QUEUE_NUM {value} ignored: QUEUE_NUM_MAX is {queue.num_max}")
+            return
+        queue.num = value  # a non-power of 2 is refused when the queue is enabled
+
+    def _write_queue_addr(self, reg: Reg, attr: str, shift: int, value: int) -> None:
+        queue = self._queue_for_write(reg.name)
+        if queue is not None:
+            old = getattr(queue, attr)
+            setattr(queue, attr, (old & ~(_WORD << shift)) | (value << shift))
+
+    def _write_queue_ready(self, value: int) -> None:
+        queue = self._selected_queue()
+        if queue is None:
+            self._guest_error(f"QUEUE_READY write for queue {self._queue_sel}: no such queue")
+        elif not value:
+            queue.stop()
+        elif not queue.ready:
+            self._enable_queue(queue)
+
+    def _write_queue_reset(self, value: int) -> None:
+        self._guest_error("QUEUE_RESET written but VIRTIO_F_RING_RESET is not offered: ignored")
+
+    def _write_guest_page_size(self, value: int) -> None:
+        if not is_power_of_2(value):
+            self._guest_error(f"GUEST_PAGE_SIZE {value:#x} is not a power of 2: ignored")
+            return
+        self._guest_page_size = value
+
+    def _write_queue_align(self, value: int) -> None:
+        queue = self._queue_for_write("QUEUE_ALIGN")
+        if queue is None:
+            return
+        if not is_power_of_2(value):
+            self._guest_error(f"QUEUE_ALIGN {value:#x} is not a power of 2: ignored")
+            return
+        queue.align = value
+
+    def _write_queue_pfn(self, value: int) -> None:
+        if value == 0:  # the driver stops using this queue only (QEMU resets the whole device)
+            queue = self._selected_queue()
+            if queue is None:
+                self._guest_error(f"QUEUE_PFN write for queue {self._queue_sel}: no such queue")
+            else:
+                queue.stop()
+            return
+        queue = self._queue_for_write("QUEUE_PFN")
+        if queue is not None:
+            queue.set_legacy_pfn(value, self._guest_page_size, queue.align)
+            self._enable_queue(queue)
+
+    def _enable_queue(self, queue: SplitVirtqueue) -> None:
+        """QueueReady=1 / QueuePFN≠0: validate now (again at every run, as memory may change)."""
+        queue.ready = True
+        try:
+            if self.version == 1 and self._guest_page_size == 0:
+                raise RingError("QUEUE_PFN written before GUEST_PAGE_SIZE")
+            queue.check_size()
+            if self.memory is not None:
+                queue.check_layout(self.memory)
+        except RingError as exc:
+            self._fail(f"queue {queue.index}: {exc}")
+
+    # -- queue processing -----------------------------------------------------------------------
+    def _write_queue_notify(self, value: int) -> None:
+        index = value & 0xFFFF  # with NOTIFICATION_DATA the high half is not the index
+        if index >= len(self.queues):
+            self._guest_error(f"QUEUE_NOTIFY for queue {index}, which does not exist")
+        elif self._broken:
+            pass  # the error was logged once when the device broke
+        elif not self.queues[index].ready:
+            self._guest_error(f"QUEUE_NOTIFY for queue {index}, which is not ready")
+        elif (blocked := self._processing_blocked()) is not None:
+            self._guest_error(f"QUEUE_NOTIFY for queue {index} {blocked}: ignored")
+        else:
+            self._schedule(self.queues[index])
+
+    def _processing_blocked(self) -> str | None:
+        """Why queues may not be served now, or None. Modern devices consume buffers only after
+        DRIVER_OK (§2.1); legacy drivers kick during probe, so a legacy device serves any
+        configured queue (reference §2.3)."""
+        if self._status & Status.FAILED:
+            return "after the driver set FAILED"
+        if self.version == 2 and not self._status & Status.DRIVER_OK:
+            return "before DRIVER_OK"
+        if self.version == 2 and not self._status & Status.FEATURES_OK:
+            return "without FEATURES_OK"
+        return None
+
+    def _schedule(self, queue: SplitVirtqueue) -> None:
+        if queue.index in self._tasks:
+            self._rerun[queue.index] = True  # the running task goes round once more
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            log.error("%s: QUEUE_NOTIFY outside an event loop: not processed", self.name)
+            return
+        task = loop.create_task(self._queue_task(queue), name=f"{self.name} q{queue.index}")
+        self._tasks[queue.index] = task
+
+    async def _queue_task(self, queue: SplitVirtqueue) -> None:
+        """Serve ``queue`` until its ring is empty and no notify came in meanwhile."""
+        me = asyncio.current_task()
+        try:
+            while not self._broken and queue.ready and self._processing_blocked() is None:
+                self._rerun[queue.index] = False
+                epoch = queue.epoch
+                if not await self._run_guarded(queue, epoch):
+                    break
+                if not self._rerun.get(queue.index):
+                    break
+        finally:
+            if self._tasks.get(queue.index) is me:
+                del self._tasks[queue.index]
+
+    async def _run_guarded(self, queue: SplitVirtqueue, epoch: int) -> bool:
+        """One pass over the ring; False if the device broke. Nothing escapes."""
+        try:
+            await self._process_queue(queue, epoch)
+        except StaleQueueError:
+            pass  # reset or stopped meanwhile: a later notify starts over
+        except (RingError, GuestMemoryError) as exc:
+            if queue.epoch == epoch:
+                self._fail(f"queue {queue.index}: {exc}")
+            return False
+        except Exception as exc:  # a backend bug must not take the server down
+            if queue.epoch == epoch:
+                log.exception("%s: queue %d: internal error", self.name, queue.index)
+                self._fail(f"queue {queue.index}: internal error {exc!r}")
+            return False
+        return True
+
+    async def _process_queue(self, queue: SplitVirtqueue, epoch: int) -> None:
+        memory = self.memory
+        if memory is None:
+            raise RingError("no guest memory registered")
+        queue.event_idx = self._has(Feature.RING_EVENT_IDX)  # legacy: features apply at use
+        queue.indirect = self._has(Feature.RING_INDIRECT_DESC)
+        queue.check_layout(memory)
+        guarded = _GuardedMemory(memory, queue, epoch)
+        done: list[tuple[int, int]] = []
+        while (chain := await queue.pop(memory)) is not None:
+            try:
+                written = await self.backend.handle(queue.index, chain, guarded)
+            except RingError:
+                await self._complete_quietly(queue, memory, done, epoch)
+                raise
+            self._check_epoch(queue, epoch)
+            done.append((chain.head, self._used_len(queue, written, chain.writable_len)))
+            if not queue.has_cached:  # the batch one avail.idx read exposed is done
+                await self._complete(queue, memory, done, epoch)
+                done = []
+
+    def _used_len(self, queue: SplitVirtqueue, written: int, writable: int) -> int:
+        if 0 <= written <= writable:
+            return written
+        log.error(
+            "%s: queue %d: backend reported %d of %d writable bytes",
+            self.name,
+            queue.index,
+            written,
+            writable,
+        )
+        return max(0, min(written, writable))  # used.len may under-report, never over-report
+
+    async def _complete(
+        self, queue: SplitVirtqueue, memory: GuestMemory, done: list[tuple[int, int]], epoch: int
+    ) -> None:
+        """Publish used elements, then used.idx, then (if wanted) the interrupt."""
+        self._check_epoch(queue, epoch)
+        old_used_idx = queue.used_idx
+        await queue.push_many(memory, done)
+        if await queue.needs_notification(memory, old_used_idx):
+            self._raise_interrupt(Interrupt.VRING)
+
+    async def _complete_quietly(
+        self, queue: SplitVirtqueue, memory: GuestMemory, done: list[tuple[int, int]], epoch: int
+    ) -> None:
+        """Publish what finished before a bad request; the device is about to break anyway."""
+        with contextlib.suppress(RingError, GuestMemoryError, StaleQueueError):
+            await self._complete(queue, memory, done, epoch)
+
+    @staticmethod
+    def _check_epoch(queue: SplitVirtqueue, epoch: int) -> None:
+        if queue.epoch != epoch:
+            raise StaleQueueError(f"queue {queue.index} was reset during a request")
+
+    async def drain(self) -> None:
+        """Wait until no queue task is running (tests, orderly shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Cancel the queue tasks and wait for them to end."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()

@@ -1,0 +1,365 @@
+"""One client connection: a sans-IO frame reader and codec driven by an asyncio.Protocol.
+
+Every session owns its own platform instance (devices, register files) and its own guest memory,
+so nothing a client sends can reach another session's devices or memory. Bad input gets an ERROR
+reply and one log line; only a frame that breaks the framing itself ends the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+
+from viowire.protocol import messages as m
+from viowire.protocol.codec import DecodeError, decode_body, encode
+from viowire.protocol.framing import Frame, FrameError, FrameReader
+from viowire.protocol.hostid import host_id
+from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
+from viowire.server.platform import Platform, PlatformSpec
+from viowire.virtio.memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger("viowire.server")
+
+MMIO_WIDTHS = (1, 2, 4, 8)
+MAX_REGIONS = 64
+MAX_QUEUED_FDS = 8
+SERVER_FEATURES = (
+    m.ProtoFeature.POSTED_WRITES | m.ProtoFeature.MEMORY_PROXIED | m.ProtoFeature.MEMORY_SHM
+)
+_session_ids = itertools.count(1)
+
+
+class ProtocolFault(Exception):
+    """A request that gets an ERROR reply; ``code`` is an ErrorCode."""
+
+    def __init__(self, code: m.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ServerSession(asyncio.Protocol):
+    """The server end of one connection."""
+
+    def __init__(self, spec: PlatformSpec, *, fd_passing: bool = False, name: str = "viowire"):
+        self.session_id = next(_session_ids) | (os.getpid() << 32)
+        self.spec = spec
+        self.fd_passing = fd_passing
+        self.name = name
+        self.reader = FrameReader()
+        self.transport: asyncio.BaseTransport | None = None
+        self.platform: Platform | None = None
+        self.features = 0
+        self.max_frame = m.DEFAULT_MAX_FRAME
+        self.memory: GuestMemory | None = None
+        self._mappings = SessionMappings()
+        self._proxied: ProxiedGuestMemory | None = None
+        self._fds: list[int] = []
+        self._out: list[bytes] = []
+        self._flush_pending = False
+        self._next_id = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._peer = "?"
+        self._closed = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
+        log.info("session %x: connected from %s", self.session_id, self._peer)
+
+    def fds_received(self, fds: list[int]) -> None:
+        """Descriptors from SCM_RIGHTS; each MEM_REGISTER of kind MEMFD takes the oldest."""
+        self._fds.extend(fds)
+        while len(self._fds) > MAX_QUEUED_FDS:  # a peer sending fds nobody asked for
+            os.close(self._fds.pop(0))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except FrameError as exc:
+            self._fail_connection(exc.code, str(exc))
+            return
+        for frame in frames:
+            self._dispatch(frame)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(GuestMemoryError("the client disconnected"))
+        self._pending.clear()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        log.info("session %x: closed", self.session_id)
+        asyncio.get_running_loop().create_task(self._teardown())
+
+    async def _teardown(self) -> None:
+        if self.platform is not None:
+            for slot in self.platform.slots:
+                slot.device.memory = None
+            await self.platform.aclose()
+        self._mappings.close()
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests until it does.
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    # -- output --------------------------------------------------------------------------------
+    def send(self, msg: object, request_id: int = 0, flags: int = 0) -> None:
+        """Queue a frame; frames leave in order, gathered into one write per loop turn."""
+        if self._closed:
+            return
+        self._out.append(encode(msg, request_id, flags))
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if self._out and not self._closed:
+            out, self._out = self._out, []
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _reply_error(self, frame: Frame, code: m.ErrorCode, message: str) -> None:
+        log.warning("session %x: %s: %s", self.session_id, code.name, message)
+        self.send(m.Error(code=code, message=message), frame.request_id, m.Flags.REPLY)
+
+    def _fail_connection(self, code: m.ErrorCode, message: str) -> None:
+        log.warning("session %x: %s: %s; closing", self.session_id, code.name, message)
+        self.send(m.Error(code=code, message=message + "; closing the connection"), 0, 0)
+        self._flush()
+        self.transport.close()
+        self._closed = True
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def _dispatch(self, frame: Frame) -> None:
+        if self._closed:
+            return
+        if frame.flags & m.Flags.REPLY:
+            self._complete(frame)
+            return
+        handler = _HANDLERS.get(frame.type)
+        if handler is None:
+            self._reply_error(
+                frame, m.ErrorCode.UNKNOWN_TYPE, f"unknown message type {frame.type:#x}"
+            )
+            return
+        if self.platform is None and frame.type != m.MsgType.HELLO:
+            self._reply_error(frame, m.ErrorCode.BAD_STATE, "the first message must be HELLO")
+            return
+        try:
+            msg = decode_body(frame.type, frame.body)
+            handler(self, frame, msg)
+        except DecodeError as exc:
+            self._reply_error(frame, exc.code, str(exc))
+        except ProtocolFault as exc:
+            self._reply_error(frame, exc.code, str(exc))
+        except Exception as exc:  # a server bug must not take the other sessions down
+            log.exception("session %x: internal error on %s", self.session_id, frame.type)
+            self._reply_error(frame, m.ErrorCode.INTERNAL, f"internal error: {exc}")
+
+    def _answer(self, frame: Frame, msg: object) -> None:
+        if not frame.flags & m.Flags.POSTED:
+            self.send(msg, frame.request_id, m.Flags.REPLY)
+
+    def _on_hello(self, frame: Frame, msg: m.Hello) -> None:
+        if self.platform is not None:
+            raise ProtocolFault(m.ErrorCode.BAD_STATE, "HELLO was already received")
+        if msg.magic != m.HELLO_MAGIC:
+            raise ProtocolFault(m.ErrorCode.UNSUPPORTED, f"bad HELLO magic {msg.magic:#x}")
+        if msg.version != m.PROTOCOL_VERSION:
+            raise ProtocolFault(
+                m.ErrorCode.UNSUPPORTED,
+                f"protocol version {msg.version} is not supported (this server speaks "
+                f"{m.PROTOCOL_VERSION})",
+            )
+        if msg.max_frame < m.MIN_MAX_FRAME:
+            raise ProtocolFault(
+                m.ErrorCode.UNSUPPORTED, f"max_frame {msg.max_frame} is below {m.MIN_MAX_FRAME}"
+            )
+        offered = SERVER_FEATURES | (m.ProtoFeature.MEMORY_MEMFD if self.fd_passing else 0)
+        self.features = msg.features & offered
+        self.max_frame = min(msg.max_frame, m.DEFAULT_MAX_FRAME)
+        self.reader.max_frame = self.max_frame
+        self.platform = self.spec.build(name_prefix=f"session {self.session_id:x} ")
+        for slot in self.platform.slots:
+            slot.device.on_irq = self._irq_sender(slot.irq)
+        log.info(
+            "session %x: HELLO from %r, features %#x", self.session_id, msg.name, self.features
+        )
+        reply = m.HelloReply(
+            version=m.PROTOCOL_VERSION,
+            reserved=0,
+            features=self.features,
+            max_frame=self.max_frame,
+            max_inflight=min(msg.max_inflight, m.DEFAULT_MAX_INFLIGHT),
+            session_id=self.session_id,
+            host_id=host_id(),
+            name=self.name,
+        )
+        self.send(reply, frame.request_id, m.Flags.REPLY)
+
+    def _irq_sender(self, irq: int):
+        def on_irq(level: bool) -> None:
+            self.send(m.Irq(irq=irq, level=int(level)))
+
+        return on_irq
+
+    def _locate(self, addr: int, width: int):
+        if width not in MMIO_WIDTHS:
+            raise ProtocolFault(m.ErrorCode.BAD_WIDTH, f"access width {width} is not 1, 2, 4 or 8")
+        found = self.platform.lookup(addr)
+        if found is None or found[1] + width > found[0].size:
+            raise ProtocolFault(m.ErrorCode.BUS_ERROR, f"no device at physical address {addr:#x}")
+        return found
+
+    def _on_mmio_read(self, frame: Frame, msg: m.MmioRead) -> None:
+        slot, offset = self._locate(msg.addr, msg.width)
+        value = slot.device.read(offset, msg.width)
+        self._answer(frame, m.MmioReadReply(value=value))
+
+    def _on_mmio_write(self, frame: Frame, msg: m.MmioWrite) -> None:
+        slot, offset = self._locate(msg.addr, msg.width)
+        slot.device.write(offset, msg.width, msg.value & ((1 << 8 * msg.width) - 1))
+        self._answer(frame, m.Ok())
+
+    def _on_platform_query(self, frame: Frame, msg: m.PlatformQuery) -> None:
+        devices = tuple(
+            (
+                s.base,
+                s.size,
+                s.irq,
+                s.device.version,
+                s.device.backend.device_id,
+                s.device.vendor_id,
+            )
+            for s in self.platform.slots
+        )
+        self._answer(frame, m.PlatformInfo(devices=devices))
+
+    # -- guest memory --------------------------------------------------------------------------
+    def _on_mem_register(self, frame: Frame, msg: m.MemRegister) -> None:
+        kind = msg.kind
+        region_count = len(self.memory.regions) if self.memory is not None else 0
+        if region_count >= MAX_REGIONS:
+            raise ProtocolFault(m.ErrorCode.UNSUPPORTED, f"at most {MAX_REGIONS} memory regions")
+        try:
+            if kind == m.MemoryKind.PROXIED:
+                self._use_memory(self._proxy()).add_region(msg.gpa, msg.size)
+            elif kind == m.MemoryKind.MEMFD:
+                self._register_memfd(msg)
+            elif kind == m.MemoryKind.SHM:
+                self._use_memory(self._mappings.memory)
+                self._mappings.add(msg.gpa, open_shm(msg.name, msg.size, msg.offset))
+            else:
+                raise ProtocolFault(m.ErrorCode.UNSUPPORTED, f"unknown memory kind {kind}")
+        except (GuestMemoryError, OSError, ValueError, OverflowError) as exc:
+            raise ProtocolFault(m.ErrorCode.MEMORY_FAULT, str(exc)) from None
+        log.info(
+            "session %x: guest RAM %#x+%#x (%s)",
+            self.session_id,
+            msg.gpa,
+            msg.size,
+            m.MemoryKind(kind).name,
+        )
+        self._answer(frame, m.Ok())
+
+    def _register_memfd(self, msg: m.MemRegister) -> None:
+        if not self._fds:
+            raise ProtocolFault(
+                m.ErrorCode.MEMORY_FAULT,
+                "MEM_REGISTER of kind MEMFD came without a file descriptor (send it with "
+                "SCM_RIGHTS on the same frame, over a Unix socket)",
+            )
+        fd = self._fds.pop(0)
+        try:
+            self._use_memory(self._mappings.memory)
+            self._mappings.add(msg.gpa, map_fd(fd, msg.size, msg.offset))
+        finally:
+            os.close(fd)
+
+    def _use_memory(self, memory: GuestMemory) -> GuestMemory:
+        if self.memory is not None and self.memory is not memory:
+            raise ProtocolFault(
+                m.ErrorCode.UNSUPPORTED, "a session uses one memory mode: shared or proxied"
+            )
+        if self.memory is None:
+            self.memory = memory
+            for slot in self.platform.slots:
+                slot.device.memory = memory
+        return memory
+
+    def _proxy(self) -> ProxiedGuestMemory:
+        if self._proxied is None:
+            self._proxied = ProxiedGuestMemory(self._read_remote, self._write_remote)
+        return self._proxied
+
+    def _on_mem_unregister(self, frame: Frame, msg: m.MemUnregister) -> None:
+        if self.memory is None or all(r.gpa != msg.gpa for r in self.memory.regions):
+            raise ProtocolFault(m.ErrorCode.MEMORY_FAULT, f"no region starts at {msg.gpa:#x}")
+        # Devices might still hold addresses in it: reset them, as a board would on unplug.
+        for slot in self.platform.slots:
+            slot.device.reset()
+        if self.memory is self._proxied:
+            self._proxied.remove_region(msg.gpa)
+        else:
+            raise ProtocolFault(
+                m.ErrorCode.UNSUPPORTED, "shared regions stay mapped until the session ends"
+            )
+        self._answer(frame, m.Ok())
+
+    async def _read_remote(self, ranges: Sequence[tuple[int, int]]) -> bytes:
+        if self._closed:
+            raise GuestMemoryError("the client disconnected")
+        request_id = next(self._next_id) & 0xFFFFFFFF or next(self._next_id)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        self.send(m.MemRead(ranges=tuple(ranges)), request_id)
+        try:
+            return await future
+        finally:
+            self._pending.pop(request_id, None)
+
+    def _write_remote(self, ranges: Sequence[tuple[int, int]], data: bytes) -> None:
+        self.send(m.MemWrite(ranges=tuple(ranges), data=data), 0, m.Flags.POSTED)
+
+    def _complete(self, frame: Frame) -> None:
+        future = self._pending.get(frame.request_id)
+        if future is None or future.done():
+            if frame.type == m.MsgType.ERROR:
+                log.warning(
+                    "session %x: client reported an error for request %d",
+                    self.session_id,
+                    frame.request_id,
+                )
+            return
+        try:
+            msg = decode_body(frame.type, frame.body)
+        except DecodeError as exc:
+            future.set_exception(GuestMemoryError(f"bad reply from the client: {exc}"))
+            return
+        if isinstance(msg, m.MemReadReply):
+            future.set_result(msg.data)
+        elif isinstance(msg, m.Error):
+            future.set_exception(GuestMemoryError(f"client: {msg.message}"))
+        else:
+            future.set_exception(GuestMemoryError(f"unexpected reply {type(msg).__name__}"))
+
+
+_HANDLERS = {
+    m.MsgType.HELLO: ServerSession._on_hello,
+    m.MsgType.MMIO_READ: ServerSession._on_mmio_read,
+    m.MsgType.MMIO_WRITE: ServerSession._on_mmio_write,
+    m.MsgType.PLATFORM_QUERY: ServerSession._on_platform_query,
+    m.MsgType.MEM_REGISTER: ServerSession._on_mem_register,
+    m.MsgType.MEM_UNREGISTER: ServerSession._on_mem_unregister,
+}
