@@ -483,7 +483,7 @@ def test_reset_clears_everything(version):
         assert not queue.ready and queue.pfn == 0 and queue.num == 64
         assert (queue.desc_addr, queue.avail_addr, queue.used_addr) == (0, 0, 0)
         assert (queue.last_avail_idx, queue.used_idx, queue.signalled_used_valid) == (0, 0, False)
-    assert dev._driver_features_sel == 0 and dev._guest_page_size == 0
+    assert dev._driver_features_sel == 0
     reg = Reg.QUEUE_PFN if version == 1 else Reg.QUEUE_READY
     assert drv.read(reg) == 0
 
@@ -577,3 +577,11 @@ def test_readonly_blk_offers_ro(tmp_path):
         assert MmioDriver(dev).device_features() >> BlkFeature.RO & 1
     finally:
         backend.close()
+
+
+def test_legacy_guest_page_size_survives_status_reset():
+    """Linux's virtio_mmio_probe writes GuestPageSize before the core's reset (Status=0)."""
+    dev, drv = device(1)
+    drv.write(Reg.GUEST_PAGE_SIZE, 4096)
+    drv.write(Reg.STATUS, 0)
+    assert dev._guest_page_size == 4096

@@ -14,10 +14,12 @@ import contextlib
 import itertools
 import logging
 import socket
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from viowire.client.guest import DEFAULT_RAM_BASE, DEFAULT_RAM_SIZE, GuestRAM
+from viowire.client.mmio import VirtioMmioDevice
 from viowire.fdsocket import FdSocketTransport
 from viowire.protocol import messages as m
 from viowire.protocol.codec import DecodeError, decode_body, encode
@@ -88,6 +90,7 @@ class Connection(asyncio.Protocol):
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._irq_handlers: dict[int, Callable[[bool], None]] = {}
+        self._devices: weakref.WeakSet = weakref.WeakSet()
         self._closed = asyncio.get_running_loop().create_future()
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -117,6 +120,10 @@ class Connection(asyncio.Protocol):
         if not self._closed.done():
             self._closed.set_result(None)
         self._can_write.set()
+        # Requests waiting for a used buffer would wait forever: fail them, as a surprise
+        # removal does in Linux.
+        loop = asyncio.get_running_loop()
+        self._aborts = [loop.create_task(dev.abort(error)) for dev in list(self._devices)]
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -243,13 +250,16 @@ class Connection(asyncio.Protocol):
         reply = await self.request(m.PlatformQuery())
         return [DeviceInfo(*entry) for entry in reply.devices]
 
-    async def attach(self, info: DeviceInfo):
-        """A virtio-mmio transport for ``info``, bound to this connection and its guest RAM."""
-        from viowire.client.mmio import VirtioMmioDevice
+    async def attach(self, info: DeviceInfo, *, bus: object = None) -> VirtioMmioDevice:
+        """A virtio-mmio transport for ``info``, bound to this connection and its guest RAM.
 
-        return VirtioMmioDevice(
-            self, info.base, info.irq, self.ram.memory, self.ram, size=info.size
+        ``bus`` wraps this connection (a TracingBus, say) and must forward to it.
+        """
+        dev = VirtioMmioDevice(
+            bus or self, info.base, info.irq, self.ram.memory, self.ram, size=info.size
         )
+        self._devices.add(dev)
+        return dev
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def close(self) -> None:

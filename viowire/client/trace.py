@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from viowire.client.errors import register_name as spec_name
 from viowire.virtio.constants import CONFIG_OFFSET, Interrupt, Reg, Status
 
 
 def register_name(offset: int) -> str:
+    """The spec's name of the register at ``offset`` (config space by offset into it)."""
     if offset >= CONFIG_OFFSET:
         return f"Config+{offset - CONFIG_OFFSET:#x}"
-    try:
-        return "".join(word.capitalize() for word in Reg(offset).name.split("_"))
-    except ValueError:
+    if offset not in Reg._value2member_map_:
         return f"reserved {offset:#x}"
+    return spec_name(offset).split(" (")[0]
 
 
 def describe_value(offset: int, value: int) -> str:

@@ -110,6 +110,7 @@ class MmioDevice:
         self._interrupt_status = 0
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._rerun: dict[int, bool] = {}
+        self._guest_page_size = 0
         self._readers, self._writers = self._register_tables()
         backend.on_config_change = self.config_changed
         backend.name = self.name
@@ -333,7 +334,8 @@ class MmioDevice:
         self._driver_features = 0
         self._queue_sel = 0
         self._shm_sel = 0
-        self._guest_page_size = 0
+        # GuestPageSize survives Status=0: Linux's probe writes it *before* the core resets the
+        # device (as QEMU, which keeps it in the transport, not the virtio device).
         self._broken = False
         self._rerun.clear()
         self._set_interrupt_status(0)

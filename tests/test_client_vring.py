@@ -1,0 +1,489 @@
+"""The driver side of the split virtqueue, with the test playing the device by hand.
+
+Guest RAM is a bytearray behind MappedGuestMemory with a tiny first-fit allocator; the device side
+(:class:`DeviceRing`) reads the avail ring and descriptors and writes the used ring directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from viowire.client.errors import DeviceBrokenError, QueueDeletedError, QueueFullError
+from viowire.client.virtqueue import (
+    Virtqueue,
+    legacy_addresses,
+    vring_need_event,
+    vring_size,
+)
+from viowire.virtio.constants import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+)
+from viowire.virtio.memory import MappedGuestMemory
+
+TIMEOUT = 2.0
+DESC = struct.Struct("<QIHH")
+
+
+def align_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
+
+
+class FakeRAM:
+    """Guest RAM over a bytearray with a first-fit allocator; ``limit`` makes bigger asks fail."""
+
+    def __init__(self, size: int = 1 << 20, base: int = 0x4000_0000) -> None:
+        self.base, self.size = base, size
+        self.memory = MappedGuestMemory()
+        self.buffer = bytearray(size)
+        self.memory.add_region(base, self.buffer)
+        self.blocks: dict[int, int] = {}
+        self.limit: int | None = None
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        if self.limit is not None and size > self.limit:
+            raise MemoryError(f"fake RAM refuses {size} bytes")
+        gpa = align_up(self.base, align)
+        for start, length in sorted(self.blocks.items()):
+            if gpa + size <= start:
+                break
+            gpa = max(gpa, align_up(start + length, align))
+        if gpa + size > self.base + self.size:
+            raise MemoryError(f"fake RAM has no {size} bytes")
+        self.blocks[gpa] = size
+        self.memory.write_sync(gpa, bytes(size))
+        return gpa
+
+    def free(self, gpa: int) -> None:
+        del self.blocks[gpa]
+
+
+class DeviceRing:
+    """The device's half of a split ring, done by hand on the same memory."""
+
+    def __init__(self, mem: MappedGuestMemory, num: int, desc: int, avail: int, used: int) -> None:
+        self.mem, self.num = mem, num
+        self.desc, self.avail, self.used = desc, avail, used
+        self.last_avail = 0
+        self.used_idx = 0
+
+    @classmethod
+    def of(cls, vq: Virtqueue) -> DeviceRing:
+        a = vq.addresses
+        return cls(vq.memory, vq.num, a.desc, a.avail, a.used)  # type: ignore[arg-type]
+
+    def start_at(self, index: int) -> None:
+        """Both sides as if ``index`` chains had already gone round (white-box wraparound)."""
+        self.last_avail = self.used_idx = index
+        self.mem.store_u16(self.used + 2, index)
+
+    def pending(self) -> int:
+        return (self.mem.load_u16(self.avail + 2) - self.last_avail) & 0xFFFF
+
+    def pop(self) -> tuple[int, list[tuple[int, int, bool]]] | None:
+        """The next available head and its chain as (addr, len, device-writable)."""
+        if not self.pending():
+            return None
+        head = self.mem.load_u16(self.avail + 4 + 2 * (self.last_avail % self.num))
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return head, self.walk(self.desc, head, self.num)
+
+    def walk(self, table: int, index: int, size: int) -> list[tuple[int, int, bool]]:
+        chain = []
+        for _ in range(size):
+            addr, length, flags, nxt = DESC.unpack(self.mem.read_sync(table + 16 * index, 16))
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                assert not flags & VIRTQ_DESC_F_NEXT and length % 16 == 0
+                return chain + self.walk(addr, 0, length // 16)
+            chain.append((addr, length, bool(flags & VIRTQ_DESC_F_WRITE)))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            index = nxt
+        raise AssertionError("looped descriptor chain")
+
+    def push(self, head: int, length: int) -> None:
+        """Used element first, then used.idx, as the device must."""
+        slot = self.used + 4 + 8 * (self.used_idx % self.num)
+        self.mem.write_sync(slot, struct.pack("<II", head, length))
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.mem.store_u16(self.used + 2, self.used_idx)
+
+    def avail_flags(self) -> int:
+        return self.mem.load_u16(self.avail)
+
+    def used_event(self) -> int:
+        return self.mem.load_u16(self.avail + 4 + 2 * self.num)
+
+    def set_avail_event(self, value: int) -> None:
+        self.mem.store_u16(self.used + 4 + 8 * self.num, value)
+
+
+class Kicks:
+    """The notify callback: counts kicks."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def __call__(self, vq: Virtqueue) -> None:
+        self.count += 1
+
+
+async def make_vq(
+    ram: FakeRAM, num: int = 8, layout: str = "modern", **kwargs: object
+) -> tuple[Virtqueue, DeviceRing, Kicks]:
+    kicks = Kicks()
+    vq = await Virtqueue.create(0, num, ram.memory, ram, layout, notify=kicks, **kwargs)
+    return vq, DeviceRing.of(vq), kicks
+
+
+async def wait(awaitable, timeout: float = TIMEOUT):
+    return await asyncio.wait_for(awaitable, timeout)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+# -- layout -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("num", "avail_off", "used_off", "size"),
+    [(1, 16, 4096, 4110), (128, 2048, 4096, 5126), (256, 4096, 8192, 10246),
+     (512, 8192, 12288, 16390), (1024, 16384, 20480, 28678)],
+)
+def test_legacy_layout_matches_reference_table(num, avail_off, used_off, size):
+    a = legacy_addresses(0x10000, num)
+    assert (a.avail - a.desc, a.used - a.desc, vring_size(num)) == (avail_off, used_off, size)
+
+
+async def test_legacy_ring_is_one_page_aligned_zeroed_block():
+    ram = FakeRAM()
+    ram.buffer[:] = b"\xaa" * len(ram.buffer)
+    vq, _, _ = await make_vq(ram, 256, "legacy")
+    assert vq.addresses.desc % 4096 == 0 and vq.addresses.blocks == (vq.addresses.desc,)
+    assert ram.blocks[vq.addresses.desc] == vring_size(256)
+    assert ram.memory.read_sync(vq.addresses.desc, vring_size(256)) == bytes(vring_size(256))
+
+
+async def test_modern_rings_are_three_aligned_zeroed_areas():
+    ram = FakeRAM()
+    ram.buffer[:] = b"\xaa" * len(ram.buffer)
+    vq, _, _ = await make_vq(ram, 16)
+    a = vq.addresses
+    assert len(a.blocks) == 3 and a.desc % 16 == 0 and a.avail % 2 == 0 and a.used % 4 == 0
+    assert ram.memory.read_sync(a.avail, 6 + 2 * 16) == bytes(38)
+    assert ram.memory.read_sync(a.used, 6 + 8 * 16) == bytes(134)
+    vq.free_rings()
+    assert not ram.blocks
+
+
+async def test_failed_modern_allocation_gives_back_what_it_took():
+    ram = FakeRAM(size=4096)
+    with pytest.raises(MemoryError):
+        await make_vq(ram, 256)
+    assert not ram.blocks
+
+
+# -- publishing ---------------------------------------------------------------------------------
+
+
+async def test_add_publishes_descriptors_slot_then_index():
+    ram = FakeRAM()
+    vq, dev, kicks = await make_vq(ram)
+    await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 512), (0x4008_2000, 1)], "req")
+    assert dev.mem.load_u16(dev.avail + 2) == 1
+    head, chain = dev.pop()
+    assert chain == [(0x4008_0000, 16, False), (0x4008_1000, 512, True), (0x4008_2000, 1, True)]
+    assert vq.num_free == 5 and kicks.count == 0
+    assert await vq.kick() and kicks.count == 1
+    assert await vq.get_buf() is None
+    dev.push(head, 513)
+    assert await vq.get_buf() == ("req", 513)
+    assert vq.num_free == 8 and vq.in_flight == 0
+
+
+async def test_indirect_table_takes_one_slot_and_is_freed():
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram, indirect=True)
+    blocks = len(ram.blocks)
+    await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 8), (0x4008_2000, 1)], "ind")
+    assert vq.num_free == 7 and len(ram.blocks) == blocks + 1
+    flags = DESC.unpack(ram.memory.read_sync(dev.desc, 16))[2]
+    assert flags == VIRTQ_DESC_F_INDIRECT
+    head, chain = dev.pop()
+    assert chain == [(0x4008_0000, 16, False), (0x4008_1000, 8, True), (0x4008_2000, 1, True)]
+    dev.push(head, 9)
+    assert await vq.get_buf() == ("ind", 9)
+    assert len(ram.blocks) == blocks and vq.num_free == 8
+
+
+async def test_single_buffer_and_no_memory_go_direct():
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram, indirect=True)
+    await vq.add([], [(0x4008_0000, 64)], "one")
+    assert DESC.unpack(ram.memory.read_sync(dev.desc, 16))[2] == VIRTQ_DESC_F_WRITE
+    ram.limit = 16  # the 32-byte table does not fit: fall back to two ring descriptors
+    await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 8)], "direct")
+    assert vq.num_free == 5
+    dev.pop()
+    assert dev.pop()[1] == [(0x4008_0000, 16, False), (0x4008_1000, 8, True)]
+
+
+async def test_add_refuses_what_cannot_fit_now():
+    ram = FakeRAM()
+    vq, _, _ = await make_vq(ram, 2)
+    with pytest.raises(QueueFullError, match="virtqueue 0: a chain of 3 descriptors"):
+        await vq.add([(0x4008_0000, 1)], [(0x4008_1000, 1), (0x4008_2000, 1)], "big")
+    with pytest.raises(ValueError, match="length"):
+        await vq.add([(0x4008_0000, 0)], [], "empty")
+
+
+# -- completion ---------------------------------------------------------------------------------
+
+
+async def complete_all(dev: DeviceRing, vq: Virtqueue, lengths: dict[int, int], order=reversed):
+    popped = []
+    while (item := dev.pop()) is not None:
+        popped.append(item)
+    for head, chain in order(popped):
+        dev.push(head, lengths.get(chain[0][0], 0))
+    return await vq.interrupt()
+
+
+async def test_many_submits_in_flight_complete_out_of_order():
+    ram = FakeRAM()
+    vq, dev, kicks = await make_vq(ram, 8, event_idx=True, indirect=True)
+    addrs = [0x4008_0000 + 0x1000 * i for i in range(8)]
+    tasks = [asyncio.create_task(vq.submit([], [(a, 100)])) for a in addrs]
+    await settle()
+    assert dev.pending() == 8 and vq.in_flight == 8
+    assert await complete_all(dev, vq, {a: i + 1 for i, a in enumerate(addrs)})
+    assert await wait(asyncio.gather(*tasks)) == list(range(1, 9))
+    assert kicks.count == 1  # the device never moved avail_event: one kick for index 0
+
+
+async def test_submit_waits_for_a_free_slot_when_full():
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram, 2)
+    tasks = [asyncio.create_task(vq.submit([], [(0x4008_0000 + i * 64, 8)])) for i in range(3)]
+    await settle()
+    assert dev.pending() == 2 and not any(t.done() for t in tasks)
+    head, _ = dev.pop()
+    dev.push(head, 8)
+    await vq.interrupt()
+    await settle()
+    assert dev.mem.load_u16(dev.avail + 2) == 3  # the third went out once a slot came back
+    await complete_all(dev, vq, {})
+    assert await wait(asyncio.gather(*tasks)) == [8, 0, 0]
+
+
+async def test_chain_longer_than_the_ring_fails_instead_of_waiting():
+    ram = FakeRAM()
+    vq, _, _ = await make_vq(ram, 2)
+    bufs = [(0x4008_0000 + 16 * i, 16) for i in range(3)]
+    with pytest.raises(QueueFullError):
+        await wait(vq.submit(bufs, []))
+
+
+async def test_interrupt_without_news_and_tokens_for_get_buf():
+    ram = FakeRAM()
+    calls = []
+    vq, dev, _ = await make_vq(ram, callback=calls.append)
+    assert not await vq.interrupt() and not calls
+    await vq.add([(0x4008_0000, 4)], [], "plain")
+    head, _ = dev.pop()
+    dev.push(head, 0)
+    assert await vq.interrupt() and calls == [vq]
+    assert await vq.get_buf() == ("plain", 0)  # kept for get_buf, not dropped
+
+
+@pytest.mark.parametrize("start", [65530, 65535, 0xFFF0])
+async def test_indexes_wrap_past_65535(start):
+    ram = FakeRAM()
+    vq, dev, kicks = await make_vq(ram, 4, event_idx=True)
+    vq._avail_idx = vq._last_used = start
+    ram.memory.store_u16(dev.avail + 2, start)
+    dev.start_at(start)
+    dev.set_avail_event(start)
+    for round_ in range(6):
+        tasks = [asyncio.create_task(vq.submit([], [(0x4008_0000 + 64 * i, 8)])) for i in range(4)]
+        await settle()
+        await complete_all(dev, vq, {0x4008_0000 + 64 * i: i + round_ for i in range(4)})
+        assert await wait(asyncio.gather(*tasks)) == [round_ + i for i in range(4)]
+        dev.set_avail_event(dev.last_avail)
+    end = (start + 24) & 0xFFFF
+    assert ram.memory.load_u16(dev.avail + 2) == end and vq._last_used == end
+    assert dev.used_event() == end
+    assert kicks.count == 6  # one kick per round: avail_event named each round's first entry
+
+
+async def test_many_rounds_through_the_real_wrap():
+    """65,540 chains through a 1-entry ring: every index passes 65535 for real."""
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram, 1)
+    for i in range(65540):
+        await vq.add([(0x4008_0000, 4)], [], i)
+        head, _ = dev.pop()
+        dev.push(head, 0)
+        assert await vq.get_buf() == (i, 0)
+    assert ram.memory.load_u16(dev.avail + 2) == 4 and ram.memory.load_u16(dev.used + 2) == 4
+
+
+# -- notification suppression -------------------------------------------------------------------
+
+
+@given(
+    old=st.integers(0, 0xFFFF), count=st.integers(0, 0xFFFF), event=st.integers(0, 0xFFFF)
+)
+def test_vring_need_event_is_crossing_mod_2_16(old, count, event):
+    new = (old + count) & 0xFFFF
+    crossed = event in {(old + k) & 0xFFFF for k in range(count)} if count < 64 else None
+    if crossed is None:
+        crossed = (event - old) & 0xFFFF < count
+    assert vring_need_event(event, new, old) == crossed
+
+
+async def test_event_idx_kick_only_when_avail_event_is_crossed():
+    ram = FakeRAM()
+    vq, dev, kicks = await make_vq(ram, 8, event_idx=True)
+    dev.set_avail_event(3)  # "kick me when you publish the entry at index 3"
+    for i in range(3):
+        await vq.add([(0x4008_0000, 4)], [], i)
+    assert not await vq.kick() and kicks.count == 0  # indexes 0..2 published, 3 not crossed
+    await vq.add([(0x4008_0000, 4)], [], 3)
+    assert await vq.kick() and kicks.count == 1
+    assert not await vq.kick()  # nothing new since
+
+
+async def test_event_idx_crossing_at_the_wrap():
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram, 8, event_idx=True)
+    vq._avail_idx = 65534
+    ram.memory.store_u16(dev.avail + 2, 65534)
+    dev.start_at(65534)
+    dev.set_avail_event(0)
+    await vq.add([(0x4008_0000, 4)], [], "a")
+    assert not await vq.kick()  # published index 65534
+    await vq.add([(0x4008_0000, 4)], [], "b")
+    await vq.add([(0x4008_0000, 4)], [], "c")
+    assert await vq.kick()  # published 65535 and 0: crossed 0
+
+
+async def test_used_no_notify_flag_suppresses_kicks_without_event_idx():
+    ram = FakeRAM()
+    vq, dev, kicks = await make_vq(ram)
+    ram.memory.store_u16(dev.used, VIRTQ_USED_F_NO_NOTIFY)
+    await vq.add([(0x4008_0000, 4)], [], 1)
+    assert not await vq.kick()
+    ram.memory.store_u16(dev.used, 0)
+    await vq.add([(0x4008_0000, 4)], [], 2)
+    assert await vq.kick() and kicks.count == 1
+
+
+async def test_disable_and_enable_callbacks_with_flags():
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram)
+    await vq.disable_cb()
+    assert dev.avail_flags() == VIRTQ_AVAIL_F_NO_INTERRUPT
+    assert await vq.enable_cb() and dev.avail_flags() == 0
+    await vq.add([(0x4008_0000, 4)], [], "x")
+    await vq.disable_cb()
+    head, _ = dev.pop()
+    dev.push(head, 0)
+    assert not await vq.enable_cb()  # a chain came back meanwhile: the caller must poll
+
+
+async def test_disable_and_enable_callbacks_with_event_idx():
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram, event_idx=True)
+    await vq.add([(0x4008_0000, 4)], [], "x")
+    head, _ = dev.pop()
+    dev.push(head, 0)
+    assert await vq.get_buf() == ("x", 0)
+    assert dev.used_event() == 1 and dev.avail_flags() == 0  # ask for the next one
+    await vq.disable_cb()
+    assert dev.used_event() == 0 and dev.avail_flags() == 0  # as far behind as it goes
+    await vq.add([(0x4008_0000, 4)], [], "y")
+    head, _ = dev.pop()
+    dev.push(head, 0)
+    assert await vq.get_buf() == ("y", 0)
+    assert dev.used_event() == 0  # disabled: get_buf leaves used_event alone
+    assert await vq.enable_cb() and dev.used_event() == 2
+
+
+# -- a device that breaks the protocol ----------------------------------------------------------
+
+
+async def broken_by(push) -> tuple[Virtqueue, asyncio.Task]:
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram, 4)
+    task = asyncio.create_task(vq.submit([(0x4008_0000, 4)], [(0x4008_1000, 4)]))
+    await settle()
+    push(dev)
+    assert await vq.interrupt()
+    return vq, task
+
+
+@pytest.mark.parametrize(
+    ("push", "reason"),
+    [
+        (lambda dev: dev.push(7, 0), "used id 7 out of range"),
+        (lambda dev: dev.push(dev.pop()[0] + 1, 0), "used id 1 is not a head"),
+        (lambda dev: dev.push(dev.pop()[0], 5), "used len 5 is larger than the 4"),
+        (lambda dev: dev.start_at(9), "used.idx moved from 0 to 9"),
+    ],
+)
+async def test_protocol_violations_break_the_queue(push, reason):
+    vq, task = await broken_by(push)
+    with pytest.raises(DeviceBrokenError, match=reason) as info:
+        await wait(task)
+    assert "virtio: virtqueue 0:" in str(info.value)
+    with pytest.raises(DeviceBrokenError):
+        await wait(vq.submit([], [(0x4008_0000, 4)]))
+    assert await vq.get_buf() is None
+
+
+# -- teardown -----------------------------------------------------------------------------------
+
+
+async def test_detach_fails_waiters_and_reclaims_descriptors():
+    ram = FakeRAM()
+    vq, _, _ = await make_vq(ram, 4, indirect=True)
+    task = asyncio.create_task(vq.submit([(0x4008_0000, 4)], [(0x4008_1000, 4)]))
+    await settle()
+    await vq.detach_all()
+    with pytest.raises(QueueDeletedError):
+        await wait(task)
+    assert vq.num_free == 4 and len(ram.blocks) == 3  # the indirect table went too
+    vq.free_rings()
+    with pytest.raises(QueueDeletedError):
+        await vq.add([(0x4008_0000, 4)], [], "late")
+
+
+async def test_cancelled_submit_releases_buffers_only_when_the_device_returns_them():
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram, 4)
+    released = []
+    task = asyncio.create_task(
+        vq.submit([], [(0x4008_0000, 4)], release=lambda: released.append(True))
+    )
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wait(task)
+    assert not released  # the device still owns the buffer
+    head, _ = dev.pop()
+    dev.push(head, 4)
+    await vq.interrupt()
+    await settle()
+    assert released == [True] and vq.num_free == 4

@@ -1,0 +1,211 @@
+"""virtio-blk (SPEC §5.2): a block device with concurrent reads and writes in 512-byte sectors.
+
+Each request is one chain: a 16-byte device-readable header, the data (readable for a write,
+writable for a read), and a 1-byte device-writable status. Large transfers are split into requests
+that respect the device's ``seg_max``/``size_max`` and go out together, so the device sees many
+requests in flight at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+from viowire.client.drivers.base import VirtioDriver, bits
+from viowire.client.errors import ReadOnlyError, RequestError, VirtioError
+from viowire.client.mmio import VirtioMmioDevice
+from viowire.client.virtqueue import Allocator
+from viowire.virtio.constants import (
+    BLK_ID_BYTES,
+    BLK_REQ_HEADER_SIZE,
+    BLK_SECTOR_SIZE,
+    BlkFeature,
+    BlkStatus,
+    BlkType,
+    DeviceId,
+)
+
+MAX_REQUEST = 128 * 1024  # bytes of data per request, before the device's own limits
+QUEUE_DEPTH = 32  # requests in flight; bounds the DMA buffers taken from guest RAM
+
+_HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
+_STATUS_UNSET = 0xFF  # a device that never writes the status byte is caught, not read as OK
+
+# Config offsets (§5.2.4)
+CAPACITY, SIZE_MAX, SEG_MAX, BLK_SIZE = 0x00, 0x08, 0x0C, 0x14
+
+
+class BlockDriver(VirtioDriver):
+    """A virtio-blk disk: ``read``, ``write``, ``flush``, ``get_id``; offsets in bytes."""
+
+    device_id = DeviceId.BLOCK
+    feature_table = bits(
+        BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.RO,
+        BlkFeature.FLUSH,
+    )
+
+    def __init__(
+        self, dev: VirtioMmioDevice, *, max_request: int = MAX_REQUEST,
+        queue_depth: int = QUEUE_DEPTH, exclude_features: int = 0,
+    ) -> None:
+        super().__init__(dev, exclude_features=exclude_features)
+        self.capacity = 0  # in 512-byte sectors
+        self.size_max = 0  # bytes per data segment, 0 = no limit
+        self.seg_max = 1  # data segments per request
+        self.blk_size = BLK_SECTOR_SIZE
+        self.read_only = False
+        self.max_request = max_request
+        self.queue_depth = queue_depth
+        self._slots = asyncio.Semaphore(queue_depth)
+
+    async def setup(self) -> None:
+        await self._read_config()
+        (self.vq,) = await self.dev.find_vqs(["requests"])
+        self.request_bytes = self._request_bytes()
+
+    async def _read_config(self) -> None:
+        dev = self.dev
+        self.capacity = await dev.config_read_int(CAPACITY, 8)
+        if self.has_feature(BlkFeature.SIZE_MAX):
+            self.size_max = await dev.config_read_int(SIZE_MAX, 4)
+        if self.has_feature(BlkFeature.SEG_MAX):
+            self.seg_max = max(1, await dev.config_read_int(SEG_MAX, 4))
+        if self.has_feature(BlkFeature.BLK_SIZE):
+            self.blk_size = await dev.config_read_int(BLK_SIZE, 4) or BLK_SECTOR_SIZE
+        self.read_only = self.has_feature(BlkFeature.RO)
+
+    def _request_bytes(self) -> int:
+        """Data bytes per request: our cap, then seg_max segments of at most size_max bytes."""
+        segments = self.seg_max
+        if not self.vq.indirect:
+            segments = min(segments, self.vq.num - 2)  # header and status take two descriptors
+        limit = self.max_request
+        if self.size_max:
+            limit = min(limit, segments * self.size_max)
+        elif segments < 1:
+            limit = 0
+        limit -= limit % BLK_SECTOR_SIZE
+        if limit <= 0:
+            raise VirtioError(
+                self.dev.name,
+                f"size_max {self.size_max} and seg_max {self.seg_max} (queue of {self.vq.num}) "
+                "do not allow even one sector per request",
+            )
+        return limit
+
+    async def config_changed(self) -> None:
+        """The capacity may change at runtime (a resized backing file)."""
+        self.capacity = await self.dev.config_read_int(CAPACITY, 8)
+
+    @property
+    def size(self) -> int:
+        """Capacity in bytes."""
+        return self.capacity * BLK_SECTOR_SIZE
+
+    # -- I/O ------------------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (both multiples of 512), in parallel requests."""
+        self._check_range(offset, length)
+        requests = self._split(offset, length)
+        parts = await asyncio.gather(
+            *(self._transfer(BlkType.IN, sector, in_len=n) for sector, n in requests)
+        )
+        return b"".join(parts)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (both multiples of 512), in parallel requests."""
+        if self.read_only:
+            raise ReadOnlyError(self.dev.name)
+        self._check_range(offset, len(data))
+        view = memoryview(data)
+        start = offset // BLK_SECTOR_SIZE
+        await asyncio.gather(*(
+            self._transfer(BlkType.OUT, sector, out=view[(sector - start) * 512:][:n].tobytes())
+            for sector, n in self._split(offset, len(data))
+        ))
+
+    async def flush(self) -> None:
+        """Make completed writes durable; a device without VIRTIO_BLK_F_FLUSH has no cache."""
+        if self.has_feature(BlkFeature.FLUSH):
+            await self._transfer(BlkType.FLUSH, 0)
+
+    async def get_id(self) -> str:
+        """The device's serial string (up to 20 ASCII bytes)."""
+        raw = await self._transfer(BlkType.GET_ID, 0, in_len=BLK_ID_BYTES)
+        return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset % BLK_SECTOR_SIZE or length % BLK_SECTOR_SIZE or offset < 0:
+            raise ValueError(
+                f"{self.dev.name}: offset {offset} and length {length} must be non-negative "
+                f"multiples of the {BLK_SECTOR_SIZE}-byte sector"
+            )
+        if offset + length > self.size:
+            raise ValueError(
+                f"{self.dev.name}: bytes {offset}..{offset + length} are beyond the end of the "
+                f"disk ({self.capacity} sectors = {self.size} bytes)"
+            )
+
+    def _split(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(sector, bytes) of each request."""
+        step = self.request_bytes
+        return [
+            ((offset + at) // BLK_SECTOR_SIZE, min(step, length - at))
+            for at in range(0, length, step)
+        ]
+
+    async def _transfer(
+        self, kind: BlkType, sector: int, *, out: bytes = b"", in_len: int = 0
+    ) -> bytes:
+        async with self._slots:
+            return await self._request(kind, sector, out, in_len)
+
+    async def _request(self, kind: BlkType, sector: int, out: bytes, in_len: int) -> bytes:
+        """One request in DMA buffers from guest RAM; the data read back, if any."""
+        dma = _DmaBuffers(self.dev.allocator)
+        try:
+            header = dma.alloc(BLK_REQ_HEADER_SIZE + 1)
+            status = header + BLK_REQ_HEADER_SIZE
+            data_len = len(out) or in_len
+            data = dma.alloc(data_len) if data_len else 0
+            segments = self._segments(data, data_len)
+            writes = [(header, _HEADER.pack(kind, 0, sector) + bytes([_STATUS_UNSET]))]
+            await self.dev.memory.writev(writes + ([(data, out)] if out else []))
+            out_bufs = [(header, BLK_REQ_HEADER_SIZE), *(segments if out else ())]
+            in_bufs = [*(segments if in_len else ()), (status, 1)]
+            await self.vq.submit(out_bufs, in_bufs, release=dma.release)
+        except asyncio.CancelledError:
+            raise  # submit() has arranged dma.release for when the device gives them back
+        except BaseException:
+            dma.release()
+            raise
+        try:
+            got = await self.dev.memory.readv([(status, 1)] + ([(data, in_len)] if in_len else []))
+        finally:
+            dma.release()
+        if got[0][0] != BlkStatus.OK:
+            raise RequestError(self.dev.name, kind, sector, data_len // BLK_SECTOR_SIZE, got[0][0])
+        return got[1] if in_len else b""
+
+    def _segments(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        """The data buffer cut into descriptors of at most size_max bytes."""
+        step = self.size_max or length or 1
+        return [(gpa + at, min(step, length - at)) for at in range(0, length, step)]
+
+
+class _DmaBuffers:
+    """The guest-RAM blocks of one request, freed together exactly once."""
+
+    def __init__(self, allocator: Allocator) -> None:
+        self._allocator = allocator
+        self._blocks: list[int] = []
+
+    def alloc(self, size: int) -> int:
+        gpa = self._allocator.alloc(size, 16)
+        self._blocks.append(gpa)
+        return gpa
+
+    def release(self) -> None:
+        while self._blocks:
+            self._allocator.free(self._blocks.pop())

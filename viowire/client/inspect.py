@@ -1,0 +1,107 @@
+"""``viowire probe``: what each device of a platform is, as lspci -v shows a PCI bus.
+
+Probing reads registers and selects queues; it resets each device before and after, as the
+kernel's probe does, and accepts no features, so it leaves every device as it found it: reset.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from viowire.client.connection import DeviceInfo, connect
+from viowire.client.errors import NoDeviceError
+from viowire.client.mmio import VirtioMmioDevice
+from viowire.virtio.config import decode_config
+from viowire.virtio.constants import Reg, device_name, feature_names
+
+MAX_QUEUES = 64
+
+
+async def describe_device(dev: VirtioMmioDevice, info: DeviceInfo) -> dict[str, Any]:
+    """A JSON-able description of one device window."""
+    entry: dict[str, Any] = {
+        "base": info.base,
+        "size": info.size,
+        "irq": info.irq,
+        "version": info.version,
+        "device_id": info.device_id,
+        "name": device_name(info.device_id),
+        "vendor_id": info.vendor_id,
+    }
+    try:
+        await dev.probe()
+    except NoDeviceError:
+        entry.update(features=[], feature_bits=0, queues=[], config={})
+        return entry
+    await dev.reset()
+    features = await dev.get_features()
+    entry["version"] = dev.version
+    entry["feature_bits"] = features
+    entry["features"] = feature_names(features, dev.device_id)
+    entry["queues"] = await _queues(dev)
+    entry["config"] = await decode_config(dev.device_id, features, dev.config_read_int)
+    await dev.reset()
+    return entry
+
+
+async def _queues(dev: VirtioMmioDevice) -> list[dict[str, int]]:
+    queues = []
+    for index in range(MAX_QUEUES):
+        await dev.bus.mmio_write(dev.base + Reg.QUEUE_SEL, 4, index)
+        num_max = await dev.bus.mmio_read(dev.base + Reg.QUEUE_NUM_MAX, 4)
+        if num_max == 0:
+            break
+        queues.append({"index": index, "num_max": num_max})
+    await dev.bus.mmio_write(dev.base + Reg.QUEUE_SEL, 4, 0)
+    return queues
+
+
+async def describe_platform(url: str, *, memory: str = "auto") -> list[dict[str, Any]]:
+    async with await connect(url, memory=memory) as conn:
+        return [
+            await describe_device(await conn.attach(info), info) for info in await conn.platform()
+        ]
+
+
+def format_text(devices: list[dict[str, Any]]) -> str:
+    lines = []
+    for i, d in enumerate(devices):
+        kind = "legacy" if d["version"] == 1 else "modern"
+        lines.append(f"{i}: {d['base']:#010x} {d['name']} (DeviceID {d['device_id']})")
+        lines.append(
+            f"\tWindow: {d['base']:#x}-{d['base'] + d['size'] - 1:#x} "
+            f"[size={d['size']:#x}], IRQ {d['irq']}"
+        )
+        lines.append(
+            f"\tTransport: virtio-mmio Version {d['version']} ({kind}), "
+            f"VendorID {d['vendor_id']:#010x}"
+        )
+        lines.append(
+            f"\tFeatures: {d.get('feature_bits', 0):#018x} {' '.join(d['features']) or '(none)'}"
+        )
+        for q in d["queues"]:
+            lines.append(f"\tQueue {q['index']}: QueueNumMax {q['num_max']}")
+        for name, value in d["config"].items():
+            lines.append(f"\tConfig {name}: {value}" + _config_hint(name, value))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n" if lines else "(no devices)\n"
+
+
+def _config_hint(name: str, value: int) -> str:
+    if name == "capacity":
+        return f" sectors ({value * 512 / (1 << 20):.1f} MiB)"
+    return ""
+
+
+def format_dts(devices: list[dict[str, Any]]) -> str:
+    """Device-tree nodes as the virtio,mmio binding describes them."""
+    nodes = []
+    for d in devices:
+        nodes.append(
+            f"virtio_mmio@{d['base']:x} {{\n"
+            f'\tcompatible = "virtio,mmio";\n'
+            f"\treg = <0x{d['base'] >> 32:x} 0x{d['base'] & 0xFFFFFFFF:x} 0x0 0x{d['size']:x}>;\n"
+            f"\tinterrupts = <{d['irq']}>;\n"
+            f"}};"
+        )
+    return "\n\n".join(nodes) + "\n"

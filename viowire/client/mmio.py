@@ -1,0 +1,546 @@
+"""The virtio-mmio transport, driver side: Linux's ``virtio_mmio.c`` ops table as async methods.
+
+Device drivers (``viowire.client.drivers``) call only these operations and never touch a register
+themselves. Registers are reached through a :class:`RegisterBus` (the connection to the server);
+the rings live in guest memory that this client owns. Writes are posted (queued in order, no round
+trip) except the InterruptACK, which waits until the device has applied it: only then is every
+completion that raised the interrupt visible in the used rings, and any later one re-raises it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from viowire.client.errors import (
+    BadQueueSizeError,
+    ConfigUnstableError,
+    DeviceNeedsResetError,
+    FeaturesRefusedError,
+    MissingVersion1Error,
+    NoDeviceError,
+    PfnTooLargeError,
+    QueueInUseError,
+    QueueMemoryError,
+    QueueUnavailableError,
+    ResetTimeoutError,
+    UnsupportedVersionError,
+    WrongMagicError,
+)
+from viowire.client.virtqueue import Allocator, Virtqueue, maybe_await
+from viowire.virtio.constants import (
+    CONFIG_OFFSET,
+    DEFAULT_WINDOW_SIZE,
+    MAGIC_VALUE,
+    MAX_QUEUE_SIZE,
+    PAGE_SIZE,
+    Feature,
+    Interrupt,
+    Reg,
+    Status,
+    device_name,
+)
+from viowire.virtio.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+CONFIG_RETRIES = 16  # generation changes tolerated while reading one config field
+RESET_TIMEOUT = 1.0  # seconds to wait for Status to read 0 after a reset
+INTERRUPT_BACKLOG = 256  # statuses kept for a slow interrupts() reader before the oldest drop
+
+ConfigCallback = Callable[["VirtioMmioDevice"], object]
+VqCallback = Callable[[Virtqueue], object]
+
+
+class RegisterBus(Protocol):
+    """The device's register window, as the connection to the server provides it."""
+
+    async def mmio_read(self, addr: int, width: int) -> int: ...
+
+    async def mmio_write(
+        self, addr: int, width: int, value: int, *, posted: bool = True
+    ) -> None: ...
+
+    def set_irq_handler(self, irq: int, handler: Callable[[bool], None] | None) -> None: ...
+
+
+class InterruptSubscription:
+    """``async for status in dev.interrupts()``: every handled InterruptStatus, in order.
+
+    Registered when created, so nothing is missed before the first ``__anext__``. Ends when the
+    device's queues are deleted or on :meth:`close`; a reader that falls ``INTERRUPT_BACKLOG``
+    behind loses the oldest statuses (counted in ``dropped``) rather than growing without bound.
+    """
+
+    def __init__(self, device: VirtioMmioDevice) -> None:
+        self._device = device
+        self._queue: asyncio.Queue[int | None] = asyncio.Queue(INTERRUPT_BACKLOG)
+        self.dropped = 0
+
+    def _put(self, item: int | None) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> InterruptSubscription:
+        return self
+
+    async def __anext__(self) -> int:
+        item = await self._queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+    def close(self) -> None:
+        """Stop receiving; a pending ``__anext__`` ends the iteration."""
+        if self in self._device._subscribers:
+            self._device._subscribers.discard(self)
+            self._put(None)
+
+    async def __aenter__(self) -> InterruptSubscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def is_ring_size(num: int) -> bool:
+    """A split ring's size is a power of two in 1..32768."""
+    return 0 < num <= MAX_QUEUE_SIZE and not num & (num - 1)
+
+
+class VirtioMmioDevice:
+    """One virtio-mmio device window: probe, status, features, config, queues and interrupts."""
+
+    def __init__(
+        self,
+        bus: RegisterBus,
+        base: int,
+        irq: int,
+        memory: GuestMemory,
+        allocator: Allocator,
+        *,
+        size: int = DEFAULT_WINDOW_SIZE,
+        name: str | None = None,
+    ) -> None:
+        self.bus = bus
+        self.base = base
+        self.irq = irq
+        self.memory = memory
+        self.allocator = allocator
+        self.size = size
+        self.name = name or f"virtio-mmio@{base:#x}"
+        self.version = 0
+        self.device_id = 0
+        self.vendor_id = 0
+        self.negotiated_features = 0  # what finalize_features wrote
+        self.status = 0  # the status byte last read or written
+        self.needs_reset = False
+        self.config_changes = 0
+        self.reset_timeout = RESET_TIMEOUT
+        self.vqs: dict[int, Virtqueue] = {}
+        self._config_callbacks: list[ConfigCallback] = []
+        self._subscribers: set[InterruptSubscription] = set()
+        self._irq_attached = False
+        self._irq_level = False
+        self._irq_pending = False
+        self._irq_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        kind = device_name(self.device_id) if self.device_id else "unprobed"
+        return f"<VirtioMmioDevice {self.name} v{self.version} {kind} irq {self.irq}>"
+
+    async def _read(self, reg: Reg) -> int:
+        return await self.bus.mmio_read(self.base + reg, 4)
+
+    async def _write(self, reg: Reg, value: int, *, posted: bool = True) -> None:
+        await self.bus.mmio_write(self.base + reg, 4, value & 0xFFFF_FFFF, posted=posted)
+
+    # -- probe (virtio_mmio_probe) --------------------------------------------------------------
+
+    async def probe(self) -> None:
+        """Identify the device: MagicValue, Version 1|2, DeviceID (0 = empty slot), VendorID.
+
+        Raises :class:`NoDeviceError` for an empty slot, having touched no other register.
+        """
+        magic = await self._read(Reg.MAGIC_VALUE)
+        if magic != MAGIC_VALUE:
+            raise WrongMagicError(self.name, magic)
+        version = await self._read(Reg.VERSION)
+        if version not in (1, 2):
+            raise UnsupportedVersionError(self.name, version)
+        device_id = await self._read(Reg.DEVICE_ID)
+        if device_id == 0:
+            raise NoDeviceError(self.name)
+        self.version = version
+        self.device_id = device_id
+        self.vendor_id = await self._read(Reg.VENDOR_ID)
+        if version == 1:
+            await self._write(Reg.GUEST_PAGE_SIZE, PAGE_SIZE)
+
+    @property
+    def legacy(self) -> bool:
+        return self.version == 1
+
+    # -- status (vm_get_status / vm_set_status / vm_reset) --------------------------------------
+
+    async def get_status(self) -> int:
+        self.status = await self._read(Reg.STATUS) & 0xFF
+        return self.status
+
+    async def set_status(self, status: int) -> None:
+        """Write the status byte; 0 is a reset and goes through :meth:`reset` (Linux BUG()s)."""
+        if status == 0:
+            raise ValueError("writing status 0 resets the device: call reset()")
+        await self._write(Reg.STATUS, status)
+        self.status = status
+
+    async def add_status(self, bits: int) -> None:
+        """virtio_add_status: read-modify-write, so the device sees a read before every write."""
+        await self.set_status(await self.get_status() | bits)
+
+    async def reset(self) -> None:
+        """Write Status = 0, then poll until it reads 0 (SPEC §2.4.2), within ``reset_timeout``."""
+        await self._write(Reg.STATUS, 0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reset_timeout
+        delay = 0.0005
+        while (status := await self.get_status()) != 0:
+            if loop.time() >= deadline:
+                raise ResetTimeoutError(self.name, status, self.reset_timeout)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        self.needs_reset = False
+        self.negotiated_features = 0
+
+    async def fail(self) -> None:
+        """Status |= FAILED: the driver gave up on the device (it needs a reset to recover)."""
+        await self.add_status(Status.FAILED)
+
+    # -- features (vm_get_features / vm_finalize_features) --------------------------------------
+
+    async def get_features(self) -> int:
+        """The device's offer: 64 bits read high word first, or word 0 alone for legacy."""
+        if self.legacy:
+            await self._write(Reg.DEVICE_FEATURES_SEL, 0)
+            return await self._read(Reg.DEVICE_FEATURES)
+        await self._write(Reg.DEVICE_FEATURES_SEL, 1)
+        high = await self._read(Reg.DEVICE_FEATURES)
+        await self._write(Reg.DEVICE_FEATURES_SEL, 0)
+        return high << 32 | await self._read(Reg.DEVICE_FEATURES)
+
+    async def finalize_features(self, features: int) -> None:
+        """Write the accepted features: DriverFeaturesSel 1 + high word, then 0 + low word.
+
+        A version 2 device is only driven with VIRTIO_F_VERSION_1 (Linux refuses it otherwise).
+        A legacy device has one word; only word 0 is written.
+        """
+        if not self.legacy and not features >> Feature.VERSION_1 & 1:
+            raise MissingVersion1Error(self.name)
+        if self.legacy:
+            if features >> 32:
+                raise ValueError(f"legacy devices have 32 feature bits, not {features:#x}")
+        else:
+            await self._write(Reg.DRIVER_FEATURES_SEL, 1)
+            await self._write(Reg.DRIVER_FEATURES, features >> 32)
+        await self._write(Reg.DRIVER_FEATURES_SEL, 0)
+        await self._write(Reg.DRIVER_FEATURES, features)
+        self.negotiated_features = features
+
+    async def features_ok(self) -> None:
+        """Status |= FEATURES_OK and read it back; clear means refused (virtio 1.x only)."""
+        if not self.negotiated_features >> Feature.VERSION_1 & 1:
+            return  # legacy: the device takes the features on first use
+        await self.add_status(Status.FEATURES_OK)
+        status = await self.get_status()
+        if not status & Status.FEATURES_OK:
+            raise FeaturesRefusedError(self.name, self.negotiated_features, status)
+
+    def has_feature(self, bit: int) -> bool:
+        return bool(self.negotiated_features >> bit & 1)
+
+    # -- configuration space (vm_get / vm_set / vm_generation) ----------------------------------
+
+    async def generation(self) -> int:
+        """ConfigGeneration; legacy devices have none (constant 0, like Linux)."""
+        return 0 if self.legacy else await self._read(Reg.CONFIG_GENERATION)
+
+    async def config_read(self, offset: int, length: int) -> bytes:
+        """Read config bytes consistently: generation retry (v2), or two equal reads (legacy)."""
+        self._check_config(offset, length)
+        if self.legacy:
+            return await self._config_read_stable(offset, length)
+        for _ in range(CONFIG_RETRIES):
+            before = await self.generation()
+            data = await self._config_get(offset, length)
+            if await self.generation() == before:
+                return data
+        raise ConfigUnstableError(self.name, offset, length, CONFIG_RETRIES, Reg.CONFIG_GENERATION)
+
+    async def config_read_int(self, offset: int, length: int) -> int:
+        """A little-endian config field of 1, 2, 4 or 8 bytes."""
+        return int.from_bytes(await self.config_read(offset, length), "little")
+
+    async def _config_read_stable(self, offset: int, length: int) -> bytes:
+        """Legacy has no generation counter: re-read until two reads agree (SPEC §2.5.4)."""
+        data = await self._config_get(offset, length)
+        for _ in range(CONFIG_RETRIES):
+            again = await self._config_get(offset, length)
+            if again == data:
+                return data
+            data = again
+        raise ConfigUnstableError(self.name, offset, length, CONFIG_RETRIES, Reg.CONFIG)
+
+    async def _config_get(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        for at, width in self._config_accesses(offset, length):
+            value = await self.bus.mmio_read(self.base + CONFIG_OFFSET + at, width)
+            out += value.to_bytes(width, "little")
+        return bytes(out)
+
+    async def config_write(self, offset: int, data: bytes) -> None:
+        """Write config bytes with the same access widths as :meth:`config_read`."""
+        self._check_config(offset, len(data))
+        for at, width in self._config_accesses(offset, len(data)):
+            value = int.from_bytes(data[at - offset : at - offset + width], "little")
+            await self.bus.mmio_write(self.base + CONFIG_OFFSET + at, width, value)
+
+    def _config_accesses(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Linux's widths: legacy bytes; v2 aligned 1/2/4, and 8 as two 4s (low first).
+
+        Other lengths (byte arrays such as a MAC) and unaligned fields go byte by byte.
+        """
+        if not self.legacy:
+            if length in (1, 2, 4) and offset % length == 0:
+                return [(offset, length)]
+            if length == 8 and offset % 4 == 0:
+                return [(offset, 4), (offset + 4, 4)]
+        return [(offset + i, 1) for i in range(length)]
+
+    def _check_config(self, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0 or offset + length > self.size - CONFIG_OFFSET:
+            raise ValueError(
+                f"{self.name}: config bytes {offset:#x}+{length} are outside the "
+                f"{self.size - CONFIG_OFFSET}-byte configuration space"
+            )
+
+    def on_config_change(self, callback: ConfigCallback) -> Callable[[], None]:
+        """Run ``callback(dev)`` (plain or async) on each config-change interrupt; returns undo."""
+        self._config_callbacks.append(callback)
+        return lambda: self._config_callbacks.remove(callback)
+
+    # -- virtqueues (vm_setup_vq / vm_del_vq / vm_find_vqs / vm_del_vqs) ------------------------
+
+    async def setup_vq(
+        self, index: int, num_wanted: int | None = None, callback: VqCallback | None = None,
+        *, name: str = "",
+    ) -> Virtqueue:
+        """Create queue ``index`` with every check vm_setup_vq makes, and make it live."""
+        await self._write(Reg.QUEUE_SEL, index)
+        in_use = Reg.QUEUE_PFN if self.legacy else Reg.QUEUE_READY
+        if value := await self._read(in_use):
+            raise QueueInUseError(self.name, index, in_use, value)
+        num = await self._read(Reg.QUEUE_NUM_MAX)
+        if num == 0:
+            raise QueueUnavailableError(self.name, index)
+        if not is_ring_size(num):
+            raise BadQueueSizeError(self.name, index, num, Reg.QUEUE_NUM_MAX)
+        if num_wanted is not None:
+            if not is_ring_size(num_wanted):
+                raise BadQueueSizeError(self.name, index, num_wanted, None)
+            num = min(num, num_wanted)
+        vq = await self._create_vq(index, num, callback, name)
+        try:
+            await self._activate(vq)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._deactivate(index)
+            vq.free_rings()
+            raise
+        self.vqs[index] = vq
+        return vq
+
+    async def _create_vq(
+        self, index: int, num: int, callback: VqCallback | None, name: str
+    ) -> Virtqueue:
+        """vring_create_virtqueue with may_reduce_num: halve the ring until it fits in RAM."""
+        wanted = num
+        while True:
+            try:
+                return await Virtqueue.create(
+                    index, num, self.memory, self.allocator,
+                    "legacy" if self.legacy else "modern",
+                    event_idx=self.has_feature(Feature.RING_EVENT_IDX),
+                    indirect=self.has_feature(Feature.RING_INDIRECT_DESC),
+                    notify=self.notify, callback=callback, device=self.name, name=name,
+                )
+            except MemoryError:
+                if num == 1:
+                    raise QueueMemoryError(self.name, index, wanted) from None
+                num //= 2
+
+    async def _activate(self, vq: Virtqueue) -> None:
+        await self._write(Reg.QUEUE_NUM, vq.num)
+        addresses = vq.addresses
+        if self.legacy:
+            pfn = addresses.desc // PAGE_SIZE
+            if pfn >> 32:
+                raise PfnTooLargeError(self.name, vq.index, addresses.desc)
+            await self._write(Reg.QUEUE_ALIGN, PAGE_SIZE)
+            await self._write(Reg.QUEUE_PFN, pfn)
+            return
+        for low, gpa in (
+            (Reg.QUEUE_DESC_LOW, addresses.desc),
+            (Reg.QUEUE_AVAIL_LOW, addresses.avail),
+            (Reg.QUEUE_USED_LOW, addresses.used),
+        ):
+            await self._write(low, gpa)
+            await self._write(Reg(low + 4), gpa >> 32)
+        await self._write(Reg.QUEUE_READY, 1)
+
+    async def _deactivate(self, index: int) -> None:
+        """Tell the device to stop using the queue: QueuePFN = 0, or QueueReady = 0 read back."""
+        await self._write(Reg.QUEUE_SEL, index)
+        if self.legacy:
+            await self._write(Reg.QUEUE_PFN, 0)
+            return
+        await self._write(Reg.QUEUE_READY, 0)
+        if ready := await self._read(Reg.QUEUE_READY):
+            log.warning("%s: virtqueue %d: QueueReady (0x044) still reads %#x after writing 0; "
+                        "freeing its rings anyway", self.name, index, ready)
+
+    async def del_vq(self, vq: Virtqueue) -> None:
+        """Deactivate the queue, fail what is still in flight, and free its rings."""
+        self.vqs.pop(vq.index, None)
+        try:
+            await self._deactivate(vq.index)
+        finally:
+            await vq.detach_all()
+        vq.free_rings()
+
+    async def find_vqs(
+        self,
+        names: Sequence[str | None],
+        callbacks: Sequence[VqCallback | None] | None = None,
+        sizes: Sequence[int | None] | None = None,
+    ) -> list[Virtqueue | None]:
+        """Set up one queue per name and take the interrupt line; all or nothing.
+
+        A None name yields None and, like current Linux, consumes no queue index.
+        """
+        self._attach_irq()
+        vqs: list[Virtqueue | None] = []
+        queue_index = 0
+        try:
+            for i, name in enumerate(names):
+                if name is None:
+                    vqs.append(None)
+                    continue
+                callback = callbacks[i] if callbacks else None
+                size = sizes[i] if sizes else None
+                vqs.append(await self.setup_vq(queue_index, size, callback, name=name))
+                queue_index += 1
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.del_vqs()
+            raise
+        return vqs
+
+    async def del_vqs(self) -> None:
+        """Delete every queue and release the interrupt line (ending interrupts() iterators)."""
+        try:
+            for vq in list(self.vqs.values()):
+                await self.del_vq(vq)
+        finally:
+            self._detach_irq()
+
+    async def notify(self, vq: Virtqueue) -> None:
+        """vm_notify: a posted QueueNotify write of the queue index."""
+        await self._write(Reg.QUEUE_NOTIFY, vq.index)
+
+    # -- interrupts (vm_interrupt) --------------------------------------------------------------
+
+    def interrupts(self) -> InterruptSubscription:
+        """Subscribe to handled interrupts: ``async for status in dev.interrupts(): ...``."""
+        subscription = InterruptSubscription(self)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def _attach_irq(self) -> None:
+        if not self._irq_attached:
+            self.bus.set_irq_handler(self.irq, self._on_irq_line)
+            self._irq_attached = True
+
+    def _detach_irq(self) -> None:
+        if self._irq_attached:
+            self.bus.set_irq_handler(self.irq, None)
+            self._irq_attached = False
+            self._irq_level = False
+        for subscription in list(self._subscribers):
+            subscription.close()
+
+    def _on_irq_line(self, level: bool) -> None:
+        """The bus reports each line change; an assertion schedules the handler as a task."""
+        self._irq_level = level
+        if not level:
+            return
+        self._irq_pending = True
+        if self._irq_task is None or self._irq_task.done():
+            self._irq_task = asyncio.get_running_loop().create_task(
+                self._irq_loop(), name=f"{self.name} interrupt"
+            )
+
+    async def _irq_loop(self) -> None:
+        """Run vm_interrupt until the line is quiet; the line is level-triggered, so if it is
+        still asserted after our ACK there are bits we have not seen yet: go round again."""
+        try:
+            while self._irq_pending:
+                self._irq_pending = False
+                if await self.vm_interrupt() and self._irq_level:
+                    self._irq_pending = True
+        except Exception as exc:
+            log.exception("%s: interrupt handling failed; failing in-flight requests", self.name)
+            await self.abort(exc)
+
+    async def abort(self, exc: Exception) -> None:
+        """Fail every request in flight, and every later one, with ``exc``.
+
+        For when nothing will complete them (the connection is gone). The rings stay allocated
+        until del_vqs: the device may still hold them.
+        """
+        for vq in list(self.vqs.values()):
+            await vq.fail(exc)
+
+    async def vm_interrupt(self) -> int:
+        """Read InterruptStatus, ACK it (and wait for the ACK), then config change, then rings."""
+        status = await self._read(Reg.INTERRUPT_STATUS)
+        if not status:
+            return 0
+        await self._write(Reg.INTERRUPT_ACK, status, posted=False)
+        if status & Interrupt.CONFIG:
+            await self._config_changed()
+        if status & Interrupt.VRING:
+            for vq in list(self.vqs.values()):
+                await vq.interrupt()
+        for subscription in list(self._subscribers):
+            subscription._put(status)
+        return status
+
+    async def _config_changed(self) -> None:
+        self.config_changes += 1
+        status = await self.get_status()
+        if status & Status.DEVICE_NEEDS_RESET and not self.needs_reset:
+            self.needs_reset = True
+            log.error("%s: device set DEVICE_NEEDS_RESET (status %#04x)", self.name, status)
+            error = DeviceNeedsResetError(self.name, status)
+            for vq in list(self.vqs.values()):
+                await vq.fail(error)
+        for callback in list(self._config_callbacks):
+            try:
+                await maybe_await(callback(self))
+            except Exception:
+                log.exception("%s: config-change callback %r failed", self.name, callback)
