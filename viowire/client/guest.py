@@ -26,57 +26,27 @@ class GuestRAMFull(MemoryError):
     """No free block of guest RAM is large enough; free buffers or start with a larger --ram."""
 
 
-class GuestRAM:
-    """One region of guest RAM with a first-fit allocator for rings and DMA buffers."""
+class RangeAllocator:
+    """First-fit allocation of guest-physical ranges, for rings and DMA buffers.
 
-    def __init__(
-        self, size: int = DEFAULT_RAM_SIZE, base: int = DEFAULT_RAM_BASE, backing: str = "memfd"
-    ) -> None:
-        if size <= 0 or size % mmap.PAGESIZE:
-            raise ValueError(
-                f"guest RAM size {size:#x} must be a positive multiple of the page size"
-            )
+    It only hands out addresses; whoever owns the memory zeroes it (GuestRAM does, locally; a
+    driver whose guest RAM is remote writes zeroes through its GuestMemory).
+    """
+
+    def __init__(self, base: int, size: int) -> None:
         self.base = base
         self.size = size
-        self.backing = backing
-        self.fd: int | None = None
-        self.shm_name = ""
-        self._map = self._create_mapping(size, backing)
-        self.memory = MappedGuestMemory()
-        self.memory.add_region(base, self._map)
         self._free: list[tuple[int, int]] = [(base, size)]  # sorted (start, length)
         self._used: dict[int, tuple[int, int]] = {}  # gpa -> (block start, block length)
 
-    def _create_mapping(self, size: int, backing: str) -> mmap.mmap:
-        if backing == "anon":
-            return mmap.mmap(-1, size)
-        if backing == "memfd":
-            self.fd = os.memfd_create("viowire-guest-ram", os.MFD_CLOEXEC)
-        elif backing == "shm":
-            self.shm_name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-            path = os.path.join(SHM_DIR, self.shm_name)
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        else:
-            raise ValueError(f"unknown guest RAM backing {backing!r}: use memfd, shm or anon")
-        os.ftruncate(self.fd, size)
-        return mmap.mmap(self.fd, size)
-
-    def unlink_shm(self) -> None:
-        """Remove the segment's name once the server has mapped it, so nothing leaks on a crash."""
-        if self.shm_name:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(SHM_DIR, self.shm_name))
-            self.shm_name = ""
-
     def alloc(self, size: int, align: int = 16) -> int:
-        """Return the guest-physical address of ``size`` zeroed bytes aligned to ``align``."""
+        """Return the guest-physical address of ``size`` bytes aligned to ``align``."""
         if size <= 0 or align <= 0 or align & (align - 1):
             raise ValueError(f"bad allocation: size {size}, align {align} (a power of two)")
         for i, (start, length) in enumerate(self._free):
             gpa = (start + align - 1) & ~(align - 1)
             if gpa + size <= start + length:
                 self._take(i, start, length, gpa, size)
-                self.memory.view(gpa, size)[:] = bytes(size)
                 return gpa
         raise GuestRAMFull(
             f"guest RAM ({self.size >> 20} MiB at {self.base:#x}) has no free {size} bytes"
@@ -103,6 +73,61 @@ class GuestRAM:
     @property
     def free_bytes(self) -> int:
         return sum(length for _, length in self._free)
+
+
+class GuestRAM:
+    """One region of guest RAM that this process owns, with an allocator for rings and buffers."""
+
+    def __init__(
+        self, size: int = DEFAULT_RAM_SIZE, base: int = DEFAULT_RAM_BASE, backing: str = "memfd"
+    ) -> None:
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ValueError(
+                f"guest RAM size {size:#x} must be a positive multiple of the page size"
+            )
+        self.base = base
+        self.size = size
+        self.backing = backing
+        self.fd: int | None = None
+        self.shm_name = ""
+        self._map = self._create_mapping(size, backing)
+        self.memory = MappedGuestMemory()
+        self.memory.add_region(base, self._map)
+        self.allocator = RangeAllocator(base, size)
+
+    def _create_mapping(self, size: int, backing: str) -> mmap.mmap:
+        if backing == "anon":
+            return mmap.mmap(-1, size)
+        if backing == "memfd":
+            self.fd = os.memfd_create("viowire-guest-ram", os.MFD_CLOEXEC)
+        elif backing == "shm":
+            self.shm_name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+            path = os.path.join(SHM_DIR, self.shm_name)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        else:
+            raise ValueError(f"unknown guest RAM backing {backing!r}: use memfd, shm or anon")
+        os.ftruncate(self.fd, size)
+        return mmap.mmap(self.fd, size)
+
+    def unlink_shm(self) -> None:
+        """Remove the segment's name once the server has mapped it, so nothing leaks on a crash."""
+        if self.shm_name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM_DIR, self.shm_name))
+            self.shm_name = ""
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        """Return the guest-physical address of ``size`` zeroed bytes aligned to ``align``."""
+        gpa = self.allocator.alloc(size, align)
+        self.memory.view(gpa, size)[:] = bytes(size)
+        return gpa
+
+    def free(self, gpa: int) -> None:
+        self.allocator.free(gpa)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.allocator.free_bytes
 
     def close(self) -> None:
         self.unlink_shm()
