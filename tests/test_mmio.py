@@ -26,6 +26,7 @@ from viowire.virtio.constants import (
 VERSION_1 = 1 << Feature.VERSION_1
 EVENT_IDX = 1 << Feature.RING_EVENT_IDX
 INDIRECT = 1 << Feature.RING_INDIRECT_DESC
+RING_RESET = 1 << Feature.RING_RESET
 ANY_LAYOUT = 1 << Feature.ANY_LAYOUT
 
 
@@ -62,7 +63,7 @@ def test_identification_registers(version):
 
 def test_modern_feature_words():
     _dev, drv = device(2)
-    assert drv.device_features() == (1 << 3) | INDIRECT | EVENT_IDX | VERSION_1
+    assert drv.device_features() == (1 << 3) | INDIRECT | EVENT_IDX | VERSION_1 | RING_RESET
     for sel in (2, 3, 0xFFFF_FFFF):
         drv.write(Reg.DEVICE_FEATURES_SEL, sel)
         assert drv.read(Reg.DEVICE_FEATURES) == 0
@@ -89,7 +90,7 @@ def test_features_ok_accepted_and_frozen(caplog):
 
 @pytest.mark.parametrize(
     "features, reason",
-    [(VERSION_1 | (1 << 7), "not offered"), (INDIRECT, "VERSION_1"), (1 << 40, "not offered")],
+    [(VERSION_1 | (1 << 7), "not offered"), (INDIRECT, "VERSION_1"), (1 << 41, "not offered")],
 )
 def test_features_ok_refused(features, reason, caplog):
     dev, drv = device(2)
@@ -252,12 +253,46 @@ def test_shm_registers_report_no_region():
         assert drv.read(reg) == 0xFFFF_FFFF
 
 
-def test_queue_reset_without_ring_reset(caplog):
+def test_queue_reset_ignored_unless_ring_reset_negotiated(caplog):
     _dev, drv = device(2)
-    assert not drv.device_features() >> Feature.RING_RESET & 1
+    assert drv.device_features() & RING_RESET
+    ring = RingBuilder(GuestRam(), 8)
+    drv.bring_up([ring], drop=RING_RESET)
+    drv.write(Reg.QUEUE_SEL, 0)
     drv.write(Reg.QUEUE_RESET, 1)
-    assert drv.read(Reg.QUEUE_RESET) == 0
+    assert drv.read(Reg.QUEUE_RESET) == 0 and drv.read(Reg.QUEUE_READY) == 1
     assert "RING_RESET" in caplog.text
+
+
+def test_legacy_device_does_not_offer_ring_reset():
+    _dev, drv = device(1)
+    drv.write(Reg.DEVICE_FEATURES_SEL, 1)
+    assert drv.read(Reg.DEVICE_FEATURES) == 0
+
+
+async def test_queue_reset_resets_that_queue_only():
+    """§2.6.1: the queue forgets its state, QueueReset and QueueReady read 0, and the driver may
+    re-program it (another size, other addresses) and enable it again."""
+    ram = GuestRam()
+    dev = make_device(BlockBackend(size=1 << 20), 2, ram)
+    drv = MmioDriver(dev)
+    ring = RingBuilder(ram, 8)
+    drv.bring_up([ring])
+    ring.add_chain([bytes(16)], [512, 1])  # a blk IN of sector 0
+    await drv.kick()
+    assert ring.used_idx == 1
+    drv.write(Reg.QUEUE_SEL, 0)
+    drv.write(Reg.QUEUE_RESET, 1)
+    assert drv.read(Reg.QUEUE_RESET) == 0 and drv.read(Reg.QUEUE_READY) == 0
+    queue = dev.queues[0]
+    assert (queue.last_avail_idx, queue.used_idx, queue.num) == (0, 0, queue.num_max)
+    assert dev.status & Status.DRIVER_OK and not dev.status & Status.DEVICE_NEEDS_RESET
+    fresh = RingBuilder(ram, 4)
+    drv.setup_queue(0, fresh)
+    assert drv.read(Reg.QUEUE_READY) == 1 and drv.read(Reg.QUEUE_RESET) == 0
+    fresh.add_chain([bytes(16)], [512, 1])
+    await drv.kick()
+    assert fresh.used_idx == 1
 
 
 @settings(max_examples=300, deadline=None)

@@ -63,7 +63,8 @@ class NoDeviceError(VirtioError):
 
     def __init__(self, device: str) -> None:
         super().__init__(
-            device, "is 0: an empty placeholder slot, skip it (no other register touched)",
+            device,
+            "is 0: an empty placeholder slot, skip it (no other register touched)",
             Reg.DEVICE_ID,
         )
 
@@ -146,12 +147,20 @@ class QueueError(VirtioError):
         super().__init__(device, f"virtqueue {index}: {message}", register)
 
 
+class QueueResetError(QueueError):
+    """A virtqueue reset (SPEC §2.6.1) that cannot be done or did not finish."""
+
+    def __init__(self, device: str, index: int, message: str) -> None:
+        super().__init__(device, index, message, Reg.QUEUE_RESET)
+
+
 class QueueInUseError(QueueError):
     """The queue is already live (v1 QueuePFN or v2 QueueReady non-zero): -ENOENT in Linux."""
 
     def __init__(self, device: str, index: int, register: Reg, value: int) -> None:
         super().__init__(
-            device, index,
+            device,
+            index,
             f"already in use (reads {value:#x}); another driver owns it, or the device was not "
             "reset: detach that driver or reset the device first",
             register,
@@ -163,7 +172,8 @@ class QueueUnavailableError(QueueError):
 
     def __init__(self, device: str, index: int) -> None:
         super().__init__(
-            device, index,
+            device,
+            index,
             "reads 0: the device has no such queue; ask for fewer queues",
             Reg.QUEUE_NUM_MAX,
         )
@@ -175,7 +185,8 @@ class BadQueueSizeError(QueueError):
     def __init__(self, device: str, index: int, size: int, register: Reg | None) -> None:
         self.size = size
         super().__init__(
-            device, index,
+            device,
+            index,
             f"size {size} is not a power of two in 1..32768, which a split ring needs: "
             "fix the device's queue size",
             register,
@@ -187,7 +198,8 @@ class QueueMemoryError(QueueError, MemoryError):
 
     def __init__(self, device: str, index: int, size: int) -> None:
         super().__init__(
-            device, index,
+            device,
+            index,
             f"no guest RAM for the ring even after shrinking from {size} entries: "
             "free buffers or start the client with more guest RAM",
         )
@@ -198,7 +210,8 @@ class PfnTooLargeError(QueueError):
 
     def __init__(self, device: str, index: int, gpa: int) -> None:
         super().__init__(
-            device, index,
+            device,
+            index,
             f"ring at {gpa:#x} needs a page number above 32 bits: legacy virtio-mmio cannot "
             "use RAM above 16 TiB; place guest RAM lower",
             Reg.QUEUE_PFN,
@@ -210,7 +223,8 @@ class QueueFullError(QueueError):
 
     def __init__(self, device: str, index: int, needed: int, free: int, size: int) -> None:
         super().__init__(
-            device, index,
+            device,
+            index,
             f"a chain of {needed} descriptors does not fit ({free} of {size} free); "
             "wait for completions, or use submit(), which waits",
         )
@@ -247,7 +261,8 @@ class DeviceBrokenError(QueueError):
     def __init__(self, device: str, index: int, reason: str) -> None:
         self.reason = reason
         super().__init__(
-            device, index,
+            device,
+            index,
             f"{reason}; the device broke the ring protocol, this queue is stopped: "
             "detach and attach the driver again",
         )
@@ -280,7 +295,8 @@ class ReadOnlyError(VirtioError):
 
     def __init__(self, device: str) -> None:
         super().__init__(
-            device, "the disk is read-only (VIRTIO_BLK_F_RO): writes are refused",
+            device,
+            "the disk is read-only (VIRTIO_BLK_F_RO): writes are refused",
             Reg.DEVICE_FEATURES,
         )
 

@@ -25,6 +25,7 @@ from viowire.client.errors import (
     PfnTooLargeError,
     QueueInUseError,
     QueueMemoryError,
+    QueueResetError,
     QueueUnavailableError,
     ResetTimeoutError,
     UnsupportedVersionError,
@@ -193,10 +194,14 @@ class VirtioMmioDevice:
         return self.status
 
     async def set_status(self, status: int) -> None:
-        """Write the status byte; 0 is a reset and goes through :meth:`reset` (Linux BUG()s)."""
+        """Write the status byte; 0 is a reset and goes through :meth:`reset` (Linux BUG()s).
+
+        Not posted: when this returns the device has applied it, so after DRIVER_OK the device
+        is live (a config change from then on raises an interrupt), as with Linux's writel.
+        """
         if status == 0:
             raise ValueError("writing status 0 resets the device: call reset()")
-        await self._write(Reg.STATUS, status)
+        await self._write(Reg.STATUS, status, posted=False)
         self.status = status
 
     async def add_status(self, bits: int) -> None:
@@ -336,8 +341,12 @@ class VirtioMmioDevice:
     # -- virtqueues (vm_setup_vq / vm_del_vq / vm_find_vqs / vm_del_vqs) ------------------------
 
     async def setup_vq(
-        self, index: int, num_wanted: int | None = None, callback: VqCallback | None = None,
-        *, name: str = "",
+        self,
+        index: int,
+        num_wanted: int | None = None,
+        callback: VqCallback | None = None,
+        *,
+        name: str = "",
     ) -> Virtqueue:
         """Create queue ``index`` with every check vm_setup_vq makes, and make it live."""
         await self._write(Reg.QUEUE_SEL, index)
@@ -372,11 +381,17 @@ class VirtioMmioDevice:
         while True:
             try:
                 return await Virtqueue.create(
-                    index, num, self.memory, self.allocator,
+                    index,
+                    num,
+                    self.memory,
+                    self.allocator,
                     "legacy" if self.legacy else "modern",
                     event_idx=self.has_feature(Feature.RING_EVENT_IDX),
                     indirect=self.has_feature(Feature.RING_INDIRECT_DESC),
-                    notify=self.notify, callback=callback, device=self.name, name=name,
+                    notify=self.notify,
+                    callback=callback,
+                    device=self.name,
+                    name=name,
                 )
             except MemoryError:
                 if num == 1:
@@ -410,8 +425,13 @@ class VirtioMmioDevice:
             return
         await self._write(Reg.QUEUE_READY, 0)
         if ready := await self._read(Reg.QUEUE_READY):
-            log.warning("%s: virtqueue %d: QueueReady (0x044) still reads %#x after writing 0; "
-                        "freeing its rings anyway", self.name, index, ready)
+            log.warning(
+                "%s: virtqueue %d: QueueReady (0x044) still reads %#x after writing 0; "
+                "freeing its rings anyway",
+                self.name,
+                index,
+                ready,
+            )
 
     async def del_vq(self, vq: Virtqueue) -> None:
         """Deactivate the queue, fail what is still in flight, and free its rings."""
@@ -421,6 +441,37 @@ class VirtioMmioDevice:
         finally:
             await vq.detach_all()
         vq.free_rings()
+
+    async def reset_vq(self, vq: Virtqueue, num_wanted: int | None = None) -> Virtqueue:
+        """Virtqueue reset (SPEC §2.6.1, needs VIRTIO_F_RING_RESET): the device forgets the
+        queue, requests in flight fail with QueueDeletedError, and a fresh ring (of
+        ``num_wanted`` entries, else the old size) takes its place. Returns the new queue."""
+        if not self.has_feature(Feature.RING_RESET):
+            raise QueueResetError(
+                self.name, vq.index, "VIRTIO_F_RING_RESET was not negotiated: reset the device"
+            )
+        await self._write(Reg.QUEUE_SEL, vq.index)
+        await self._write(Reg.QUEUE_RESET, 1)
+        await self._await_queue_reset(vq.index)
+        self.vqs.pop(vq.index, None)
+        await vq.detach_all()
+        vq.free_rings()
+        return await self.setup_vq(vq.index, num_wanted or vq.num, vq.callback, name=vq.name)
+
+    async def _await_queue_reset(self, index: int) -> None:
+        """The device reads 1 while the reset runs, then 0 in QueueReset and QueueReady."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reset_timeout
+        while await self._read(Reg.QUEUE_RESET):
+            if loop.time() >= deadline:
+                raise QueueResetError(
+                    self.name, index, f"QueueReset still reads 1 after {self.reset_timeout:g} s"
+                )
+            await asyncio.sleep(0.001)
+        if ready := await self._read(Reg.QUEUE_READY):
+            raise QueueResetError(
+                self.name, index, f"QueueReady reads {ready:#x} after the reset finished"
+            )
 
     async def find_vqs(
         self,

@@ -104,7 +104,12 @@ class MmioDevice:
         self.queues = [SplitVirtqueue(i, backend.queue_num_max) for i in range(backend.num_queues)]
         for queue in self.queues:
             queue.legacy = version == 1
-        extra = (1 << Feature.VERSION_1) if version == 2 else (1 << Feature.ANY_LAYOUT)
+        # Modern devices offer per-queue reset (virtio 1.2 §2.6.1); legacy has no QueueReset.
+        extra = (
+            (1 << Feature.VERSION_1 | 1 << Feature.RING_RESET)
+            if version == 2
+            else (1 << Feature.ANY_LAYOUT)
+        )
         self.device_features = backend.device_features(version) | TRANSPORT_FEATURES | extra
         self._config_generation = 0
         self._interrupt_status = 0
@@ -417,7 +422,19 @@ class MmioDevice:
             self._enable_queue(queue)
 
     def _write_queue_reset(self, value: int) -> None:
-        self._guest_error("QUEUE_RESET written but VIRTIO_F_RING_RESET is not offered: ignored")
+        """Virtqueue reset (§2.6.1, §4.2.2): the selected queue only, synchronously, so
+        QueueReset already reads 0 again (reset done) together with QueueReady 0."""
+        if not self._has(Feature.RING_RESET):
+            self._guest_error("QUEUE_RESET written but VIRTIO_F_RING_RESET not negotiated: ignored")
+            return
+        queue = self._selected_queue()
+        if queue is None:
+            self._guest_error(f"QUEUE_RESET for queue {self._queue_sel}, which does not exist")
+        elif value != 1:
+            self._guest_error(f"QUEUE_RESET {value:#x} ignored: only 1 starts a reset")
+        else:
+            queue.reset()  # stops the ring, forgets its indices, size back to QueueNumMax
+            self._rerun.pop(queue.index, None)
 
     def _write_guest_page_size(self, value: int) -> None:
         if not is_power_of_2(value):

@@ -18,7 +18,10 @@ from viowire.virtio.constants import Feature, Status
 # The ring features viowire's virtqueue implements; every other transport bit is dropped
 # (Linux: vring_transport_features).
 TRANSPORT_FEATURES = (
-    1 << Feature.RING_INDIRECT_DESC | 1 << Feature.RING_EVENT_IDX | 1 << Feature.VERSION_1
+    1 << Feature.RING_INDIRECT_DESC
+    | 1 << Feature.RING_EVENT_IDX
+    | 1 << Feature.VERSION_1
+    | 1 << Feature.RING_RESET
 )
 
 
@@ -102,6 +105,28 @@ class VirtioDriver:
 
     async def _on_config_change(self, dev: VirtioMmioDevice) -> None:
         await self.config_changed()
+
+    async def reinitialise(self) -> None:
+        """Recover a device that set DEVICE_NEEDS_RESET (or that this driver gave up on):
+        reset it, drop the queues (what was in flight fails), and run the whole initialisation
+        again, as Linux does when it restores a device."""
+        if self._undo_config is not None:
+            self._undo_config()
+            self._undo_config = None
+        try:
+            await self.dev.reset()
+        finally:
+            await self.dev.del_vqs()
+        try:
+            await self._initialise()
+        except BaseException:
+            await self._unwind()
+            raise
+
+    @property
+    def needs_reset(self) -> bool:
+        """The device reported DEVICE_NEEDS_RESET; :meth:`reinitialise` recovers it."""
+        return self.dev.needs_reset
 
     async def detach(self) -> None:
         """Reset the device (it stops using the rings), then delete the queues."""

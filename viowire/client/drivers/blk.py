@@ -40,13 +40,20 @@ class BlockDriver(VirtioDriver):
 
     device_id = DeviceId.BLOCK
     feature_table = bits(
-        BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.RO,
+        BlkFeature.SIZE_MAX,
+        BlkFeature.SEG_MAX,
+        BlkFeature.BLK_SIZE,
+        BlkFeature.RO,
         BlkFeature.FLUSH,
     )
 
     def __init__(
-        self, dev: VirtioMmioDevice, *, max_request: int = MAX_REQUEST,
-        queue_depth: int = QUEUE_DEPTH, exclude_features: int = 0,
+        self,
+        dev: VirtioMmioDevice,
+        *,
+        max_request: int = MAX_REQUEST,
+        queue_depth: int = QUEUE_DEPTH,
+        exclude_features: int = 0,
     ) -> None:
         super().__init__(dev, exclude_features=exclude_features)
         self.capacity = 0  # in 512-byte sectors
@@ -93,6 +100,12 @@ class BlockDriver(VirtioDriver):
             )
         return limit
 
+    async def reset_queue(self, num: int | None = None) -> None:
+        """Virtqueue reset (SPEC §2.6.1): requests in flight fail, the disk's data stays; the
+        new ring has ``num`` entries (default: as before)."""
+        self.vq = await self.dev.reset_vq(self.vq, num)
+        self.request_bytes = self._request_bytes()
+
     async def config_changed(self) -> None:
         """The capacity may change at runtime (a resized backing file)."""
         self.capacity = await self.dev.config_read_int(CAPACITY, 8)
@@ -120,10 +133,14 @@ class BlockDriver(VirtioDriver):
         self._check_range(offset, len(data))
         view = memoryview(data)
         start = offset // BLK_SECTOR_SIZE
-        await asyncio.gather(*(
-            self._transfer(BlkType.OUT, sector, out=view[(sector - start) * 512:][:n].tobytes())
-            for sector, n in self._split(offset, len(data))
-        ))
+        await asyncio.gather(
+            *(
+                self._transfer(
+                    BlkType.OUT, sector, out=view[(sector - start) * 512 :][:n].tobytes()
+                )
+                for sector, n in self._split(offset, len(data))
+            )
+        )
 
     async def flush(self) -> None:
         """Make completed writes durable; a device without VIRTIO_BLK_F_FLUSH has no cache."""

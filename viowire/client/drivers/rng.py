@@ -35,7 +35,8 @@ class EntropyDriver(VirtioDriver):
             empty = 0 if got else empty + 1
             if empty >= MAX_EMPTY:
                 raise DeviceBrokenError(
-                    self.dev.name, self.vq.index,
+                    self.dev.name,
+                    self.vq.index,
                     f"{MAX_EMPTY} buffers in a row came back with used.len 0 (at least 1 is due)",
                 )
             out += got
