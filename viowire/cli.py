@@ -146,8 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(COMMANDS[args.command](args), loop=args.loop)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `viowire probe URL | head`: the reader left, nothing to say
+        sys.stderr.close()
+        return 0
     except (OSError, ValueError, ConnectionError) as exc:
-        print(f"viowire {args.command}: {exc}", file=sys.stderr)
+        # An OSError of connect() does not say where it went: name the URL.
+        where = f"{args.url}: " if isinstance(exc, OSError) and hasattr(args, "url") else ""
+        print(f"viowire {args.command}: {where}{exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # the client's precise errors: print them, not a traceback
         if os.environ.get("VIOWIRE_DEBUG"):

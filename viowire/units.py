@@ -7,20 +7,25 @@ _SUFFIXES = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 
 def parse_size(text: str | int) -> int:
     """Parse ``text`` as a number with an optional K/M/G/T/P/E suffix (powers of 1024)."""
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise ValueError(f"size {text!r} is not a number with an optional K/M/G suffix")
     if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size {text} is negative")
         return text
     raw = text.strip()
-    suffix = raw[-1:].upper() if raw[-1:].isalpha() and not raw.lower().startswith("0x") else ""
-    if raw.lower().startswith("0x") and raw[-1:].upper() in "KMGTPE" and len(raw) > 2:
-        # 0x1K is legal for memparse: a hex number then a suffix (hex digits stop before K).
-        suffix = raw[-1].upper()
-    number = raw[: len(raw) - len(suffix)] if suffix else raw
-    if suffix not in _SUFFIXES:
-        raise ValueError(f"size {text!r}: unknown suffix {suffix!r} (use K, M, G, T, P or E)")
+    suffix = raw[-1:].upper() if raw[-1:].isalpha() else ""
+    if raw[:2].lower() == "0x" and suffix not in "KMGTP":
+        # 0x1K is legal for memparse: hex digits stop before K; but in 0xab or 0x1E the
+        # letter is a hex digit, as strtoull reads it.
+        suffix = ""
+    number = raw[: len(raw) - len(suffix)]
     try:
         value = int(number, 0)
     except ValueError:
         raise ValueError(f"size {text!r} is not a number with an optional K/M/G suffix") from None
+    if suffix not in _SUFFIXES:
+        raise ValueError(f"size {text!r}: unknown suffix {suffix!r} (use K, M, G, T, P or E)")
     if value < 0:
         raise ValueError(f"size {text!r} is negative")
     return value << _SUFFIXES[suffix]

@@ -22,7 +22,10 @@ class Endpoint:
 
 def parse_endpoint(url: str) -> Endpoint:
     """Parse ``tcp://127.0.0.1:7000`` or ``unix:///run/viowire.sock``; errors say what to write."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
+        raise ValueError(f"{url!r}: {exc}, e.g. tcp://[::1]:7000") from None
     if parts.scheme == "unix":
         path = parts.netloc + parts.path
         if not path:

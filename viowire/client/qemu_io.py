@@ -71,7 +71,8 @@ async def execute(blk: BlockDriver, cmd: IoCommand) -> tuple[bool, str]:
         await blk.flush()
         return True, f"flush done; {time.perf_counter() - start:.4f} sec"
     if cmd.op == "write":
-        await blk.write(cmd.offset, bytes([cmd.pattern or 0xCD]) * cmd.length)
+        pattern = 0xCD if cmd.pattern is None else cmd.pattern  # qemu-io's default; 0 is a pattern
+        await blk.write(cmd.offset, bytes([pattern]) * cmd.length)
         took = time.perf_counter() - start
         return True, f"wrote {cmd.length}/{cmd.length} bytes at offset {cmd.offset}\n" + _rate_line(
             cmd.length, took

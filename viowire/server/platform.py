@@ -7,7 +7,9 @@ A :class:`PlatformSpec` is the description (from defaults, ``--device`` specs or
 from __future__ import annotations
 
 import bisect
+import inspect
 import itertools
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +18,15 @@ from typing import Any
 from viowire.server.devices import BACKENDS, make_backend
 from viowire.server.mmio import MmioDevice
 from viowire.units import parse_size
-from viowire.virtio.constants import DEFAULT_WINDOW_SIZE, VENDOR_ID_VIOWIRE
+from viowire.virtio.constants import CONFIG_OFFSET, DEFAULT_WINDOW_SIZE, VENDOR_ID_VIOWIRE
 
 DEFAULT_BASE = 0x1000_1000  # the RISC-V virt board's first virtio-mmio slot
 DEFAULT_STRIDE = 0x1000
 DEFAULT_FIRST_IRQ = 1
 DEFAULT_DEVICES = ("blk,size=64M,version=1", "blk,size=64M", "rng,version=1", "rng")
+PLATFORM_KEYS = ("base", "stride", "window", "first_irq")
+MAX_ADDRESS = 1 << 64  # PLATFORM_INFO carries a base as a u64 and an IRQ line as a u32
+MAX_IRQ = (1 << 32) - 1
 
 
 class PlatformError(ValueError):
@@ -52,29 +57,49 @@ class DeviceSpec:
 
     @classmethod
     def from_mapping(cls, kind: str, values: dict[str, Any], where: str = "") -> DeviceSpec:
+        where = where or kind
         if kind not in BACKENDS:
             raise PlatformError(
-                f"device {where or kind}: unknown type {kind!r} (known: {', '.join(BACKENDS)})"
+                f"device {where}: unknown type {kind!r} (known: {', '.join(BACKENDS)})"
             )
         values = dict(values)
+        version = str(values.pop("version", 2)).strip()
+        if version not in ("1", "2"):
+            raise PlatformError(f"device {where}: version {version!r} must be 1 (legacy) or 2")
+        known = backend_options(kind)
+        for key in values:
+            if key not in (*known, "base", "irq"):
+                raise PlatformError(
+                    f"device {where}: unknown option {key!r} for {kind} "
+                    f"(known: {', '.join((*known, 'version', 'base', 'irq'))})"
+                )
         try:
-            version = int(values.pop("version", 2))
-            base = _int_or_none(values.pop("base", None))
-            irq = _int_or_none(values.pop("irq", None))
+            base = _int_or_none(values.pop("base", None), "base")
+            irq = _int_or_none(values.pop("irq", None), "irq")
             if "size" in values:
                 values["size"] = parse_size(values["size"])
             for flag in ("readonly",):
                 if isinstance(values.get(flag), str):
                     values[flag] = values[flag].lower() in ("1", "on", "true", "yes")
         except ValueError as exc:
-            raise PlatformError(f"device {where or kind}: {exc}") from None
-        if version not in (1, 2):
-            raise PlatformError(f"device {where or kind}: version must be 1 (legacy) or 2")
-        return cls(kind, version, values, base, irq)
+            raise PlatformError(f"device {where}: {exc}") from None
+        return cls(kind, int(version), values, base, irq)
 
 
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else parse_size(value) if isinstance(value, str) else int(value)
+def backend_options(kind: str) -> tuple[str, ...]:
+    """The keyword options the backend ``kind`` takes (``size``, ``path``, ...)."""
+    params = inspect.signature(BACKENDS[kind].__init__).parameters.values()
+    return tuple(p.name for p in params if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD)
+
+
+def _int_or_none(value: Any, name: str) -> int | None:
+    """An address or IRQ line: an integer, or a string such as 0x10001000 or 256M."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError(f"{name} {value!r} is not a non-negative number") from None
 
 
 @dataclass(frozen=True)
@@ -109,9 +134,30 @@ class PlatformSpec:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise PlatformError(f"config {path}: {exc}") from None
         board = data.get("platform", {})
+        entries = data.get("device", [])
+        unknown = set(data) - {"platform", "device"}
+        if unknown:
+            raise PlatformError(
+                f"config {path}: unknown table {sorted(unknown)[0]!r} "
+                "(use [platform] and [[device]])"
+            )
+        if not isinstance(board, dict) or not isinstance(entries, list):
+            raise PlatformError(f"config {path}: use a [platform] table and [[device]] tables")
+        unknown = set(board) - set(PLATFORM_KEYS)
+        if unknown:
+            raise PlatformError(
+                f"config {path} [platform]: unknown key {sorted(unknown)[0]!r} "
+                f"(known: {', '.join(PLATFORM_KEYS)})"
+            )
         devices = []
-        for i, entry in enumerate(data.get("device", [])):
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise PlatformError(f"config {path}: [[device]] #{i} is not a table")
             entry = dict(entry)
+            if isinstance(entry.get("path"), str):
+                # An image named in a config file is found beside the file, as QEMU's -readconfig
+                # users expect, not wherever the server happens to be started.
+                entry["path"] = str(Path(path).parent / entry["path"])
             kind = entry.pop("type", None) or entry.pop("kind", None)
             if kind is None:
                 raise PlatformError(f'config {path}: [[device]] #{i} needs type = "blk" or "rng"')
@@ -119,12 +165,12 @@ class PlatformSpec:
         try:
             return cls(
                 devices,
-                base=_int_or_none(board.get("base")) or DEFAULT_BASE,
-                stride=_int_or_none(board.get("stride")) or DEFAULT_STRIDE,
-                window=_int_or_none(board.get("window")) or DEFAULT_WINDOW_SIZE,
-                first_irq=int(board.get("first_irq", DEFAULT_FIRST_IRQ)),
+                base=_int_or_none(board.get("base", DEFAULT_BASE), "base"),
+                stride=_int_or_none(board.get("stride", DEFAULT_STRIDE), "stride"),
+                window=_int_or_none(board.get("window", DEFAULT_WINDOW_SIZE), "window"),
+                first_irq=_int_or_none(board.get("first_irq", DEFAULT_FIRST_IRQ), "first_irq"),
             )
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:
             raise PlatformError(f"config {path} [platform]: {exc}") from None
 
     def layout(self) -> list[tuple[int, int, DeviceSpec]]:
@@ -133,8 +179,17 @@ class PlatformSpec:
         for i, spec in enumerate(self.devices):
             base = spec.base if spec.base is not None else self.base + i * self.stride
             irq = spec.irq if spec.irq is not None else self.first_irq + i
+            if base + self.window > MAX_ADDRESS or irq > MAX_IRQ:
+                raise PlatformError(
+                    f"device {spec.kind} at {base:#x} irq {irq}: the window must end below "
+                    f"2**64 and the IRQ line fit in 32 bits"
+                )
             out.append((base, irq, spec))
-        bases = sorted((base, spec) for base, _, spec in out)
+        if self.window < CONFIG_OFFSET:
+            raise PlatformError(
+                f"window {self.window:#x} is smaller than the {CONFIG_OFFSET:#x} bytes of registers"
+            )
+        bases = sorted(((base, spec) for base, _, spec in out), key=lambda pair: pair[0])
         for (a, _), (b, spec) in itertools.pairwise(bases):
             if b < a + self.window:
                 raise PlatformError(f"device {spec.kind} at {b:#x} overlaps the window at {a:#x}")
@@ -148,6 +203,12 @@ class PlatformSpec:
     def build(self, name_prefix: str = "") -> Platform:
         slots = []
         for base, irq, spec in self.layout():
+            path = spec.options.get("path")
+            if path is not None and spec.options.get("size") is None and not os.path.exists(path):
+                raise PlatformError(
+                    f"device {spec.kind} at {base:#x}: {path} does not exist "
+                    "(give size= to create it)"
+                )
             try:
                 backend = make_backend(spec.kind, **spec.options)
             except (TypeError, ValueError, OSError) as exc:
