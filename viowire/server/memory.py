@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import mmap
 import os
 import re
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 
+from viowire.protocol.messages import DEFAULT_MAX_FRAME, HEADER_SIZE
 from viowire.virtio.memory import GuestMemory, GuestMemoryError, MappedGuestMemory, Region
 
 SHM_NAME = re.compile(r"viowire-[A-Za-z0-9._-]{1,200}")
 PROXY_TIMEOUT = 10.0
+_RANGE_SIZE = 12  # one Range on the wire: u64 gpa, u32 length
+_COUNT_SIZE = 4  # the u32 count before the ranges
 
 
 def map_fd(fd: int, size: int, offset: int) -> mmap.mmap:
@@ -25,6 +29,7 @@ def map_fd(fd: int, size: int, offset: int) -> mmap.mmap:
         raise GuestMemoryError(
             f"region size {size:#x} must be positive and offset {offset:#x} page-aligned"
         )
+    _seal_against_shrinking(fd)
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise GuestMemoryError("guest RAM descriptor is not a memory file")
@@ -34,6 +39,14 @@ def map_fd(fd: int, size: int, offset: int) -> mmap.mmap:
             f"{offset + size:#x}"
         )
     return mmap.mmap(fd, size, offset=offset)
+
+
+def _seal_against_shrinking(fd: int) -> None:
+    """Forbid shrinking a memfd once it is mapped here: an access past the end of a shrunk file
+    is SIGBUS, which would kill the whole server. Only a memfd created with MFD_ALLOW_SEALING can
+    be sealed; others (and named shm segments, which never can) are mapped as before."""
+    with contextlib.suppress(OSError):  # EPERM: sealing not allowed; EINVAL: not a memfd
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
 
 
 def open_shm(name: str, size: int, offset: int) -> mmap.mmap:
@@ -62,10 +75,12 @@ class ProxiedGuestMemory(GuestMemory):
         self,
         read_remote: Callable[[Sequence[tuple[int, int]]], Awaitable[bytes]],
         write_remote: Callable[[Sequence[tuple[int, int]], bytes], None],
+        max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self._regions: list[Region] = []
         self._read_remote = read_remote
         self._write_remote = write_remote
+        self.max_frame = max_frame
 
     @property
     def regions(self) -> Sequence[Region]:
@@ -82,15 +97,42 @@ class ProxiedGuestMemory(GuestMemory):
     def remove_region(self, gpa: int) -> None:
         self._regions[:] = [r for r in self._regions if r.gpa != gpa]
 
+    def batches(self, ranges: Sequence[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """``ranges`` cut into batches whose MEM_READ, MEM_READ_REPLY and MEM_WRITE frames all fit
+        the session's max_frame; a range too large for one frame is split across several."""
+        room = self.max_frame - HEADER_SIZE - _COUNT_SIZE
+        batches: list[list[tuple[int, int]]] = [[]]
+        used = 0
+        for gpa, length in ranges:
+            while True:
+                free = room - used - _RANGE_SIZE
+                if free < min(length, 1):
+                    batches.append([])
+                    used = 0
+                    continue
+                take = min(length, free)
+                batches[-1].append((gpa, take))
+                used += _RANGE_SIZE + take
+                gpa, length = gpa + take, length - take
+                if not length:
+                    break
+        return batches
+
     async def readv(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         for gpa, length in ranges:
             self.check(gpa, length)
-        try:
-            data = await asyncio.wait_for(self._read_remote(ranges), PROXY_TIMEOUT)
-        except TimeoutError as exc:
-            raise GuestMemoryError("the client did not answer a guest-memory read") from exc
-        if len(data) != sum(length for _, length in ranges):
-            raise GuestMemoryError("the client answered a guest-memory read with the wrong size")
+        chunks = []
+        for batch in self.batches(ranges):
+            try:
+                chunk = await asyncio.wait_for(self._read_remote(batch), PROXY_TIMEOUT)
+            except TimeoutError as exc:
+                raise GuestMemoryError("the client did not answer a guest-memory read") from exc
+            if len(chunk) != sum(length for _, length in batch):
+                raise GuestMemoryError(
+                    "the client answered a guest-memory read with the wrong size"
+                )
+            chunks.append(chunk)
+        data = b"".join(chunks)  # one batch, the usual case: no copy
         out, pos = [], 0
         for _, length in ranges:
             out.append(data[pos : pos + length])
@@ -101,7 +143,12 @@ class ProxiedGuestMemory(GuestMemory):
         for gpa, data in segments:
             self.check(gpa, len(data))
         ranges = [(gpa, len(data)) for gpa, data in segments]
-        self._write_remote(ranges, b"".join(data for _, data in segments))
+        blob = b"".join(data for _, data in segments)
+        pos = 0
+        for batch in self.batches(ranges):
+            size = sum(length for _, length in batch)
+            self._write_remote(batch, blob[pos : pos + size])
+            pos += size
 
 
 class SessionMappings:
@@ -114,10 +161,15 @@ class SessionMappings:
     def add(self, gpa: int, mapping: mmap.mmap) -> None:
         try:
             self.memory.add_region(gpa, mapping)
-        except GuestMemoryError:
-            mapping.close()
-            raise
-        self._maps.append(mapping)
+        except GuestMemoryError as exc:
+            message = str(exc)
+        else:
+            self._maps.append(mapping)
+            return
+        # Only now, with the exception (and the failed call's view of the mapping in its
+        # traceback) gone, can the mapping be closed.
+        mapping.close()
+        raise GuestMemoryError(message)
 
     def close(self) -> None:
         self.memory.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import mmap
 import os
 from collections.abc import Sequence
 
@@ -29,6 +30,11 @@ MAX_QUEUED_FDS = 8
 SERVER_FEATURES = (
     m.ProtoFeature.POSTED_WRITES | m.ProtoFeature.MEMORY_PROXIED | m.ProtoFeature.MEMORY_SHM
 )
+_KIND_FEATURES = {
+    m.MemoryKind.PROXIED: m.ProtoFeature.MEMORY_PROXIED,
+    m.MemoryKind.MEMFD: m.ProtoFeature.MEMORY_MEMFD,
+    m.MemoryKind.SHM: m.ProtoFeature.MEMORY_SHM,
+}
 _session_ids = itertools.count(1)
 
 
@@ -81,6 +87,8 @@ class ServerSession(asyncio.Protocol):
         try:
             frames = self.reader.feed(data)
         except FrameError as exc:
+            for frame in exc.frames:  # complete before the bad header: answered, in order
+                self._dispatch(frame)
             self._fail_connection(exc.code, str(exc))
             return
         for frame in frames:
@@ -248,7 +256,34 @@ class ServerSession(asyncio.Protocol):
 
     # -- guest memory --------------------------------------------------------------------------
     def _on_mem_register(self, frame: Frame, msg: m.MemRegister) -> None:
+        # A MEMFD registration uses up the oldest queued descriptor even when it is refused, so
+        # the client's next registration is matched with the descriptor it sends along.
+        fd = self._fds.pop(0) if msg.kind == m.MemoryKind.MEMFD and self._fds else None
+        try:
+            self._register_memory(msg, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        log.info(
+            "session %x: guest RAM %#x+%#x (%s)",
+            self.session_id,
+            msg.gpa,
+            msg.size,
+            m.MemoryKind(msg.kind).name,
+        )
+        self._answer(frame, m.Ok())
+
+    def _register_memory(self, msg: m.MemRegister, fd: int | None) -> None:
         kind = msg.kind
+        feature = _KIND_FEATURES.get(kind)
+        if feature is None:
+            raise ProtocolFault(m.ErrorCode.UNSUPPORTED, f"unknown memory kind {kind}")
+        if not self.features & feature:
+            raise ProtocolFault(
+                m.ErrorCode.UNSUPPORTED,
+                f"memory kind {m.MemoryKind(kind).name} needs {feature.name}, which this session "
+                "did not negotiate",
+            )
         region_count = len(self.memory.regions) if self.memory is not None else 0
         if region_count >= MAX_REGIONS:
             raise ProtocolFault(m.ErrorCode.UNSUPPORTED, f"at most {MAX_REGIONS} memory regions")
@@ -256,36 +291,27 @@ class ServerSession(asyncio.Protocol):
             if kind == m.MemoryKind.PROXIED:
                 self._use_memory(self._proxy()).add_region(msg.gpa, msg.size)
             elif kind == m.MemoryKind.MEMFD:
-                self._register_memfd(msg)
-            elif kind == m.MemoryKind.SHM:
-                self._use_memory(self._mappings.memory)
-                self._mappings.add(msg.gpa, open_shm(msg.name, msg.size, msg.offset))
+                if fd is None:
+                    raise ProtocolFault(
+                        m.ErrorCode.MEMORY_FAULT,
+                        "MEM_REGISTER of kind MEMFD came without a file descriptor (send it with "
+                        "SCM_RIGHTS on the same frame, over a Unix socket)",
+                    )
+                self._add_mapping(msg.gpa, map_fd(fd, msg.size, msg.offset))
             else:
-                raise ProtocolFault(m.ErrorCode.UNSUPPORTED, f"unknown memory kind {kind}")
+                self._add_mapping(msg.gpa, open_shm(msg.name, msg.size, msg.offset))
         except (GuestMemoryError, OSError, ValueError, OverflowError) as exc:
             raise ProtocolFault(m.ErrorCode.MEMORY_FAULT, str(exc)) from None
-        log.info(
-            "session %x: guest RAM %#x+%#x (%s)",
-            self.session_id,
-            msg.gpa,
-            msg.size,
-            m.MemoryKind(kind).name,
-        )
-        self._answer(frame, m.Ok())
 
-    def _register_memfd(self, msg: m.MemRegister) -> None:
-        if not self._fds:
-            raise ProtocolFault(
-                m.ErrorCode.MEMORY_FAULT,
-                "MEM_REGISTER of kind MEMFD came without a file descriptor (send it with "
-                "SCM_RIGHTS on the same frame, over a Unix socket)",
-            )
-        fd = self._fds.pop(0)
+    def _add_mapping(self, gpa: int, mapping: mmap.mmap) -> None:
+        # The session commits to shared memory only once a mapping exists: a refused
+        # registration must leave the session as it was.
         try:
             self._use_memory(self._mappings.memory)
-            self._mappings.add(msg.gpa, map_fd(fd, msg.size, msg.offset))
-        finally:
-            os.close(fd)
+        except ProtocolFault:
+            mapping.close()
+            raise
+        self._mappings.add(gpa, mapping)
 
     def _use_memory(self, memory: GuestMemory) -> GuestMemory:
         if self.memory is not None and self.memory is not memory:
@@ -300,21 +326,22 @@ class ServerSession(asyncio.Protocol):
 
     def _proxy(self) -> ProxiedGuestMemory:
         if self._proxied is None:
-            self._proxied = ProxiedGuestMemory(self._read_remote, self._write_remote)
+            self._proxied = ProxiedGuestMemory(
+                self._read_remote, self._write_remote, max_frame=self.max_frame
+            )
         return self._proxied
 
     def _on_mem_unregister(self, frame: Frame, msg: m.MemUnregister) -> None:
         if self.memory is None or all(r.gpa != msg.gpa for r in self.memory.regions):
             raise ProtocolFault(m.ErrorCode.MEMORY_FAULT, f"no region starts at {msg.gpa:#x}")
-        # Devices might still hold addresses in it: reset them, as a board would on unplug.
-        for slot in self.platform.slots:
-            slot.device.reset()
-        if self.memory is self._proxied:
-            self._proxied.remove_region(msg.gpa)
-        else:
+        if self.memory is not self._proxied:  # refused before anything changes
             raise ProtocolFault(
                 m.ErrorCode.UNSUPPORTED, "shared regions stay mapped until the session ends"
             )
+        # Devices might still hold addresses in it: reset them, as a board would on unplug.
+        for slot in self.platform.slots:
+            slot.device.reset()
+        self._proxied.remove_region(msg.gpa)
         self._answer(frame, m.Ok())
 
     async def _read_remote(self, ranges: Sequence[tuple[int, int]]) -> bytes:
