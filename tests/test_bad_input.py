@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import logging
 import os
 import random
 import secrets
@@ -30,11 +31,12 @@ from pathlib import Path
 
 import pytest
 from ringbuilder import RingBuilder
-from servers import url_of
+from servers import small_platform, url_of
 
 import viowire.server.memory as server_memory
 from viowire.client.connection import Connection, ProtocolError, connect
 from viowire.client.guest import DEFAULT_RAM_BASE, GuestRAM
+from viowire.logs import RateLimit
 from viowire.protocol import messages as m
 from viowire.protocol.codec import HEADER, decode_body, encode
 from viowire.protocol.framing import Frame, FrameReader
@@ -995,7 +997,7 @@ async def test_memfd_over_tcp_is_unsupported(open_peer):
     await peer.request_error(msg, m.ErrorCode.UNSUPPORTED)
 
 
-def memfd(size: int = 64 << 10, flags: int = 0) -> int:
+def memfd(size: int = 64 << 10, flags: int = os.MFD_ALLOW_SEALING) -> int:
     fd = os.memfd_create("viowire-test", os.MFD_CLOEXEC | flags)
     os.ftruncate(fd, size)
     return fd
@@ -1086,7 +1088,10 @@ async def main():
                                (0x90, ram + 0x1000), (0x94, 0), (0xa0, ram + 0x2000), (0xa4, 0),
                                (0x44, 1), (0x70, 15)):
                 await conn.mmio_write(base + reg, 4, value)
-            os.ftruncate(conn.ram.fd, 0)
+            try:
+                os.ftruncate(conn.ram.fd, 0)
+            except PermissionError:  # sealed (F_SEAL_SHRINK): the server is safe
+                pass
             await conn.mmio_write(base + 0x50, 4, 0)
             print(hex(await conn.mmio_read(base + 0x70, 4)))
             await conn.close()
@@ -1095,16 +1100,17 @@ asyncio.run(main())
 """
 
 
-@SCHEMES
-@pytest.mark.xfail(
+SHM_CANNOT_BE_SEALED = pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="open: a client that shrinks its memfd or shm segment after MEM_REGISTER makes the "
-    "server's next access SIGBUS. The server seals memfds that allow sealing; the client "
-    "(viowire/client/guest.py) must create them with MFD_ALLOW_SEALING, and named shm segments "
-    "cannot be sealed at all.",
+    reason="documented limit: a named /dev/shm segment cannot be sealed, so a same-host TCP peer "
+    "that shrinks it crashes the server (SIGBUS); `viowire serve --no-shm` refuses such segments",
 )
+
+
+@pytest.mark.parametrize("scheme", [pytest.param("tcp", marks=SHM_CANNOT_BE_SEALED), "unix"])
 async def test_shrinking_shared_memory_does_not_kill_the_server(scheme):
+    """A memfd is sealed against shrinking: the client's ftruncate fails, the server lives."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", SHRINK_SCRIPT, str(Path(__file__).parent), scheme,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1118,7 +1124,23 @@ async def test_shrinking_shared_memory_does_not_kill_the_server(scheme):
     assert proc.returncode != -signal.SIGBUS, "SIGBUS killed the server process"
     if proc.returncode != 0:
         raise RuntimeError(f"the scenario failed ({proc.returncode}): {err.decode()}")
-    assert int(out, 16) & Status.DEVICE_NEEDS_RESET
+    # The shrink was refused by the seal, so the device is simply still live.
+    assert (
+        int(out, 16) == Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK
+    )
+
+
+async def test_unsealable_memfd_is_refused(server, open_peer):
+    """A memfd the server cannot seal against shrinking could SIGBUS it later: refused."""
+    peer = await open_peer("unix")
+    await peer.hello()
+    fd = memfd(flags=0)
+    try:
+        register = mem_register(RAM_BASE, 64 << 10, m.MemoryKind.MEMFD)
+        reply = await peer.request_error(register, m.ErrorCode.MEMORY_FAULT, fds=[fd])
+    finally:
+        os.close(fd)
+    assert "MFD_ALLOW_SEALING" in reply
 
 
 @SCHEMES
@@ -1687,3 +1709,50 @@ async def test_a_client_that_never_reads_its_replies(server, open_peer, open_con
             await sender
     await hog.aclose(abort=True)
     await sessions_drained(server, keep=1)
+
+
+# -- protections for peers that hold on, come from elsewhere, or shout ---------------------------
+async def test_a_peer_that_never_says_hello_is_dropped(server, open_peer, monkeypatch):
+    monkeypatch.setattr("viowire.server.session.HELLO_TIMEOUT", 0.2)
+    peer = await open_peer("tcp")
+    await peer.send(b"\x40\x00")  # half a length field, then silence
+    await peer.expect_fatal(m.ErrorCode.BAD_STATE)
+
+
+async def test_shm_is_not_offered_to_a_peer_on_another_host(server, open_peer, shm_path):
+    peer = await open_peer("tcp")
+    reply = await peer.hello(host_id=bytes(range(16)))
+    assert not reply.features & m.ProtoFeature.MEMORY_SHM
+    register = mem_register(RAM_BASE, 4096, m.MemoryKind.SHM, shm_segment(shm_path))
+    await peer.request_error(register, m.ErrorCode.UNSUPPORTED)
+
+
+async def test_no_shm_server_refuses_named_segments(tmp_path):
+    spec = small_platform()
+    server = Server(spec, allow_shm=False)
+    await server.start(["tcp://127.0.0.1:0"])
+    try:
+        conn = await connect(url_of(server, "tcp"), ram_size=1 << 20)  # auto: falls back
+        assert conn.memory_mode == "proxied"
+        await conn.close()
+        with pytest.raises(ProtocolError, match="cannot share memory"):
+            await connect(url_of(server, "tcp"), memory="shared", ram_size=1 << 20)
+    finally:
+        await server.close()
+
+
+def warning_from(source: int, level: int = logging.WARNING) -> logging.LogRecord:
+    return logging.LogRecord(
+        "viowire.server", level, __file__, 1, "session %x: bad", (source,), None
+    )
+
+
+def test_log_lines_from_one_source_are_rate_limited():
+    limit = RateLimit(burst=3, per_second=0.0)
+    passed = [r for r in (warning_from(7) for _ in range(10)) if limit.filter(r)]
+    assert len(passed) == 3
+    assert limit.filter(warning_from(8))  # another session has its own budget
+    assert limit.filter(warning_from(7, logging.ERROR))  # server bugs are never dropped
+    limit.per_second = 1e9  # refill: the next line says what was dropped
+    late = warning_from(7)
+    assert limit.filter(late) and "7 similar lines suppressed" in late.getMessage()

@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from viowire import __version__
+from viowire import __version__, logs
 from viowire.runtime import LOOPS, run
 
 DEFAULT_LISTEN = ("tcp://127.0.0.1:7000", "unix:///tmp/viowire.sock")
@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{' and '.join(DEFAULT_LISTEN)})",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML platform description")
+    serve.add_argument(
+        "--no-shm",
+        action="store_true",
+        help="refuse named /dev/shm guest RAM from same-host TCP peers (such a peer could "
+        "shrink it under the server); memfds over Unix sockets are sealed and stay allowed",
+    )
     serve.add_argument(
         "--device",
         action="append",
@@ -96,7 +102,8 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.device:
         extra = [DeviceSpec.parse(text) for text in args.device]
         spec.devices = spec.devices + extra if args.config else extra
-    server = Server(spec)
+    logs.install()
+    server = Server(spec, allow_shm=not args.no_shm)
     endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
     for base, irq, dev in spec.layout():
         print(f"device {dev.kind:4} v{dev.version} at {base:#x} irq {irq}", flush=True)

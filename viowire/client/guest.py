@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import mmap
 import os
 import secrets
@@ -99,7 +100,10 @@ class GuestRAM:
         if backing == "anon":
             return mmap.mmap(-1, size)
         if backing == "memfd":
-            self.fd = os.memfd_create("viowire-guest-ram", os.MFD_CLOEXEC)
+            # Sealable, so the server can forbid shrinking: an access past the end of a shrunk
+            # mapping is SIGBUS, and the server refuses memfds it cannot protect itself from.
+            flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            self.fd = os.memfd_create("viowire-guest-ram", flags)
         elif backing == "shm":
             self.shm_name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
             path = os.path.join(SHM_DIR, self.shm_name)
@@ -107,6 +111,8 @@ class GuestRAM:
         else:
             raise ValueError(f"unknown guest RAM backing {backing!r}: use memfd, shm or anon")
         os.ftruncate(self.fd, size)
+        if backing == "memfd":
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         return mmap.mmap(self.fd, size)
 
     def unlink_shm(self) -> None:

@@ -20,9 +20,14 @@ log = logging.getLogger("viowire.server")
 class Server:
     """Hosts one platform description; every connection gets its own instance of it."""
 
-    def __init__(self, spec: PlatformSpec | None = None, *, name: str = "viowire") -> None:
+    def __init__(
+        self, spec: PlatformSpec | None = None, *, name: str = "viowire", allow_shm: bool = True
+    ) -> None:
+        """``allow_shm=False`` refuses named /dev/shm segments: a same-host peer could shrink
+        its segment under the server (a SIGBUS); memfds over Unix sockets are sealed instead."""
         self.spec = spec or PlatformSpec.default()
         self.name = name
+        self.allow_shm = allow_shm
         self.endpoints: list[Endpoint] = []
         self.sessions: set[ServerSession] = set()
         self._tcp_servers: list[asyncio.base_events.Server] = []
@@ -40,7 +45,9 @@ class Server:
         return self.endpoints
 
     def _session(self, fd_passing: bool) -> ServerSession:
-        session = ServerSession(self.spec, fd_passing=fd_passing, name=self.name)
+        session = ServerSession(
+            self.spec, fd_passing=fd_passing, allow_shm=self.allow_shm, name=self.name
+        )
         self.sessions.add(session)
         original = session.connection_lost
 

@@ -23,13 +23,21 @@ _RANGE_SIZE = 12  # one Range on the wire: u64 gpa, u32 length
 _COUNT_SIZE = 4  # the u32 count before the ranges
 
 
-def map_fd(fd: int, size: int, offset: int) -> mmap.mmap:
-    """Map ``size`` bytes of a client's memory file; the caller closes ``fd`` afterwards."""
+def map_fd(fd: int, size: int, offset: int, *, sealed: bool = False) -> mmap.mmap:
+    """Map ``size`` bytes of a client's memory file; the caller closes ``fd`` afterwards.
+
+    ``sealed``: refuse a file that cannot be sealed against shrinking (a memfd must be).
+    """
     if size <= 0 or offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
         raise GuestMemoryError(
             f"region size {size:#x} must be positive and offset {offset:#x} page-aligned"
         )
     _seal_against_shrinking(fd)
+    if sealed and not _seals(fd) & fcntl.F_SEAL_SHRINK:
+        raise GuestMemoryError(
+            "the guest RAM memfd cannot be sealed against shrinking, and a shrunk mapping would "
+            "crash the server: create it with MFD_ALLOW_SEALING (or seal it with F_SEAL_SHRINK)"
+        )
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise GuestMemoryError("guest RAM descriptor is not a memory file")
@@ -47,6 +55,13 @@ def _seal_against_shrinking(fd: int) -> None:
     be sealed; others (and named shm segments, which never can) are mapped as before."""
     with contextlib.suppress(OSError):  # EPERM: sealing not allowed; EINVAL: not a memfd
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+
+
+def _seals(fd: int) -> int:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # not a memfd
+        return 0
 
 
 def open_shm(name: str, size: int, offset: int) -> mmap.mmap:

@@ -26,6 +26,7 @@ log = logging.getLogger("viowire.server")
 
 MMIO_WIDTHS = (1, 2, 4, 8)
 MAX_REGIONS = 64
+HELLO_TIMEOUT = 10.0
 MAX_QUEUED_FDS = 8
 SERVER_FEATURES = (
     m.ProtoFeature.POSTED_WRITES | m.ProtoFeature.MEMORY_PROXIED | m.ProtoFeature.MEMORY_SHM
@@ -49,10 +50,18 @@ class ProtocolFault(Exception):
 class ServerSession(asyncio.Protocol):
     """The server end of one connection."""
 
-    def __init__(self, spec: PlatformSpec, *, fd_passing: bool = False, name: str = "viowire"):
+    def __init__(
+        self,
+        spec: PlatformSpec,
+        *,
+        fd_passing: bool = False,
+        allow_shm: bool = True,
+        name: str = "viowire",
+    ) -> None:
         self.session_id = next(_session_ids) | (os.getpid() << 32)
         self.spec = spec
         self.fd_passing = fd_passing
+        self.allow_shm = allow_shm
         self.name = name
         self.reader = FrameReader()
         self.transport: asyncio.BaseTransport | None = None
@@ -69,6 +78,7 @@ class ServerSession(asyncio.Protocol):
         self._pending: dict[int, asyncio.Future] = {}
         self._peer = "?"
         self._closed = False
+        self._hello_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,6 +86,16 @@ class ServerSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
         log.info("session %x: connected from %s", self.session_id, self._peer)
+        # A peer that never completes HELLO (a port scanner, a half-sent frame) is dropped.
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            HELLO_TIMEOUT, self._hello_timed_out
+        )
+
+    def _hello_timed_out(self) -> None:
+        if self.platform is None and not self._closed:
+            self._fail_connection(
+                m.ErrorCode.BAD_STATE, f"no HELLO within {HELLO_TIMEOUT:g} s of connecting"
+            )
 
     def fds_received(self, fds: list[int]) -> None:
         """Descriptors from SCM_RIGHTS; each MEM_REGISTER of kind MEMFD takes the oldest."""
@@ -97,6 +117,8 @@ class ServerSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(GuestMemoryError("the client disconnected"))
@@ -194,10 +216,18 @@ class ServerSession(asyncio.Protocol):
             raise ProtocolFault(
                 m.ErrorCode.UNSUPPORTED, f"max_frame {msg.max_frame} is below {m.MIN_MAX_FRAME}"
             )
-        offered = SERVER_FEATURES | (m.ProtoFeature.MEMORY_MEMFD if self.fd_passing else 0)
+        offered = SERVER_FEATURES & ~m.ProtoFeature.MEMORY_SHM
+        if self.fd_passing:
+            offered |= m.ProtoFeature.MEMORY_MEMFD
+        if self.allow_shm and msg.host_id == host_id() and any(msg.host_id):
+            # Only a peer on this kernel can name a segment here; anyone else would be naming
+            # this host's segments blind.
+            offered |= m.ProtoFeature.MEMORY_SHM
         self.features = msg.features & offered
         self.max_frame = min(msg.max_frame, m.DEFAULT_MAX_FRAME)
         self.reader.max_frame = self.max_frame
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
         self.platform = self.spec.build(name_prefix=f"session {self.session_id:x} ")
         for slot in self.platform.slots:
             slot.device.on_irq = self._irq_sender(slot.irq)
@@ -297,7 +327,7 @@ class ServerSession(asyncio.Protocol):
                         "MEM_REGISTER of kind MEMFD came without a file descriptor (send it with "
                         "SCM_RIGHTS on the same frame, over a Unix socket)",
                     )
-                self._add_mapping(msg.gpa, map_fd(fd, msg.size, msg.offset))
+                self._add_mapping(msg.gpa, map_fd(fd, msg.size, msg.offset, sealed=True))
             else:
                 self._add_mapping(msg.gpa, open_shm(msg.name, msg.size, msg.offset))
         except (GuestMemoryError, OSError, ValueError, OverflowError) as exc:
