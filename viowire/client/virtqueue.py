@@ -48,7 +48,8 @@ Buffers = Sequence[tuple[int, int]]  # (gpa, length)
 
 
 class Allocator(Protocol):
-    """Guest RAM the driver owns (``viowire.client.guest.GuestRAM``): zeroed blocks."""
+    """Where the driver's rings and buffers go (GuestRAM, RangeAllocator, QtestRAM). Blocks come
+    back with undefined contents: Virtqueue.create zeroes its rings itself."""
 
     def alloc(self, size: int, align: int = 16) -> int: ...
 

@@ -166,7 +166,9 @@ class BlockBackend(VirtioBackend):
         segments = scatter(slice_segments(chain.writable, 0, data_len), data)
         segments.append((last_gpa + last_len - 1, bytes([status])))
         await memory.writev(segments)
-        return len(data) + 1
+        # used.len promises bytes written from the start of the writable area (2.7.8.2): the
+        # status byte counts only when the data before it was written in full.
+        return len(data) + 1 if len(data) == data_len else len(data)
 
     async def _read_out(self, chain: DescriptorChain, memory: GuestMemory) -> bytes:
         """The readable part in one read; only the header if the rest could not be a valid
