@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cli_run import CONSOLE_SCRIPT, RUN_TIMEOUT, serve, viowire
 
+from viowire.declarations import parse_dts
 from viowire.virtio.constants import VENDOR_ID_VIOWIRE
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -91,12 +92,17 @@ def test_probe_json(default_server):
 def test_probe_dts(default_server):
     result = viowire("probe", "--dts", default_server.url("unix"))
     assert result.returncode == 0, result.stderr
-    nodes = re.findall(r"virtio_mmio@([0-9a-f]+) \{\n(.*?)\n\};", result.stdout, re.S)
+    assert result.stdout.startswith("/dts-v1/;")
+    nodes = re.findall(r"virtio_mmio@([0-9a-f]+) \{\n(.*?)\n\t\};", result.stdout, re.S)
     assert [base for base, _ in nodes] == ["10001000", "10002000", "10003000", "10004000"]
     for i, (base, body) in enumerate(nodes):
-        assert '\tcompatible = "virtio,mmio";' in body
-        assert f"\treg = <0x0 0x{base} 0x0 0x200>;" in body
-        assert f"\tinterrupts = <{i + 1}>;" in body
+        assert 'compatible = "virtio,mmio";' in body
+        assert f"reg = <0x0 0x{base} 0x0 0x200>;" in body
+        assert f"interrupts = <{i + 1:#x}>;" in body
+    devices = parse_dts(result.stdout)
+    assert [(d.base, d.size, d.irq) for d in devices] == [
+        (0x10001000 + i * 0x1000, 0x200, i + 1) for i in range(4)
+    ]
 
 
 def test_probe_proxied_memory_over_tcp(default_server):

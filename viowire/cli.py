@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from viowire import __version__, logs
 from viowire.runtime import LOOPS, run
@@ -18,12 +19,31 @@ DEFAULT_LISTEN = ("tcp://127.0.0.1:7000", "unix:///tmp/viowire.sock")
 
 
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", help="server address: tcp://HOST:PORT or unix:///PATH")
+    parser.add_argument(
+        "url",
+        help="a viowire server, tcp://HOST:PORT or unix:///PATH, or QEMU's devices through "
+        "its qtest socket, qtest+unix:///PATH",
+    )
     parser.add_argument(
         "--memory",
         choices=("shared", "proxied"),
         default=None,
         help="guest memory mode (default: shared when the server is on this host, else proxied)",
+    )
+    parser.add_argument(
+        "--from-dts", metavar="FILE", help="declare the devices from virtio,mmio nodes of a DTS"
+    )
+    parser.add_argument("--from-dtb", metavar="FILE", help="the same from a flattened device tree")
+
+
+def _add_device_declarations(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="SIZE@BASE:IRQ[:ID]",
+        help="declare a device window in the kernel's virtio_mmio.device= syntax, e.g. "
+        "0x200@0x10001000:5 (repeatable; default: the server's platform table)",
     )
 
 
@@ -66,16 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(probe)
     fmt = probe.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
-    fmt.add_argument("--dts", action="store_true", help="print device-tree nodes")
+    fmt.add_argument("--dts", action="store_true", help="print a device tree (DTS)")
+    fmt.add_argument("--dtb", metavar="FILE", help="write a flattened device tree (DTB)")
+    fmt.add_argument(
+        "--cmdline", action="store_true", help="print virtio_mmio.device= kernel parameters"
+    )
+    _add_device_declarations(probe)
 
     io = sub.add_parser("io", help="drive a block device like qemu-io")
     _add_client_options(io)
     io.add_argument(
         "--device",
-        type=int,
         required=True,
-        metavar="N",
-        help="index of the device in the platform (see viowire probe)",
+        metavar="N|SIZE@BASE:IRQ",
+        help="index of the device in the platform (see viowire probe), or its window in the "
+        "kernel's virtio_mmio.device= syntax",
     )
     io.add_argument(
         "-c",
@@ -119,13 +144,20 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _probe(args: argparse.Namespace) -> int:
-    from viowire.client.inspect import describe_platform, format_dts, format_text
+    from viowire.client.inspect import as_declarations, describe_platform, format_text
+    from viowire.client.target import declarations
+    from viowire.declarations import build_dtb, build_dts, format_kernel_params
 
-    devices = await describe_platform(args.url, memory=args.memory or "auto")
+    windows = declarations(args.device, args.from_dts, args.from_dtb)
+    devices = await describe_platform(args.url, memory=args.memory or "auto", windows=windows)
     if args.json:
         print(json.dumps({"devices": devices}, indent=2))
     elif args.dts:
-        print(format_dts(devices))
+        print(build_dts(as_declarations(devices)), end="")
+    elif args.dtb:
+        Path(args.dtb).write_bytes(build_dtb(as_declarations(devices)))
+    elif args.cmdline:
+        print(format_kernel_params(as_declarations(devices)))
     else:
         print(format_text(devices))
     return 0
@@ -133,8 +165,19 @@ async def _probe(args: argparse.Namespace) -> int:
 
 async def _io(args: argparse.Namespace) -> int:
     from viowire.client.qemu_io import run_commands
+    from viowire.client.target import declarations, is_declaration
 
-    return await run_commands(args.url, args.device, args.cmd, memory=args.memory or "auto")
+    if is_declaration(args.device):
+        index, windows = 0, declarations([args.device])
+    else:
+        try:
+            index = int(args.device, 0)
+        except ValueError:
+            raise ValueError(f"--device {args.device!r}: give an index or SIZE@BASE:IRQ") from None
+        windows = declarations((), args.from_dts, args.from_dtb)
+    return await run_commands(
+        args.url, index, args.cmd, memory=args.memory or "auto", windows=windows
+    )
 
 
 async def _demo(args: argparse.Namespace) -> int:

@@ -6,11 +6,14 @@ kernel's probe does, and accepts no features, so it leaves every device as it fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from viowire.client.connection import DeviceInfo, connect
+from viowire.client.connection import DeviceInfo
 from viowire.client.errors import NoDeviceError
 from viowire.client.mmio import VirtioMmioDevice
+from viowire.client.target import devices, open_target
+from viowire.declarations import Declaration
 from viowire.virtio.config import decode_config
 from viowire.virtio.constants import Reg, device_name, feature_names
 
@@ -56,11 +59,20 @@ async def _queues(dev: VirtioMmioDevice) -> list[dict[str, int]]:
     return queues
 
 
-async def describe_platform(url: str, *, memory: str = "auto") -> list[dict[str, Any]]:
-    async with await connect(url, memory=memory) as conn:
+async def describe_platform(
+    url: str, *, memory: str = "auto", windows: Sequence[Declaration] = ()
+) -> list[dict[str, Any]]:
+    """Every device of ``url`` (or of the declared ``windows``), described."""
+    async with await open_target(url, memory=memory, windows=windows) as target:
         return [
-            await describe_device(await conn.attach(info), info) for info in await conn.platform()
+            await describe_device(await target.attach(info), info)
+            for info in await devices(target, windows)
         ]
+
+
+def as_declarations(described: list[dict[str, Any]]) -> list[Declaration]:
+    """The device windows of a description, for device trees and kernel parameters."""
+    return [Declaration(d["base"], d["size"], d["irq"]) for d in described]
 
 
 def format_text(devices: list[dict[str, Any]]) -> str:
@@ -91,17 +103,3 @@ def _config_hint(name: str, value: int) -> str:
     if name == "capacity":
         return f" sectors ({value * 512 / (1 << 20):.1f} MiB)"
     return ""
-
-
-def format_dts(devices: list[dict[str, Any]]) -> str:
-    """Device-tree nodes as the virtio,mmio binding describes them."""
-    nodes = []
-    for d in devices:
-        nodes.append(
-            f"virtio_mmio@{d['base']:x} {{\n"
-            f'\tcompatible = "virtio,mmio";\n'
-            f"\treg = <0x{d['base'] >> 32:x} 0x{d['base'] & 0xFFFFFFFF:x} 0x0 0x{d['size']:x}>;\n"
-            f"\tinterrupts = <{d['irq']}>;\n"
-            f"}};"
-        )
-    return "\n\n".join(nodes) + "\n"

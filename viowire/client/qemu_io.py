@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from viowire.client.connection import connect
 from viowire.client.drivers.blk import BlockDriver
+from viowire.client.target import devices, open_target
+from viowire.declarations import Declaration
 from viowire.units import format_size, parse_size
 from viowire.virtio.constants import DeviceId, device_name
 
@@ -92,11 +94,21 @@ async def execute(blk: BlockDriver, cmd: IoCommand) -> tuple[bool, str]:
     )
 
 
-async def run_commands(url: str, index: int, texts: list[str], *, memory: str = "auto") -> int:
-    """Attach the block driver to device ``index`` of ``url`` and run the commands in order."""
+async def run_commands(
+    url: str,
+    index: int,
+    texts: list[str],
+    *,
+    memory: str = "auto",
+    windows: Sequence[Declaration] = (),
+) -> int:
+    """Attach the block driver to device ``index`` of ``url`` (or of the declared ``windows``)
+    and run the commands in order."""
     commands = [parse_command(text) for text in texts]
-    async with await connect(url, memory=memory) as conn:
-        platform = await conn.platform()
+    async with await open_target(url, memory=memory, windows=windows) as conn:
+        platform = await devices(conn, windows)
+        if not platform:
+            raise CommandError(f"{url}: no virtio device in the declared windows")
         if not 0 <= index < len(platform):
             raise CommandError(f"device {index}: the platform has devices 0..{len(platform) - 1}")
         info = platform[index]

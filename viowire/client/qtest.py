@@ -33,9 +33,10 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from viowire.client.connection import ConnectionClosed, DeviceInfo
+from viowire.client.discover import discover
 from viowire.client.guest import RangeAllocator
 from viowire.client.mmio import VirtioMmioDevice
-from viowire.virtio.constants import DEFAULT_WINDOW_SIZE, MAGIC_VALUE, PAGE_SIZE, Reg
+from viowire.virtio.constants import DEFAULT_WINDOW_SIZE, PAGE_SIZE
 from viowire.virtio.memory import GuestMemory, Region
 
 log = logging.getLogger("viowire.client.qtest")
@@ -503,6 +504,13 @@ def slot_of(declaration: Slot | Sequence[int]) -> tuple[int, int, int]:
     return base, size, irq
 
 
+@dataclass(frozen=True)
+class DeclaredWindow:
+    base: int
+    size: int
+    irq: int
+
+
 class QtestConnection:
     """QEMU's machine as the client sees a viowire server: a platform, a bus and guest RAM.
 
@@ -555,33 +563,8 @@ class QtestConnection:
         Like Linux's probe: a slot whose MagicValue is not "virt" or whose Version is not 1 or 2
         is reported in the log and left out; DeviceID 0 (an empty slot) is left out silently.
         """
-        devices = []
-        for base, size, irq in self.slots:
-            magic = await self.bus.mmio_read(base + Reg.MAGIC_VALUE, 4)
-            if magic != MAGIC_VALUE:
-                log.warning(
-                    "%s: no virtio-mmio device at %#x: MagicValue (0x000) reads %#010x, "
-                    "not 0x74726976; check the declaration",
-                    self.endpoint,
-                    base,
-                    magic,
-                )
-                continue
-            version = await self.bus.mmio_read(base + Reg.VERSION, 4)
-            if version not in (1, 2):
-                log.warning(
-                    "%s: device at %#x: Version (0x004) %d is not 1 or 2; skipped",
-                    self.endpoint,
-                    base,
-                    version,
-                )
-                continue
-            device_id = await self.bus.mmio_read(base + Reg.DEVICE_ID, 4)
-            if device_id == 0:
-                continue
-            vendor_id = await self.bus.mmio_read(base + Reg.VENDOR_ID, 4)
-            devices.append(DeviceInfo(base, size, irq, version, device_id, vendor_id))
-        return devices
+        windows = [DeclaredWindow(*slot) for slot in self.slots]
+        return await discover(self.bus, windows, str(self.endpoint))
 
     async def attach(self, info: DeviceInfo, *, bus: object = None) -> VirtioMmioDevice:
         """A virtio-mmio transport for ``info`` over qtest, with this connection's guest RAM.

@@ -1,0 +1,53 @@
+"""What a client command talks to: a viowire server, or QEMU's devices through qtest, and which
+of their device windows, from the server's table or from declarations the user gives.
+
+``tcp://`` and ``unix://`` reach a viowire server; ``qtest+unix:///PATH`` reaches a QEMU started
+with ``-qtest unix:PATH,server=on,wait=off``. Declarations come in the three ways the Linux driver
+learns of a device: the static table (the server's PLATFORM_INFO, the default), a device tree
+(``--from-dts``/``--from-dtb``) and the kernel command-line syntax (``--device SIZE@BASE:IRQ``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from viowire.client.connection import Connection, DeviceInfo, connect
+from viowire.client.discover import discover
+from viowire.client.qtest import QtestConnection, connect_qtest
+from viowire.declarations import Declaration, parse_cmdline_device, parse_dtb, parse_dts
+
+Target = Connection | QtestConnection
+
+
+def is_declaration(text: str) -> bool:
+    """``0x200@0x10001000:5`` (a window) rather than ``3`` (an index into the platform)."""
+    return "@" in text
+
+
+def declarations(
+    specs: Sequence[str] = (), dts: str | None = None, dtb: str | None = None
+) -> list[Declaration]:
+    """Windows from command-line specs and device-tree files, in that order."""
+    decls = [parse_cmdline_device(spec) for spec in specs]
+    if dts:
+        decls += parse_dts(Path(dts).read_text())
+    if dtb:
+        decls += parse_dtb(Path(dtb).read_bytes())
+    return decls
+
+
+async def open_target(
+    url: str, *, memory: str = "auto", windows: Sequence[Declaration] = ()
+) -> Target:
+    """Connect to ``url``; for qtest, ``windows`` (or QEMU microvm's slots) are its devices."""
+    if url.startswith("qtest+"):
+        return await connect_qtest(url, list(windows) or None)
+    return await connect(url, memory=memory)
+
+
+async def devices(target: Target, windows: Sequence[Declaration] = ()) -> list[DeviceInfo]:
+    """The declared windows that hold a device, else the target's own table."""
+    if windows and isinstance(target, Connection):
+        return await discover(target, windows, str(target.endpoint))
+    return await target.platform()
