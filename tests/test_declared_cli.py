@@ -81,3 +81,18 @@ async def test_probe_and_io_against_qemu(tmp_path, legacy):
         )
         assert result.returncode == 0, result.stderr
         assert machine.image.read_bytes()[4096:8192] == b"\x77" * 4096
+
+
+def test_serve_writes_its_platform_as_a_device_tree(tmp_path):
+    dts, dtb = tmp_path / "board.dts", tmp_path / "board.dtb"
+    with serve(
+        "--listen", f"unix://{tmp_path}/s.sock", "--device", "blk,size=1M", "--device", "rng",
+        "--write-dts", str(dts), "--write-dtb", str(dtb),
+    ) as served:  # fmt: skip
+        from_tree = probe(served.url("unix"), "--from-dtb", str(dtb), "--json")
+        assert from_tree == probe(served.url("unix"), "--from-dts", str(dts), "--json")
+        assert from_tree == probe(served.url("unix"), "--json")
+    assert [(d.base, d.irq) for d in parse_dtb(dtb.read_bytes())] == [
+        (0x10001000, 1),
+        (0x10002000, 2),
+    ]

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", metavar="FILE", help="TOML platform description")
     serve.add_argument(
+        "--write-dts", metavar="FILE", help="write the platform as a device tree source"
+    )
+    serve.add_argument(
+        "--write-dtb", metavar="FILE", help="write the platform as a flattened device tree"
+    )
+    serve.add_argument(
         "--no-shm",
         action="store_true",
         help="refuse named /dev/shm guest RAM from same-host TCP peers (such a peer could "
@@ -127,6 +133,7 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.device:
         extra = [DeviceSpec.parse(text) for text in args.device]
         spec.devices = spec.devices + extra if args.config else extra
+    _write_device_tree(spec, args.write_dts, args.write_dtb)
     logs.install()
     server = Server(spec, allow_shm=not args.no_shm)
     endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
@@ -141,6 +148,17 @@ async def _serve(args: argparse.Namespace) -> int:
     await stop.wait()
     await server.close()
     return 0
+
+
+def _write_device_tree(spec, dts: str | None, dtb: str | None) -> None:
+    """The platform as a board's device tree, for a guest kernel or another tool to read."""
+    from viowire.declarations import Declaration, build_dtb, build_dts
+
+    windows = [Declaration(base, spec.window, irq) for base, irq, _ in spec.layout()]
+    if dts:
+        Path(dts).write_text(build_dts(windows))
+    if dtb:
+        Path(dtb).write_bytes(build_dtb(windows))
 
 
 async def _probe(args: argparse.Namespace) -> int:
