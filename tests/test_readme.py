@@ -63,4 +63,6 @@ def test_ci_runs_exactly_the_readme_test_command():
         and not line.lstrip().startswith("#")
         and not line.startswith(("set ", "cd "))
     ]
-    assert commands == [tests]
+    # Optional system tools first (the README names them), then exactly the test command.
+    assert commands == ["scripts/install-test-tools", tests]
+    assert "scripts/install-test-tools" in section("Two commands")
