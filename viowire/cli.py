@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from viowire import __version__, logs
+from viowire.conform import cli as conform_cli
 from viowire.runtime import LOOPS, run
 
 DEFAULT_LISTEN = ("tcp://127.0.0.1:7000", "unix:///tmp/viowire.sock")
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'write -P PATTERN OFFSET LENGTH', 'read -P PATTERN OFFSET LENGTH', "
         "'flush' (repeatable, run in order)",
     )
+    conform_cli.add_parser(sub)
     return parser
 
 
@@ -204,7 +206,13 @@ async def _demo(args: argparse.Namespace) -> int:
     return await demo()
 
 
-COMMANDS = {"serve": _serve, "probe": _probe, "io": _io, "demo": _demo}
+COMMANDS = {
+    "serve": _serve,
+    "probe": _probe,
+    "io": _io,
+    "demo": _demo,
+    "conform": conform_cli.run,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,132 @@
+"""``viowire conform URL``: run the conformance suite against a server's devices.
+
+Wired into ``viowire.cli`` by :func:`add_parser` (the subcommand and its options) and
+:func:`run` (the coroutine the command runs). Exit status: 0 when nothing FAILs, else 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``conform`` subcommand to ``subparsers`` (an argparse subparsers action)."""
+    parser = subparsers.add_parser(
+        "conform",
+        help="check a server's virtio-mmio devices against the spec",
+        description="Drive each device through the correct flows and through deliberate "
+        "violations; verdicts PASS, REJECT (violation refused, device healthy), WEDGED "
+        "(DEVICE_NEEDS_RESET), FAIL, SKIP. Exit status 1 if anything FAILs.",
+    )
+    parser.add_argument(
+        "url",
+        nargs="?",
+        help="tcp://HOST:PORT or unix:///PATH (a viowire server), or qtest+unix:///PATH (QEMU "
+        "started with -qtest unix:PATH,server=on,wait=off; microvm's virtio-mmio slots)",
+    )
+    parser.add_argument(
+        "--memory",
+        choices=("shared", "proxied"),
+        default=None,
+        help="guest memory mode (default: shared when the server is on this host, else proxied)",
+    )
+    parser.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="N|SIZE@BASE:IRQ",
+        help="only device N of the platform (see viowire probe), or declare a window in the "
+        "kernel's virtio_mmio.device= syntax (repeatable)",
+    )
+    parser.add_argument("--from-dts", metavar="FILE", help="declare the devices from a DTS")
+    parser.add_argument("--from-dtb", metavar="FILE", help="declare the devices from a DTB")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only checks whose id matches the glob, e.g. 'ring.*' (repeatable)",
+    )
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the results as JSON")
+    fmt.add_argument("--list", action="store_true", help="list the checks and exit")
+    parser.add_argument("--junit", metavar="FILE", help="also write JUnit XML to FILE")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="bound on each register access and each awaited event (default 2)",
+    )
+    return parser
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the suite as ``args`` say; print the table (or JSON); 1 if any check FAILs."""
+    from viowire.client import target as targets
+    from viowire.conform.checks import CHECKS
+    from viowire.conform.report import TableWriter, format_checks, to_json, to_junit
+    from viowire.conform.runner import Options, Target, failed, run_suite, selected
+
+    if args.list:
+        sys.stdout.write(format_checks(selected(CHECKS, args.only)))
+        return 0
+    if not args.url:
+        raise ValueError("viowire conform needs a server URL, e.g. unix:///tmp/viowire.sock")
+    qtest = args.url.startswith("qtest+")
+    if qtest and args.memory:
+        raise ValueError("--memory does not apply to QEMU: its guest RAM is its own")
+    memory = args.memory or "auto"
+    options = Options(access_timeout=args.timeout, io_timeout=args.timeout, only=args.only)
+    connections: list[Any] = []
+
+    specs = [d for d in args.device if targets.is_declaration(d)]
+    indexes = [_index(d) for d in args.device if not targets.is_declaration(d)]
+    windows = targets.declarations(specs, args.from_dts, args.from_dtb)
+
+    async def open_target() -> Target:
+        for old in connections:
+            await old.close()
+        connections.clear()
+        conn = await targets.open_target(args.url, memory=memory, windows=windows)
+        connections.append(conn)
+        return Target(conn, conn.ram.memory, conn.ram, await targets.devices(conn, windows))
+
+    try:
+        target = await open_target()
+        devices = None
+        if indexes:
+            for index in indexes:
+                if not 0 <= index < len(target.devices):
+                    raise ValueError(
+                        f"device {index}: the platform has devices 0..{len(target.devices) - 1}"
+                    )
+            devices = indexes
+        writer = None if args.json else TableWriter(sys.stdout)
+        results = await run_suite(
+            target,
+            devices=devices,
+            options=options,
+            reopen=open_target,
+            on_result=writer.add if writer else None,
+        )
+    finally:
+        for conn in connections:
+            await conn.close()
+    if writer is None:
+        print(to_json(results))
+    else:
+        writer.close(results)
+    if args.junit:
+        with open(args.junit, "w", encoding="utf-8") as out:
+            out.write(to_junit(results))
+    return 1 if failed(results) else 0
+
+
+def _index(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ValueError(f"--device {text!r}: give an index or SIZE@BASE:IRQ") from None
