@@ -374,3 +374,21 @@ def test_parse_endpoint_errors(url, message):
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         parse_endpoint(url)
     assert repr(url) in str(info.value)
+
+
+def test_count_repeats_a_device_in_consecutive_slots():
+    spec = PlatformSpec([DeviceSpec.parse("rng,count=3"), DeviceSpec.parse("blk,size=1M")])
+    assert [(base, irq, d.kind) for base, irq, d in spec.layout()] == [
+        (0x10001000, 1, "rng"), (0x10002000, 2, "rng"), (0x10003000, 3, "rng"),
+        (0x10004000, 4, "blk"),
+    ]  # fmt: skip
+    assert len(spec.build().slots) == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("rng,count=0", "at least 1"), ("rng,count=2,base=0x1000", "drop base")],
+)
+def test_count_errors(text, message):
+    with pytest.raises(PlatformError, match=message):
+        DeviceSpec.parse(text)

@@ -16,6 +16,7 @@ from viowire import __version__, logs
 from viowire.conform import cli as conform_cli
 from viowire.runtime import LOOPS, run
 
+MAX_LISTED = 32  # devices serve prints at startup
 DEFAULT_LISTEN = ("tcp://127.0.0.1:7000", "unix:///tmp/viowire.sock")
 
 
@@ -139,8 +140,11 @@ async def _serve(args: argparse.Namespace) -> int:
     logs.install()
     server = Server(spec, allow_shm=not args.no_shm)
     endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
-    for base, irq, dev in spec.layout():
+    layout = spec.layout()
+    for base, irq, dev in layout[:MAX_LISTED]:
         print(f"device {dev.kind:4} v{dev.version} at {base:#x} irq {irq}", flush=True)
+    if len(layout) > MAX_LISTED:
+        print(f"... and {len(layout) - MAX_LISTED} more devices (viowire probe lists them)")
     for endpoint in endpoints:
         print(f"listening on {endpoint}", flush=True)
     stop = asyncio.Event()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -116,7 +115,7 @@ class MmioDevice:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._rerun: dict[int, bool] = {}
         self._guest_page_size = 0
-        self._readers, self._writers = self._register_tables()
+        self._readers, self._writers = _REGISTER_TABLES[version]
         backend.on_config_change = self.config_changed
         backend.name = self.name
         self._clear_state()
@@ -166,7 +165,7 @@ class MmioDevice:
             if handler is None:
                 self._guest_error(self._misuse("read", offset))
                 return 0
-            return handler() & _WORD
+            return handler(self) & _WORD
         except Exception:
             log.exception("%s: internal error reading offset %#x", self.name, offset)
             return 0
@@ -185,57 +184,9 @@ class MmioDevice:
             if handler is None:
                 self._guest_error(self._misuse("write", offset))
                 return
-            handler(value & _WORD)
+            handler(self, value & _WORD)
         except Exception:
             log.exception("%s: internal error writing %#x at offset %#x", self.name, value, offset)
-
-    def _register_tables(
-        self,
-    ) -> tuple[dict[int, Callable[[], int]], dict[int, Callable[[int], None]]]:
-        readers: dict[int, Callable[[], int]] = {
-            Reg.MAGIC_VALUE: lambda: MAGIC_VALUE,
-            Reg.VERSION: lambda: self.version,
-            Reg.DEVICE_ID: lambda: self.backend.device_id,
-            Reg.VENDOR_ID: lambda: self.vendor_id,
-            Reg.DEVICE_FEATURES: self._read_device_features,
-            Reg.QUEUE_NUM_MAX: self._read_queue_num_max,
-            Reg.INTERRUPT_STATUS: lambda: self._interrupt_status,
-            Reg.STATUS: lambda: self._status,
-        }
-        writers: dict[int, Callable[[int], None]] = {
-            Reg.DEVICE_FEATURES_SEL: functools.partial(setattr, self, "_device_features_sel"),
-            Reg.DRIVER_FEATURES: self._write_driver_features,
-            Reg.DRIVER_FEATURES_SEL: functools.partial(setattr, self, "_driver_features_sel"),
-            Reg.QUEUE_SEL: functools.partial(setattr, self, "_queue_sel"),
-            Reg.QUEUE_NUM: self._write_queue_num,
-            Reg.QUEUE_NOTIFY: self._write_queue_notify,
-            Reg.INTERRUPT_ACK: self._write_interrupt_ack,
-            Reg.STATUS: self._write_status,
-        }
-        if self.version == 1:
-            readers[Reg.QUEUE_PFN] = lambda: q.pfn if (q := self._selected_queue()) else 0
-            writers[Reg.GUEST_PAGE_SIZE] = self._write_guest_page_size
-            writers[Reg.QUEUE_ALIGN] = self._write_queue_align
-            writers[Reg.QUEUE_PFN] = self._write_queue_pfn
-            return readers, writers
-        readers[Reg.QUEUE_READY] = lambda: int(q.ready) if (q := self._selected_queue()) else 0
-        for reg in (Reg.SHM_LEN_LOW, Reg.SHM_LEN_HIGH, Reg.SHM_BASE_LOW, Reg.SHM_BASE_HIGH):
-            readers[reg] = lambda: _WORD  # no shared-memory regions: length and base all ones
-        readers[Reg.QUEUE_RESET] = lambda: 0
-        readers[Reg.CONFIG_GENERATION] = lambda: self._config_generation
-        writers[Reg.QUEUE_READY] = self._write_queue_ready
-        for reg, attr, shift in (
-            (Reg.QUEUE_DESC_LOW, "desc_addr", 0),
-            (Reg.QUEUE_DESC_HIGH, "desc_addr", 32),
-            (Reg.QUEUE_AVAIL_LOW, "avail_addr", 0),
-            (Reg.QUEUE_AVAIL_HIGH, "avail_addr", 32),
-            (Reg.QUEUE_USED_LOW, "used_addr", 0),
-            (Reg.QUEUE_USED_HIGH, "used_addr", 32),
-        ):
-            writers[reg] = functools.partial(self._write_queue_addr, Reg(reg), attr, shift)
-        writers[Reg.SHM_SEL] = functools.partial(setattr, self, "_shm_sel")
-        writers[Reg.QUEUE_RESET] = self._write_queue_reset
-        return readers, writers
 
     # -- logging --------------------------------------------------------------------------------
     def _guest_error(self, message: str) -> None:
@@ -613,3 +564,88 @@ class MmioDevice:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+
+
+# -- register dispatch ----------------------------------------------------------------------------
+# One table per Version, shared by every device (a per-device table of closures cost ~5 KB each
+# and 100,000 idle devices must fit in one process): handlers take the device first.
+Reader = Callable[[MmioDevice], int]
+Writer = Callable[[MmioDevice, int], None]
+
+
+def _selected(dev: MmioDevice, attr: str) -> int:
+    queue = dev._selected_queue()
+    return int(getattr(queue, attr)) if queue is not None else 0
+
+
+def _method(name: str) -> Callable:
+    """Call the device's method by name, so subclasses and test doubles can override it."""
+
+    def call(dev: MmioDevice, *value: int) -> int | None:
+        return getattr(dev, name)(*value)
+
+    return call
+
+
+def _setter(attr: str) -> Writer:
+    def write(dev: MmioDevice, value: int) -> None:
+        setattr(dev, attr, value)
+
+    return write
+
+
+def _queue_addr_writer(reg: Reg, attr: str, shift: int) -> Writer:
+    def write(dev: MmioDevice, value: int) -> None:
+        dev._write_queue_addr(reg, attr, shift, value)
+
+    return write
+
+
+def _register_tables(version: int) -> tuple[dict[int, Reader], dict[int, Writer]]:
+    readers: dict[int, Reader] = {
+        Reg.MAGIC_VALUE: lambda dev: MAGIC_VALUE,
+        Reg.VERSION: lambda dev: dev.version,
+        Reg.DEVICE_ID: lambda dev: dev.backend.device_id,
+        Reg.VENDOR_ID: lambda dev: dev.vendor_id,
+        Reg.DEVICE_FEATURES: _method("_read_device_features"),
+        Reg.QUEUE_NUM_MAX: _method("_read_queue_num_max"),
+        Reg.INTERRUPT_STATUS: lambda dev: dev._interrupt_status,
+        Reg.STATUS: lambda dev: dev._status,
+    }
+    writers: dict[int, Writer] = {
+        Reg.DEVICE_FEATURES_SEL: _setter("_device_features_sel"),
+        Reg.DRIVER_FEATURES: _method("_write_driver_features"),
+        Reg.DRIVER_FEATURES_SEL: _setter("_driver_features_sel"),
+        Reg.QUEUE_SEL: _setter("_queue_sel"),
+        Reg.QUEUE_NUM: _method("_write_queue_num"),
+        Reg.QUEUE_NOTIFY: _method("_write_queue_notify"),
+        Reg.INTERRUPT_ACK: _method("_write_interrupt_ack"),
+        Reg.STATUS: _method("_write_status"),
+    }
+    if version == 1:
+        readers[Reg.QUEUE_PFN] = lambda dev: _selected(dev, "pfn")
+        writers[Reg.GUEST_PAGE_SIZE] = _method("_write_guest_page_size")
+        writers[Reg.QUEUE_ALIGN] = _method("_write_queue_align")
+        writers[Reg.QUEUE_PFN] = _method("_write_queue_pfn")
+        return readers, writers
+    readers[Reg.QUEUE_READY] = lambda dev: _selected(dev, "ready")
+    for reg in (Reg.SHM_LEN_LOW, Reg.SHM_LEN_HIGH, Reg.SHM_BASE_LOW, Reg.SHM_BASE_HIGH):
+        readers[reg] = lambda dev: _WORD  # no shared-memory regions: length and base all ones
+    readers[Reg.QUEUE_RESET] = lambda dev: 0
+    readers[Reg.CONFIG_GENERATION] = lambda dev: dev._config_generation
+    writers[Reg.QUEUE_READY] = _method("_write_queue_ready")
+    for reg, attr, shift in (
+        (Reg.QUEUE_DESC_LOW, "desc_addr", 0),
+        (Reg.QUEUE_DESC_HIGH, "desc_addr", 32),
+        (Reg.QUEUE_AVAIL_LOW, "avail_addr", 0),
+        (Reg.QUEUE_AVAIL_HIGH, "avail_addr", 32),
+        (Reg.QUEUE_USED_LOW, "used_addr", 0),
+        (Reg.QUEUE_USED_HIGH, "used_addr", 32),
+    ):
+        writers[reg] = _queue_addr_writer(Reg(reg), attr, shift)
+    writers[Reg.SHM_SEL] = _setter("_shm_sel")
+    writers[Reg.QUEUE_RESET] = _method("_write_queue_reset")
+    return readers, writers
+
+
+_REGISTER_TABLES = {version: _register_tables(version) for version in (1, 2)}

@@ -42,6 +42,7 @@ class DeviceSpec:
     options: dict[str, Any] = field(default_factory=dict)
     base: int | None = None
     irq: int | None = None
+    count: int = 1  # this many identical devices in consecutive slots (load tests)
 
     @classmethod
     def parse(cls, text: str) -> DeviceSpec:
@@ -68,14 +69,15 @@ class DeviceSpec:
             raise PlatformError(f"device {where}: version {version!r} must be 1 (legacy) or 2")
         known = backend_options(kind)
         for key in values:
-            if key not in (*known, "base", "irq"):
+            if key not in (*known, "base", "irq", "count"):
                 raise PlatformError(
                     f"device {where}: unknown option {key!r} for {kind} "
-                    f"(known: {', '.join((*known, 'version', 'base', 'irq'))})"
+                    f"(known: {', '.join((*known, 'version', 'base', 'irq', 'count'))})"
                 )
         try:
             base = _int_or_none(values.pop("base", None), "base")
             irq = _int_or_none(values.pop("irq", None), "irq")
+            count = _count(values.pop("count", 1), base, irq)
             if "size" in values:
                 values["size"] = parse_size(values["size"])
             for flag in ("readonly",):
@@ -83,13 +85,22 @@ class DeviceSpec:
                     values[flag] = values[flag].lower() in ("1", "on", "true", "yes")
         except ValueError as exc:
             raise PlatformError(f"device {where}: {exc}") from None
-        return cls(kind, int(version), values, base, irq)
+        return cls(kind, int(version), values, base, irq, count)
 
 
 def backend_options(kind: str) -> tuple[str, ...]:
     """The keyword options the backend ``kind`` takes (``size``, ``path``, ...)."""
     params = inspect.signature(BACKENDS[kind].__init__).parameters.values()
     return tuple(p.name for p in params if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD)
+
+
+def _count(value: Any, base: int | None, irq: int | None) -> int:
+    count = int(value)
+    if count < 1:
+        raise ValueError(f"count {count} must be at least 1")
+    if count > 1 and (base is not None or irq is not None):
+        raise ValueError("count above 1 takes slots in order: drop base= and irq=")
+    return count
 
 
 def _int_or_none(value: Any, name: str) -> int | None:
@@ -176,7 +187,8 @@ class PlatformSpec:
     def layout(self) -> list[tuple[int, int, DeviceSpec]]:
         """(base, irq, spec) per device; explicit bases/irqs win, the rest fill slots in order."""
         out = []
-        for i, spec in enumerate(self.devices):
+        copies = (spec for spec in self.devices for _ in range(spec.count))
+        for i, spec in enumerate(copies):
             base = spec.base if spec.base is not None else self.base + i * self.stride
             irq = spec.irq if spec.irq is not None else self.first_irq + i
             if base + self.window > MAX_ADDRESS or irq > MAX_IRQ:
