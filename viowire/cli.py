@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", metavar="FILE", help="TOML platform description")
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve from N processes sharing the listeners (one per core); a session lives in "
+        "one worker",
+    )
+    serve.add_argument(
         "--write-dts", metavar="FILE", help="write the platform as a device tree source"
     )
     serve.add_argument(
@@ -128,8 +136,7 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    from viowire.server.app import Server
+def _platform_spec(args: argparse.Namespace):
     from viowire.server.platform import DeviceSpec, PlatformSpec
 
     spec = PlatformSpec.from_toml(args.config) if args.config else PlatformSpec.default()
@@ -137,14 +144,46 @@ async def _serve(args: argparse.Namespace) -> int:
         extra = [DeviceSpec.parse(text) for text in args.device]
         spec.devices = spec.devices + extra if args.config else extra
     _write_device_tree(spec, args.write_dts, args.write_dtb)
-    logs.install()
-    server = Server(spec, allow_shm=not args.no_shm)
-    endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
+    return spec
+
+
+def _print_layout(spec) -> None:
     layout = spec.layout()
     for base, irq, dev in layout[:MAX_LISTED]:
         print(f"device {dev.kind:4} v{dev.version} at {base:#x} irq {irq}", flush=True)
     if len(layout) > MAX_LISTED:
         print(f"... and {len(layout) - MAX_LISTED} more devices (viowire probe lists them)")
+
+
+def _serve_workers(args: argparse.Namespace) -> int:
+    """--workers N: bind here, fork the workers, supervise them (no event loop in this process)."""
+    from viowire.server.app import bind
+    from viowire.server.workers import Supervisor
+
+    spec = _platform_spec(args)
+    spec.validate()
+    listeners = [bind(url) for url in args.listen or DEFAULT_LISTEN]
+    supervisor = Supervisor(
+        spec, listeners, args.workers, loop=args.loop, allow_shm=not args.no_shm
+    )
+
+    def ready(pids: list[int]) -> None:
+        _print_layout(spec)
+        print(f"workers: {' '.join(map(str, pids))}", flush=True)
+        for endpoint, _ in listeners:
+            print(f"listening on {endpoint}", flush=True)
+
+    return supervisor.run(ready)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from viowire.server.app import Server
+
+    spec = _platform_spec(args)
+    logs.install()
+    server = Server(spec, allow_shm=not args.no_shm)
+    endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
+    _print_layout(spec)
     for endpoint in endpoints:
         print(f"listening on {endpoint}", flush=True)
     stop = asyncio.Event()
@@ -223,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        if args.command == "serve" and args.workers != 1:
+            return _serve_workers(args)
         return run(COMMANDS[args.command](args), loop=args.loop)
     except KeyboardInterrupt:
         return 130

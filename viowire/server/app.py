@@ -32,16 +32,23 @@ class Server:
         self.sessions: set[ServerSession] = set()
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._unix_socks: list[tuple[socket.socket, str]] = []
+        self._own_paths: list[str] = []
 
     async def start(self, urls: list[str]) -> list[Endpoint]:
         """Listen on every URL; TCP port 0 picks a free port (the endpoint tells which)."""
         self.spec.validate()
-        for url in urls:
-            endpoint = parse_endpoint(url)
+        listeners = [bind(url) for url in urls]
+        self._own_paths = [endpoint.path for endpoint, _ in listeners if endpoint.path]
+        return await self.serve(listeners)
+
+    async def serve(self, listeners: list[tuple[Endpoint, socket.socket]]) -> list[Endpoint]:
+        """Accept on sockets bound already (by :func:`bind`, maybe in a parent process)."""
+        for endpoint, sock in listeners:
             if endpoint.scheme == "tcp":
-                self.endpoints.append(await self._listen_tcp(endpoint))
+                await self._serve_tcp(sock)
             else:
-                self.endpoints.append(self._listen_unix(endpoint))
+                self._serve_unix(sock, endpoint.path)
+            self.endpoints.append(endpoint)
         return self.endpoints
 
     def _session(self, fd_passing: bool) -> ServerSession:
@@ -58,29 +65,15 @@ class Server:
         session.connection_lost = connection_lost
         return session
 
-    async def _listen_tcp(self, endpoint: Endpoint) -> Endpoint:
+    async def _serve_tcp(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: self._session(False), endpoint.host, endpoint.port, reuse_address=True
-        )
+        server = await loop.create_server(lambda: self._session(False), sock=sock)
         self._tcp_servers.append(server)
-        for sock in server.sockets:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        host, port = server.sockets[0].getsockname()[:2]
-        return Endpoint("tcp", host=host, port=port)
 
-    def _listen_unix(self, endpoint: Endpoint) -> Endpoint:
-        path = endpoint.path
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.unlink(path)  # a stale socket from an earlier run
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        sock.listen(512)
+    def _serve_unix(self, sock: socket.socket, path: str) -> None:
         sock.setblocking(False)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_unix, sock)
         self._unix_socks.append((sock, path))
-        return endpoint
 
     def _accept_unix(self, listener: socket.socket) -> None:
         # Unix connections use our own transport so the guest's memfd can arrive by SCM_RIGHTS.
@@ -100,9 +93,10 @@ class Server:
         loop = asyncio.get_running_loop()
         for server in self._tcp_servers:
             server.close()
-        for sock, path in self._unix_socks:
+        for sock, _path in self._unix_socks:
             loop.remove_reader(sock.fileno())
             sock.close()
+        for path in self._own_paths:  # a worker leaves the socket file to its supervisor
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         for session in list(self.sessions):
@@ -119,3 +113,34 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def bind(url: str) -> tuple[Endpoint, socket.socket]:
+    """A listening socket for ``url``; TCP port 0 becomes a free port (the endpoint says which).
+
+    Separate from serving, so that a supervisor can bind once and its forked workers share the
+    sockets (the kernel hands each connection to one of them).
+    """
+    endpoint = parse_endpoint(url)
+    if endpoint.scheme == "tcp":
+        sock = socket.create_server(
+            (endpoint.host, endpoint.port),
+            family=socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET,
+            backlog=512,
+            reuse_port=False,
+        )
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host, port = sock.getsockname()[:2]
+        return Endpoint("tcp", host=host, port=port), sock
+    path = endpoint.path
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # a stale socket from an earlier run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(512)
+    except OSError:
+        sock.close()
+        raise
+    return endpoint, sock
