@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from viowire import __version__, logs
+from viowire import __version__, bench, logs
 from viowire.conform import cli as conform_cli
 from viowire.runtime import LOOPS, run
 
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'flush' (repeatable, run in order)",
     )
     conform_cli.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
@@ -255,6 +256,7 @@ COMMANDS = {
     "io": _io,
     "demo": _demo,
     "conform": conform_cli.run,
+    "bench": bench.run,
 }
 
 

@@ -1,0 +1,358 @@
+"""One client process per (event loop, socket kind): runs the selected cases and prints JSON.
+
+Each case is measured ``runs`` times; a run measures viowire and its bare twin back to back
+(alternating which goes first), so the per-run ratio compares figures taken within a second or
+two of each other. The configuration is one JSON argument (see ``viowire.perf.suite``); the
+results go to stdout as ``{"results": [...]}``; progress goes to stderr.
+
+``python -m viowire.perf.worker '{"loop": "uvloop", "socket": "unix", "url": ..., ...}'``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from viowire.client.connection import Connection, connect
+from viowire.client.drivers.blk import BlockDriver
+from viowire.client.drivers.rng import EntropyDriver
+from viowire.perf import bare, cases, ring
+from viowire.perf.stats import Target, percentile, summarise
+from viowire.runtime import run as run_loop
+from viowire.virtio.constants import DeviceId
+
+BLK_CASES = [
+    (op, memory, depth)
+    for op in ("read", "write")
+    for depth in (1, 32)
+    for memory in ("shared", "proxied")
+]
+
+TARGETS = {
+    "mmio.read_rtt": Target("ratio", "<=", 1.25),
+    "mmio.posted_write": Target("ratio", ">=", 0.5),
+    "mmio.queue_notify": Target("ratio", ">=", 0.5),
+    "blk.read.shared.qd1": Target("ratio", ">=", 0.6),
+    "blk.read.shared.qd32": Target("ratio", ">=", 0.5),
+    "blk.read.proxied.qd32": Target("ratio", ">=", 0.25),
+    "platform.bringup": Target("value", ">=", 10_000 / 30),
+}
+
+
+def case_names() -> list[str]:
+    """Every case a worker can run, in the order it runs them."""
+    names = ["mmio.read_rtt", "mmio.posted_write", "mmio.queue_notify"]
+    names += [f"blk.{op}.{memory}.qd{depth}" for op, memory, depth in BLK_CASES]
+    return [*names, "irq.latency", "platform.bringup"]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Worker:
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.loop_name: str = cfg["loop"]
+        self.socket: str = cfg["socket"]
+        self.selected: set[str] = set(cfg["cases"])
+        self.runs: int = 1 if cfg.get("profile") else cfg["runs"]
+        self.budget: float = cfg.get("profile") or cfg["budget"]
+        self.least: int = cfg["least"]
+        self.results: list[dict] = []
+        self._blk: dict[str, tuple[Connection, BlockDriver]] = {}
+        self._bare: bare.BareClient | None = None
+        self._ring: ring.BareRing | None = None
+        self._marked = False
+
+    # -- shared fixtures ---------------------------------------------------------------------
+    async def blk(self, memory: str) -> tuple[Connection, BlockDriver]:
+        if memory not in self._blk:
+            self._blk[memory] = await cases.open_blk(self.cfg["url"], memory)
+        return self._blk[memory]
+
+    async def bare_client(self) -> bare.BareClient:
+        if self._bare is None:
+            self._bare = await bare.open_client(self.cfg["bare_url"])
+        return self._bare
+
+    def bare_ring(self) -> ring.BareRing:
+        if self._ring is None:
+            self._ring = ring.BareRing(self.loop_name)
+        return self._ring
+
+    async def close(self) -> None:
+        for conn, drv in self._blk.values():
+            with contextlib.suppress(Exception):
+                await drv.detach()
+            await conn.close()
+        if self._bare is not None:
+            self._bare.close()
+        if self._ring is not None:
+            self._ring.close()
+
+    # -- running -----------------------------------------------------------------------------
+    @property
+    def profiling(self) -> bool:
+        return bool(self.cfg.get("profile"))
+
+    def mark(self) -> None:
+        """In profile mode, tell the parent the measured part starts now (once)."""
+        if self.profiling and not self._marked:
+            self._marked = True
+            log("PROFILE-START")
+
+    async def paired(
+        self,
+        name: str,
+        measure: Callable[[float, int], Awaitable],
+        baseline: Callable[[float, int], Awaitable] | None,
+        least: int | None = None,
+        *,
+        warm: bool = True,
+    ) -> tuple[list, list]:
+        """Warm both up, then ``runs`` pairs of (viowire, baseline), alternating the order.
+
+        Each measurement lasts ``budget`` seconds and at least ``least`` operations."""
+        least = least or self.least
+        budget = self.budget
+        if warm and not self.profiling:
+            await measure(budget / 5, max(1, least // 10))
+            if baseline is not None:
+                await baseline(budget / 5, max(1, least // 10))
+        values, baselines = [], []
+        for run in range(self.runs):
+            log(f"[{self.loop_name}/{self.socket}] {name}: run {run + 1}/{self.runs}")
+            if baseline is None or self.profiling:
+                self.mark()
+                values.append(await measure(budget, least))
+                baselines.append(None)
+            elif run % 2:
+                baselines.append(await baseline(budget, least))
+                values.append(await measure(budget, least))
+            else:
+                values.append(await measure(budget, least))
+                baselines.append(await baseline(budget, least))
+        return values, baselines
+
+    def add(self, name: str, unit: str, values: Sequence, baselines: Sequence, **extra) -> None:
+        self.results.append(
+            summarise(
+                name,
+                unit,
+                values,
+                baselines,
+                loop=self.loop_name,
+                socket=self.socket,
+                target=TARGETS.get(name),
+                **extra,
+            )
+        )
+
+    async def run(self) -> list[dict]:
+        try:
+            if self.selected & {"mmio.read_rtt", "mmio.posted_write", "mmio.queue_notify"}:
+                await self.registers()
+            for op, memory, depth in BLK_CASES:
+                if memory == "shared" and self._want_blk(op, depth):
+                    await self.block(op, depth)
+            if "irq.latency" in self.selected:
+                await self.interrupts()
+            if "platform.bringup" in self.selected and self.cfg.get("bringup_url"):
+                await self.bringup()
+        finally:
+            await self.close()
+        return self.results
+
+    def _want_blk(self, op: str, depth: int) -> bool:
+        return any(
+            f"blk.{op}.{memory}.qd{depth}" in self.selected for memory in ("shared", "proxied")
+        )
+
+    # -- cases -------------------------------------------------------------------------------
+    async def registers(self) -> None:
+        conn, blk = await self.blk("shared")
+        client = await self.bare_client()
+        base = blk.dev.base
+        magic = cases.magic_addr(base)
+        if "mmio.read_rtt" in self.selected:
+            values, baselines = await self.paired(
+                "mmio.read_rtt",
+                lambda budget, least: cases.mmio_rtt(conn, magic, budget, least),
+                lambda budget, least: bare.rtt(client, *cases.READ_SIZES, budget, least),
+            )
+            self.add(
+                "mmio.read_rtt",
+                "µs p50",
+                [percentile(v, 50) for v in values],
+                [percentile(b, 50) if b else None for b in baselines],
+                p99=[percentile(v, 99) for v in values],
+                baseline_p99=[percentile(b, 99) for b in baselines if b],
+                frame_bytes=list(cases.READ_SIZES),
+                baseline_name="bare asyncio.Protocol request/reply, same frame sizes",
+            )
+        for name, addr, value in (
+            ("mmio.posted_write", cases.queue_sel_addr(base), 0),
+            ("mmio.queue_notify", cases.queue_notify_addr(base), blk.vq.index),
+        ):
+            if name not in self.selected:
+                continue
+            values, baselines = await self.paired(
+                name,
+                lambda budget, least, a=addr, v=value: cases.posted_writes(
+                    conn, a, v, magic, budget, least
+                ),
+                lambda budget, least: bare.pipelined(client, cases.WRITE_SIZES[0], budget, least),
+                max(self.least * 10, 1000),
+            )
+            self.add(
+                name,
+                "writes/s",
+                values,
+                baselines,
+                frame_bytes=cases.WRITE_SIZES[0],
+                baseline_name="bare pipelined echo, same frame size, one write() a frame",
+            )
+
+    async def block(self, op: str, depth: int) -> None:
+        names = {memory: f"blk.{op}.{memory}.qd{depth}" for memory in ("shared", "proxied")}
+        want_shared = names["shared"] in self.selected
+        want_proxied = names["proxied"] in self.selected
+        _, shared = await self.blk("shared")
+        proxied = (await self.blk("proxied"))[1] if want_proxied else None
+        the_ring = self.bare_ring() if want_shared else None
+        least = max(self.least // 10, 4 * depth)  # requests, not round trips
+
+        async def measure_shared(budget: float, n: int) -> float:
+            return await cases.blk_iops(shared, op, depth, budget, n)
+
+        async def measure_ring(budget: float, n: int) -> float:
+            code = ring.OP_READ if op == "read" else ring.OP_WRITE
+            return await ring.iops(the_ring, code, depth, budget, n)
+
+        if want_shared:
+            values, baselines = await self.paired(
+                names["shared"], measure_shared, measure_ring, least
+            )
+            self.add(
+                names["shared"],
+                "IOPS",
+                values,
+                baselines,
+                baseline_name="bare split ring over a memfd, eventfd notifications, same depth",
+            )
+        if want_proxied:
+            values, baselines = await self.paired(
+                names["proxied"],
+                lambda budget, n: cases.blk_iops(proxied, op, depth, budget, n),
+                measure_shared,
+                least,
+            )
+            self.add(
+                names["proxied"],
+                "IOPS",
+                values,
+                baselines,
+                baseline_name="viowire with shared memory, same depth",
+            )
+
+    async def interrupts(self) -> None:
+        index = self.cfg.get("irq_device")
+        if index is None:
+            log("irq.latency: needs a server with a tsrng device (a spawned one): skipped")
+            return
+        async with await connect(self.cfg["url"], memory="shared") as conn:
+            info = (await conn.platform())[index]
+            if info.device_id != DeviceId.ENTROPY:
+                raise LookupError(f"device {index} is not the tsrng device")
+            rng = await EntropyDriver.attach(await conn.attach(info))
+            the_ring = self.bare_ring()
+            values, baselines = await self.paired(
+                "irq.latency",
+                lambda budget, least: cases.irq_latency(rng, budget, least),
+                lambda budget, least: ring.stamp_latency(the_ring, budget, least),
+            )
+            await rng.detach()
+        self.add(
+            "irq.latency",
+            "µs p50",
+            [percentile(v, 50) for v in values],
+            [percentile(b, 50) if b else None for b in baselines],
+            p99=[percentile(v, 99) for v in values],
+            baseline_p99=[percentile(b, 99) for b in baselines if b],
+            baseline_name="bare ring: used.idx stored to the driver task running",
+        )
+
+    async def bringup(self) -> None:
+        spec = self.cfg["bringup"]
+        url = self.cfg["bringup_url"]
+        patterns = await cases.access_patterns(url, spec["limit"])
+        counts: list[int] = []
+        sizes = {"r": cases.READ_SIZES, "w": cases.WRITE_SIZES, "p": cases.WRITE_SIZES}
+
+        async def measure(budget: float, least: int) -> float:
+            rate, count = await cases.bringup(
+                url, spec["sessions"], spec["concurrency"], spec["limit"]
+            )
+            counts.append(count)
+            return rate
+
+        async def baseline(budget: float, least: int) -> float:
+            rates = []
+            for pattern in sorted(set(patterns)):
+                share = patterns.count(pattern)
+                rates.append(
+                    (
+                        share,
+                        await bare.replay(
+                            self.cfg["bare_url"],
+                            pattern,
+                            sizes,
+                            share,
+                            spec["sessions"],
+                            spec["concurrency"],
+                        ),
+                    )
+                )
+            # the time for the whole mix: each pattern's devices at that pattern's rate
+            total = sum(share for share, _ in rates) * spec["sessions"]
+            return total / sum(share * spec["sessions"] / rate for share, rate in rates)
+
+        # access_patterns() has warmed the server up; a warm-up pass here would cost a full run
+        values, baselines = await self.paired("platform.bringup", measure, baseline, warm=False)
+        per_run = counts[-1] if counts else 0
+        reads = [p.count("r") + p.count("w") for p in patterns]
+        self.add(
+            "platform.bringup",
+            "devices/s",
+            values,
+            baselines,
+            devices_per_run=per_run,
+            sessions=spec["sessions"],
+            concurrency=spec["concurrency"],
+            seconds_for_10000=[10_000 / v for v in values],
+            round_trips_per_device=sum(reads) / max(1, len(reads)),
+            accesses_per_device=sum(map(len, patterns)) / max(1, len(patterns)),
+            baseline_name="bare replay of the same register accesses (same sessions, concurrency)",
+        )
+
+
+async def _main(cfg: dict) -> list[dict]:
+    return await Worker(cfg).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = json.loads(argv[0])
+    started = time.perf_counter()
+    results = run_loop(_main(cfg), loop=cfg["loop"])
+    log(f"[{cfg['loop']}/{cfg['socket']}] done in {time.perf_counter() - started:.0f} s")
+    print(json.dumps({"results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
