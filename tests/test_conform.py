@@ -56,7 +56,7 @@ async def test_viowire_server_passes_every_check(tmp_path, index, memory):
     scheme = "unix" if memory == "shared" else "tcp"
     async with (
         running_server(tmp_path) as server,
-        await connect(url_of(server, scheme), memory=memory) as conn,
+        await connect(url_of(server, scheme), memory=memory, irq_status=False) as conn,
     ):
         target = Target(conn, conn.ram.memory, conn.ram, await conn.platform())
         loop = asyncio.get_running_loop()

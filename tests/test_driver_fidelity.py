@@ -114,7 +114,9 @@ async def test_no_interrupt_suppression(server, event_idx):
         assert len(await rng.read(16)) == 16
         levels = []
         handler = conn._irq_handlers[rng.dev.irq]
-        conn.set_irq_handler(rng.dev.irq, lambda level: (levels.append(level), handler(level)))
+        conn.set_irq_handler(
+            rng.dev.irq, lambda level, *status: (levels.append(level), handler(level, *status))
+        )
         vq = rng.vq
         await vq.disable_cb()
         buffer = conn.ram.alloc(32)

@@ -70,10 +70,10 @@ def test_partial_frame_stays_buffered():
 
 
 def test_many_small_frames_in_one_read():
-    data = b"".join(encode(m.Irq(irq=i % 32, level=1)) for i in range(20000))
+    data = b"".join(encode(m.Irq(irq=i % 32, level=1, status=1)) for i in range(20000))
     frames = FrameReader().feed(data)
     assert len(frames) == 20000
-    assert decode_body(frames[-1].type, frames[-1].body) == m.Irq(irq=19999 % 32, level=1)
+    assert decode_body(frames[-1].type, frames[-1].body) == m.Irq(irq=19999 % 32, level=1, status=1)
 
 
 def refused(reader: FrameReader, data: bytes) -> FrameError:

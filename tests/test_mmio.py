@@ -620,3 +620,33 @@ def test_legacy_guest_page_size_survives_status_reset():
     drv.write(Reg.GUEST_PAGE_SIZE, 4096)
     drv.write(Reg.STATUS, 0)
     assert dev._guest_page_size == 4096
+
+
+def test_posted_ack_raises_again_for_what_it_clears_unseen():
+    """IRQ_STATUS: the driver ACKs the status of the raise frame without reading the register.
+    A notification made after that frame, while the bit was still set, would be wiped by the
+    ACK, so the device owes a new raise; the ACK's own drop of the line sends no frame."""
+    dev, drv = device(2)
+    dev.posted_ack = True
+    dev._raise_interrupt(Interrupt.VRING)
+    assert dev.irqs == [True]
+    drv.write(Reg.INTERRUPT_ACK, Interrupt.VRING)  # nothing new since the frame
+    assert dev.irqs == [True] and dev.interrupt_status == 0
+    dev._raise_interrupt(Interrupt.VRING)
+    dev._raise_interrupt(Interrupt.VRING)  # a second completion while the bit is set
+    drv.write(Reg.INTERRUPT_ACK, Interrupt.VRING)
+    assert dev.irqs == [True, True, True] and dev.interrupt_status == Interrupt.VRING
+    drv.write(Reg.INTERRUPT_ACK, Interrupt.VRING)
+    assert dev.irqs == [True, True, True] and dev.interrupt_status == 0
+    drv.write(Reg.STATUS, 0)  # a reset still reports its drop (after one more raise)
+    dev._raise_interrupt(Interrupt.CONFIG)
+    drv.write(Reg.STATUS, 0)
+    assert dev.irqs[-2:] == [True, False]
+
+
+def test_read_ack_keeps_exact_line_semantics():
+    dev, drv = device(2)
+    dev._raise_interrupt(Interrupt.VRING)
+    dev._raise_interrupt(Interrupt.VRING)
+    drv.write(Reg.INTERRUPT_ACK, Interrupt.VRING)
+    assert dev.irqs == [True, False] and dev.interrupt_status == 0

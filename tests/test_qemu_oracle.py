@@ -250,7 +250,7 @@ async def pair(tmp_path: Path, version: int, device_id: int) -> AsyncIterator[tu
             running_qemu(tmp_path, legacy=version == 1, image_size=IMAGE_SIZE) as machine,
             running_server(sock_dir, spec) as server,
             await connect_qtest(machine.url) as qemu,
-            await connect(url_of(server, "unix")) as viowire,
+            await connect(url_of(server, "unix"), irq_status=False) as viowire,
         ):
             sides = []
             for name, conn in (("qemu", qemu), ("viowire", viowire)):

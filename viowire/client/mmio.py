@@ -149,6 +149,7 @@ class VirtioMmioDevice:
         self._irq_attached = False
         self._irq_level = False
         self._irq_pending = False
+        self._irq_given = 0  # InterruptStatus bits delivered with raise frames, not yet handled
         self._irq_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -534,16 +535,26 @@ class VirtioMmioDevice:
         for subscription in list(self._subscribers):
             subscription.close()
 
-    def _on_irq_line(self, level: bool) -> None:
-        """The bus reports each line change; an assertion schedules the handler as a task."""
+    def _on_irq_line(self, level: bool, status: int | None = None) -> None:
+        """The bus reports each line change; an assertion schedules the handler as a task.
+
+        ``status``: InterruptStatus as the raise left the device, when the bus carries it
+        (viowire's IRQ_STATUS); the handler then reads no register and posts its ACK.
+        """
         self._irq_level = level
         if not level:
             return
+        if status is not None:
+            self._irq_given |= status
         self._irq_pending = True
         if self._irq_task is None or self._irq_task.done():
             self._irq_task = asyncio.get_running_loop().create_task(
                 self._irq_loop(), name=f"{self.name} interrupt"
             )
+
+    # A bus that carries InterruptStatus with the raise (viowire's IRQ_STATUS) passes it to a
+    # handler that says it takes it; other buses call it with the level only.
+    _on_irq_line.takes_status = True  # type: ignore[attr-defined]
 
     async def _irq_loop(self) -> None:
         """Run vm_interrupt until the line is quiet; the line is level-triggered, so if it is
@@ -551,7 +562,10 @@ class VirtioMmioDevice:
         try:
             while self._irq_pending:
                 self._irq_pending = False
-                if await self.vm_interrupt() and self._irq_level:
+                if self._irq_given:
+                    status, self._irq_given = self._irq_given, 0
+                    await self._handle_interrupt(status, posted_ack=True)
+                elif await self.vm_interrupt() and self._irq_level:
                     self._irq_pending = True
         except Exception as exc:
             log.exception("%s: interrupt handling failed; failing in-flight requests", self.name)
@@ -567,11 +581,21 @@ class VirtioMmioDevice:
             await vq.fail(exc)
 
     async def vm_interrupt(self) -> int:
-        """Read InterruptStatus, ACK it (and wait for the ACK), then config change, then rings."""
+        """Read InterruptStatus, ACK it (and wait for the ACK), then config change, then rings.
+
+        Waiting for the ACK matters: once it is applied, every guest-memory write the device
+        made before a later completion has reached us, so the ring scan cannot miss one.
+        """
         status = await self._read(Reg.INTERRUPT_STATUS)
         if not status:
             return 0
-        await self._write(Reg.INTERRUPT_ACK, status, posted=False)
+        return await self._handle_interrupt(status, posted_ack=False)
+
+    async def _handle_interrupt(self, status: int, *, posted_ack: bool) -> int:
+        """ACK ``status``, then config change, then rings. A posted ACK is safe only where the
+        device raises the line again for what it notified after the status we ACK (viowire's
+        IRQ_STATUS does)."""
+        await self._write(Reg.INTERRUPT_ACK, status, posted=posted_ack)
         if status & Interrupt.CONFIG:
             await self._config_changed()
         if status & Interrupt.VRING:

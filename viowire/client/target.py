@@ -38,12 +38,19 @@ def declarations(
 
 
 async def open_target(
-    url: str, *, memory: str = "auto", windows: Sequence[Declaration] = ()
+    url: str,
+    *,
+    memory: str = "auto",
+    windows: Sequence[Declaration] = (),
+    irq_status: bool = True,
 ) -> Target:
-    """Connect to ``url``; for qtest, ``windows`` (or QEMU microvm's slots) are its devices."""
+    """Connect to ``url``; for qtest, ``windows`` (or QEMU microvm's slots) are its devices.
+
+    ``irq_status=False`` keeps the interrupt line exact (see :func:`connect`).
+    """
     if url.startswith("qtest+"):
         return await connect_qtest(url, list(windows) or None)
-    return await connect(url, memory=memory)
+    return await connect(url, memory=memory, irq_status=irq_status)
 
 
 async def devices(target: Target, windows: Sequence[Declaration] = ()) -> list[DeviceInfo]:

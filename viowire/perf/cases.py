@@ -205,7 +205,7 @@ def _hand_codec(msg_type: m.MsgType) -> tuple[Callable, Callable]:
         m.MsgType.MMIO_READ: ("addr", "width", "QB"),
         m.MsgType.MMIO_READ_REPLY: ("value", "Q"),
         m.MsgType.MMIO_WRITE: ("addr", "width", "value", "QBQ"),
-        m.MsgType.IRQ: ("irq", "level", "IB"),
+        m.MsgType.IRQ: ("irq", "level", "status", "IBI"),
     }[msg_type]
     *names, codes = fields
     body = struct.Struct("<" + codes)
@@ -235,7 +235,7 @@ CODEC_MESSAGES = {
     m.MsgType.MMIO_READ: m.MmioRead(addr=0x1000_1070, width=4),
     m.MsgType.MMIO_READ_REPLY: m.MmioReadReply(value=0x7472_6976),
     m.MsgType.MMIO_WRITE: m.MmioWrite(addr=0x1000_1050, width=4, value=0),
-    m.MsgType.IRQ: m.Irq(irq=3, level=1),
+    m.MsgType.IRQ: m.Irq(irq=3, level=1, status=1),
 }
 
 

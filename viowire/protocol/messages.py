@@ -77,6 +77,7 @@ class ProtoFeature(enum.IntFlag):
     MEMORY_PROXIED = 1 << 1  # the server reaches guest RAM with MEM_READ / MEM_WRITE
     MEMORY_MEMFD = 1 << 2  # memfd passed with SCM_RIGHTS (Unix sockets)
     MEMORY_SHM = 1 << 3  # named POSIX shared-memory segment (same host)
+    IRQ_STATUS = 1 << 4  # the driver trusts IRQ.status and posts its ACK; no lower after an ACK
 
 
 class MemoryKind(enum.IntEnum):
@@ -151,7 +152,7 @@ SCHEMAS: dict[MsgType, Struct] = {
     MsgType.MEM_READ: Struct("ranges" / PrefixedArray(Int32ul, Range)),
     MsgType.MEM_READ_REPLY: Struct("data" / GreedyBytes),
     MsgType.MEM_WRITE: Struct("ranges" / PrefixedArray(Int32ul, Range), "data" / GreedyBytes),
-    MsgType.IRQ: Struct("irq" / Int32ul, "level" / Int8ul),
+    MsgType.IRQ: Struct("irq" / Int32ul, "level" / Int8ul, "status" / Int32ul),
 }
 
 DOCS: dict[MsgType, str] = {
@@ -179,7 +180,11 @@ DOCS: dict[MsgType, str] = {
     MsgType.MEM_WRITE: "server → client (proxied memory): `data` is the concatenation of the "
     "ranges' bytes. Usually POSTED; applied in order with every other frame.",
     MsgType.IRQ: "server → client event (request_id 0): the device's interrupt line `irq` changed "
-    "to `level` (1 asserted while InterruptStatus != 0, 0 deasserted).",
+    "to `level` (1 asserted while InterruptStatus != 0, 0 deasserted); `status` is InterruptStatus "
+    "as the frame leaves. With IRQ_STATUS negotiated the driver may take `status` instead of "
+    "reading the register and post its InterruptACK: the server then raises the line again (a "
+    "new frame) for any notification it made after this frame whose bit the ACK cleared, so "
+    "none is lost, and it sends no level-0 frame for a drop the driver's own ACK caused.",
 }
 
 

@@ -100,6 +100,9 @@ class MmioDevice:
         self.name = name or device_name(backend.device_id)
         self.memory: GuestMemory | None = None
         self.on_irq: Callable[[bool], None] | None = None
+        # The driver takes InterruptStatus from the raise frame and posts its ACK (IRQ_STATUS).
+        self.posted_ack = False
+        self._owed = 0  # notifications made while their bit was set, since the last raise
         self.queues = [SplitVirtqueue(i, backend.queue_num_max) for i in range(backend.num_queues)]
         for queue in self.queues:
             queue.legacy = version == 1
@@ -294,6 +297,7 @@ class MmioDevice:
         # device (as QEMU, which keeps it in the transport, not the virtio device).
         self._broken = False
         self._rerun.clear()
+        self._owed = 0
         self._set_interrupt_status(0)
 
     def _fail(self, reason: str) -> None:
@@ -307,19 +311,30 @@ class MmioDevice:
             self._raise_interrupt(Interrupt.CONFIG)
 
     # -- interrupts -----------------------------------------------------------------------------
-    def _set_interrupt_status(self, value: int) -> None:
+    def _set_interrupt_status(self, value: int, *, quiet_drop: bool = False) -> None:
         old, self._interrupt_status = self._interrupt_status, value
-        if bool(old) != bool(value) and self.on_irq is not None:
-            try:
-                self.on_irq(bool(value))
-            except Exception:
-                log.exception("%s: on_irq(%s) failed", self.name, bool(value))
+        if bool(old) == bool(value) or self.on_irq is None:
+            return
+        if value:
+            self._owed = 0  # the driver hears of everything up to here
+        elif quiet_drop:
+            return
+        try:
+            self.on_irq(bool(value))
+        except Exception:
+            log.exception("%s: on_irq(%s) failed", self.name, bool(value))
 
     def _raise_interrupt(self, bits: int) -> None:
+        # A notification whose bit is already set adds no edge; remember it, so an ACK that
+        # clears the bit before the driver could have seen it raises the line again.
+        self._owed |= bits & self._interrupt_status
         self._set_interrupt_status(self._interrupt_status | bits)
 
     def _write_interrupt_ack(self, value: int) -> None:
-        self._set_interrupt_status(self._interrupt_status & ~value)
+        owed, self._owed = self._owed & value, self._owed & ~value
+        self._set_interrupt_status(self._interrupt_status & ~value, quiet_drop=self.posted_ack)
+        if owed and self.posted_ack:
+            self._raise_interrupt(owed)
 
     def config_changed(self) -> None:
         """The backend changed its config space: new generation, and once the driver is up a

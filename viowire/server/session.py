@@ -19,7 +19,7 @@ from viowire.protocol.codec import DecodeError, decode_body, encode
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
-from viowire.server.platform import Platform, PlatformSpec
+from viowire.server.platform import Platform, PlatformSpec, Slot
 from viowire.virtio.memory import GuestMemory, GuestMemoryError
 
 log = logging.getLogger("viowire.server")
@@ -29,7 +29,10 @@ MAX_REGIONS = 64
 HELLO_TIMEOUT = 10.0
 MAX_QUEUED_FDS = 8
 SERVER_FEATURES = (
-    m.ProtoFeature.POSTED_WRITES | m.ProtoFeature.MEMORY_PROXIED | m.ProtoFeature.MEMORY_SHM
+    m.ProtoFeature.POSTED_WRITES
+    | m.ProtoFeature.MEMORY_PROXIED
+    | m.ProtoFeature.MEMORY_SHM
+    | m.ProtoFeature.IRQ_STATUS
 )
 _KIND_FEATURES = {
     m.MemoryKind.PROXIED: m.ProtoFeature.MEMORY_PROXIED,
@@ -230,7 +233,8 @@ class ServerSession(asyncio.Protocol):
             self._hello_timer.cancel()
         self.platform = self.spec.build(name_prefix=f"session {self.session_id:x} ")
         for slot in self.platform.slots:
-            slot.device.on_irq = self._irq_sender(slot.irq)
+            slot.device.on_irq = self._irq_sender(slot)
+            slot.device.posted_ack = bool(self.features & m.ProtoFeature.IRQ_STATUS)
         log.info(
             "session %x: HELLO from %r, features %#x", self.session_id, msg.name, self.features
         )
@@ -246,9 +250,11 @@ class ServerSession(asyncio.Protocol):
         )
         self.send(reply, frame.request_id, m.Flags.REPLY)
 
-    def _irq_sender(self, irq: int):
+    def _irq_sender(self, slot: Slot):
+        irq, device = slot.irq, slot.device
+
         def on_irq(level: bool) -> None:
-            self.send(m.Irq(irq=irq, level=int(level)))
+            self.send(m.Irq(irq=irq, level=int(level), status=device.interrupt_status))
 
         return on_irq
 
