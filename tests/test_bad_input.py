@@ -318,7 +318,7 @@ class RawPeer:
         return reply
 
     async def platform(self) -> object:
-        reply = await self.request(m.PlatformQuery())
+        reply = await self.request(m.PlatformQuery(first=0, max_count=64))
         assert isinstance(reply, m.PlatformInfo), reply
         return reply
 
@@ -794,7 +794,7 @@ async def test_undecodable_hello_then_a_good_one(open_peer, scheme, body):
         (m.MmioRead(addr=BLK, width=4), 0),
         (m.MmioWrite(addr=BLK + Reg.STATUS, width=4, value=1), 0),
         (m.MmioWrite(addr=BLK + Reg.STATUS, width=4, value=1), m.Flags.POSTED),
-        (m.PlatformQuery(), 0),
+        (m.PlatformQuery(first=0, max_count=64), 0),
         (mem_register(RAM_BASE, RAM_SIZE, m.MemoryKind.PROXIED), 0),
         (m.MemUnregister(gpa=RAM_BASE), 0),
     ],
@@ -836,7 +836,9 @@ async def test_second_hello_is_bad_state_and_changes_nothing(open_peer, scheme):
 async def test_unacceptable_hello_is_unsupported_and_a_good_one_follows(open_peer, scheme, fields):
     peer = await open_peer(scheme)
     await peer.request_error(hello_msg(**fields), m.ErrorCode.UNSUPPORTED)
-    await peer.request_error(m.PlatformQuery(), m.ErrorCode.BAD_STATE)  # still no session
+    await peer.request_error(
+        m.PlatformQuery(first=0, max_count=64), m.ErrorCode.BAD_STATE
+    )  # still no session
     reply = await peer.hello(max_frame=0xFFFF_FFFF)
     assert reply.max_frame == m.DEFAULT_MAX_FRAME  # the smaller of both offers
 
@@ -1245,7 +1247,7 @@ async def test_unexpected_descriptors_are_closed(server, open_peer, caplog):
     early = await open_peer("unix")
     null = os.open("/dev/null", os.O_RDONLY)
     try:
-        await early.send(encode(m.PlatformQuery(), 1), fds=[null])
+        await early.send(encode(m.PlatformQuery(first=0, max_count=64), 1), fds=[null])
     finally:
         os.close(null)
     await early.expect_error(m.ErrorCode.BAD_STATE, 1)  # fds with a frame before HELLO
@@ -1569,7 +1571,7 @@ async def attack(server: Server, scheme: str, conn: Connection) -> None:
         await peers[1].send(raw_frame(0x99, b"x" * 50, 1))
         if scheme == "unix":
             fds = list(os.pipe())
-            await peers[2].send(encode(m.PlatformQuery(), 1), fds=fds)
+            await peers[2].send(encode(m.PlatformQuery(first=0, max_count=64), 1), fds=fds)
             for fd in fds:
                 os.close(fd)
         await peers[2].send(struct.pack("<I", 3))

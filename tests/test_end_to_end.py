@@ -132,3 +132,18 @@ async def test_server_survives_client_vanishing_mid_io(server):
         await blk.write(0, b"x" * 512)
         assert await blk.read(0, 512) == b"x" * 512
         await blk.detach()
+
+
+async def test_platform_larger_than_one_frame_comes_in_pages(tmp_path):
+    """50,000 devices: 28 bytes each are more than one 1 MiB frame holds."""
+    spec = PlatformSpec([DeviceSpec.parse("rng,count=50000")], stride=0x200)
+    async with (
+        running_server(tmp_path, spec) as server,
+        await connect(url_of(server, "unix"), ram_size=1 << 20) as conn,
+    ):
+        platform = await asyncio.wait_for(conn.platform(), 60)
+    assert len(platform) == 50000
+    assert [d.base for d in platform[-2:]] == [
+        0x10001000 + 49998 * 0x200,
+        0x10001000 + 49999 * 0x200,
+    ]

@@ -266,8 +266,12 @@ class Connection(asyncio.Protocol):
     # -- platform ------------------------------------------------------------------------------
     async def platform(self) -> list[DeviceInfo]:
         """The server's platform table: one entry per device window."""
-        reply = await self.request(m.PlatformQuery())
-        return [DeviceInfo(*entry) for entry in reply.devices]
+        devices: list[DeviceInfo] = []
+        while True:  # in pages: a large platform does not fit in one frame
+            reply = await self.request(m.PlatformQuery(first=len(devices), max_count=0xFFFFFFFF))
+            devices += (DeviceInfo(*entry) for entry in reply.devices)
+            if len(devices) >= reply.total or not reply.devices:
+                return devices
 
     async def attach(self, info: DeviceInfo, *, bus: object = None) -> VirtioMmioDevice:
         """A virtio-mmio transport for ``info``, bound to this connection and its guest RAM.

@@ -139,8 +139,10 @@ SCHEMAS: dict[MsgType, Struct] = {
     MsgType.MMIO_READ: Struct("addr" / Int64ul, "width" / Int8ul),
     MsgType.MMIO_READ_REPLY: Struct("value" / Int64ul),
     MsgType.MMIO_WRITE: Struct("addr" / Int64ul, "width" / Int8ul, "value" / Int64ul),
-    MsgType.PLATFORM_QUERY: Struct(),
-    MsgType.PLATFORM_INFO: Struct("devices" / PrefixedArray(Int32ul, DeviceEntry)),
+    MsgType.PLATFORM_QUERY: Struct("first" / Int32ul, "max_count" / Int32ul),
+    MsgType.PLATFORM_INFO: Struct(
+        "total" / Int32ul, "first" / Int32ul, "devices" / PrefixedArray(Int32ul, DeviceEntry)
+    ),
     MsgType.MEM_REGISTER: Struct(
         "gpa" / Int64ul,
         "size" / Int64ul,
@@ -167,9 +169,11 @@ DOCS: dict[MsgType, str] = {
     MsgType.MMIO_READ_REPLY: "value read, zero-extended.",
     MsgType.MMIO_WRITE: "write the low `width` bytes of `value` at `addr`. With POSTED no reply is "
     "sent; writes are applied in the order they arrive.",
-    MsgType.PLATFORM_QUERY: "ask for the platform description.",
-    MsgType.PLATFORM_INFO: "one entry per device window: base, window size, IRQ line, virtio-mmio "
-    "Version, DeviceID, VendorID.",
+    MsgType.PLATFORM_QUERY: "ask for the platform description, from entry `first`, at most "
+    "`max_count` entries (the server may send fewer: the reply must fit in max_frame).",
+    MsgType.PLATFORM_INFO: "`total` entries exist; these are entries `first`.. in address "
+    "order, one per device window: base, window size, IRQ line, virtio-mmio Version, DeviceID, "
+    "VendorID. Ask again from `first + len(devices)` until `total`.",
     MsgType.MEM_REGISTER: "client → server: guest RAM at [gpa, gpa+size). kind MEMFD carries the "
     "fd as SCM_RIGHTS ancillary data on this frame; SHM names a segment; PROXIED has no backing "
     "on the server. offset = where the region starts inside the fd or segment.",

@@ -277,6 +277,10 @@ class ServerSession(asyncio.Protocol):
         self._answer(frame, m.Ok())
 
     def _on_platform_query(self, frame: Frame, msg: m.PlatformQuery) -> None:
+        slots = self.platform.slots
+        # 12 bytes of frame header, 12 of PLATFORM_INFO fields, 28 a device entry.
+        fits = (self.max_frame - 24) // 28
+        chosen = slots[msg.first : msg.first + min(msg.max_count, fits)]
         devices = tuple(
             (
                 s.base,
@@ -286,9 +290,9 @@ class ServerSession(asyncio.Protocol):
                 s.device.backend.device_id,
                 s.device.vendor_id,
             )
-            for s in self.platform.slots
+            for s in chosen
         )
-        self._answer(frame, m.PlatformInfo(devices=devices))
+        self._answer(frame, m.PlatformInfo(total=len(slots), first=msg.first, devices=devices))
 
     # -- guest memory --------------------------------------------------------------------------
     def _on_mem_register(self, frame: Frame, msg: m.MemRegister) -> None:
