@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from viowire import __version__, bench, logs
+from viowire import __version__, bench, load, logs
 from viowire.conform import cli as conform_cli
 from viowire.runtime import LOOPS, run
 
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conform_cli.add_parser(sub)
     bench.add_parser(sub)
+    load.add_parser(sub)
     return parser
 
 
@@ -257,6 +258,7 @@ COMMANDS = {
     "demo": _demo,
     "conform": conform_cli.run,
     "bench": bench.run,
+    "load": load.run,
 }
 
 

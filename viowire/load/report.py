@@ -1,0 +1,117 @@
+"""The summary of a load run as text: totals, per-operation latency, a histogram, fairness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from viowire.load.histogram import rows
+from viowire.units import format_size
+
+BAR = 40  # characters of the longest histogram bar
+MAX_ROWS = 16  # of the histogram, at the finest of 4, 2 or 1 rows per power of two
+
+
+def format_us(us: float) -> str:
+    """1234 -> '1.23 ms'; 87 -> '87 us'."""
+    if us >= 1_000_000:
+        return f"{us / 1e6:.2f} s"
+    if us >= 1000:
+        return f"{us / 1000:.2f} ms"
+    return f"{us:.0f} us"
+
+
+def format_bytes(n: float) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"viowire load {s['url']}: {s['memory']} memory, {s['loop']}, seed {s['seed']}, "
+        f"block {format_size(s['block_size'])}, depth {s['depth']}, "
+        f"concurrency {s['concurrency']}",
+        f"sessions   {s['sessions']}/{s['sessions_target']}",
+        f"devices    {s['devices']:,}/{s['devices_target']:,} up in {s['bringup_s']:.2f} s "
+        f"({s['devices_per_s']:,.0f} devices/s): "
+        + ", ".join(f"{n:,} {kind}" for kind, n in s["devices_by_kind"].items()),
+    ]
+    for why, n in s["devices_out"].items():
+        lines.append(f"           {n:,} out: {why}")
+    lines.append(
+        f"workload   {s['duration_s']:.2f} s{' (interrupted)' if s['interrupted'] else ''}: "
+        f"{s['completed']:,} requests ({s['requests_per_s']:,.0f}/s), "
+        f"{format_bytes(s['bytes'])} ({format_bytes(s['bytes_per_s'])}/s)"
+    )
+    for op, o in s["ops"].items():
+        lat = o["latency_us"]
+        lines.append(
+            f"  {op:<10} {o['requests']:>10,} req {format_bytes(o['bytes']):>11}  "
+            f"p50 {format_us(lat['p50']):>9}  p99 {format_us(lat['p99']):>9}  "
+            f"max {format_us(lat['max']):>9}  errors {o['errors']}"
+        )
+    lines += _latency(s["latency_us"], s["histogram_us"])
+    lines += _fairness(s["fairness"])
+    rb = s["readback"]
+    lines.append(
+        f"read-back  {rb['blocks']:,} blocks written, {rb['verified']:,} read back intact, "
+        f"{rb['verify_failures']} verify failures, {rb['errors']} errors, "
+        f"{rb['unverified']} not re-read ({rb['seconds']:.2f} s)"
+    )
+    errors = s["errors_by_kind"]
+    lines.append(
+        "errors     "
+        + (", ".join(f"{kind} {n:,}" for kind, n in errors.items()) if errors else "none")
+    )
+    lines += [f"           {sample}" for sample in s["error_samples"]]
+    lines.append(f"verify     {s['verify_failures']} failures")
+    verdict = "OK: every request completed, every written block read back intact"
+    lines.append(f"result     {verdict if s['ok'] else 'FAILED'}")
+    return "\n".join(lines) + "\n"
+
+
+def _latency(lat: dict[str, Any], buckets: list[list[int]]) -> list[str]:
+    if not lat["count"]:
+        return ["latency    no request completed"]
+    out = [
+        f"latency    min {format_us(lat['min'])}, p50 {format_us(lat['p50'])}, "
+        f"p90 {format_us(lat['p90'])}, p99 {format_us(lat['p99'])}, "
+        f"p99.9 {format_us(lat['p99_9'])}, max {format_us(lat['max'])} "
+        f"(mean {format_us(lat['mean'])})"
+    ]
+    for sub_bits in (2, 1, 0):  # quarter octaves, else half octaves, else octaves
+        table = rows(buckets, sub_bits)
+        if len(table) <= MAX_ROWS:
+            break
+    peak = max(n for _, _, n in table)
+    for low, high, n in table:
+        bar = "#" * (round(BAR * n / peak) if n else 0)
+        if n and not bar:
+            bar = "."
+        out.append(
+            f"  {format_us(low):>9} .. {format_us(high + 1):>9} |{bar:<{BAR}}| "
+            f"{n:>10,} {100 * n / lat['count']:5.1f}%"
+        )
+    return out
+
+
+def _fairness(per_kind: dict[str, dict[str, Any]]) -> list[str]:
+    out = []
+    for kind, f in per_kind.items():
+        if not f:
+            continue
+        idle = f" ({f['idle_devices']:,} idle)" if f["idle_devices"] else ""
+        out.append(
+            f"fairness   {kind}: requests per device min {f['requests_min']:,}, median "
+            f"{f['requests_median']:,.0f}, max {f['requests_max']:,}{idle}"
+        )
+        if "slowest_device" in f:
+            ratio = f["slowest_vs_median"]
+            out.append(
+                f"           slowest {f['slowest_device']}: mean "
+                f"{format_us(f['mean_latency_us_slowest'])}, "
+                f"{'-' if ratio is None else f'{ratio:.2f}x'} the median device's "
+                f"{format_us(f['mean_latency_us_median'])}"
+            )
+    return out

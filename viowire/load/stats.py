@@ -1,0 +1,122 @@
+"""What a load run counts: requests, bytes, latency, errors by kind, and per-device shares.
+
+One :class:`Stats` per phase (the workload, the final read-back). Recording a request is a few
+list and counter updates, cheap enough for every request of a run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+
+from viowire.client.connection import ProtocolError
+from viowire.client.errors import RequestError
+from viowire.load.histogram import LogHistogram
+from viowire.protocol.messages import ErrorCode
+from viowire.virtio.constants import BlkStatus
+
+MAX_SAMPLES = 10  # error messages kept verbatim for the summary
+
+
+def error_kind(exc: BaseException) -> str:
+    """A short, countable name: ``timeout``, ``ProtocolError:BUS_ERROR``, ``RequestError:IOERR``,
+    else the exception's class name."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ProtocolError):
+        return f"ProtocolError:{_name(ErrorCode, exc.code)}"
+    if isinstance(exc, RequestError):
+        return f"RequestError:{_name(BlkStatus, exc.status)}"
+    return type(exc).__name__
+
+
+def _name(enum_type: type, value: int) -> str:
+    try:
+        return enum_type(value).name
+    except ValueError:
+        return str(value)
+
+
+@dataclass
+class OpStats:
+    requests: int = 0
+    bytes: int = 0
+    errors: int = 0
+    latency: LogHistogram = field(default_factory=LogHistogram)
+
+
+class Stats:
+    """Counters of one phase over ``devices`` devices (indexed 0..devices-1)."""
+
+    def __init__(self, devices: int, ops: tuple[str, ...]) -> None:
+        self.issued = 0
+        self.completed = 0
+        self.bytes = 0
+        self.latency = LogHistogram()
+        self.ops = {op: OpStats() for op in ops}
+        self.errors: Counter[str] = Counter()
+        self.verify_failures = 0
+        self.samples: list[str] = []
+        self.dev_requests = [0] * devices  # completed, with or without an error
+        self.dev_timed = [0] * devices  # completed without an error: these have a latency
+        self.dev_latency_us = [0] * devices
+
+    def ok(self, op: str, device: int, latency_us: int, nbytes: int) -> None:
+        self.completed += 1
+        self.bytes += nbytes
+        self.latency.record(latency_us)
+        stats = self.ops[op]
+        stats.requests += 1
+        stats.bytes += nbytes
+        stats.latency.record(latency_us)
+        self.dev_requests[device] += 1
+        self.dev_timed[device] += 1
+        self.dev_latency_us[device] += latency_us
+
+    def failed(self, op: str, device: int, kind: str, message: str) -> None:
+        """A request that completed with an error (or timed out): counted, not timed."""
+        self.completed += 1
+        self.ops[op].requests += 1
+        self.ops[op].errors += 1
+        self.dev_requests[device] += 1
+        self.error(kind, message)
+
+    def error(self, kind: str, message: str) -> None:
+        self.errors[kind] += 1
+        if kind.startswith("verify"):
+            self.verify_failures += 1
+        if len(self.samples) < MAX_SAMPLES:
+            self.samples.append(f"{kind}: {message}")
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def fairness(stats: Stats, names: list[str], devices: list[int]) -> dict[str, object]:
+    """How evenly ``devices`` (of one kind) were served: request counts (min, median, max), and
+    the device with the highest mean latency against the median device's mean latency."""
+    if not devices:
+        return {}
+    requests = [stats.dev_requests[i] for i in devices]
+    means = [
+        (stats.dev_latency_us[i] / stats.dev_timed[i], i) for i in devices if stats.dev_timed[i]
+    ]
+    out: dict[str, object] = {
+        "devices": len(devices),
+        "requests_min": min(requests),
+        "requests_median": statistics.median(requests),
+        "requests_max": max(requests),
+        "idle_devices": sum(1 for n in requests if not n),
+    }
+    if means:
+        median = statistics.median(mean for mean, _ in means)
+        slowest, at = max(means)
+        out |= {
+            "mean_latency_us_median": round(median, 1),
+            "mean_latency_us_slowest": round(slowest, 1),
+            "slowest_device": names[at],
+            "slowest_vs_median": round(slowest / median, 2) if median else None,
+        }
+    return out
