@@ -258,7 +258,7 @@ def windows(draw, min_irq: int = 0, max_count: int = 6) -> list[Declaration]:
 def disjoint_windows(draw) -> list[Declaration]:
     """Windows a kernel could register together: apart, numbered from an optional first id."""
     count = draw(st.integers(0, 6))
-    points = st.lists(st.integers(0, U64), min_size=2 * count, max_size=2 * count, unique=True)
+    points = st.lists(st.integers(0, U64 - 1), min_size=2 * count, max_size=2 * count, unique=True)
     edges = sorted(draw(points))
     decls = [
         Declaration(edges[2 * i], edges[2 * i + 1] - edges[2 * i], draw(st.integers(1, 2**32 - 1)))
