@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from viowire import __version__, bench, load, logs
 from viowire.conform import cli as conform_cli
-from viowire.runtime import LOOPS, run
+from viowire.options import add_target_options
+from viowire.runtime import LOOPS, run, until_signalled
 
 MAX_LISTED = 32  # devices serve prints at startup
 DEFAULT_LISTEN = ("tcp://127.0.0.1:7000", "unix:///tmp/viowire.sock")
-
-
-def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "url",
-        help="a viowire server, tcp://HOST:PORT or unix:///PATH, or QEMU's devices through "
-        "its qtest socket, qtest+unix:///PATH",
-    )
-    parser.add_argument(
-        "--memory",
-        choices=("shared", "proxied"),
-        default=None,
-        help="guest memory mode (default: shared when the server is on this host, else proxied)",
-    )
-    parser.add_argument(
-        "--from-dts", metavar="FILE", help="declare the devices from virtio,mmio nodes of a DTS"
-    )
-    parser.add_argument("--from-dtb", metavar="FILE", help="the same from a flattened device tree")
 
 
 def _add_device_declarations(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="start a server on a private socket and drive every device")
 
     probe = sub.add_parser("probe", help="list a server's devices, like lspci -v")
-    _add_client_options(probe)
+    add_target_options(probe)
     fmt = probe.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--dts", action="store_true", help="print a device tree (DTS)")
@@ -110,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_declarations(probe)
 
     io = sub.add_parser("io", help="drive a block device like qemu-io")
-    _add_client_options(io)
+    add_target_options(io)
     io.add_argument(
         "--device",
         required=True,
@@ -188,11 +169,7 @@ async def _serve(args: argparse.Namespace) -> int:
     _print_layout(spec)
     for endpoint in endpoints:
         print(f"listening on {endpoint}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await server.close()
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -33,3 +34,16 @@ def loop_name() -> str:
     return (
         "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
     )
+
+
+async def until_signalled() -> None:
+    """Return on SIGINT or SIGTERM: how a server process is asked to stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

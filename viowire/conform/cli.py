@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Any
 
+from viowire.options import add_target_options
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``conform`` subcommand to ``subparsers`` (an argparse subparsers action)."""
@@ -20,18 +22,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "violations; verdicts PASS, REJECT (violation refused, device healthy), WEDGED "
         "(DEVICE_NEEDS_RESET), FAIL, SKIP. Exit status 1 if anything FAILs.",
     )
-    parser.add_argument(
-        "url",
-        nargs="?",
-        help="tcp://HOST:PORT or unix:///PATH (a viowire server), or qtest+unix:///PATH (QEMU "
-        "started with -qtest unix:PATH,server=on,wait=off; microvm's virtio-mmio slots)",
-    )
-    parser.add_argument(
-        "--memory",
-        choices=("shared", "proxied"),
-        default=None,
-        help="guest memory mode (default: shared when the server is on this host, else proxied)",
-    )
+    add_target_options(parser, url_optional=True)
     parser.add_argument(
         "--device",
         action="append",
@@ -40,8 +31,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="only device N of the platform (see viowire probe), or declare a window in the "
         "kernel's virtio_mmio.device= syntax (repeatable)",
     )
-    parser.add_argument("--from-dts", metavar="FILE", help="declare the devices from a DTS")
-    parser.add_argument("--from-dtb", metavar="FILE", help="declare the devices from a DTB")
     parser.add_argument(
         "--only",
         action="append",

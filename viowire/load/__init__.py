@@ -27,6 +27,7 @@ import sys
 from typing import Any
 
 from viowire.load.config import DEFAULT_MIX, OPS
+from viowire.options import add_memory_option
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[1].replace("``", ""),
     )
     parser.add_argument("url", help="a viowire server, tcp://HOST:PORT or unix:///PATH")
+    add_memory_option(parser)
     parser.add_argument(
         "--sessions", type=int, default=16, metavar="N", help="connections (default 16)"
     )
@@ -80,12 +82,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=256,
         metavar="N",
         help="requests in flight in total, over all devices (default 256)",
-    )
-    parser.add_argument(
-        "--memory",
-        choices=("shared", "proxied"),
-        default=None,
-        help="guest memory mode (default: shared when the server is on this host, else proxied)",
     )
     parser.add_argument(
         "--seed",

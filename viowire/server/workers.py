@@ -9,7 +9,6 @@ restarts a worker that dies, forwards SIGTERM/SIGINT, and removes Unix socket fi
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -19,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from viowire import logs
-from viowire.runtime import run
+from viowire.runtime import run, until_signalled
 from viowire.server.app import Server
 from viowire.server.platform import PlatformSpec
 from viowire.urls import Endpoint
@@ -36,11 +35,7 @@ async def _worker(
     logs.install()
     server = Server(spec, allow_shm=allow_shm)
     await server.serve(listeners)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await server.close()
     return 0
 
