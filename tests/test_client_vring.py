@@ -27,7 +27,7 @@ from viowire.virtio.constants import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
-from viowire.virtio.memory import MappedGuestMemory
+from viowire.virtio.memory import GuestMemory, MappedGuestMemory, Region
 
 TIMEOUT = 2.0
 DESC = struct.Struct("<QIHH")
@@ -37,14 +37,41 @@ def align_up(value: int, align: int) -> int:
     return (value + align - 1) & ~(align - 1)
 
 
-class FakeRAM:
-    """Guest RAM over a bytearray with a first-fit allocator; ``limit`` makes bigger asks fail."""
+class RemoteMemory(GuestMemory):
+    """The same bytes behind an interface that suspends on every access, like qtest's: the
+    virtqueue then takes its awaiting path instead of the synchronous one."""
 
-    def __init__(self, size: int = 1 << 20, base: int = 0x4000_0000) -> None:
+    def __init__(self, mapped: MappedGuestMemory) -> None:
+        self.mapped = mapped
+
+    @property
+    def regions(self) -> list[Region]:
+        return list(self.mapped.regions)
+
+    async def readv(self, ranges):
+        await asyncio.sleep(0)
+        return [self.mapped.read_sync(gpa, n) for gpa, n in ranges]
+
+    async def writev(self, segments):
+        await asyncio.sleep(0)
+        for gpa, data in segments:
+            self.mapped.write_sync(gpa, data)
+
+
+class FakeRAM:
+    """Guest RAM over a bytearray with a first-fit allocator; ``limit`` makes bigger asks fail.
+
+    ``memory`` is what the driver uses (``remote``: one that suspends); ``mapped`` is what the
+    test, playing the device, reads and writes directly."""
+
+    def __init__(
+        self, size: int = 1 << 20, base: int = 0x4000_0000, *, remote: bool = False
+    ) -> None:
         self.base, self.size = base, size
-        self.memory = MappedGuestMemory()
+        self.mapped = MappedGuestMemory()
         self.buffer = bytearray(size)
-        self.memory.add_region(base, self.buffer)
+        self.mapped.add_region(base, self.buffer)
+        self.memory = RemoteMemory(self.mapped) if remote else self.mapped
         self.blocks: dict[int, int] = {}
         self.limit: int | None = None
 
@@ -59,7 +86,7 @@ class FakeRAM:
         if gpa + size > self.base + self.size:
             raise MemoryError(f"fake RAM has no {size} bytes")
         self.blocks[gpa] = size
-        self.memory.write_sync(gpa, bytes(size))
+        self.mapped.write_sync(gpa, bytes(size))
         return gpa
 
     def free(self, gpa: int) -> None:
@@ -78,7 +105,8 @@ class DeviceRing:
     @classmethod
     def of(cls, vq: Virtqueue) -> DeviceRing:
         a = vq.addresses
-        return cls(vq.memory, vq.num, a.desc, a.avail, a.used)  # type: ignore[arg-type]
+        mem = vq.memory.mapped if isinstance(vq.memory, RemoteMemory) else vq.memory
+        return cls(mem, vq.num, a.desc, a.avail, a.used)  # type: ignore[arg-type]
 
     def start_at(self, index: int) -> None:
         """Both sides as if ``index`` chains had already gone round (white-box wraparound)."""
@@ -149,8 +177,14 @@ async def wait(awaitable, timeout: float = TIMEOUT):
 
 
 async def settle() -> None:
-    for _ in range(5):
+    for _ in range(100):  # remote memory suspends on every access
         await asyncio.sleep(0)
+
+
+@pytest.fixture(params=[False, True], ids=["mapped", "remote"])
+def remote(request) -> bool:
+    """Run a test on mapped guest memory (the synchronous path) and on remote memory."""
+    return request.param
 
 
 # -- layout -------------------------------------------------------------------------------------
@@ -197,8 +231,8 @@ async def test_failed_modern_allocation_gives_back_what_it_took():
 # -- publishing ---------------------------------------------------------------------------------
 
 
-async def test_add_publishes_descriptors_slot_then_index():
-    ram = FakeRAM()
+async def test_add_publishes_descriptors_slot_then_index(remote):
+    ram = FakeRAM(remote=remote)
     vq, dev, kicks = await make_vq(ram)
     await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 512), (0x4008_2000, 1)], "req")
     assert dev.mem.load_u16(dev.avail + 2) == 1
@@ -212,31 +246,72 @@ async def test_add_publishes_descriptors_slot_then_index():
     assert vq.num_free == 8 and vq.in_flight == 0
 
 
-async def test_indirect_table_takes_one_slot_and_is_freed():
-    ram = FakeRAM()
+async def test_a_chain_that_fits_goes_direct_even_with_indirect(remote):
+    ram = FakeRAM(remote=remote)
     vq, dev, _ = await make_vq(ram, indirect=True)
     blocks = len(ram.blocks)
+    await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 8), (0x4008_2000, 1)], "direct")
+    assert vq.num_free == 5 and len(ram.blocks) == blocks  # no table allocated
+    assert not DESC.unpack(ram.mapped.read_sync(dev.desc, 16))[2] & VIRTQ_DESC_F_INDIRECT
+    _, chain = dev.pop()
+    assert chain == [(0x4008_0000, 16, False), (0x4008_1000, 8, True), (0x4008_2000, 1, True)]
+
+
+async def fill(vq: Virtqueue, free: int) -> None:
+    """Publish one-buffer chains until ``free`` descriptors are left."""
+    for i in range(vq.num_free - free):
+        await vq.add([(0x4009_0000 + 64 * i, 4)], [], f"filler{i}")
+
+
+async def test_a_chain_that_does_not_fit_takes_one_slot_and_a_table_freed_on_return(remote):
+    ram = FakeRAM(remote=remote)
+    vq, dev, _ = await make_vq(ram, indirect=True)
+    await fill(vq, 2)
+    blocks = len(ram.blocks)
     await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 8), (0x4008_2000, 1)], "ind")
-    assert vq.num_free == 7 and len(ram.blocks) == blocks + 1
-    flags = DESC.unpack(ram.memory.read_sync(dev.desc, 16))[2]
+    assert vq.num_free == 1 and len(ram.blocks) == blocks + 1
+    head_id = ram.mapped.load_u16(dev.avail + 4 + 2 * 6)
+    flags = DESC.unpack(ram.mapped.read_sync(dev.desc + 16 * head_id, 16))[2]
     assert flags == VIRTQ_DESC_F_INDIRECT
+    for _ in range(6):
+        dev.pop()
     head, chain = dev.pop()
     assert chain == [(0x4008_0000, 16, False), (0x4008_1000, 8, True), (0x4008_2000, 1, True)]
     dev.push(head, 9)
     assert await vq.get_buf() == ("ind", 9)
-    assert len(ram.blocks) == blocks and vq.num_free == 8
+    assert len(ram.blocks) == blocks and vq.num_free == 2
 
 
-async def test_single_buffer_and_no_memory_go_direct():
+async def test_single_buffer_goes_direct_and_no_memory_for_a_table_means_no_room():
     ram = FakeRAM()
     vq, dev, _ = await make_vq(ram, indirect=True)
     await vq.add([], [(0x4008_0000, 64)], "one")
-    assert DESC.unpack(ram.memory.read_sync(dev.desc, 16))[2] == VIRTQ_DESC_F_WRITE
-    ram.limit = 16  # the 32-byte table does not fit: fall back to two ring descriptors
-    await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 8)], "direct")
-    assert vq.num_free == 5
-    dev.pop()
-    assert dev.pop()[1] == [(0x4008_0000, 16, False), (0x4008_1000, 8, True)]
+    assert DESC.unpack(ram.mapped.read_sync(dev.desc, 16))[2] == VIRTQ_DESC_F_WRITE
+    await fill(vq, 1)
+    ram.limit = 16  # the 32-byte table does not fit, and neither do two ring descriptors
+    with pytest.raises(QueueFullError):
+        await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 8)], "direct")
+    assert vq.num_free == 1
+
+
+async def test_submit_without_memory_for_a_table_waits_until_the_chain_fits(remote):
+    ram = FakeRAM(remote=remote)
+    vq, dev, _ = await make_vq(ram, 4, indirect=True)
+    await fill(vq, 1)
+    ram.limit = 16
+    task = asyncio.create_task(vq.submit([(0x4008_0000, 16)], [(0x4008_1000, 8)]))
+    await settle()
+    assert not task.done() and dev.pending() == 3
+    for _ in range(3):
+        head, _ = dev.pop()
+        dev.push(head, 0)
+    await vq.interrupt()
+    await settle()
+    head, chain = dev.pop()
+    assert chain == [(0x4008_0000, 16, False), (0x4008_1000, 8, True)]
+    dev.push(head, 8)
+    await vq.interrupt()
+    assert await wait(task) == 8
 
 
 async def test_add_refuses_what_cannot_fit_now():
@@ -260,8 +335,8 @@ async def complete_all(dev: DeviceRing, vq: Virtqueue, lengths: dict[int, int], 
     return await vq.interrupt()
 
 
-async def test_many_submits_in_flight_complete_out_of_order():
-    ram = FakeRAM()
+async def test_many_submits_in_flight_complete_out_of_order(remote):
+    ram = FakeRAM(remote=remote)
     vq, dev, kicks = await make_vq(ram, 8, event_idx=True, indirect=True)
     addrs = [0x4008_0000 + 0x1000 * i for i in range(8)]
     tasks = [asyncio.create_task(vq.submit([], [(a, 100)])) for a in addrs]
@@ -272,8 +347,8 @@ async def test_many_submits_in_flight_complete_out_of_order():
     assert kicks.count == 1  # the device never moved avail_event: one kick for index 0
 
 
-async def test_submit_waits_for_a_free_slot_when_full():
-    ram = FakeRAM()
+async def test_submit_waits_for_a_free_slot_when_full(remote):
+    ram = FakeRAM(remote=remote)
     vq, dev, _ = await make_vq(ram, 2)
     tasks = [asyncio.create_task(vq.submit([], [(0x4008_0000 + i * 64, 8)])) for i in range(3)]
     await settle()
@@ -308,11 +383,11 @@ async def test_interrupt_without_news_and_tokens_for_get_buf():
 
 
 @pytest.mark.parametrize("start", [65530, 65535, 0xFFF0])
-async def test_indexes_wrap_past_65535(start):
-    ram = FakeRAM()
+async def test_indexes_wrap_past_65535(start, remote):
+    ram = FakeRAM(remote=remote)
     vq, dev, kicks = await make_vq(ram, 4, event_idx=True)
     vq._avail_idx = vq._last_used = start
-    ram.memory.store_u16(dev.avail + 2, start)
+    ram.mapped.store_u16(dev.avail + 2, start)
     dev.start_at(start)
     dev.set_avail_event(start)
     for round_ in range(6):
@@ -322,7 +397,7 @@ async def test_indexes_wrap_past_65535(start):
         assert await wait(asyncio.gather(*tasks)) == [round_ + i for i in range(4)]
         dev.set_avail_event(dev.last_avail)
     end = (start + 24) & 0xFFFF
-    assert ram.memory.load_u16(dev.avail + 2) == end and vq._last_used == end
+    assert ram.mapped.load_u16(dev.avail + 2) == end and vq._last_used == end
     assert dev.used_event() == end
     assert kicks.count == 6  # one kick per round: avail_event named each round's first entry
 
@@ -353,8 +428,8 @@ def test_vring_need_event_is_crossing_mod_2_16(old, count, event):
     assert vring_need_event(event, new, old) == crossed
 
 
-async def test_event_idx_kick_only_when_avail_event_is_crossed():
-    ram = FakeRAM()
+async def test_event_idx_kick_only_when_avail_event_is_crossed(remote):
+    ram = FakeRAM(remote=remote)
     vq, dev, kicks = await make_vq(ram, 8, event_idx=True)
     dev.set_avail_event(3)  # "kick me when you publish the entry at index 3"
     for i in range(3):
@@ -456,11 +531,13 @@ async def test_protocol_violations_break_the_queue(push, reason):
 # -- teardown -----------------------------------------------------------------------------------
 
 
-async def test_detach_fails_waiters_and_reclaims_descriptors():
-    ram = FakeRAM()
+async def test_detach_fails_waiters_and_reclaims_descriptors(remote):
+    ram = FakeRAM(remote=remote)
     vq, _, _ = await make_vq(ram, 4, indirect=True)
+    await fill(vq, 1)
     task = asyncio.create_task(vq.submit([(0x4008_0000, 4)], [(0x4008_1000, 4)]))
     await settle()
+    assert vq.num_free == 0 and len(ram.blocks) == 4  # the rings and an indirect table
     await vq.detach_all()
     with pytest.raises(QueueDeletedError):
         await wait(task)
@@ -470,8 +547,8 @@ async def test_detach_fails_waiters_and_reclaims_descriptors():
         await vq.add([(0x4008_0000, 4)], [], "late")
 
 
-async def test_cancelled_submit_releases_buffers_only_when_the_device_returns_them():
-    ram = FakeRAM()
+async def test_cancelled_submit_releases_buffers_only_when_the_device_returns_them(remote):
+    ram = FakeRAM(remote=remote)
     vq, dev, _ = await make_vq(ram, 4)
     released = []
     task = asyncio.create_task(
@@ -487,3 +564,155 @@ async def test_cancelled_submit_releases_buffers_only_when_the_device_returns_th
     await vq.interrupt()
     await settle()
     assert released == [True] and vq.num_free == 4
+
+
+async def cancelled_submit(ram: FakeRAM, num: int = 4):
+    vq, dev, _ = await make_vq(ram, num)
+    released = []
+    task = asyncio.create_task(
+        vq.submit([], [(0x4008_0000, 4)], release=lambda: released.append(True))
+    )
+    return vq, dev, task, released
+
+
+async def test_cancelled_while_waiting_for_room_releases_at_once(remote):
+    ram = FakeRAM(remote=remote)
+    vq, dev, _ = await make_vq(ram, 2)
+    await fill(vq, 0)
+    released = []
+    task = asyncio.create_task(
+        vq.submit([], [(0x4008_0000, 4)], release=lambda: released.append(True))
+    )
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wait(task)
+    assert released == [True] and vq.in_flight == 2  # never published
+    assert dev.pending() == 2
+
+
+async def test_cancelled_after_completion_releases_once_at_once():
+    """The device returned the chain, but the task was cancelled before it ran again."""
+    ram = FakeRAM()
+    vq, dev, task, released = await cancelled_submit(ram)
+    await settle()
+    head, _ = dev.pop()
+    dev.push(head, 4)
+    await vq.interrupt()  # resolves the future; the task has not resumed yet
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wait(task)
+    await settle()
+    assert released == [True] and vq.num_free == 4
+
+
+async def test_cancelled_submit_is_released_by_detach_all(remote):
+    ram = FakeRAM(remote=remote)
+    vq, _, task, released = await cancelled_submit(ram)
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wait(task)
+    assert not released
+    await vq.detach_all()
+    assert released == [True] and vq.num_free == 4
+
+
+async def test_cancelled_submit_on_a_failed_queue_waits_for_detach():
+    """DEVICE_NEEDS_RESET: the device may still hold the chain until the reset."""
+    ram = FakeRAM()
+    vq, _, task, released = await cancelled_submit(ram)
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wait(task)
+    await vq.fail(RuntimeError("needs reset"))
+    assert not released
+    await vq.detach_all()
+    assert released == [True]
+
+
+async def test_a_batch_moves_used_event_once_to_the_last_entry(remote):
+    ram = FakeRAM(remote=remote)
+    vq, dev, _ = await make_vq(ram, 8, event_idx=True)
+    tasks = [asyncio.create_task(vq.submit([], [(0x4008_0000 + 64 * i, 8)])) for i in range(5)]
+    await settle()
+    assert await complete_all(dev, vq, {})
+    assert await wait(asyncio.gather(*tasks)) == [0] * 5
+    assert dev.used_event() == 5 and vq.num_free == 8
+    assert not await vq.interrupt()  # nothing new
+
+
+async def test_room_waiters_are_woken_in_order_of_free_descriptors(remote):
+    """More submitters than ring slots, completions one at a time: all finish, none lost."""
+    ram = FakeRAM(remote=remote)
+    vq, dev, _ = await make_vq(ram, 2)
+    tasks = [asyncio.create_task(vq.submit([], [(0x4008_0000 + 64 * i, 8)])) for i in range(7)]
+    for _ in range(20):
+        await settle()
+        if (item := dev.pop()) is not None:
+            dev.push(item[0], 1)
+            await vq.interrupt()
+    assert await wait(asyncio.gather(*tasks)) == [1] * 7
+    assert vq.num_free == 2 and vq.in_flight == 0
+
+
+@pytest.mark.parametrize("steps", range(1, 14))
+async def test_cancelled_at_any_point_releases_exactly_once_and_leaks_nothing(remote, steps):
+    """Cancel a submit after ``steps`` loop turns (publishing on remote memory suspends at
+    every access); whatever the device then returns, the buffers are released once, after the
+    device is done with them, every descriptor comes back, and a published chain is kicked."""
+    ram = FakeRAM(remote=remote)
+    vq, dev, kicks = await make_vq(ram, 4, event_idx=True, indirect=True)
+    released = []
+    task = asyncio.create_task(
+        vq.submit(
+            [(0x4008_0000, 16)], [(0x4008_1000, 8), (0x4008_2000, 1)],
+            release=lambda: released.append(dev.pending()),
+        )
+    )
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wait(task)
+    assert released in ([], [0])
+    await settle()
+    assert kicks.count == (dev.pending() > 0)  # published: kicked, once
+    while (item := dev.pop()) is not None:
+        assert not released  # the device holds the buffers: not released yet
+        dev.push(item[0], 1)
+        await vq.interrupt()
+    await settle()
+    assert len(released) == 1 and vq.num_free == 4 and vq.in_flight == 0
+
+
+async def test_a_gpa_beyond_64_bits_is_refused_before_anything_is_taken():
+    ram = FakeRAM()
+    vq, _, _ = await make_vq(ram, 4)
+    with pytest.raises(ValueError, match="bad buffer"):
+        await vq.add([(1 << 64, 4)], [], "huge")
+    assert vq.num_free == 4 and vq.in_flight == 0
+
+
+async def test_a_kick_cancelled_in_flight_is_sent_anyway():
+    """The notify suspends (a full socket); cancelling the submitter must not lose the kick,
+    or every chain published behind it waits for good."""
+    ram = FakeRAM()
+    gate = asyncio.Event()
+    sent = []
+
+    async def notify(vq: Virtqueue) -> None:
+        await gate.wait()
+        sent.append(vq.index)
+
+    vq = await Virtqueue.create(0, 4, ram.memory, ram, notify=notify)
+    task = asyncio.create_task(vq.submit([], [(0x4008_0000, 4)]))
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wait(task)
+    assert not sent
+    gate.set()
+    await settle()
+    assert sent == [0]

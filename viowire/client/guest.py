@@ -14,7 +14,9 @@ import fcntl
 import mmap
 import os
 import secrets
+from dataclasses import dataclass
 
+from viowire.client.virtqueue import Allocator
 from viowire.virtio.memory import MappedGuestMemory
 
 DEFAULT_RAM_BASE = 0x8000_0000  # where boards put DRAM; keeps legacy PFNs within 32 bits
@@ -74,6 +76,79 @@ class RangeAllocator:
     @property
     def free_bytes(self) -> int:
         return sum(length for _, length in self._free)
+
+
+@dataclass(slots=True)
+class DmaSlot:
+    """One block of a :class:`DmaPool`: ``prefix`` bytes at ``gpa``, then ``capacity`` data
+    bytes at ``data``."""
+
+    gpa: int
+    data: int
+    capacity: int
+
+
+class DmaPool:
+    """A driver's request buffers, allocated on first use and then reused.
+
+    Each request takes a slot (a block of guest RAM holding ``prefix`` bytes for its header and
+    status, then its data) and gives it back once the device has returned the chain. Slots are
+    allocated lazily, so an idle device holds no buffers, and kept for the next request, so
+    a busy one makes no allocator calls and zeroes nothing: the driver writes every byte the
+    device reads. Data areas are a power of two of at least ``min_data`` bytes; a slot too small
+    for a request is replaced by a larger one. At most ``keep`` idle slots are kept; when guest
+    RAM runs short the idle ones are freed before giving up.
+    """
+
+    def __init__(
+        self, allocator: Allocator, *, prefix: int = 0, keep: int = 32, min_data: int = 4096
+    ) -> None:
+        self.allocator = allocator
+        self.prefix = (prefix + 63) & ~63  # data starts on a cache line
+        self.keep = keep
+        self.min_data = min_data
+        self._idle: list[DmaSlot] = []
+        self._closed = False
+
+    def take(self, data_len: int) -> DmaSlot:
+        """A slot with room for ``data_len`` bytes; a MemoryError if guest RAM has none."""
+        idle = self._idle
+        if idle:
+            slot = idle.pop()
+            if slot.capacity >= data_len:
+                return slot
+            self.allocator.free(slot.gpa)
+        capacity = max(self.min_data, 1 << (data_len - 1).bit_length())
+        try:
+            return self._new(capacity)
+        except MemoryError:
+            self.trim()
+            return self._new(max(data_len, 1))
+
+    def _new(self, capacity: int) -> DmaSlot:
+        gpa = self.allocator.alloc(self.prefix + capacity, 64)
+        return DmaSlot(gpa, gpa + self.prefix, capacity)
+
+    def give(self, slot: DmaSlot) -> None:
+        """Take a slot back; only once the device no longer holds the chain that used it."""
+        if self._closed or len(self._idle) >= self.keep:
+            self.allocator.free(slot.gpa)
+        else:
+            self._idle.append(slot)
+
+    def trim(self) -> None:
+        """Free the idle slots (slots in use are kept and come back through give)."""
+        while self._idle:
+            self.allocator.free(self._idle.pop().gpa)
+
+    def close(self) -> None:
+        """Free the idle slots, and each slot in use as it comes back."""
+        self._closed = True
+        self.trim()
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
 
 
 class GuestRAM:

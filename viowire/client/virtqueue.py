@@ -36,7 +36,7 @@ from viowire.virtio.constants import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
-from viowire.virtio.memory import GuestMemory
+from viowire.virtio.memory import GuestMemory, MappedGuestMemory
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,16 @@ class _Head:
     descs: list[int]  # ring descriptors the chain holds
     indirect: int | None  # gpa of its indirect table, freed when the chain returns
     in_bytes: int  # device-writable bytes: used.len may not exceed this
+    release: Callable[[], None] | None  # for a cancelled submit: runs when the chain returns
 
 
 class Virtqueue:
-    """A split virtqueue, driver side. Build it with :meth:`create` (which zeroes the rings)."""
+    """A split virtqueue, driver side. Build it with :meth:`create` (which zeroes the rings).
+
+    Guest memory that this process maps (:class:`MappedGuestMemory`) never suspends, so chains
+    are published and consumed synchronously there, without taking the Condition unless a
+    submitter is waiting for room; remote memory (qtest) goes through the awaiting path.
+    """
 
     def __init__(
         self,
@@ -155,7 +161,11 @@ class Virtqueue:
         self._notify = notify
         self.addresses = self._allocate()
         self.broken: Exception | None = None
+        self._mapped = memory if isinstance(memory, MappedGuestMemory) else None
+        self._loop: asyncio.AbstractEventLoop | None = None  # get_running_loop() is a syscall
         self._lock = asyncio.Condition()
+        self._room_waiters = 0  # submitters waiting on the Condition for free descriptors
+        self._kicks: set[asyncio.Task[None]] = set()  # see _kick_anyway
         self._free: list[int] = list(reversed(range(num)))  # a stack: descriptor 0 goes first
         self._heads: dict[int, _Head] = {}
         self._backlog: deque[tuple[object, int]] = deque()  # returned, not yet taken by get_buf
@@ -168,6 +178,7 @@ class Virtqueue:
     async def create(cls, *args: Any, **kwargs: Any) -> Virtqueue:
         """Construct (same arguments) and zero the rings: every index and flag starts at 0."""
         vq = cls(*args, **kwargs)
+        vq._loop = asyncio.get_running_loop()
         try:
             await vq._zero_rings()
         except BaseException:
@@ -239,60 +250,134 @@ class Virtqueue:
         """
         if token is None:
             raise ValueError("token must not be None: get_buf() returns None for 'nothing used'")
-        self._check_buffers(out_bufs, in_bufs)
-        table = self._alloc_indirect(len(out_bufs) + len(in_bufs))
-        try:
-            async with self._lock:
-                self._check_usable()
-                await self._add_locked(out_bufs, in_bufs, token, table)
-                table = None
-                force_kick = self._num_added == 0xFFFF  # keep old/new apart for the event test
-        finally:
-            if table is not None:
-                self.allocator.free(table)
+        count = _check_buffers(out_bufs, in_bufs)
+        async with self._lock:
+            self._check_usable()
+            table = self._placement(count)
+            if table is _NO_ROOM:
+                needed = 1 if self._can_indirect(count) else count
+                raise QueueFullError(self.device, self.index, needed, len(self._free), self.num)
+            await self._add(out_bufs, in_bufs, count, token, None, table)
+            force_kick = self._num_added == 0xFFFF  # keep old/new apart for the event test
         if force_kick:
             await self.kick()
 
-    def _check_buffers(self, out_bufs: Buffers, in_bufs: Buffers) -> None:
-        if not out_bufs and not in_bufs:
-            raise ValueError("a chain needs at least one buffer")
-        for gpa, length in (*out_bufs, *in_bufs):
-            if not 0 < length < 1 << 32 or gpa < 0:
-                raise ValueError(f"bad buffer {gpa:#x}+{length}: length must be in 1..2^32-1")
+    def _can_indirect(self, count: int) -> bool:
+        return self.indirect and count >= 2
 
-    def _alloc_indirect(self, count: int) -> int | None:
-        """An indirect table when negotiated and useful; ``None`` (go direct) if RAM is short."""
-        if not self.indirect or count < 2:
+    def _placement(self, count: int) -> int | None:
+        """Where a chain of ``count`` buffers goes now: ``None`` straight into the ring (it fits),
+        the gpa of an indirect table (it does not, and one descriptor is free), or ``_NO_ROOM``.
+
+        A direct chain costs the device no extra read and the driver no allocation; the table
+        is only for chains that would not fit (Linux goes indirect whenever it can, but its
+        tables come from kmalloc, not from a first-fit allocator over guest RAM).
+        """
+        free = len(self._free)
+        if count <= free:
             return None
+        if not free or not self._can_indirect(count):
+            return _NO_ROOM
         try:
             return self.allocator.alloc(DESC_SIZE * count, 16)
         except MemoryError:
-            return None
+            return _NO_ROOM
 
-    def _needed(self, count: int, table: int | None) -> int:
-        return 1 if table is not None else count
+    def _take(
+        self,
+        out_bufs: Buffers,
+        in_bufs: Buffers,
+        count: int,
+        token: object,
+        release: Callable[[], None] | None,
+        table: int | None,
+    ) -> tuple[list[int], list[bytes]]:
+        """Take ring descriptors for a chain and record it; nothing is in guest memory yet.
 
-    async def _add_locked(
-        self, out_bufs: Buffers, in_bufs: Buffers, token: object, table: int | None
+        Returns the ring descriptors (the head first) and the packed descriptors: one per ring
+        descriptor for a direct chain, the table's entries for an indirect one. There must be
+        room (see :meth:`_placement`).
+        """
+        free = self._free
+        if table is None:
+            ids = free[: -count - 1 : -1]  # the top of the stack, in pop order
+            packed, in_bytes = _pack_chain(out_bufs, in_bufs, ids)
+        else:
+            ids = free[-1:]
+            packed, in_bytes = _pack_chain(out_bufs, in_bufs, range(count))
+        del free[-len(ids) :]
+        self._heads[ids[0]] = _Head(token, ids, table, in_bytes, release)
+        return ids, packed
+
+    def _untake(self, head_id: int) -> None:
+        """Undo :meth:`_take` for a chain that never reached avail.idx."""
+        head = self._heads.pop(head_id)
+        self._free.extend(reversed(head.descs))
+        if head.indirect is not None:
+            self.allocator.free(head.indirect)
+
+    def _add_mapped(
+        self,
+        out_bufs: Buffers,
+        in_bufs: Buffers,
+        count: int,
+        token: object,
+        release: Callable[[], None] | None,
+        table: int | None,
     ) -> None:
-        count = len(out_bufs) + len(in_bufs)
-        needed = self._needed(count, table)
-        if needed > len(self._free):
-            raise QueueFullError(self.device, self.index, needed, len(self._free), self.num)
-        chain = [(gpa, n, 0) for gpa, n in out_bufs]
-        chain += [(gpa, n, VIRTQ_DESC_F_WRITE) for gpa, n in in_bufs]
-        if table is not None:
-            await self.memory.write(table, _chain_bytes(chain, list(range(count))))
-            chain = [(table, DESC_SIZE * count, VIRTQ_DESC_F_INDIRECT)]
-        descs = [self._free.pop() for _ in chain]
-        await self.memory.writev(_chain_segments(self.addresses.desc, chain, descs))
-        head = descs[0]
-        self._heads[head] = _Head(token, descs, table, sum(n for _, n in in_bufs))
-        slot = self.addresses.avail + 4 + 2 * (self._avail_idx & (self.num - 1))
-        await self.memory.write_u16(slot, head)
-        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        await self.memory.write_u16(self.addresses.avail + 2, self._avail_idx)
+        """Publish a chain in mapped memory: descriptors, then the ring slot, then avail.idx."""
+        mem = self._mapped
+        ids, packed = self._take(out_bufs, in_bufs, count, token, release, table)
+        head = ids[0]
+        descs = mem.view(self.addresses.desc, DESC_SIZE * self.num)
+        if table is None:
+            for i, d in enumerate(ids):
+                at = DESC_SIZE * d
+                descs[at : at + DESC_SIZE] = packed[i]
+        else:
+            mem.write_sync(table, b"".join(packed))
+            descs[DESC_SIZE * head : DESC_SIZE * (head + 1)] = _indirect_desc(table, count)
+        avail = self.addresses.avail
+        idx = self._avail_idx
+        mem.store_u16(avail + 4 + 2 * (idx & (self.num - 1)), head)
+        self._avail_idx = idx = (idx + 1) & 0xFFFF
+        mem.store_u16(avail + 2, idx)
         self._num_added += 1
+
+    async def _add(
+        self,
+        out_bufs: Buffers,
+        in_bufs: Buffers,
+        count: int,
+        token: object,
+        release: Callable[[], None] | None,
+        table: int | None,
+    ) -> None:
+        """:meth:`_add_mapped` for any guest memory; holds the lock."""
+        if self._mapped is not None:
+            self._add_mapped(out_bufs, in_bufs, count, token, release, table)
+            return
+        ids, packed = self._take(out_bufs, in_bufs, count, token, release, table)
+        head = ids[0]
+        desc = self.addresses.desc
+        if table is None:
+            writes = [(desc + DESC_SIZE * d, packed[i]) for i, d in enumerate(ids)]
+        else:
+            writes = [
+                (table, b"".join(packed)),
+                (desc + DESC_SIZE * head, _indirect_desc(table, count)),
+            ]
+        avail = self.addresses.avail
+        try:
+            await self.memory.writev(writes)
+            await self.memory.write_u16(avail + 4 + 2 * (self._avail_idx & (self.num - 1)), head)
+        except BaseException:
+            self._untake(head)
+            raise
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+        self._num_added += 1
+        # From here on the chain counts as published: a cancellation must not stop the store.
+        await asyncio.shield(self.memory.write_u16(avail + 2, self._avail_idx))
 
     async def kick(self) -> bool:
         """Notify the device of published chains unless it asked not to be; True if notified."""
@@ -302,17 +387,38 @@ class Virtqueue:
             await self._notify(self)
         return needed
 
-    async def _kick_prepare(self) -> bool:
-        """virtqueue_kick_prepare_split: EVENT_IDX crossing of avail_event, else used.flags."""
+    def _kick_range(self) -> tuple[int, int] | None:
+        """(new, old) avail.idx since the last kick decision, or None if nothing was added."""
         if not self._num_added:
-            return False  # nothing new: Linux would kick anyway (without EVENT_IDX); no need
+            return None  # nothing new: Linux would kick anyway (without EVENT_IDX); no need
         new = self._avail_idx
         old = (new - self._num_added) & 0xFFFF
         self._num_added = 0
         full_barrier()
+        return new, old
+
+    def _kick_needed(self, new: int, old: int, value: int) -> bool:
+        """``value``: avail_event with EVENT_IDX, else used.flags."""
         if self.event_idx:
-            return vring_need_event(await self.memory.read_u16(self._avail_event), new, old)
-        return not await self.memory.read_u16(self.addresses.used) & VIRTQ_USED_F_NO_NOTIFY
+            return vring_need_event(value, new, old)
+        return not value & VIRTQ_USED_F_NO_NOTIFY
+
+    def _kick_prepare_mapped(self) -> bool:
+        """virtqueue_kick_prepare_split: EVENT_IDX crossing of avail_event, else used.flags."""
+        span = self._kick_range()
+        if span is None:
+            return False
+        where = self._avail_event if self.event_idx else self.addresses.used
+        return self._kick_needed(*span, self._mapped.load_u16(where))
+
+    async def _kick_prepare(self) -> bool:
+        if self._mapped is not None:
+            return self._kick_prepare_mapped()
+        span = self._kick_range()
+        if span is None:
+            return False
+        where = self._avail_event if self.event_idx else self.addresses.used
+        return self._kick_needed(*span, await self.memory.read_u16(where))
 
     async def submit(
         self, out_bufs: Buffers, in_bufs: Buffers, *, release: Callable[[], None] | None = None
@@ -324,41 +430,105 @@ class Virtqueue:
         has given them back (or the queue is gone); on any other outcome the buffers are the
         caller's again when this returns or raises.
         """
-        self._check_buffers(out_bufs, in_bufs)
-        done = asyncio.get_running_loop().create_future()
+        count = _check_buffers(out_bufs, in_bufs)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        done = loop.create_future()
         try:
-            kick = await self._publish(out_bufs, in_bufs, done)
+            kick = None
+            if self._mapped is not None and not self._room_waiters and not self._lock.locked():
+                kick = self._publish_now(out_bufs, in_bufs, count, done, release)
+            if kick is None:
+                kick = await self._publish(out_bufs, in_bufs, count, done, release)
         except asyncio.CancelledError:
-            if release is not None:
-                release()  # never published: nothing of it is the device's
+            if release is not None and not done.cancelled():
+                release()  # never published, or back already: nothing of it is the device's
             raise
         try:
             if kick and self._notify is not None:
                 await self._notify(self)
-            return await asyncio.shield(done)
+                kick = False
+            return await done
         except asyncio.CancelledError:
-            if release is not None:
-                done.add_done_callback(lambda _: release())
+            if kick:
+                self._kick_anyway()
+            # The chain is published. Cancelled (by us or by the task's cancel), it is released
+            # when the device gives it back; done already, it is back now.
+            done.cancel()
+            if release is not None and not done.cancelled():
+                release()
             raise
 
-    async def _publish(self, out_bufs: Buffers, in_bufs: Buffers, done: asyncio.Future) -> bool:
-        count = len(out_bufs) + len(in_bufs)
-        table = self._alloc_indirect(count)
-        try:
-            needed = self._needed(count, table)
-            if needed > self.num:
-                raise QueueFullError(self.device, self.index, needed, len(self._free), self.num)
-            async with self._lock:
-                await self._lock.wait_for(
-                    lambda: self.broken is not None or len(self._free) >= needed
-                )
+    def _kick_anyway(self) -> None:
+        """A cancellation lost a kick (or the decision to kick): notify from a task of our own.
+        A spurious notification is harmless; a missing one can stall the queue for good."""
+        if self._notify is None or self._loop is None:
+            return
+        task = self._loop.create_task(self._notify(self))
+        self._kicks.add(task)
+        task.add_done_callback(self._kicked)
+
+    def _kicked(self, task: asyncio.Task[None]) -> None:
+        self._kicks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s: virtqueue %d: notification failed: %s",
+                        self.device, self.index, task.exception())
+
+    def _publish_now(
+        self,
+        out_bufs: Buffers,
+        in_bufs: Buffers,
+        count: int,
+        done: asyncio.Future,
+        release: Callable[[], None] | None,
+    ) -> bool | None:
+        """Publish in mapped memory without waiting: whether to kick, or None if no room now."""
+        self._check_usable()
+        table = self._placement(count)
+        if table is _NO_ROOM:
+            return None
+        self._add_mapped(out_bufs, in_bufs, count, done, release, table)
+        return self._kick_prepare_mapped()
+
+    async def _publish(
+        self,
+        out_bufs: Buffers,
+        in_bufs: Buffers,
+        count: int,
+        done: asyncio.Future,
+        release: Callable[[], None] | None,
+    ) -> bool:
+        """Wait for room under the lock, publish, and decide on the kick."""
+        if count > self.num and not self._can_indirect(count):
+            raise QueueFullError(self.device, self.index, count, len(self._free), self.num)
+        needed = 1 if self._can_indirect(count) else count
+        async with self._lock:
+            while True:
+                self._room_waiters += 1
+                try:
+                    await self._lock.wait_for(
+                        lambda n=needed: self.broken is not None or len(self._free) >= n
+                    )
+                finally:
+                    self._room_waiters -= 1
                 self._check_usable()
-                await self._add_locked(out_bufs, in_bufs, done, table)
-                table = None
+                table = self._placement(count)
+                if table is not _NO_ROOM:
+                    break
+                if count > self.num:  # only a table would do, and guest RAM has none
+                    raise QueueFullError(
+                        self.device, self.index, count, len(self._free), self.num
+                    )
+                needed = count  # no table: wait until the chain fits directly
+            try:
+                await self._add(out_bufs, in_bufs, count, done, release, table)
                 return await self._kick_prepare()
-        finally:
-            if table is not None:
-                self.allocator.free(table)
+            except asyncio.CancelledError:
+                if any(head.token is done for head in self._heads.values()):
+                    done.cancel()  # published: released when the device gives it back
+                    self._kick_anyway()
+                raise
 
     def _check_usable(self) -> None:
         if self.broken is not None:
@@ -382,29 +552,42 @@ class Virtqueue:
             return False
         return await self.memory.read_u16(self.addresses.used + 2) != self._last_used
 
+    def _pending(self, used_idx: int) -> int:
+        """Entries used since the last one taken; 0 if the device broke the ring by moving
+        used.idx further than the ring holds (the queue is then broken)."""
+        pending = (used_idx - self._last_used) & 0xFFFF
+        if pending > self.num:
+            self._break(f"used.idx moved from {self._last_used} to {used_idx}, "
+                        f"more than the queue size {self.num}")
+            return 0
+        return pending
+
+    def _take_used(self, head_id: int, length: int) -> _Head | None:
+        """Check a used element and take its chain back; None if it breaks the queue."""
+        head = self._heads.get(head_id) if head_id < self.num else None
+        if head is None:
+            reason = "out of range" if head_id >= self.num else "is not a head"
+            self._break(f"used id {head_id} {reason}")
+            return None
+        if length > head.in_bytes:
+            self._break(f"used len {length} is larger than the {head.in_bytes} "
+                        f"device-writable bytes of chain {head_id}")
+            return None
+        self._detach(head_id, head)
+        self._last_used = (self._last_used + 1) & 0xFFFF
+        return head
+
     async def _get_buf_locked(self) -> tuple[object, int] | None:
         if self.broken is not None or not self.addresses.blocks:
             return None
-        used_idx = await self.memory.read_u16(self.addresses.used + 2)
-        pending = (used_idx - self._last_used) & 0xFFFF
-        if pending == 0:
+        if not self._pending(await self.memory.read_u16(self.addresses.used + 2)):
             return None
-        if pending > self.num:
-            return self._break(f"used.idx moved from {self._last_used} to {used_idx}, "
-                               f"more than the queue size {self.num}")
         slot = self._last_used & (self.num - 1)
         elem = self.addresses.used + 4 + USED_ELEM_SIZE * slot
         head_id, length = _USED_ELEM.unpack(await self.memory.read(elem, USED_ELEM_SIZE))
-        if head_id >= self.num:
-            return self._break(f"used id {head_id} out of range")
-        head = self._heads.get(head_id)
+        head = self._take_used(head_id, length)
         if head is None:
-            return self._break(f"used id {head_id} is not a head")
-        if length > head.in_bytes:
-            return self._break(f"used len {length} is larger than the {head.in_bytes} "
-                               f"device-writable bytes of chain {head_id}")
-        self._detach(head_id, head)
-        self._last_used = (self._last_used + 1) & 0xFFFF
+            return None
         if self.event_idx and not self._cb_disabled:
             # Ask for an interrupt when the next entry is used (Linux does this on every get).
             await self.memory.write_u16(self._used_event, self._last_used)
@@ -415,12 +598,19 @@ class Virtqueue:
         self._free.extend(reversed(head.descs))
         if head.indirect is not None:
             self.allocator.free(head.indirect)
+        if head.release is not None and head.token.cancelled():  # type: ignore[attr-defined]
+            try:
+                head.release()
+            except Exception:
+                log.exception("%s: virtqueue %d: releasing a cancelled request's buffers failed",
+                              self.device, self.index)
 
     def _break(self, reason: str) -> None:
-        """The device broke the protocol: stop the queue and fail every waiter (Linux BAD_RING)."""
+        """The device broke the protocol: stop the queue and fail every waiter (Linux BAD_RING).
+
+        The caller wakes the submitters waiting for room."""
         self.broken = DeviceBrokenError(self.device, self.index, reason)
         self._fail_pending(self.broken)
-        self._lock.notify_all()
 
     def _fail_pending(self, exc: BaseException) -> None:
         for head in self._heads.values():
@@ -429,22 +619,64 @@ class Virtqueue:
                 token.set_exception(exc)
                 token.exception()  # a cancelled submitter never retrieves it: no warning
 
+    def _deliver(self, head: _Head, length: int) -> None:
+        token = head.token
+        if isinstance(token, asyncio.Future):
+            if not token.done():
+                token.set_result(length)
+        else:
+            self._backlog.append((token, length))
+
+    def _collect_mapped(self) -> bool:
+        """Take every used chain from mapped memory, resolving submitters; True if any (or if
+        the device broke the queue). With EVENT_IDX, used_event is moved once per batch and
+        used.idx read again after it, so a chain used meanwhile is not left without interrupt.
+        """
+        if self.broken is not None or not self.addresses.blocks:
+            return False
+        mem = self._mapped
+        used = self.addresses.used
+        mask = self.num - 1
+        unpack = _USED_ELEM.unpack_from
+        found = False
+        while pending := self._pending(mem.load_u16(used + 2)):
+            found = True
+            elems = mem.view(used + 4, USED_ELEM_SIZE * self.num)
+            for _ in range(pending):
+                head_id, length = unpack(elems, USED_ELEM_SIZE * (self._last_used & mask))
+                head = self._take_used(head_id, length)
+                if head is None:
+                    return True
+                self._deliver(head, length)
+            if not self.event_idx or self._cb_disabled:
+                continue
+            mem.store_u16(self._used_event, self._last_used)
+            full_barrier()
+        return found or self.broken is not None
+
     async def interrupt(self) -> bool:
         """vring_interrupt: take every returned chain, resolve submitters, run the callback.
 
         Returns False when nothing new was used (the interrupt was for another queue).
         """
-        async with self._lock:
-            if not await self._more_used():
+        if self._mapped is not None and not self._lock.locked():
+            if not self._collect_mapped():
                 return False
-            while (item := await self._get_buf_locked()) is not None:
-                token, length = item
-                if isinstance(token, asyncio.Future):
-                    if not token.done():
-                        token.set_result(length)
-                else:
-                    self._backlog.append(item)
-            self._lock.notify_all()
+            if self._room_waiters:
+                async with self._lock:
+                    self._lock.notify_all()
+        else:
+            async with self._lock:
+                if not await self._more_used():
+                    return False
+                while (item := await self._get_buf_locked()) is not None:
+                    token, length = item
+                    if isinstance(token, asyncio.Future):
+                        if not token.done():
+                            token.set_result(length)
+                    else:
+                        self._backlog.append(item)
+                self._lock.notify_all()
         if self.callback is not None:
             try:
                 await maybe_await(self.callback(self))
@@ -497,19 +729,49 @@ class Virtqueue:
                 f"in_flight={self.in_flight} avail={self._avail_idx} used={self._last_used}>")
 
 
-def _chain_bytes(chain: list[tuple[int, int, int]], descs: list[int]) -> bytes:
-    """Descriptors of one chain in table order (an indirect table: next = position + 1)."""
-    return b"".join(_desc(chain, descs, i) for i in range(len(chain)))
+_NO_ROOM = -1  # _placement: the chain cannot go out now
+_F_INDIRECT = VIRTQ_DESC_F_INDIRECT
+_F_NEXT = VIRTQ_DESC_F_NEXT
+_F_WRITE = VIRTQ_DESC_F_WRITE
 
 
-def _chain_segments(
-    table: int, chain: list[tuple[int, int, int]], descs: list[int]
-) -> list[tuple[int, bytes]]:
-    return [(table + DESC_SIZE * d, _desc(chain, descs, i)) for i, d in enumerate(descs)]
+def _check_buffers(out_bufs: Buffers, in_bufs: Buffers) -> int:
+    """The chain's buffer count, after checking every (gpa, length)."""
+    count = len(out_bufs) + len(in_bufs)
+    if not count:
+        raise ValueError("a chain needs at least one buffer")
+    for bufs in (out_bufs, in_bufs):
+        for gpa, length in bufs:
+            if not 0 < length < 1 << 32 or not 0 <= gpa < 1 << 64:
+                raise ValueError(f"bad buffer {gpa:#x}+{length}: length must be in 1..2^32-1")
+    return count
 
 
-def _desc(chain: list[tuple[int, int, int]], descs: list[int], i: int) -> bytes:
-    gpa, length, flags = chain[i]
-    if i + 1 < len(chain):
-        return _DESC.pack(gpa, length, flags | VIRTQ_DESC_F_NEXT, descs[i + 1])
-    return _DESC.pack(gpa, length, flags, 0)
+def _indirect_desc(table: int, count: int) -> bytes:
+    return _DESC.pack(table, DESC_SIZE * count, _F_INDIRECT, 0)
+
+
+def _pack_chain(
+    out_bufs: Buffers, in_bufs: Buffers, links: Sequence[int]
+) -> tuple[list[bytes], int]:
+    """The chain's descriptors, readable then writable, the i-th linked to ``links[i + 1]``
+    (ring descriptors; for an indirect table ``range(n)``); and its device-writable bytes."""
+    pack = _DESC.pack
+    last = len(out_bufs) + len(in_bufs) - 1
+    packed = []
+    i = 0
+    for gpa, length in out_bufs:
+        if i < last:
+            packed.append(pack(gpa, length, _F_NEXT, links[i + 1]))
+        else:
+            packed.append(pack(gpa, length, 0, 0))
+        i += 1
+    in_bytes = 0
+    for gpa, length in in_bufs:
+        if i < last:
+            packed.append(pack(gpa, length, _F_WRITE | _F_NEXT, links[i + 1]))
+        else:
+            packed.append(pack(gpa, length, _F_WRITE, 0))
+        in_bytes += length
+        i += 1
+    return packed, in_bytes

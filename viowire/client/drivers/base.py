@@ -129,14 +129,20 @@ class VirtioDriver:
         return self.dev.needs_reset
 
     async def detach(self) -> None:
-        """Reset the device (it stops using the rings), then delete the queues."""
+        """Reset the device (it stops using the rings), delete the queues, free the buffers."""
         if self._undo_config is not None:
             self._undo_config()
             self._undo_config = None
         try:
             await self.dev.reset()
         finally:
-            await self.dev.del_vqs()
+            try:
+                await self.dev.del_vqs()
+            finally:
+                self.free_buffers()
+
+    def free_buffers(self) -> None:
+        """Give back the DMA buffers a driver keeps for reuse (after the queues are gone)."""
 
     async def __aenter__(self) -> Self:
         return self

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from functools import partial
 
 from viowire.client.drivers.base import VirtioDriver, bits
 from viowire.client.errors import ReadOnlyError, RequestError, VirtioError
+from viowire.client.guest import DmaPool
 from viowire.client.mmio import VirtioMmioDevice
-from viowire.client.virtqueue import Allocator
 from viowire.virtio.constants import (
     BLK_ID_BYTES,
     BLK_REQ_HEADER_SIZE,
@@ -30,6 +31,7 @@ QUEUE_DEPTH = 32  # requests in flight; bounds the DMA buffers taken from guest 
 
 _HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
 _STATUS_UNSET = 0xFF  # a device that never writes the status byte is caught, not read as OK
+_STATUS_BYTE = bytes([_STATUS_UNSET])
 
 # Config offsets (§5.2.4)
 CAPACITY, SIZE_MAX, SEG_MAX, BLK_SIZE = 0x00, 0x08, 0x0C, 0x14
@@ -64,6 +66,8 @@ class BlockDriver(VirtioDriver):
         self.max_request = max_request
         self.queue_depth = queue_depth
         self._slots = asyncio.Semaphore(queue_depth)
+        # One slot per request in flight: header and status, then the data buffer.
+        self._dma = DmaPool(dev.allocator, prefix=BLK_REQ_HEADER_SIZE + 1, keep=queue_depth)
 
     async def setup(self) -> None:
         await self._read_config()
@@ -106,6 +110,9 @@ class BlockDriver(VirtioDriver):
         self.vq = await self.dev.reset_vq(self.vq, num)
         self.request_bytes = self._request_bytes()
 
+    def free_buffers(self) -> None:
+        self._dma.close()
+
     async def config_changed(self) -> None:
         """The capacity may change at runtime (a resized backing file)."""
         self.capacity = await self.dev.config_read_int(CAPACITY, 8)
@@ -120,6 +127,10 @@ class BlockDriver(VirtioDriver):
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (both multiples of 512), in parallel requests."""
         self._check_range(offset, length)
+        if length <= self.request_bytes:
+            if not length:
+                return b""
+            return await self._transfer(BlkType.IN, offset // BLK_SECTOR_SIZE, in_len=length)
         requests = self._split(offset, length)
         parts = await asyncio.gather(
             *(self._transfer(BlkType.IN, sector, in_len=n) for sector, n in requests)
@@ -131,6 +142,10 @@ class BlockDriver(VirtioDriver):
         if self.read_only:
             raise ReadOnlyError(self.dev.name)
         self._check_range(offset, len(data))
+        if len(data) <= self.request_bytes:
+            if data:
+                await self._transfer(BlkType.OUT, offset // BLK_SECTOR_SIZE, out=bytes(data))
+            return
         view = memoryview(data)
         start = offset // BLK_SECTOR_SIZE
         await asyncio.gather(
@@ -175,54 +190,43 @@ class BlockDriver(VirtioDriver):
     async def _transfer(
         self, kind: BlkType, sector: int, *, out: bytes = b"", in_len: int = 0
     ) -> bytes:
-        async with self._slots:
+        await self._slots.acquire()  # not ``async with``: two coroutines fewer per request
+        try:
             return await self._request(kind, sector, out, in_len)
+        finally:
+            self._slots.release()
 
     async def _request(self, kind: BlkType, sector: int, out: bytes, in_len: int) -> bytes:
-        """One request in DMA buffers from guest RAM; the data read back, if any."""
-        dma = _DmaBuffers(self.dev.allocator)
+        """One request in a DMA slot; the data read back, if any."""
+        data_len = len(out) or in_len
+        dma = self._dma
+        slot = dma.take(data_len)
+        header = slot.gpa
+        status = header + BLK_REQ_HEADER_SIZE
+        data = slot.data
         try:
-            header = dma.alloc(BLK_REQ_HEADER_SIZE + 1)
-            status = header + BLK_REQ_HEADER_SIZE
-            data_len = len(out) or in_len
-            data = dma.alloc(data_len) if data_len else 0
             segments = self._segments(data, data_len)
-            writes = [(header, _HEADER.pack(kind, 0, sector) + bytes([_STATUS_UNSET]))]
+            writes = [(header, _HEADER.pack(kind, 0, sector) + _STATUS_BYTE)]
             await self.dev.memory.writev(writes + ([(data, out)] if out else []))
             out_bufs = [(header, BLK_REQ_HEADER_SIZE), *(segments if out else ())]
             in_bufs = [*(segments if in_len else ()), (status, 1)]
-            await self.vq.submit(out_bufs, in_bufs, release=dma.release)
+            await self.vq.submit(out_bufs, in_bufs, release=partial(dma.give, slot))
         except asyncio.CancelledError:
-            raise  # submit() has arranged dma.release for when the device gives them back
+            raise  # submit() gives the slot back when the device returns the chain
         except BaseException:
-            dma.release()
+            dma.give(slot)
             raise
         try:
             got = await self.dev.memory.readv([(status, 1)] + ([(data, in_len)] if in_len else []))
         finally:
-            dma.release()
+            dma.give(slot)
         if got[0][0] != BlkStatus.OK:
             raise RequestError(self.dev.name, kind, sector, data_len // BLK_SECTOR_SIZE, got[0][0])
         return got[1] if in_len else b""
 
     def _segments(self, gpa: int, length: int) -> list[tuple[int, int]]:
         """The data buffer cut into descriptors of at most size_max bytes."""
-        step = self.size_max or length or 1
+        step = self.size_max
+        if not step or length <= step:
+            return [(gpa, length)] if length else []
         return [(gpa + at, min(step, length - at)) for at in range(0, length, step)]
-
-
-class _DmaBuffers:
-    """The guest-RAM blocks of one request, freed together exactly once."""
-
-    def __init__(self, allocator: Allocator) -> None:
-        self._allocator = allocator
-        self._blocks: list[int] = []
-
-    def alloc(self, size: int) -> int:
-        gpa = self._allocator.alloc(size, 16)
-        self._blocks.append(gpa)
-        return gpa
-
-    def release(self) -> None:
-        while self._blocks:
-            self._allocator.free(self._blocks.pop())

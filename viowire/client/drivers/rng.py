@@ -10,6 +10,7 @@ import asyncio
 
 from viowire.client.drivers.base import VirtioDriver
 from viowire.client.errors import DeviceBrokenError
+from viowire.client.virtqueue import Allocator
 from viowire.virtio.constants import DeviceId
 
 MAX_CHUNK = 64 * 1024  # bytes per buffer posted
@@ -25,34 +26,67 @@ class EntropyDriver(VirtioDriver):
         (self.vq,) = await self.dev.find_vqs(["input"])
 
     async def read(self, n: int) -> bytes:
-        """Exactly ``n`` bytes of entropy, in as many requests as the device needs."""
+        """Exactly ``n`` bytes of entropy, in as many requests as the device needs.
+
+        One buffer serves every request of the read; it is freed when the read ends.
+        """
         if n < 0:
             raise ValueError(f"cannot read {n} bytes")
-        out = bytearray()
-        empty = 0
-        while len(out) < n:
-            got = await self._request(min(n - len(out), MAX_CHUNK))
-            empty = 0 if got else empty + 1
-            if empty >= MAX_EMPTY:
-                raise DeviceBrokenError(
-                    self.dev.name,
-                    self.vq.index,
-                    f"{MAX_EMPTY} buffers in a row came back with used.len 0 (at least 1 is due)",
-                )
-            out += got
+        if n == 0:
+            return b""
+        buffer = _Buffer(self.dev.allocator, min(n, MAX_CHUNK))
+        try:
+            out = bytearray()
+            empty = 0
+            while len(out) < n:
+                got = await self._fill(buffer, min(n - len(out), MAX_CHUNK))
+                empty = 0 if got else empty + 1
+                if empty >= MAX_EMPTY:
+                    raise DeviceBrokenError(
+                        self.dev.name,
+                        self.vq.index,
+                        f"{MAX_EMPTY} buffers in a row came back with used.len 0 "
+                        "(at least 1 is due)",
+                    )
+                out += got
+        finally:
+            buffer.free_unless_lent()
         return bytes(out)
 
     async def _request(self, size: int) -> bytes:
-        allocator = self.dev.allocator
-        gpa = allocator.alloc(size, 16)
+        """One buffer of ``size`` bytes posted once; what the device put in it."""
+        buffer = _Buffer(self.dev.allocator, size)
         try:
-            used = await self.vq.submit([], [(gpa, size)], release=lambda: allocator.free(gpa))
-        except asyncio.CancelledError:
-            raise  # submit() frees the buffer once the device gives it back
-        except BaseException:
-            allocator.free(gpa)
-            raise
-        try:
-            return await self.dev.memory.read(gpa, used)
+            return await self._fill(buffer, size)
         finally:
-            allocator.free(gpa)
+            buffer.free_unless_lent()
+
+    async def _fill(self, buffer: _Buffer, size: int) -> bytes:
+        try:
+            used = await self.vq.submit([], [(buffer.gpa, size)], release=buffer.free)
+        except asyncio.CancelledError:
+            buffer.lent = True  # submit() frees it once the device gives it back
+            raise
+        return await self.dev.memory.read(buffer.gpa, used)
+
+
+class _Buffer:
+    """One DMA buffer, freed exactly once: by its reader, or, if the reader was cancelled while
+    the device held it, when the device gives it back."""
+
+    __slots__ = ("_allocator", "_freed", "gpa", "lent")
+
+    def __init__(self, allocator: Allocator, size: int) -> None:
+        self._allocator = allocator
+        self.gpa = allocator.alloc(size, 16)
+        self.lent = False
+        self._freed = False
+
+    def free(self) -> None:
+        if not self._freed:
+            self._freed = True
+            self._allocator.free(self.gpa)
+
+    def free_unless_lent(self) -> None:
+        if not self.lent:
+            self.free()
