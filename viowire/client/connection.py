@@ -100,7 +100,9 @@ class Connection(asyncio.Protocol):
         self._devices: weakref.WeakSet = weakref.WeakSet()
         self._out: list[bytes] = []
         self._flush_pending = False
-        self._closed = asyncio.get_running_loop().create_future()
+        # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
         self._can_write = asyncio.Event()
         self._can_write.set()
 
@@ -158,7 +160,7 @@ class Connection(asyncio.Protocol):
         self._out.append(frame)
         if not self._flush_pending:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_pending = False
@@ -173,7 +175,7 @@ class Connection(asyncio.Protocol):
     async def request(self, msg: object, *, fds: list[int] | None = None) -> object:
         """Send a request and await its reply; an ERROR reply raises :class:`ProtocolError`."""
         request_id = self._new_id()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future = loop.create_future()
         self._pending[request_id] = future
         # A timer, not asyncio.wait_for: that costs a wrapper per request on the hot path.

@@ -151,6 +151,7 @@ class VirtioMmioDevice:
         self._irq_pending = False
         self._irq_given = 0  # InterruptStatus bits delivered with raise frames, not yet handled
         self._irq_task: asyncio.Task[None] | None = None
+        self._cached_loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         kind = device_name(self.device_id) if self.device_id else "unprobed"
@@ -535,6 +536,12 @@ class VirtioMmioDevice:
         for subscription in list(self._subscribers):
             subscription.close()
 
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once (each lookup is a getpid() system call in 3.11)."""
+        if self._cached_loop is None:
+            self._cached_loop = asyncio.get_running_loop()
+        return self._cached_loop
+
     def _on_irq_line(self, level: bool, status: int | None = None) -> None:
         """The bus reports each line change; an assertion schedules the handler as a task.
 
@@ -548,7 +555,7 @@ class VirtioMmioDevice:
             self._irq_given |= status
         self._irq_pending = True
         if self._irq_task is None or self._irq_task.done():
-            self._irq_task = asyncio.get_running_loop().create_task(
+            self._irq_task = self._loop().create_task(
                 self._irq_loop(), name=f"{self.name} interrupt"
             )
 
