@@ -152,3 +152,20 @@ async def test_index_wraparound_past_65536_requests(server):
         assert sum(done) >= 65_536
         assert rng.vq._avail_idx == sum(done) & 0xFFFF
         await rng.detach()
+
+
+@pytest.mark.parametrize("irq_status", [True, False], ids=["irq_status", "exact"])
+async def test_config_change_during_io_loses_nothing(server, irq_status):
+    """A config interrupt raised while the line is high with VRING: both reach the driver, and
+    the device keeps interrupting afterwards (a lost bit would leave the line high for good)."""
+    async with await connect(url_of(server, "unix"), irq_status=irq_status) as conn:
+        blk = await attach(conn, 1)
+        device = session_of(server, conn).platform.slots[1].device
+        for round_ in range(20):
+            writes = [asyncio.create_task(blk.write(i * 512, b"c" * 512)) for i in range(16)]
+            await asyncio.sleep(0)
+            device.backend.resize((4 << 20) + (round_ + 1) * 512)
+            await asyncio.wait_for(asyncio.gather(*writes), 5)
+        await wait_until(lambda: blk.capacity == ((4 << 20) + 20 * 512) // 512)
+        assert await asyncio.wait_for(blk.read(0, 512), 5) == b"c" * 512
+        await blk.detach()

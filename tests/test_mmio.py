@@ -644,6 +644,25 @@ def test_posted_ack_raises_again_for_what_it_clears_unseen():
     assert dev.irqs[-2:] == [True, False]
 
 
+def test_posted_ack_announces_a_bit_raised_while_the_line_was_high():
+    """VRING raised (frame says 1); then a config change sets bit 1 with no new edge; the
+    driver ACKs 1: bit 1 must come in a new frame, or the line stays high for ever."""
+    dev, drv = device(2)
+    drv.bring_up([])
+    dev.posted_ack = True
+    sent = []
+    dev.on_irq = lambda level: sent.append((level, dev.interrupt_status))
+    dev._raise_interrupt(Interrupt.VRING)
+    dev.config_changed()
+    assert sent == [(True, Interrupt.VRING)]
+    drv.write(Reg.INTERRUPT_ACK, Interrupt.VRING)
+    assert sent == [(True, Interrupt.VRING), (True, Interrupt.CONFIG)]
+    drv.write(Reg.INTERRUPT_ACK, Interrupt.CONFIG)
+    assert dev.interrupt_status == 0 and len(sent) == 2
+    dev._raise_interrupt(Interrupt.VRING)  # the line works again: a new edge, a new frame
+    assert sent[-1] == (True, Interrupt.VRING)
+
+
 def test_read_ack_keeps_exact_line_semantics():
     dev, drv = device(2)
     dev._raise_interrupt(Interrupt.VRING)

@@ -186,9 +186,10 @@ DOCS: dict[MsgType, str] = {
     MsgType.IRQ: "server → client event (request_id 0): the device's interrupt line `irq` changed "
     "to `level` (1 asserted while InterruptStatus != 0, 0 deasserted); `status` is InterruptStatus "
     "as the frame leaves. With IRQ_STATUS negotiated the driver may take `status` instead of "
-    "reading the register and post its InterruptACK: the server then raises the line again (a "
-    "new frame) for any notification it made after this frame whose bit the ACK cleared, so "
-    "none is lost, and it sends no level-0 frame for a drop the driver's own ACK caused.",
+    "reading the register and post its InterruptACK of the bits its frames carried: after that ACK "
+    "the server sends a new raise frame for every bit the driver has not been told of (one set "
+    "while the line was already high, or a notification made after a frame whose bit the ACK "
+    "cleared), and it sends no level-0 frame for a drop the driver's own ACK caused.",
 }
 
 

@@ -331,10 +331,18 @@ class MmioDevice:
         self._set_interrupt_status(self._interrupt_status | bits)
 
     def _write_interrupt_ack(self, value: int) -> None:
-        owed, self._owed = self._owed & value, self._owed & ~value
-        self._set_interrupt_status(self._interrupt_status & ~value, quiet_drop=self.posted_ack)
-        if owed and self.posted_ack:
-            self._raise_interrupt(owed)
+        if not self.posted_ack:
+            self._set_interrupt_status(self._interrupt_status & ~value)
+            return
+        # The driver ACKs what its raise frames told it. Anything else it has not heard of: a
+        # bit set while the line was already high (a config change during a VRING interrupt)
+        # or a notification owed for a bit it cleared. Those go out in a fresh raise frame, or
+        # the line would stay high with no new edge and the device fall silent for good.
+        unseen = (self._owed & value) | (self._interrupt_status & ~value)
+        self._owed = 0
+        self._set_interrupt_status(0, quiet_drop=True)
+        if unseen:
+            self._raise_interrupt(unseen)
 
     def config_changed(self) -> None:
         """The backend changed its config space: new generation, and once the driver is up a
