@@ -15,6 +15,7 @@ from viowire.server.session import ServerSession
 from viowire.urls import Endpoint, parse_endpoint
 
 log = logging.getLogger("viowire.server")
+ACCEPT_RETRY = 0.5  # seconds: how long to stop accepting when out of file descriptors
 
 
 class Server:
@@ -83,10 +84,19 @@ class Server:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: keep the listener, drop this one
-                log.warning("accept on %s failed: %s", listener.getsockname(), exc)
+            except OSError as exc:
+                # EMFILE and friends: the listener stays readable, so watching it now would spin.
+                # Look away for a moment (TCP listeners: asyncio does the same).
+                log.warning("accept on %s failed: %s; retrying in %g s", listener.getsockname(),
+                            exc, ACCEPT_RETRY)  # fmt: skip
+                loop.remove_reader(listener.fileno())
+                loop.call_later(ACCEPT_RETRY, self._resume_accepting, listener)
                 return
             FdSocketTransport(loop, conn, self._session(True))
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if any(sock is listener for sock, _ in self._unix_socks) and listener.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept_unix, listener)
 
     async def close(self) -> None:
         """Stop listening and close every session."""
