@@ -8,7 +8,7 @@ import struct
 import time
 
 import pytest
-from ringbuilder import GuestRam, MmioDriver, RingBuilder, make_device
+from ringbuilder import GuestRam, MmioDriver, RecordingMemory, RingBuilder, make_device
 
 from viowire.server.devices import BACKENDS, BlockBackend, RngBackend, make_backend
 from viowire.server.devices.rng import MAX_FILL
@@ -25,10 +25,12 @@ def header(type_: int, sector: int = 0) -> bytes:
 class Disk:
     """A block device brought up by the test driver, with a one-call request helper."""
 
-    def __init__(self, backend, version: int = 2) -> None:
+    def __init__(self, backend, version: int = 2, snapshots: bool = False) -> None:
         self.backend = backend
         self.ram = GuestRam(1 << 21)
         self.device = make_device(backend, version, self.ram)
+        if snapshots:  # the general path, as in proxied mode: request bytes read ahead
+            self.device.memory = RecordingMemory(self.ram)
         self.driver = MmioDriver(self.device)
         self.ring = RingBuilder.legacy(self.ram, 16) if version == 1 else RingBuilder(self.ram, 16)
         self.driver.bring_up([self.ring])
@@ -57,10 +59,13 @@ class Disk:
         return status, data
 
 
-@pytest.fixture(params=[1, 2], ids=["legacy", "modern"])
+@pytest.fixture(
+    params=[(1, False), (2, False), (2, True)], ids=["legacy", "modern", "modern-snapshots"]
+)
 def disk(request):
     backend = BlockBackend(size=64 * SECTOR)
-    yield Disk(backend, request.param)
+    version, snapshots = request.param
+    yield Disk(backend, version, snapshots)
     backend.close()
 
 
@@ -137,6 +142,20 @@ async def test_out_of_range_or_partial_sectors_are_ioerr(disk, sector, length):
     assert await disk.write(sector, b"\x55" * length) == BlkStatus.IOERR
     assert await disk.read(63, SECTOR) == (BlkStatus.OK, b"\0" * SECTOR)
     assert not disk.device.broken
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("snapshots", [False, True], ids=["in-place", "snapshots"])
+async def test_a_write_longer_than_the_disk_reads_only_its_header(snapshots):
+    """Its payload is never copied (a hostile chain could name gigabytes); with the header alone
+    it writes nothing, whether the request bytes were read ahead or not."""
+    backend = BlockBackend(size=2 * SECTOR)
+    disk = Disk(backend, snapshots=snapshots)
+    try:
+        assert await disk.write(0, b"\x55" * 4 * SECTOR) == BlkStatus.OK
+        assert await disk.read(0, 2 * SECTOR) == (BlkStatus.OK, b"\0" * 2 * SECTOR)
+    finally:
+        backend.close()
 
 
 @pytest.mark.asyncio

@@ -19,11 +19,13 @@ from viowire.protocol.codec import (
     HEADER,
     DecodeError,
     FieldSpec,
+    body_fields,
     decode_body,
     decode_body_construct,
     encode,
     encode_body,
     encode_construct,
+    frame_packer,
     layout,
 )
 
@@ -111,6 +113,43 @@ def test_both_decoders_agree_on_any_body(msg_type, data):
     assert fast == outcome(decode_body_construct, msg_type, body)
     if fast[0] == "error":
         assert fast[1] == m.ErrorCode.BAD_MESSAGE
+
+
+FIXED_TYPES = [t for t in ALL_TYPES if all(s.size is not None for s in layout(m.SCHEMAS[t]))]
+INT_TYPES = [t for t in ALL_TYPES if all(s.kind == "int" for s in layout(m.SCHEMAS[t]))]
+
+
+@pytest.mark.parametrize("msg_type", FIXED_TYPES, ids=lambda t: t.name)
+@FAST
+@given(data=st.data())
+def test_body_fields_are_the_decoded_fields(msg_type, data):
+    """The server's shortcut for register accesses: the same values decode_body gives, and a
+    struct.error exactly where decode_body raises DecodeError."""
+    names, fields = body_fields(msg_type)
+    body = data.draw(mutated_bodies(msg_type))
+    decoded = outcome(decode_body, msg_type, body)
+    if decoded[0] == "ok":
+        assert fields(body) == tuple(getattr(decoded[1], name) for name in names)
+    else:
+        with pytest.raises(struct.error):
+            fields(body)
+
+
+@pytest.mark.parametrize("msg_type", INT_TYPES, ids=lambda t: t.name)
+@FAST
+@given(data=st.data(), request_id=st.integers(0, 2**32 - 1), flags=st.integers(0, 255))
+def test_frame_packer_is_encode(msg_type, data, request_id, flags):
+    names, pack = frame_packer(msg_type)
+    msg = data.draw(messages_of(msg_type))
+    values = [getattr(msg, name) for name in names]
+    assert pack(request_id, flags, *values) == encode(msg, request_id, flags)
+
+
+def test_shortcuts_refuse_variable_sized_types():
+    with pytest.raises(TypeError):
+        body_fields(m.MsgType.HELLO)
+    with pytest.raises(TypeError):
+        frame_packer(m.MsgType.HELLO)
 
 
 def test_trailing_and_short_bodies_are_bad_messages():

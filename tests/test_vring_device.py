@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import struct
 
 import pytest
@@ -21,6 +22,8 @@ from ringbuilder import (
 
 from viowire.server.devices.base import VirtioBackend
 from viowire.server.virtqueue import (
+    INDIRECT_MAX_ENTRIES,
+    READABLE_PREFETCH_BYTES,
     RingError,
     SplitVirtqueue,
     StaleQueueError,
@@ -37,6 +40,7 @@ from viowire.virtio.constants import (
     Reg,
     Status,
 )
+from viowire.virtio.memory import GuestMemoryError, MappedGuestMemory
 
 TIMEOUT = 2.0
 
@@ -151,19 +155,52 @@ async def test_good_chains_before_a_bad_one_are_returned_first(ram):
 
 
 @pytest.mark.asyncio
-async def test_a_batch_costs_three_round_trips(ram):
-    """avail.idx, then ring + descriptor table in one readv, then all indirect tables in one."""
+async def test_a_batch_costs_four_round_trips(ram):
+    """avail.idx, then ring + descriptor table in one readv, then all indirect tables in one,
+    then the readable bytes of every chain in one: the devices need not read them again."""
     ring = RingBuilder(ram, 16)
     memory = RecordingMemory(ram)
     queue = queue_on(ring)
-    for _ in range(8):
-        ring.add_chain([b"h" * 16], [64, 1], indirect_from=0)
+    for i in range(8):
+        ring.add_chain([b"h" * 8, bytes([i]) * 8], [64, 1], indirect_from=0)
     chains = [await queue.pop(memory) for _ in range(8)]
     assert [c.head for c in chains] == list(range(8))
-    assert memory.round_trips == 3
+    assert [c.readable_data for c in chains] == [b"h" * 8 + bytes([i]) * 8 for i in range(8)]
+    assert memory.round_trips == 4
     assert not queue.has_cached
     assert await queue.pop(memory) is None
-    assert memory.round_trips == 4
+    assert memory.round_trips == 5
+
+
+@pytest.mark.asyncio
+async def test_readable_prefetch_is_capped_and_shared_memory_reads_in_place(ram):
+    ram = GuestRam(1 << 20)
+    ring = RingBuilder(ram, 8)
+    big = READABLE_PREFETCH_BYTES // 2 - 8  # two fit, the third does not
+    sent = [ring.add_chain([bytes([i]) * big], [1]) for i in range(3)]
+    sent.append(ring.add_chain([b"t" * 8], [1]))  # a small one after it still fits
+    queue = queue_on(ring)
+    chains = [await queue.pop(RecordingMemory(ram)) for _ in range(4)]
+    assert [c.head for c in chains] == [c.head for c in sent]
+    assert [c.readable_data for c in chains] == [b"\0" * big, b"\1" * big, None, b"t" * 8]
+    queue = queue_on(ring)
+    assert [(await queue.pop(ram.memory)).readable_data for _ in range(4)] == [None] * 4
+
+
+@pytest.mark.asyncio
+async def test_a_failed_readable_prefetch_leaves_the_reads_to_the_device(ram):
+    class FailingFourthRead(RecordingMemory):
+        async def readv(self, ranges):
+            if sum(op[0] == "readv" for op in self.ops) == 2:  # ring+table, indirect, this
+                self.ops.append(("readv", "failed"))
+                raise GuestMemoryError("the client answered with an error")
+            return await super().readv(ranges)
+
+    ring = RingBuilder(ram, 8)
+    ring.add_chain([b"h" * 16], [1], indirect_from=0)
+    queue = queue_on(ring)
+    chain = await queue.pop(FailingFourthRead(ram))
+    assert chain.readable_data is None and chain.readable_len == 16
 
 
 @pytest.mark.asyncio
@@ -385,8 +422,9 @@ async def test_batch_round_trips_with_indirect_and_event_idx():
         ring.add_chain([b"h" * 16], [64, 1], indirect_from=0)
     await driver.kick()
     assert ring.used_idx == 8
-    # avail.idx, ring+table, indirect tables, used_event, final avail.idx: 5 for 8 requests
-    assert memory.round_trips == 5
+    # avail.idx, ring+table, indirect tables, readable bytes, used_event, final avail.idx: 6 for
+    # 8 requests
+    assert memory.round_trips == 6
 
 
 @pytest.mark.asyncio
@@ -523,6 +561,14 @@ MALFORMED = {
     "avail idx jump": (lambda r: setattr(r, "avail_idx", 9), "Guest moved used index from 0 to 9"),
     "zero length": (_desc(length=0), "zero sized buffers"),
     "readable after writable": (_writable_then_readable, "Incorrect order"),
+    "readable after writable, outside memory": (
+        lambda r: (
+            r.set_desc(0, r.ram.gpa, 4, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1),
+            r.set_desc(1, r.ram.end, 4),
+            r.publish(0),
+        ),
+        "Incorrect order",
+    ),
     "address outside memory": (_desc(addr=lambda r: r.ram.end - 2), "bogus descriptor"),
     "huge length": (_desc(length=0xFFFF_FFFF), "bogus descriptor"),
     "nested indirect": (
@@ -532,6 +578,10 @@ MALFORMED = {
     "indirect len not multiple of 16": (_indirect(lambda r, g: [], 24), "Invalid size"),
     "indirect len 0": (_indirect(lambda r, g: [], 0), "Invalid size"),
     "indirect huge": (_indirect(lambda r, g: [], 0xFFFF_FFF0), "too big"),
+    "indirect one entry too many": (
+        _indirect(lambda r, g: [], DESC_SIZE * (INDIRECT_MAX_ENTRIES + 1)),  # inside 1 MiB
+        "too big",
+    ),
     "indirect with next": (
         _indirect(lambda r, g: [], flags=VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT),
         "NEXT",
@@ -669,3 +719,205 @@ def test_random_rings_never_hang_or_escape(table, slots, avail_idx, noise):
         raise AssertionError("more chains than the avail ring can hold")
 
     asyncio.run(asyncio.wait_for(drain(), TIMEOUT))
+
+
+# -- shared memory in place against the general path --------------------------------------------
+async def _drain_all(queue: SplitVirtqueue, memory) -> list:
+    """Everything pop gives, in order: chains with the batch they came in, then the error."""
+    out = []
+    for _ in range(4 * FUZZ_NUM):
+        try:
+            chain = await queue.pop(memory)
+        except RingError as exc:
+            out.append(("error", type(exc).__name__, str(exc)))
+            return out
+        if chain is None:
+            return out
+        out.append((chain.head, chain.readable, chain.writable, queue.has_cached))
+        out.append((chain.readable_len, chain.writable_len))
+    raise AssertionError("more chains than the avail ring can hold")
+
+
+ITABLE = RAM_GPA + 0x8000  # where the differential rings keep a structured indirect table
+
+
+def _plausible_descriptor(entries: int):
+    """Descriptors that mostly make valid chains (so walks get deep, share descriptors and run
+    out of budget), with every kind of mistake now and then: ranges across the end of RAM,
+    empty buffers, readable after writable, indirect tables of odd sizes, links out of range."""
+    end = RAM_GPA + FUZZ_RAM
+    addr = st.one_of(
+        st.integers(RAM_GPA, RAM_GPA + 0x4000),
+        st.integers(RAM_GPA, RAM_GPA + 0x4000),
+        st.integers(end - 64, end + 8),
+        st.integers(0, (1 << 64) - 1),
+    )
+    length = st.one_of(st.integers(1, 64), st.integers(1, 64), st.sampled_from([0, 0xFFFF_FFFF]))
+    plain = st.tuples(
+        addr,
+        length,
+        st.sampled_from([0, 1, 2, 3, 1, 3, 3, 6, 7]),  # NEXT, WRITE; INDIRECT now and then
+        st.one_of(st.integers(0, entries - 1), st.integers(0, entries + 1)),
+    )
+    indirect = st.tuples(
+        st.one_of(st.just(ITABLE), st.integers(end - 48, end + 16)),
+        st.sampled_from([16, 32, 48, 64, 64, 0, 24, 16 * (INDIRECT_MAX_ENTRIES + 1)]),
+        st.sampled_from([4, 4, 4, 5, 6]),
+        st.integers(0, entries - 1),
+    )
+    return st.one_of(plain, plain, plain, indirect).map(lambda d: struct.pack("<QIHH", *d))
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.lists(_plausible_descriptor(FUZZ_NUM), min_size=FUZZ_NUM, max_size=FUZZ_NUM),
+    st.lists(_plausible_descriptor(4), min_size=4, max_size=4),
+    st.lists(_sometimes_bad(FUZZ_NUM - 1, FUZZ_NUM + 2), min_size=FUZZ_NUM, max_size=FUZZ_NUM),
+    st.integers(0, FUZZ_NUM + 1),  # pending: one past the size included
+    st.integers(0, 0xFFFF),  # last_avail_idx: pending slots may wrap around the ring
+    st.booleans(),  # EVENT_IDX
+    st.booleans(),  # INDIRECT_DESC
+)
+def test_shared_memory_pop_is_the_general_pop(
+    table, itable, slots, pending, last, event_idx, indirect
+):
+    """A plain MappedGuestMemory is walked in place; any other GuestMemory (here one that logs
+    its calls) through readv snapshots. Both must give the same chains, batches and errors and
+    leave guest RAM the same."""
+    results, rams = [], []
+    for general in (False, True):
+        ram = GuestRam(FUZZ_RAM)
+        ring = RingBuilder(ram, FUZZ_NUM)
+        ram.write(ring.desc, b"".join(table))
+        ram.write(ITABLE, b"".join(itable))
+        ring_slots = [slots[(last + k) % FUZZ_NUM] for k in range(FUZZ_NUM)]
+        for i, head in enumerate(ring_slots):
+            ram.set_u16(ring.avail + 4 + 2 * i, head)
+        ring.avail_idx = last + pending
+        queue = queue_on(ring, indirect=indirect, event_idx=event_idx)
+        queue.last_avail_idx = queue.used_idx = last
+        memory = RecordingMemory(ram) if general else ram.memory
+        results.append(asyncio.run(asyncio.wait_for(_drain_all(queue, memory), TIMEOUT)))
+        results.append(queue.last_avail_idx)
+        rams.append(bytes(ram.buffer))
+    assert results[:2] == results[2:]
+    assert rams[0] == rams[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from([1, 2, 4, 8]),
+    st.integers(0, 0xFFFF),
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)), max_size=12),
+    st.booleans(),
+)
+def test_shared_memory_push_is_the_general_push(num, used_idx, used, event_idx):
+    rams = []
+    for general in (False, True):
+        ram = GuestRam(1 << 14)
+        ring = RingBuilder(ram, num)
+        queue = queue_on(ring, event_idx=event_idx)
+        queue.used_idx = used_idx
+        memory = RecordingMemory(ram) if general else ram.memory
+
+        async def push(queue=queue, memory=memory) -> tuple:
+            await queue.push_many(memory, used)
+            return queue.used_idx, await queue.needs_notification(memory, used_idx)
+
+        rams.append((asyncio.run(push()), bytes(ram.buffer)))
+    assert rams[0] == rams[1]
+
+
+@pytest.mark.asyncio
+async def test_a_kept_ring_error_does_not_pin_the_shared_mapping():
+    """Views of guest memory die with the walk: the RingError kept for the next pop (and its
+    traceback) must not stop the session from closing the mmap behind the memory."""
+    mapping = mmap.mmap(-1, 1 << 16)
+    memory = MappedGuestMemory()
+    memory.add_region(RAM_GPA, mapping)
+    ram = GuestRam(1 << 16)
+    ram.memory = memory
+    ram.buffer = mapping
+    ring = RingBuilder(ram, 8)
+    queue = queue_on(ring)
+    ring.add_chain([], [1])  # descriptor 0
+    table = ram.alloc(DESC_SIZE * 2, 16)
+    ram.write(table, struct.pack("<QIHH", RAM_GPA, 1, VIRTQ_DESC_F_INDIRECT, 0) * 2)
+    ring.set_desc(1, table, DESC_SIZE * 2, VIRTQ_DESC_F_INDIRECT)
+    ring.publish(1)
+    assert (await queue.pop(memory)).head == 0
+    with pytest.raises(RingError, match="Nested indirect") as info:
+        await queue.pop(memory)
+    await queue.push(memory, 0, 1)
+    memory.close()
+    mapping.close()  # BufferError if any view were still alive
+    assert info.value is not None
+
+
+@pytest.mark.asyncio
+async def test_indirect_prefetch_cap_splits_batches_alike():
+    """Eight chains with 64 KiB indirect tables: a refill takes heads until their tables add up
+    to INDIRECT_PREFETCH_BYTES, in place or through snapshots alike."""
+    entries = 4096
+    batches = []
+    for general in (False, True):
+        ram = GuestRam(1 << 20)
+        ring = RingBuilder(ram, 8)
+        buffer = ram.alloc(1)
+        table = b"".join(
+            struct.pack(
+                "<QIHH",
+                buffer,
+                1,
+                VIRTQ_DESC_F_WRITE | (VIRTQ_DESC_F_NEXT if i + 1 < entries else 0),
+                i + 1 if i + 1 < entries else 0,
+            )
+            for i in range(entries)
+        )
+        for head in range(8):
+            gpa = ram.alloc(len(table), 16)
+            ram.write(gpa, table)
+            ring.set_desc(head, gpa, len(table), VIRTQ_DESC_F_INDIRECT)
+            ring.publish(head)
+        queue = queue_on(ring)
+        memory = RecordingMemory(ram) if general else ram.memory
+        seen = []
+        while (chain := await queue.pop(memory)) is not None:
+            seen.append((chain.head, chain.writable_len, queue.has_cached))
+        batches.append(seen)
+    assert batches[0] == batches[1]
+    assert [cached for *_, cached in batches[0]].count(False) == 2  # two refills of four
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("heads, error", [((0,), None), ((0, 7), "Virtqueue size exceeded")])
+async def test_descriptor_budget_boundary_alike(heads, error):
+    """Chains that share descriptors: a batch may visit as many as the table holds, not one
+    more, in place or through snapshots alike."""
+    outcomes = []
+    for general in (False, True):
+        ram = GuestRam()
+        ring = RingBuilder(ram, 8)
+        buffer = ram.alloc(1)
+        for i in range(8):
+            ring.set_desc(i, buffer, 1, VIRTQ_DESC_F_NEXT if i < 7 else 0, i + 1 if i < 7 else 0)
+        ring.publish(*heads)
+        queue = queue_on(ring)
+        outcomes.append(await _drain_all(queue, RecordingMemory(ram) if general else ram.memory))
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0][-1][2] if error else None) == error
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_malformed_rings_alike_in_place_and_through_snapshots(case):
+    build, message = MALFORMED[case]
+    outcomes = []
+    for general in (False, True):
+        ram = GuestRam()
+        ring = RingBuilder(ram, 8)
+        build(ring)
+        queue = queue_on(ring, indirect=True)
+        outcomes.append(await _drain_all(queue, RecordingMemory(ram) if general else ram.memory))
+    assert outcomes[0] == outcomes[1]
+    assert message in outcomes[0][-1][2]

@@ -1,27 +1,54 @@
 """An asyncio transport for a connected Unix stream socket that also carries file descriptors.
 
 asyncio's transports cannot receive SCM_RIGHTS ancillary data, and the shared-memory mode passes
-the guest's memfd that way. This transport reads with ``socket.recv_fds`` from a persistent
+the guest's memfd that way. This transport reads with ``recvmsg_into`` from a persistent
 ``loop.add_reader`` callback and hands descriptors to the protocol's ``fds_received`` before the
-bytes they came with, so a protocol sees a descriptor no later than the frame it belongs to. It
+bytes they came with, so a protocol sees a descriptor no later than the frame it belongs to.
+Reads land in one preallocated buffer per thread (``socket.recv_fds`` would allocate, and for
+a 256 KiB read mmap, a fresh buffer every time); the protocol gets ``bytes`` of what arrived. It
 offers the asyncio.Transport surface the protocols use (write, pause/resume reading, write-buffer
 limits with pause_writing/resume_writing, close), plus ``write_with_fds``.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
 log = logging.getLogger("viowire.fdsocket")
 
 READ_SIZE = 256 * 1024
 MAX_FDS_PER_READ = 4
+_FD_SIZE = array.array("i").itemsize
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * _FD_SIZE)
+"""Room for MAX_FDS_PER_READ descriptors a read; the kernel closes any that do not fit."""
+
+
+class _ReadBuffer(threading.local):
+    """The buffer every transport of a thread reads into: a read is copied out before the next
+    one can start (callbacks of one loop never interleave), and a thread has one loop."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_SIZE))
+
+
+_read_buffer = _ReadBuffer()
+
+
+def _descriptors(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors of every SCM_RIGHTS message in ``ancdata`` (as ``socket.recv_fds``)."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+    return fds.tolist()
 
 
 class FdSocketTransport(asyncio.Transport):
@@ -48,21 +75,24 @@ class FdSocketTransport(asyncio.Transport):
 
     # -- reading -------------------------------------------------------------------------------
     def _read_ready(self) -> None:
+        view = _read_buffer.view
         try:
-            data, fds, _flags, _addr = socket.recv_fds(
-                self._sock, READ_SIZE, MAX_FDS_PER_READ, socket.MSG_CMSG_CLOEXEC
+            size, ancdata, _flags, _addr = self._sock.recvmsg_into(
+                [view], _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._fatal(exc)
             return
-        if fds:
-            self._deliver_fds(fds)
-        if not data:
+        if ancdata:
+            fds = _descriptors(ancdata)
+            if fds:
+                self._deliver_fds(fds)
+        if not size:
             self._eof()
             return
-        self._protocol.data_received(data)
+        self._protocol.data_received(view[:size].tobytes())
 
     def _deliver_fds(self, fds: list[int]) -> None:
         handler = getattr(self._protocol, "fds_received", None)

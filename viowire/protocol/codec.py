@@ -49,11 +49,13 @@ __all__ = [
     "HEADER",
     "DecodeError",
     "FieldSpec",
+    "body_fields",
     "decode_body",
     "decode_body_construct",
     "encode",
     "encode_body",
     "encode_construct",
+    "frame_packer",
     "layout",
     "measure",
 ]
@@ -518,6 +520,37 @@ def decode_body(msg_type: int, body: bytes | memoryview) -> object:
     if decoder is None:
         raise _unknown(msg_type)
     return decoder(body)
+
+
+def body_fields(msg_type: int) -> tuple[tuple[str, ...], Callable[[bytes], tuple]]:
+    """The field names of a fixed-size message type and a function from its body to the field
+    values, in that order, without building the message object (for the hottest requests).
+
+    The function raises ``struct.error`` for a body of the wrong size; ``decode_body`` then
+    gives the precise DecodeError. TypeError for a type whose body is not fixed-size.
+    """
+    codec = _CODECS[msg_type]
+    if any(spec.size is None for spec in codec.specs):
+        raise TypeError(f"{codec.cls.__name__} is not a fixed-size message")
+    (run,) = codec.segments or [_FixedRun(())]
+    return tuple(spec.name for spec in codec.specs), run.struct.unpack
+
+
+def frame_packer(msg_type: int) -> tuple[tuple[str, ...], Callable[..., bytes]]:
+    """The field names of a message type made of integers only, and
+    ``pack(request_id, flags, *values)`` giving the whole frame, as ``encode`` would, without
+    building the message object. Values are checked by ``struct`` only (``struct.error``)."""
+    codec = _CODECS[msg_type]
+    if any(spec.kind != "int" for spec in codec.specs):
+        raise TypeError(f"{codec.cls.__name__} has fields that are not integers")
+    (run,) = codec.segments or [_FixedRun(())]
+    frame = struct.Struct(HEADER.format + run.struct.format[1:])
+    pack, length, type_ = frame.pack, _HEADER_REST + run.size, codec.type
+
+    def pack_frame(request_id: int, flags: int, *values: int) -> bytes:
+        return pack(length, type_, flags, 0, request_id, *values)
+
+    return tuple(spec.name for spec in codec.specs), pack_frame
 
 
 def encode_construct(msg: object, request_id: int = 0, flags: int = 0) -> bytes:

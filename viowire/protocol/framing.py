@@ -1,10 +1,11 @@
 """Sans-IO frame reader: bytes in, complete frames out, whatever the reads' boundaries.
 
 A socket read may hold half a frame or a hundred of them. ``FrameReader.feed`` keeps the
-incomplete tail in one ``bytearray`` and cuts every complete frame out of a memoryview, so a
-read with many small frames costs one pass and one compaction, never a copy per frame.
-Bodies are handed out as ``bytes`` for ``codec.decode_body``; the reader does not look at the
-type byte, which is the codec's business.
+incomplete tail in one ``bytearray`` and cuts every complete frame out of the read (slices of a
+``bytes`` read, or of a memoryview over the tail buffer), so a read with many small frames costs
+one pass and one compaction, never a copy of the stream per frame. Bodies are handed out as
+``bytes`` for ``codec.decode_body``; the reader does not look at the type byte, which is the
+codec's business.
 """
 
 from __future__ import annotations
@@ -70,40 +71,50 @@ class FrameReader:
         """
         if self._error is not None:
             raise FrameError(self._error.code, str(self._error))
-        buffered = bool(self._buffer)
-        if buffered:
-            self._buffer += data
-            data = self._buffer
         frames: list[Frame] = []
-        with memoryview(data) as view:
-            try:
-                consumed = self._cut(view, frames)
-            except FrameError as exc:
-                exc.frames = frames
-                self._error = exc
-                raise
-            if not buffered:
-                self._buffer += view[consumed:]
-        if buffered:
-            del self._buffer[:consumed]  # once per feed, so many small frames cost no extra copy
+        try:
+            if self._buffer:
+                self._buffer += data
+                with memoryview(self._buffer) as view:
+                    consumed = self._cut(view, frames)
+                del self._buffer[:consumed]  # once per feed: many small frames, one compaction
+            elif type(data) is bytes:  # the usual read: bodies are slices, no view needed
+                consumed = self._cut(data, frames)
+                if consumed < len(data):
+                    self._buffer += data[consumed:]
+            else:  # a view the caller may reuse: what is kept is copied
+                with memoryview(data) as view:
+                    consumed = self._cut(view, frames)
+                    if consumed < len(view):
+                        self._buffer += view[consumed:]
+        except FrameError as exc:
+            exc.frames = frames
+            self._error = exc
+            raise
         return frames
 
-    def _cut(self, view: memoryview, frames: list[Frame]) -> int:
+    def _cut(self, view: bytes | memoryview, frames: list[Frame]) -> int:
         """Append the complete frames in ``view`` to ``frames``; return the bytes they used."""
         offset, size = 0, len(view)
-        while size - offset >= LENGTH_FIELD_SIZE:
-            (length,) = _LENGTH.unpack_from(view, offset)
-            self._check_length(length)
-            if size - offset < HEADER_SIZE:
-                break
-            _, msg_type, flags, reserved, request_id = HEADER.unpack_from(view, offset)
+        views = type(view) is not bytes  # a slice of bytes is bytes; of a view, it is copied
+        unpack_header = HEADER.unpack_from
+        append = frames.append
+        longest = self.max_frame - LENGTH_FIELD_SIZE
+        while size - offset >= HEADER_SIZE:
+            length, msg_type, flags, reserved, request_id = unpack_header(view, offset)
+            if length < _HEADER_REST or length > longest:
+                self._check_length(length)  # raises the precise error
             if reserved:
                 raise FrameError(ErrorCode.MALFORMED_FRAME, f"reserved header field is {reserved}")
             end = offset + LENGTH_FIELD_SIZE + length
             if end > size:
                 break
-            frames.append(Frame(msg_type, flags, request_id, bytes(view[offset + HEADER_SIZE:end])))
+            body = view[offset + HEADER_SIZE : end]
+            append(Frame(msg_type, flags, request_id, body.tobytes() if views else body))
             offset = end
+        else:
+            if size - offset >= LENGTH_FIELD_SIZE:  # a partial header: its length is checked now
+                self._check_length(_LENGTH.unpack_from(view, offset)[0])
         return offset
 
     def _check_length(self, length: int) -> None:

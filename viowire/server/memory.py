@@ -5,7 +5,6 @@ A device never knows which one it has: both are :class:`~viowire.virtio.memory.G
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import mmap
@@ -81,14 +80,16 @@ def open_shm(name: str, size: int, offset: int) -> mmap.mmap:
 class ProxiedGuestMemory(GuestMemory):
     """Guest RAM that lives in the client; every access is a MEM_READ / MEM_WRITE exchange.
 
-    ``read_remote`` sends one MEM_READ with all ranges and returns the concatenated bytes;
+    ``read_remote(ranges, timeout)`` sends one MEM_READ with all ranges and returns the
+    concatenated bytes, or raises TimeoutError once ``timeout`` seconds pass without an answer
+    (a timer on the reply's future: ``asyncio.wait_for`` would cost a task per read);
     ``write_remote`` sends one posted MEM_WRITE. Frames on the session are ordered, so a posted
     write is applied by the client before any later frame (a used.idx, an interrupt) is seen.
     """
 
     def __init__(
         self,
-        read_remote: Callable[[Sequence[tuple[int, int]]], Awaitable[bytes]],
+        read_remote: Callable[[Sequence[tuple[int, int]], float], Awaitable[bytes]],
         write_remote: Callable[[Sequence[tuple[int, int]], bytes], None],
         max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
@@ -139,7 +140,7 @@ class ProxiedGuestMemory(GuestMemory):
         chunks = []
         for batch in self.batches(ranges):
             try:
-                chunk = await asyncio.wait_for(self._read_remote(batch), PROXY_TIMEOUT)
+                chunk = await self._read_remote(batch, PROXY_TIMEOUT)
             except TimeoutError as exc:
                 raise GuestMemoryError("the client did not answer a guest-memory read") from exc
             if len(chunk) != sum(length for _, length in batch):

@@ -12,10 +12,11 @@ import itertools
 import logging
 import mmap
 import os
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 
 from viowire.protocol import messages as m
-from viowire.protocol.codec import DecodeError, decode_body, encode
+from viowire.protocol.codec import DecodeError, body_fields, decode_body, encode, frame_packer
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
@@ -40,6 +41,28 @@ _KIND_FEATURES = {
     m.MemoryKind.SHM: m.ProtoFeature.MEMORY_SHM,
 }
 _session_ids = itertools.count(1)
+# Plain ints for the per-frame work: IntFlag/IntEnum arithmetic builds a new enum member on
+# every `&` (about a microsecond each), and frames carry plain ints anyway.
+_REPLY = int(m.Flags.REPLY)
+_POSTED = int(m.Flags.POSTED)
+_HELLO = int(m.MsgType.HELLO)
+_ERROR = int(m.MsgType.ERROR)
+_WIDTH_MASKS = {width: (1 << 8 * width) - 1 for width in MMIO_WIDTHS}
+
+
+def _named(derived: tuple[tuple[str, ...], Callable], names: tuple[str, ...]) -> Callable:
+    """The codec function of ``derived``, once its fields are known to be ``names`` in order."""
+    if derived[0] != names:
+        raise TypeError(f"message fields changed: {derived[0]}, expected {names}")
+    return derived[1]
+
+
+# Register accesses skip the message objects: fields straight from the body, replies packed
+# straight into a frame (the same bytes encode() makes; tests/test_codec.py checks).
+_MMIO_READ_FIELDS = _named(body_fields(m.MsgType.MMIO_READ), ("addr", "width"))
+_MMIO_WRITE_FIELDS = _named(body_fields(m.MsgType.MMIO_WRITE), ("addr", "width", "value"))
+_READ_REPLY_FRAME = _named(frame_packer(m.MsgType.MMIO_READ_REPLY), ("value",))
+_OK_FRAME = _named(frame_packer(m.MsgType.OK), ())
 
 
 class ProtocolFault(Exception):
@@ -68,6 +91,7 @@ class ServerSession(asyncio.Protocol):
         self.name = name
         self.reader = FrameReader()
         self.transport: asyncio.BaseTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.platform: Platform | None = None
         self.features = 0
         self.max_frame = m.DEFAULT_MAX_FRAME
@@ -86,13 +110,12 @@ class ServerSession(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
         log.info("session %x: connected from %s", self.session_id, self._peer)
         # A peer that never completes HELLO (a port scanner, a half-sent frame) is dropped.
-        self._hello_timer = asyncio.get_running_loop().call_later(
-            HELLO_TIMEOUT, self._hello_timed_out
-        )
+        self._hello_timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_timed_out)
 
     def _hello_timed_out(self) -> None:
         if self.platform is None and not self._closed:
@@ -114,8 +137,13 @@ class ServerSession(asyncio.Protocol):
                 self._dispatch(frame)
             self._fail_connection(exc.code, str(exc))
             return
-        for frame in frames:
-            self._dispatch(frame)
+        # The replies to this read leave in one write at its end: no flush callback per read.
+        scheduled, self._flush_pending = self._flush_pending, True
+        try:
+            for frame in frames:
+                self._dispatch(frame)
+        finally:
+            self._flush_pending = scheduled
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -149,12 +177,16 @@ class ServerSession(asyncio.Protocol):
     # -- output --------------------------------------------------------------------------------
     def send(self, msg: object, request_id: int = 0, flags: int = 0) -> None:
         """Queue a frame; frames leave in order, gathered into one write per loop turn."""
+        if not self._closed:
+            self._send_frame(encode(msg, request_id, flags))
+
+    def _send_frame(self, frame: bytes) -> None:
         if self._closed:
             return
-        self._out.append(encode(msg, request_id, flags))
+        self._out.append(frame)
         if not self._flush_pending:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_pending = False
@@ -164,7 +196,7 @@ class ServerSession(asyncio.Protocol):
 
     def _reply_error(self, frame: Frame, code: m.ErrorCode, message: str) -> None:
         log.warning("session %x: %s: %s", self.session_id, code.name, message)
-        self.send(m.Error(code=code, message=message), frame.request_id, m.Flags.REPLY)
+        self.send(m.Error(code=code, message=message), frame.request_id, _REPLY)
 
     def _fail_connection(self, code: m.ErrorCode, message: str) -> None:
         log.warning("session %x: %s: %s; closing", self.session_id, code.name, message)
@@ -177,32 +209,41 @@ class ServerSession(asyncio.Protocol):
     def _dispatch(self, frame: Frame) -> None:
         if self._closed:
             return
-        if frame.flags & m.Flags.REPLY:
+        if frame.flags & _REPLY:
             self._complete(frame)
             return
-        handler = _HANDLERS.get(frame.type)
-        if handler is None:
+        msg_type = frame.type
+        entry = _HANDLERS.get(msg_type)
+        if entry is None:
             self._reply_error(
-                frame, m.ErrorCode.UNKNOWN_TYPE, f"unknown message type {frame.type:#x}"
+                frame, m.ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type:#x}"
             )
             return
-        if self.platform is None and frame.type != m.MsgType.HELLO:
+        if self.platform is None and msg_type != _HELLO:
             self._reply_error(frame, m.ErrorCode.BAD_STATE, "the first message must be HELLO")
             return
+        fields, handler = entry
         try:
-            msg = decode_body(frame.type, frame.body)
-            handler(self, frame, msg)
+            if fields is None:
+                args = (decode_body(msg_type, frame.body),)
+            else:
+                try:
+                    args = fields(frame.body)
+                except struct.error:
+                    decode_body(msg_type, frame.body)  # raises the DecodeError naming the sizes
+                    raise
+            handler(self, frame, *args)
         except DecodeError as exc:
             self._reply_error(frame, exc.code, str(exc))
         except ProtocolFault as exc:
             self._reply_error(frame, exc.code, str(exc))
         except Exception as exc:  # a server bug must not take the other sessions down
-            log.exception("session %x: internal error on %s", self.session_id, frame.type)
+            log.exception("session %x: internal error on type %#x", self.session_id, msg_type)
             self._reply_error(frame, m.ErrorCode.INTERNAL, f"internal error: {exc}")
 
     def _answer(self, frame: Frame, msg: object) -> None:
-        if not frame.flags & m.Flags.POSTED:
-            self.send(msg, frame.request_id, m.Flags.REPLY)
+        if not frame.flags & _POSTED:
+            self.send(msg, frame.request_id, _REPLY)
 
     def _on_hello(self, frame: Frame, msg: m.Hello) -> None:
         if self.platform is not None:
@@ -248,7 +289,7 @@ class ServerSession(asyncio.Protocol):
             host_id=host_id(),
             name=self.name,
         )
-        self.send(reply, frame.request_id, m.Flags.REPLY)
+        self.send(reply, frame.request_id, _REPLY)
 
     def _irq_sender(self, slot: Slot):
         irq, device = slot.irq, slot.device
@@ -259,22 +300,24 @@ class ServerSession(asyncio.Protocol):
         return on_irq
 
     def _locate(self, addr: int, width: int):
-        if width not in MMIO_WIDTHS:
+        if width not in _WIDTH_MASKS:
             raise ProtocolFault(m.ErrorCode.BAD_WIDTH, f"access width {width} is not 1, 2, 4 or 8")
         found = self.platform.lookup(addr)
         if found is None or found[1] + width > found[0].size:
             raise ProtocolFault(m.ErrorCode.BUS_ERROR, f"no device at physical address {addr:#x}")
         return found
 
-    def _on_mmio_read(self, frame: Frame, msg: m.MmioRead) -> None:
-        slot, offset = self._locate(msg.addr, msg.width)
-        value = slot.device.read(offset, msg.width)
-        self._answer(frame, m.MmioReadReply(value=value))
+    def _on_mmio_read(self, frame: Frame, addr: int, width: int) -> None:
+        slot, offset = self._locate(addr, width)
+        value = slot.device.read(offset, width)
+        if not frame.flags & _POSTED:
+            self._send_frame(_READ_REPLY_FRAME(frame.request_id, _REPLY, value))
 
-    def _on_mmio_write(self, frame: Frame, msg: m.MmioWrite) -> None:
-        slot, offset = self._locate(msg.addr, msg.width)
-        slot.device.write(offset, msg.width, msg.value & ((1 << 8 * msg.width) - 1))
-        self._answer(frame, m.Ok())
+    def _on_mmio_write(self, frame: Frame, addr: int, width: int, value: int) -> None:
+        slot, offset = self._locate(addr, width)
+        slot.device.write(offset, width, value & _WIDTH_MASKS[width])
+        if not frame.flags & _POSTED:
+            self._send_frame(_OK_FRAME(frame.request_id, _REPLY))
 
     def _on_platform_query(self, frame: Frame, msg: m.PlatformQuery) -> None:
         slots = self.platform.slots
@@ -384,25 +427,28 @@ class ServerSession(asyncio.Protocol):
         self._proxied.remove_region(msg.gpa)
         self._answer(frame, m.Ok())
 
-    async def _read_remote(self, ranges: Sequence[tuple[int, int]]) -> bytes:
+    async def _read_remote(self, ranges: Sequence[tuple[int, int]], timeout: float) -> bytes:
         if self._closed:
             raise GuestMemoryError("the client disconnected")
         request_id = next(self._next_id) & 0xFFFFFFFF or next(self._next_id)
-        future = asyncio.get_running_loop().create_future()
+        loop = self._loop or asyncio.get_running_loop()
+        future = loop.create_future()
         self._pending[request_id] = future
+        timer = loop.call_later(timeout, _expire, future)
         self.send(m.MemRead(ranges=tuple(ranges)), request_id)
         try:
             return await future
         finally:
+            timer.cancel()
             self._pending.pop(request_id, None)
 
     def _write_remote(self, ranges: Sequence[tuple[int, int]], data: bytes) -> None:
-        self.send(m.MemWrite(ranges=tuple(ranges), data=data), 0, m.Flags.POSTED)
+        self.send(m.MemWrite(ranges=tuple(ranges), data=data), 0, _POSTED)
 
     def _complete(self, frame: Frame) -> None:
         future = self._pending.get(frame.request_id)
         if future is None or future.done():
-            if frame.type == m.MsgType.ERROR:
+            if frame.type == _ERROR:
                 log.warning(
                     "session %x: client reported an error for request %d",
                     self.session_id,
@@ -422,11 +468,18 @@ class ServerSession(asyncio.Protocol):
             future.set_exception(GuestMemoryError(f"unexpected reply {type(msg).__name__}"))
 
 
-_HANDLERS = {
-    m.MsgType.HELLO: ServerSession._on_hello,
-    m.MsgType.MMIO_READ: ServerSession._on_mmio_read,
-    m.MsgType.MMIO_WRITE: ServerSession._on_mmio_write,
-    m.MsgType.PLATFORM_QUERY: ServerSession._on_platform_query,
-    m.MsgType.MEM_REGISTER: ServerSession._on_mem_register,
-    m.MsgType.MEM_UNREGISTER: ServerSession._on_mem_unregister,
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+# type byte -> (fields, handler): ``fields`` unpacks the body into the handler's arguments, or is
+# None and the handler gets the decoded message object.
+_HANDLERS: dict[int, tuple[Callable[[bytes], tuple] | None, Callable[..., None]]] = {
+    int(m.MsgType.HELLO): (None, ServerSession._on_hello),
+    int(m.MsgType.MMIO_READ): (_MMIO_READ_FIELDS, ServerSession._on_mmio_read),
+    int(m.MsgType.MMIO_WRITE): (_MMIO_WRITE_FIELDS, ServerSession._on_mmio_write),
+    int(m.MsgType.PLATFORM_QUERY): (None, ServerSession._on_platform_query),
+    int(m.MsgType.MEM_REGISTER): (None, ServerSession._on_mem_register),
+    int(m.MsgType.MEM_UNREGISTER): (None, ServerSession._on_mem_unregister),
 }

@@ -8,17 +8,24 @@ DEVICE_NEEDS_RESET (reference §4.8) instead of crashing or hanging.
 
 In proxied mode every :class:`GuestMemory` call is a network round trip, so :meth:`pop` reads
 ``avail.idx`` once and then, in one ``readv``, every pending ring slot and the whole descriptor
-table; the indirect tables of those chains come in one more ``readv``. The chains of that batch
-are served from the snapshot: the driver may not touch descriptors it has made available until the
-device uses them (§2.7.13), so the snapshot stays valid until each chain is pushed.
+table; the indirect tables of those chains come in one more ``readv``, and their device-readable
+bytes (request headers, data to write) in one more, kept as ``chain.readable_data``, so that a
+device handling the batch makes no read of its own. The chains of that batch are served from the
+snapshot: the driver may not touch descriptors or buffers it has made available until the device
+uses them (§2.7.13), so the snapshot stays valid until each chain is pushed.
+
+Shared memory (a plain :class:`MappedGuestMemory`) needs no snapshot: the same walk reads the ring
+slots, descriptors and indirect tables in place through bounds-checked views, with the same checks
+in the same order, and used elements are packed straight into the used ring. Each guest value is
+read once, checked, and only then used, so a driver rewriting a table meanwhile can garble its own
+requests but never get a segment outside guest memory.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 
 from viowire.virtio.constants import (
     DESC_SIZE,
@@ -30,7 +37,7 @@ from viowire.virtio.constants import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
-from viowire.virtio.memory import GuestMemory, GuestMemoryError
+from viowire.virtio.memory import GuestMemory, GuestMemoryError, MappedGuestMemory
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")  # id, len
@@ -38,6 +45,9 @@ INDIRECT_MAX_ENTRIES = MAX_QUEUE_SIZE
 """Largest indirect table accepted (512 KiB): next is a u16, Linux never comes near it."""
 INDIRECT_PREFETCH_BYTES = 256 * 1024
 """A refill stops taking heads once their indirect tables add up to this, to bound one read."""
+READABLE_PREFETCH_BYTES = 256 * 1024
+"""Proxied mode: device-readable bytes read ahead per refill at most; chains past it (or larger
+than it) leave ``readable_data`` None and their device reads them itself."""
 
 
 class RingError(Exception):
@@ -53,24 +63,45 @@ class StaleQueueError(Exception):
     """The queue was reset or stopped while an operation awaited guest memory; it was abandoned."""
 
 
-@dataclass
 class DescriptorChain:
     """One available buffer: device-readable then device-writable ``(gpa, len)`` segments.
 
     Indirect tables are already flattened, and every segment lies inside guest memory.
+    ``readable_len`` and ``writable_len`` are kept as segments are added by the ring walk.
+    ``readable_data``, when not None, is the readable part already read (proxied mode reads it
+    for the whole batch at once); a device uses it instead of reading the segments again.
     """
 
-    head: int
-    readable: list[tuple[int, int]] = field(default_factory=list)
-    writable: list[tuple[int, int]] = field(default_factory=list)
+    __slots__ = ("head", "readable", "readable_data", "readable_len", "writable", "writable_len")
 
-    @property
-    def readable_len(self) -> int:
-        return sum(length for _, length in self.readable)
+    def __init__(
+        self,
+        head: int,
+        readable: Iterable[tuple[int, int]] = (),
+        writable: Iterable[tuple[int, int]] = (),
+    ) -> None:
+        self.head = head
+        self.readable: list[tuple[int, int]] = list(readable)
+        self.writable: list[tuple[int, int]] = list(writable)
+        self.readable_len = sum([length for _, length in self.readable]) if readable else 0
+        self.writable_len = sum([length for _, length in self.writable]) if writable else 0
+        self.readable_data: bytes | None = None
 
-    @property
-    def writable_len(self) -> int:
-        return sum(length for _, length in self.writable)
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DescriptorChain):
+            return NotImplemented
+        return (self.head, self.readable, self.writable) == (
+            other.head,
+            other.readable,
+            other.writable,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return (
+            f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
+        )
 
 
 def slice_segments(
@@ -204,7 +235,12 @@ class SplitVirtqueue:
         batch are still returned first) and :class:`StaleQueueError` after a reset.
         """
         if not self._cache and self._cache_error is None:
-            await self._refill(memory)
+            # In place only for the plain class (a subclass may interpose on every access, as
+            # the tests' RecordingMemory does) with one region, the shared-memory case.
+            if type(memory) is MappedGuestMemory and memory.single_region() is not None:
+                self._refill_mapped(memory)
+            else:
+                await self._refill(memory)
         if self._cache:
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
             return self._cache.popleft()
@@ -237,11 +273,148 @@ class SplitVirtqueue:
         chains, error = self._walk_heads(memory, table, slots)
         chains, error = await self._flatten_indirect(memory, chains, error)
         self._check_epoch(epoch)
+        await self._prefetch_readable(memory, chains)
+        self._check_epoch(epoch)
         self._cache.extend(chains)
         self._cache_error = error
 
+    async def _prefetch_readable(self, memory: GuestMemory, chains: list[DescriptorChain]) -> None:
+        """Read the readable part of the batch's chains in one readv (up to the cap), into
+        ``chain.readable_data``. A failed read leaves them None: each device then reads for
+        itself and meets the error on the request it belongs to."""
+        ranges: list[tuple[int, int]] = []
+        takers = []
+        total = 0
+        for chain in chains:
+            size = chain.readable_len
+            if size and total + size <= READABLE_PREFETCH_BYTES:
+                ranges += chain.readable
+                takers.append(chain)
+                total += size
+        if not ranges:
+            return
+        try:
+            parts = iter(await memory.readv(ranges))
+        except GuestMemoryError:
+            return
+        for chain in takers:
+            chain.readable_data = b"".join([next(parts) for _ in chain.readable])
+
+    def _refill_mapped(self, memory: MappedGuestMemory) -> None:
+        """:meth:`_refill` for one mapped region: the same reads, checks and batch, in place."""
+        n = self.num
+        last = self.last_avail_idx
+        if self.event_idx and self._avail_event != last:
+            memory.store_u16(self.used_addr + 4 + USED_ELEM_SIZE * n, last)
+            self._avail_event = last
+        avail_idx = memory.load_u16(self.avail_addr + 2)
+        pending = (avail_idx - last) & 0xFFFF
+        if pending > n:
+            raise RingError(f"Guest moved used index from {last} to {avail_idx}")
+        if not pending:
+            return
+        lo, hi, region = memory.single_region()
+        ring = self.avail_addr + 4
+        for addr, size in ((ring, 2 * n), (self.desc_addr, DESC_SIZE * n)):
+            if not (lo <= addr and addr + size <= hi):
+                memory.check(addr, size)  # raises, as the general path's readv would
+        first = last % n  # slot k is (last + k) % n; pending <= n, so they wrap at most once
+        if first + pending <= n:
+            slots = struct.unpack_from(f"<{pending}H", region, ring - lo + 2 * first)
+        else:
+            slots = struct.unpack_from(f"<{n - first}H", region, ring - lo + 2 * first)
+            slots += struct.unpack_from(f"<{first + pending - n}H", region, ring - lo)
+        chains, error = self._walk_region(memory, slots)
+        self._cache.extend(chains)
+        self._cache_error = error
+
+    def _walk_region(
+        self, memory: MappedGuestMemory, heads: Sequence[int]
+    ) -> tuple[list[DescriptorChain], RingError | None]:
+        """:meth:`_walk_heads`, :meth:`_walk` and the indirect flattening in one loop, for one
+        mapped region: descriptors are unpacked straight from it, a bounds check is two
+        comparisons, and each indirect table is walked right after the direct part of its chain.
+
+        The result is the general path's: the chains before the first bad one in ring order,
+        then its error, with the same prefetch cap. Any check that fails defers to the general
+        code (:meth:`_indirect_table`, ``memory.check``), so errors carry the same messages;
+        tests/test_vring_device.py compares both paths on random rings.
+        """
+        n = self.num
+        lo, hi, region = memory.single_region()
+        unpack_from = _DESC.unpack_from
+        indirect_ok = self.indirect
+        budget = n  # descriptors in flight can never exceed the table ("Virtqueue size exceeded")
+        indirect_bytes = 0
+        out: list[DescriptorChain] = []
+        try:
+            for head in heads:
+                chain = DescriptorChain(head)
+                if head >= n:
+                    raise RingError(f"Guest says index {head} is available")
+                readable, writable = chain.readable, chain.writable
+                readable_len = writable_len = 0
+                # the direct table from the head, then the chain's indirect table if it has one
+                base, size, index, nested = self.desc_addr - lo, n, head, False
+                while True:
+                    table = None
+                    for visited in range(1, size + 1):  # noqa: B007 - counted after the loop
+                        addr, length, flags, next_index = unpack_from(
+                            region, base + DESC_SIZE * index
+                        )
+                        if flags & VIRTQ_DESC_F_INDIRECT:
+                            if (
+                                nested
+                                or not indirect_ok
+                                or flags & VIRTQ_DESC_F_NEXT
+                                or not length
+                                or length % DESC_SIZE
+                                or length > INDIRECT_MAX_ENTRIES * DESC_SIZE
+                                or not (lo <= addr and addr + length <= hi)
+                            ):
+                                self._indirect_table(memory, addr, length, flags, nested)
+                            table = addr
+                            break
+                        if not length:
+                            raise RingError("zero sized buffers are not allowed")
+                        if flags & VIRTQ_DESC_F_WRITE:
+                            if not (lo <= addr and addr + length <= hi):
+                                _bogus(memory, addr, length)
+                            writable.append((addr, length))
+                            writable_len += length
+                        else:
+                            if writable:
+                                raise RingError("Incorrect order for descriptors")
+                            if not (lo <= addr and addr + length <= hi):
+                                _bogus(memory, addr, length)
+                            readable.append((addr, length))
+                            readable_len += length
+                        if not flags & VIRTQ_DESC_F_NEXT:
+                            break
+                        if next_index >= size:
+                            raise RingError(f"Desc next is {next_index}")
+                        index = next_index
+                    else:
+                        raise RingError("Looped descriptor")
+                    if nested:
+                        break
+                    budget -= visited
+                    if budget < 0:
+                        raise RingError("Virtqueue size exceeded")
+                    if table is None:
+                        break
+                    if out and indirect_bytes + length > INDIRECT_PREFETCH_BYTES:
+                        return out, None  # the rest waits for the next refill
+                    indirect_bytes += length
+                    base, size, index, nested = table - lo, length // DESC_SIZE, 0, True
+                chain.readable_len, chain.writable_len = readable_len, writable_len
+                out.append(chain)
+        except RingError as exc:
+            return out, exc
+        return out, None
+
     def _walk_heads(
-        self, memory: GuestMemory, table: bytes, heads: list[int]
+        self, memory: GuestMemory, table: bytes | memoryview, heads: Sequence[int]
     ) -> tuple[list[tuple[DescriptorChain, tuple[int, int] | None]], RingError | None]:
         """Walk the direct part of each chain; stop at the first bad one or at the prefetch cap."""
         n = self.num
@@ -292,7 +465,7 @@ class SplitVirtqueue:
     def _walk(
         self,
         memory: GuestMemory,
-        table: bytes,
+        table: bytes | memoryview,
         start: int,
         size: int,
         chain: DescriptorChain,
@@ -302,12 +475,31 @@ class SplitVirtqueue:
         segments to ``chain``. Returns the (addr, len) of an indirect table that ends the chain,
         if any, and the number of descriptors visited. At most ``size`` steps: a longer walk is a
         loop."""
+        unpack_from = _DESC.unpack_from
+        check = memory.check
+        readable, writable = chain.readable, chain.writable
         index = start
         for visited in range(1, size + 1):
-            addr, length, flags, next_index = _DESC.unpack_from(table, DESC_SIZE * index)
+            addr, length, flags, next_index = unpack_from(table, DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 return self._indirect_table(memory, addr, length, flags, nested), visited
-            _add_segment(memory, chain, addr, length, bool(flags & VIRTQ_DESC_F_WRITE))
+            # the segment, with QEMU's order of checks: not empty, readable ones before writable
+            # ones, inside guest memory
+            if length == 0:
+                raise RingError("zero sized buffers are not allowed")
+            device_writes = flags & VIRTQ_DESC_F_WRITE
+            if writable and not device_writes:
+                raise RingError("Incorrect order for descriptors")
+            try:
+                check(addr, length)
+            except GuestMemoryError as exc:
+                raise RingError(f"bogus descriptor: {exc}") from exc
+            if device_writes:
+                writable.append((addr, length))
+                chain.writable_len += length
+            else:
+                readable.append((addr, length))
+                chain.readable_len += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 return None, visited
             if next_index >= size:
@@ -343,6 +535,9 @@ class SplitVirtqueue:
         """Publish ``(head, len)`` elements in one writev, then used.idx in one 16-bit store."""
         if not used:
             return
+        if type(memory) is MappedGuestMemory:
+            self._push_mapped(memory, used)
+            return
         epoch = self.epoch
         n = self.num
         idx = self.used_idx
@@ -361,6 +556,18 @@ class SplitVirtqueue:
         self._check_epoch(epoch)
         self.used_idx = idx
 
+    def _push_mapped(self, memory: MappedGuestMemory, used: Sequence[tuple[int, int]]) -> None:
+        """:meth:`push_many` in place: elements packed into the used ring, then used.idx."""
+        n = self.num
+        idx = self.used_idx
+        pack_into = _USED_ELEM.pack_into
+        with memory.view(self.used_addr + 4, USED_ELEM_SIZE * n) as ring:
+            for head, length in used:
+                pack_into(ring, USED_ELEM_SIZE * (idx % n), head, length)
+                idx = (idx + 1) & 0xFFFF
+        memory.store_u16(self.used_addr + 2, idx)
+        self.used_idx = idx
+
     async def needs_notification(self, memory: GuestMemory, old_used_idx: int) -> bool:
         """Whether moving used.idx from ``old_used_idx`` to now needs a used-buffer notification.
 
@@ -371,27 +578,28 @@ class SplitVirtqueue:
         new = self.used_idx
         if new == old_used_idx & 0xFFFF:
             return False
+        mapped = type(memory) is MappedGuestMemory
         if self.event_idx:
-            used_event = await memory.read_u16(self.avail_addr + 4 + 2 * self.num)
+            used_event_addr = self.avail_addr + 4 + 2 * self.num
+            if mapped:
+                used_event = memory.load_u16(used_event_addr)
+            else:
+                used_event = await memory.read_u16(used_event_addr)
             self._check_epoch(epoch)
             first = not self.signalled_used_valid
             self.signalled_used_valid = True
             self.signalled_used = new
             return first or vring_need_event(used_event, new, old_used_idx)
-        flags = await memory.read_u16(self.avail_addr)
+        flags = (
+            memory.load_u16(self.avail_addr) if mapped else await memory.read_u16(self.avail_addr)
+        )
         self._check_epoch(epoch)
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
 
-def _add_segment(
-    memory: GuestMemory, chain: DescriptorChain, addr: int, length: int, writable: bool
-) -> None:
-    if length == 0:
-        raise RingError("zero sized buffers are not allowed")
-    if not writable and chain.writable:
-        raise RingError("Incorrect order for descriptors")
+def _bogus(memory: GuestMemory, addr: int, length: int) -> None:
+    """Raise the general path's error for a segment outside the fast bounds (if it is outside)."""
     try:
         memory.check(addr, length)
     except GuestMemoryError as exc:
         raise RingError(f"bogus descriptor: {exc}") from exc
-    (chain.writable if writable else chain.readable).append((addr, length))
