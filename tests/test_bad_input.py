@@ -1758,3 +1758,16 @@ def test_log_lines_from_one_source_are_rate_limited():
     limit.per_second = 1e9  # refill: the next line says what was dropped
     late = warning_from(7)
     assert limit.filter(late) and "7 similar lines suppressed" in late.getMessage()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o666, 0o620])
+async def test_shm_segment_open_to_others_is_refused(open_peer, shm_path, mode):
+    """Another user could shrink a segment they can open, and crash the server with SIGBUS."""
+    peer = await open_peer("tcp")
+    await peer.hello()
+    name = shm_segment(shm_path)
+    os.chmod(Path("/dev/shm") / name, mode)
+    reply = await peer.request_error(
+        mem_register(RAM_BASE, 64 << 10, m.MemoryKind.SHM, name), m.ErrorCode.MEMORY_FAULT
+    )
+    assert "mode 0600" in reply

@@ -72,9 +72,21 @@ def open_shm(name: str, size: int, offset: int) -> mmap.mmap:
     except OSError as exc:
         raise GuestMemoryError(f"cannot open shared-memory segment {name!r}: {exc}") from exc
     try:
+        _check_private(fd, name)
         return map_fd(fd, size, offset)
     finally:
         os.close(fd)
+
+
+def _check_private(fd: int, name: str) -> None:
+    """A segment another user could open is one another user could shrink (a SIGBUS here):
+    only the server's own user's segments, closed to everyone else, are mapped."""
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise GuestMemoryError(
+            f"shared-memory segment {name!r} must belong to the server's user and be closed to "
+            f"others (mode 0600); it is uid {info.st_uid}, mode {info.st_mode & 0o777:o}"
+        )
 
 
 class ProxiedGuestMemory(GuestMemory):

@@ -65,6 +65,9 @@ _READ_REPLY_FRAME = _named(frame_packer(m.MsgType.MMIO_READ_REPLY), ("value",))
 _OK_FRAME = _named(frame_packer(m.MsgType.OK), ())
 
 
+_TEARDOWNS: set[asyncio.Task] = set()
+
+
 class ProtocolFault(Exception):
     """A request that gets an ERROR reply; ``code`` is an ErrorCode."""
 
@@ -158,7 +161,10 @@ class ServerSession(asyncio.Protocol):
             os.close(fd)
         self._fds.clear()
         log.info("session %x: closed", self.session_id)
-        asyncio.get_running_loop().create_task(self._teardown())
+        # Keep a reference: the loop holds tasks weakly, and an unmapped region must not linger.
+        task = asyncio.get_running_loop().create_task(self._teardown())
+        _TEARDOWNS.add(task)
+        task.add_done_callback(_TEARDOWNS.discard)
 
     async def _teardown(self) -> None:
         if self.platform is not None:

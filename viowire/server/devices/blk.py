@@ -38,6 +38,13 @@ _OK, _IOERR = int(BlkStatus.OK), int(BlkStatus.IOERR)
 _STATUS_BYTES = [bytes([status]) for status in range(256)]
 
 
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _RamImage:
     """Anonymous memory: pages stay unallocated (zero) until written, and the mapping itself is
     made on the first write, so an idle disk holds no kernel mapping (a process may have only
@@ -104,7 +111,10 @@ class _FileImage:
             offset += done
 
     async def flush(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, os.fsync, self._fd)
+        # The thread fsyncs and closes its own duplicate: it runs on if this is cancelled, and the
+        # session's teardown may close self._fd (and the number be reused) meanwhile.
+        fd = os.dup(self._fd)
+        await asyncio.get_running_loop().run_in_executor(None, _fsync_and_close, fd)
 
     def resize(self, size: int) -> None:
         if size > os.fstat(self._fd).st_size:
