@@ -76,6 +76,13 @@ class _GuardedMemory(GuestMemory):
         await self._memory.writev(segments)
 
 
+_FAILED, _DRIVER_OK, _FEATURES_OK = (
+    int(Status.FAILED),
+    int(Status.DRIVER_OK),
+    int(Status.FEATURES_OK),
+)
+
+
 class MmioDevice:
     """A virtio-mmio device: register window + queue processing for one backend.
 
@@ -237,7 +244,7 @@ class MmioDevice:
     def _write_legacy_guest_features(self, sel: int, value: int) -> None:
         if sel != 0:
             return  # silently: current Linux writes word 1 first even to legacy devices
-        if self._status & Status.DRIVER_OK:
+        if self._status & _DRIVER_OK:
             self._guest_error("GUEST_FEATURES written after DRIVER_OK: ignored")
             return
         unoffered = value & ~self.device_features
@@ -348,7 +355,7 @@ class MmioDevice:
         """The backend changed its config space: new generation, and once the driver is up a
         configuration change notification (QEMU also sets bit 0; bit 1 alone is enough)."""
         self._config_generation = (self._config_generation + 1) & _WORD
-        if self._status & Status.DRIVER_OK:
+        if self._status & _DRIVER_OK:
             self._raise_interrupt(Interrupt.CONFIG)
 
     # -- queue registers ------------------------------------------------------------------------
@@ -468,11 +475,12 @@ class MmioDevice:
         """Why queues may not be served now, or None. Modern devices consume buffers only after
         DRIVER_OK (§2.1); legacy drivers kick during probe, so a legacy device serves any
         configured queue (reference §2.3)."""
-        if self._status & Status.FAILED:
+        status = self._status  # plain ints: IntFlag `&` builds an enum member each time
+        if status & _FAILED:
             return "after the driver set FAILED"
-        if self.version == 2 and not self._status & Status.DRIVER_OK:
+        if self.version == 2 and not status & _DRIVER_OK:
             return "before DRIVER_OK"
-        if self.version == 2 and not self._status & Status.FEATURES_OK:
+        if self.version == 2 and not status & _FEATURES_OK:
             return "without FEATURES_OK"
         return None
 
