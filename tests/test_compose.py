@@ -1,0 +1,460 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine: their structure, and
+every command in them run for real with the installed ``viowire`` on this host (the server on
+127.0.0.1 and a port of its own, the clients against it, the load clients scaled to two)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_run import CONSOLE_SCRIPT, RUN_TIMEOUT, START_TIMEOUT, serve
+
+from viowire.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CLIENTS = ("conform", "load")
+SCALE = {"load": 2}  # as `docker compose up --scale load=2`
+HEALTH_INTERVAL = 0.2
+
+
+# A reader for the YAML that docker-compose.yml uses, so the test needs no PyYAML: block mappings,
+# block sequences of scalars, flow sequences of double-quoted strings, comments. Anything else
+# (anchors, flow mappings, multi-line scalars, YAML 1.1 booleans) is refused, not guessed at.
+
+
+class YamlSubsetError(ValueError):
+    pass
+
+
+_KEY = re.compile(r"([A-Za-z0-9_.-]+):(?: +(.*))?")
+_AMBIGUOUS = re.compile(r"(?i)yes|no|on|off|y|n|[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?")
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def load_yaml(text: str) -> Any:
+    lines = _lines(text)
+    if not lines:
+        return None
+    if lines[0][1] != 0:
+        raise YamlSubsetError(f"line {lines[0][0]}: the document must start in column 0")
+    value, end = _block(lines, 0, 0)
+    if end != len(lines):
+        raise YamlSubsetError(f"line {lines[end][0]}: indentation matches no enclosing block")
+    return value
+
+
+def _lines(text: str) -> list[tuple[int, int, str]]:
+    """(line number, indent, text) of each line that holds more than a comment."""
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        body = _strip_comment(raw).rstrip()
+        indent = len(body) - len(body.lstrip(" "))
+        if body[indent : indent + 1] == "\t":
+            raise YamlSubsetError(f"line {number}: a tab in the indentation")
+        if body.strip():
+            lines.append((number, indent, body.strip()))
+    return lines
+
+
+def _strip_comment(line: str) -> str:
+    i, quote = 0, None
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            if quote == '"' and ch == "\\":
+                i += 1  # an escaped character: not the closing quote
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'" and line[:i].rstrip()[-1:] in ("", ":", "-", "[", ","):
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] == " "):
+            return line[:i]
+        i += 1
+    return line
+
+
+def _block(lines: list[tuple[int, int, str]], i: int, indent: int) -> tuple[Any, int]:
+    text = lines[i][2]
+    if text == "-" or text.startswith("- "):
+        return _sequence(lines, i, indent)
+    return _mapping(lines, i, indent)
+
+
+def _sequence(lines, i: int, indent: int) -> tuple[list[Any], int]:
+    items = []
+    while i < len(lines) and lines[i][1] == indent:
+        number, _, text = lines[i]
+        if not text.startswith("- "):
+            raise YamlSubsetError(f"line {number}: expected '- item': {text!r}")
+        items.append(_scalar(text[2:].strip(), number))
+        i += 1
+    _no_deeper(lines, i, indent)
+    return items, i
+
+
+def _mapping(lines, i: int, indent: int) -> tuple[dict[str, Any], int]:
+    result: dict[str, Any] = {}
+    while i < len(lines) and lines[i][1] == indent:
+        number, _, text = lines[i]
+        match = _KEY.fullmatch(text)
+        if not match:
+            raise YamlSubsetError(f"line {number}: expected 'key: value': {text!r}")
+        key, rest = match.groups()
+        if key in result:
+            raise YamlSubsetError(f"line {number}: {key!r} given twice")
+        i += 1
+        if rest:
+            result[key] = _scalar(rest, number)
+        elif i < len(lines) and lines[i][1] > indent:
+            result[key], i = _block(lines, i, lines[i][1])
+        else:
+            result[key] = None
+    _no_deeper(lines, i, indent)
+    return result, i
+
+
+def _no_deeper(lines, i: int, indent: int) -> None:
+    if i < len(lines) and lines[i][1] > indent:
+        raise YamlSubsetError(f"line {lines[i][0]}: unexpected indentation")
+
+
+def _scalar(text: str, number: int) -> Any:
+    try:
+        if text.startswith('"'):
+            return _typed(json.loads(text), str, number)
+        if text.startswith("["):
+            items = _typed(json.loads(text), list, number)
+            return [_typed(item, str, number) for item in items]
+    except json.JSONDecodeError as exc:
+        raise YamlSubsetError(f"line {number}: {text!r} is outside the subset: {exc}") from None
+    if text.startswith("'") and text.endswith("'") and len(text) > 1:
+        return text[1:-1].replace("''", "'")
+    if text[0] in "{&*!|>%@`'" or ": " in text or text.endswith(":") or _AMBIGUOUS.fullmatch(text):
+        raise YamlSubsetError(f"line {number}: {text!r} is outside the subset; quote it")
+    if re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    return {"true": True, "false": False, "null": None, "~": None}.get(text, text)
+
+
+def _typed(value: Any, kind: type, number: int) -> Any:
+    if not isinstance(value, kind):
+        raise YamlSubsetError(f"line {number}: {value!r} is not a {kind.__name__}")
+    return value
+
+
+def interpolate(text: str, env: dict[str, str] | None = None) -> str:
+    """Compose's ``${NAME:-default}``, from ``env`` (not this process's environment)."""
+
+    def value(match: re.Match[str]) -> str:
+        name, default = match.groups()
+        if env and name in env:
+            return env[name]
+        if default is None:
+            raise YamlSubsetError(f"${{{name}}} has no default")
+        return default
+
+    return _INTERPOLATION.sub(value, text)
+
+
+def compose(env: dict[str, str] | None = None) -> dict[str, Any]:
+    return load_yaml(interpolate(COMPOSE_FILE.read_text(), env))
+
+
+def argv(value: str | list[str]) -> list[str]:
+    return value.split() if isinstance(value, str) else list(value)
+
+
+def server_port() -> int:
+    listen = argv(compose()["services"]["server"]["command"])
+    url = listen[listen.index("--listen") + 1]
+    match = re.fullmatch(r"tcp://0\.0\.0\.0:(\d+)", url)
+    assert match, f"the server listens on {url}, not on every interface of its container"
+    return int(match.group(1))
+
+
+# The Dockerfile, as instructions: (KEYWORD, arguments), continuations joined, comments dropped.
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    instructions, pending = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.strip().startswith("#") or not (pending or line.strip()):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).strip().partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        pending = ""
+    return instructions
+
+
+def instruction(keyword: str) -> list[str]:
+    return [args for key, args in dockerfile() if key == keyword]
+
+
+def exec_form(keyword: str) -> list[str]:
+    (args,) = instruction(keyword)[-1:]
+    value = json.loads(args)
+    assert isinstance(value, list), f"{keyword} {args}: give the exec form, a JSON list"
+    return value
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps ``path`` out of the build context (last matching rule wins;
+    a rule that matches a parent directory matches everything under it)."""
+    ignored = False
+    parents = [str(Path(*Path(path).parts[: n + 1])) for n in range(len(Path(path).parts))]
+    for rule in DOCKERIGNORE.read_text().splitlines():
+        rule = rule.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negated = rule.startswith("!")
+        pattern = rule.lstrip("!").strip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*")
+        if any(re.fullmatch(regex.replace(r"\?", "[^/]"), p) for p in parents):
+            ignored = not negated
+    return ignored
+
+
+# The reader itself.
+
+
+def test_yaml_reader_reads_the_subset_and_refuses_the_rest():
+    text = """
+a:  # comment
+  b: "x # not a comment"
+  c:
+    - one
+    - "7000:7000"
+  d: ["CMD", "x"]
+  e: 10
+  f: 2s
+  g: 'it''s'
+"""
+    assert load_yaml(text) == {
+        "a": {
+            "b": "x # not a comment",
+            "c": ["one", "7000:7000"],
+            "d": ["CMD", "x"],
+            "e": 10,
+            "f": "2s",
+            "g": "it's",
+        }
+    }
+    for bad in ("a: &x 1", "a: {b: 1}", "a: |", "a: yes", "a: 1.5", "a:\n  b: 1\n c: 2", "- a: 1"):
+        with pytest.raises(YamlSubsetError):
+            load_yaml(bad)
+    assert interpolate("${X:-tcp://a:1}") == "tcp://a:1"
+    assert interpolate("${X:-tcp://a:1}", {"X": "tcp://b:2"}) == "tcp://b:2"
+
+
+def test_yaml_reader_agrees_with_pyyaml():
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (the reader does without)")
+    text = interpolate(COMPOSE_FILE.read_text())
+    assert load_yaml(text) == yaml.safe_load(text)
+
+
+# docker-compose.yml
+
+
+def test_a_server_with_a_healthcheck_and_clients_that_wait_for_it():
+    services = compose()["services"]
+    assert set(services) == {"server", *CLIENTS}
+    server = services["server"]
+    assert server["build"] == "."
+    test = server["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "viowire"
+    for key in ("interval", "timeout", "start_period"):
+        assert re.fullmatch(r"\d+s", server["healthcheck"][key]), key
+    assert server["healthcheck"]["retries"] > 0
+    for name in CLIENTS:
+        client = services[name]
+        assert client["image"] == server["image"], f"{name} runs the image the server builds"
+        assert client["depends_on"] == {"server": {"condition": "service_healthy"}}, name
+        # Scalable with --scale: no fixed name, no host port to collide on.
+        assert "container_name" not in client and "ports" not in client, name
+
+
+def test_one_port_everywhere():
+    port = server_port()
+    services = compose()["services"]
+    assert services["server"]["ports"] == [f"{port}:{port}"]
+    assert f"tcp://127.0.0.1:{port}" in services["server"]["healthcheck"]["test"]
+    for name in CLIENTS:
+        assert f"tcp://server:{port}" in argv(services[name]["command"]), name
+    assert str(port) in " ".join(instruction("EXPOSE")).split()
+
+
+def test_clients_can_be_pointed_at_a_server_elsewhere():
+    target = "tcp://10.1.2.3:7000"
+    services = compose({"VIOWIRE_TARGET": target})["services"]
+    for name in CLIENTS:
+        assert target in argv(services[name]["command"]), name
+
+
+def test_guest_memory_is_proxied_across_containers():
+    """Same kernel (same boot id), separate /dev/shm: named segments cannot work, so the server
+    does not offer them and every client asks for proxied memory outright."""
+    services = compose()["services"]
+    assert "--no-shm" in argv(services["server"]["command"])
+    for name, command in [
+        ("healthcheck", services["server"]["healthcheck"]["test"][2:]),
+        *((name, argv(services[name]["command"])) for name in CLIENTS),
+    ]:
+        assert command[command.index("--memory") + 1] == "proxied", name
+
+
+def test_every_command_is_one_the_viowire_cli_accepts():
+    services = compose()["services"]
+    commands = [argv(service["command"]) for service in services.values()] + [
+        services["server"]["healthcheck"]["test"][2:],
+        exec_form("CMD"),
+    ]
+    for command in commands:
+        args = build_parser().parse_args(command)
+        assert args.command == command[0]
+
+
+def docker_compose() -> list[str] | None:
+    """How this host runs Compose, if it does: the docker plugin or the standalone command."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]):
+            version = subprocess.run(
+                [*command, "version"], capture_output=True, timeout=30, check=False
+            )
+            if version.returncode == 0:
+                return command
+    return None
+
+
+@pytest.mark.skipif(not shutil.which("docker"), reason="no docker command on this host")
+def test_docker_compose_config_accepts_the_file():
+    command = docker_compose()
+    if command is None:
+        pytest.skip("docker is installed without Compose (no `docker compose`, no docker-compose)")
+    result = subprocess.run(
+        [*command, "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# Dockerfile and .dockerignore
+
+
+def test_the_image_installs_the_package_and_runs_the_console_script():
+    base = instruction("FROM")[0]
+    match = re.fullmatch(r"python:3\.(\d+)(-slim\S*)?", base)
+    assert match and int(match.group(1)) >= 11, f"FROM {base}: Python 3.11+ (requires-python)"
+    copied = {src for args in instruction("COPY") for src in args.split()[:-1] if src[:2] != "--"}
+    needed = {"pyproject.toml", PYPROJECT["project"]["readme"], "viowire"}
+    assert needed <= copied, f"pip install . needs {needed - copied}"
+    assert any(re.search(r"\bpip install \.(\s|$)", run) for run in instruction("RUN"))
+    user = instruction("USER")[-1]
+    assert user not in ("root", "0"), "the image runs as a user of its own"
+    assert exec_form("ENTRYPOINT") == ["viowire"]
+    assert PYPROJECT["project"]["scripts"]["viowire"] == "viowire.cli:main"
+
+
+def test_the_build_context_holds_what_pip_install_reads_and_little_else():
+    for path in ("pyproject.toml", "README.md", "viowire/cli.py", "viowire/protocol/codec.py"):
+        assert not dockerignored(path), path
+    for path in (".git/HEAD", "tests/test_cli.py", ".venv/bin/python", "viowire/__pycache__/x.pyc"):
+        assert dockerignored(path), path
+
+
+# Every command, run here.
+
+
+def local(command: list[str], url: str) -> list[str]:
+    """A service's command as it runs on this host: the console script for ``viowire``, the
+    server at ``url`` for the compose names of it, and a one-second load."""
+    port = server_port()
+    out = [str(CONSOLE_SCRIPT)] + [
+        url if arg in (f"tcp://server:{port}", f"tcp://127.0.0.1:{port}") else arg
+        for arg in command
+    ]
+    if "--duration" in out:
+        out[out.index("--duration") + 1] = "1"
+    return out
+
+
+def wait_healthy(test: list[str], url: str) -> subprocess.CompletedProcess[str]:
+    assert CONSOLE_SCRIPT.exists(), f"{CONSOLE_SCRIPT}: pip install -e . makes it"
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        result = subprocess.run(
+            local(test[2:], url), capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+        )
+        if result.returncode == 0 or time.monotonic() > deadline:
+            return result
+        time.sleep(HEALTH_INTERVAL)
+
+
+def test_the_services_run_here(tmp_path):
+    services = compose()["services"]
+    assert exec_form("ENTRYPOINT") == ["viowire"]
+    serve_command = argv(services["server"]["command"])
+    assert serve_command[0] == "serve"
+    listen = f"tcp://0.0.0.0:{server_port()}"
+    with serve(*[a if a != listen else "tcp://127.0.0.1:0" for a in serve_command[1:]]) as served:
+        url = served.url("tcp")
+        health = wait_healthy(services["server"]["healthcheck"]["test"], url)
+        assert health.returncode == 0, health.stderr
+        assert health.stdout.count("virtio-blk") == 2 and health.stdout.count("virtio-rng") == 2
+
+        # As across containers: the server maps no client's /dev/shm segment, and a client that
+        # insists on shared memory is told to proxy it.
+        shared = subprocess.run(
+            [str(CONSOLE_SCRIPT), "probe", "--memory", "shared", url],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            check=False,
+        )
+        assert shared.returncode == 1 and "use --memory proxied" in shared.stderr
+
+        runs = []
+        for name in CLIENTS:
+            for replica in range(1, SCALE.get(name, 1) + 1):
+                out = tmp_path / f"{name}-{replica}.out"
+                err = tmp_path / f"{name}-{replica}.err"
+                with out.open("w") as stdout, err.open("w") as stderr:
+                    command = local(argv(services[name]["command"]), url)
+                    proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+                runs.append((f"{name}-{replica}", proc, out, err))
+        try:
+            for _, proc, _, _ in runs:
+                proc.wait(timeout=RUN_TIMEOUT)
+        finally:
+            for _, proc, _, _ in runs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=5)
+
+    outputs = {
+        name: (proc.returncode, out.read_text(), err.read_text()) for name, proc, out, err in runs
+    }
+    for name, (code, stdout, stderr) in outputs.items():
+        assert code == 0, f"{name} exited with {code}: {stderr}{stdout[-2000:]}"
+    assert re.search(r"^4 device\(s\), \d+ checks: .* 0 FAIL", outputs["conform-1"][1], re.M)
+    for replica in ("load-1", "load-2"):
+        stdout = outputs[replica][1]
+        assert ": proxied memory," in stdout.splitlines()[0], stdout
+        assert re.search(r"^result +OK", stdout, re.M), stdout
