@@ -12,7 +12,7 @@ from viowire.client.connection import connect
 from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.client.errors import DeviceNeedsResetError, QueueDeletedError, QueueResetError
-from viowire.virtio.constants import Feature, Status
+from viowire.virtio.constants import Feature, Interrupt, Status
 
 
 def session_of(server, conn):
@@ -104,19 +104,19 @@ async def test_device_needs_reset_is_reported_and_recovered(server):
         await blk.detach()
 
 
+@pytest.mark.parametrize("channels", [64, 0], ids=["channel", "irq-frames"])
 @pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "flags"])
-async def test_no_interrupt_suppression(server, event_idx):
-    """With callbacks disabled the device completes buffers without interrupting."""
+async def test_no_interrupt_suppression(server, event_idx, channels):
+    """With callbacks disabled the device completes buffers without interrupting, whether
+    used-buffer notifications come as IRQ frames or on the notification channel."""
     exclude = 0 if event_idx else 1 << Feature.RING_EVENT_IDX
     async with await connect(url_of(server, "unix")) as conn:
+        conn.notify_channels = channels
         rng = await attach(conn, 3, EntropyDriver, exclude_features=exclude)
         assert rng.has_feature(Feature.RING_EVENT_IDX) == event_idx
         assert len(await rng.read(16)) == 16
-        levels = []
-        handler = conn._irq_handlers[rng.dev.irq]
-        conn.set_irq_handler(
-            rng.dev.irq, lambda level, *status: (levels.append(level), handler(level, *status))
-        )
+        assert (rng.dev._channel is not None) == bool(channels)
+        interrupts = rng.dev.interrupts()
         vq = rng.vq
         await vq.disable_cb()
         buffer = conn.ram.alloc(32)
@@ -127,10 +127,12 @@ async def test_no_interrupt_suppression(server, event_idx):
             while got is None:
                 got = await vq.get_buf()
                 await asyncio.sleep(0.001)
-        assert got[0] == "quiet" and levels == []
+        assert got[0] == "quiet" and interrupts._queue.empty()
         await vq.enable_cb()
         assert len(await rng.read(16)) == 16
-        assert True in levels
+        async with asyncio.timeout(5):
+            assert await anext(interrupts) & Interrupt.VRING
+        interrupts.close()
         conn.ram.free(buffer)
         await rng.detach()
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from viowire.client.guest import DEFAULT_RAM_BASE, DEFAULT_RAM_SIZE, GuestRAM
 from viowire.client.mmio import VirtioMmioDevice
+from viowire.client.notify import DriverChannel
 from viowire.fdsocket import FdSocketTransport
 from viowire.protocol import messages as m
 from viowire.protocol.codec import DecodeError, decode_body, encode
@@ -37,12 +38,16 @@ CLIENT_FEATURES = (
     | m.ProtoFeature.MEMORY_MEMFD
     | m.ProtoFeature.MEMORY_SHM
     | m.ProtoFeature.IRQ_STATUS
+    | m.ProtoFeature.NOTIFY_CHANNEL
 )
 REQUEST_TIMEOUT = 30.0
+NOTIFY_CHANNELS = 64  # devices of a connection that get a notification channel (a descriptor each)
+LAZY_ACK_DELAY = 0.001  # an InterruptACK nobody is waiting for rides with the next frame, or this
 # Plain ints for the per-frame tests: IntFlag arithmetic costs a microsecond each.
 _REPLY, _POSTED = int(m.Flags.REPLY), int(m.Flags.POSTED)
 _ERROR = int(m.MsgType.ERROR)
 _POSTED_WRITES, _IRQ_STATUS = int(m.ProtoFeature.POSTED_WRITES), int(m.ProtoFeature.IRQ_STATUS)
+_NOTIFY_CHANNEL = int(m.ProtoFeature.NOTIFY_CHANNEL)
 _IRQ, _MEM_READ = int(m.MsgType.IRQ), int(m.MsgType.MEM_READ)
 _MEM_REQUESTS = (_MEM_READ, int(m.MsgType.MEM_WRITE))
 MEMORY_MODES = ("auto", "shared", "proxied")
@@ -100,6 +105,10 @@ class Connection(asyncio.Protocol):
         self._devices: weakref.WeakSet = weakref.WeakSet()
         self._out: list[bytes] = []
         self._flush_pending = False
+        self._lazy_acks: dict[int, int] = {}  # InterruptACK address -> bits, not yet sent
+        self._lazy_timer: asyncio.TimerHandle | None = None
+        self.notify_channels = NOTIFY_CHANNELS
+        self._channels: set[DriverChannel] = set()
         # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
@@ -131,6 +140,7 @@ class Connection(asyncio.Protocol):
         if not self._closed.done():
             self._closed.set_result(None)
         self._can_write.set()
+        self._close_channels()
         # Requests waiting for a used buffer would wait forever: fail them, as a surprise
         # removal does in Linux.
         loop = asyncio.get_running_loop()
@@ -164,9 +174,31 @@ class Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_pending = False
+        if self._lazy_acks:
+            self._take_lazy_acks()
         if self._out and not self.closed:
             out, self._out = self._out, []
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def ack_later(self, addr: int, bits: int) -> None:
+        """Post an InterruptACK of ``bits`` at ``addr`` with the next frame that leaves, or
+        within LAZY_ACK_DELAY: for interrupts whose delivery does not wait on the ACK (a
+        notification channel's), so it costs the server no wake-up of its own."""
+        self._lazy_acks[addr] = self._lazy_acks.get(addr, 0) | bits
+        if self._lazy_timer is None:
+            self._lazy_timer = self._loop.call_later(LAZY_ACK_DELAY, self._flush)
+
+    def _take_lazy_acks(self) -> None:
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        acks, self._lazy_acks = self._lazy_acks, {}
+        if self.closed or not self.features & _POSTED_WRITES:
+            return
+        for addr, bits in acks.items():
+            self._out.append(
+                encode(m.MmioWrite(addr=addr, width=4, value=bits), self._new_id(), _POSTED)
+            )
 
     def _new_id(self) -> int:
         request_id = next(self._ids) & 0xFFFFFFFF
@@ -280,6 +312,57 @@ class Connection(asyncio.Protocol):
         else:
             self._irq_handlers[irq] = handler
 
+    # -- notification channels -----------------------------------------------------------------
+    def can_notify_on_channel(self) -> bool:
+        """Whether a device of this session may still get a notification channel."""
+        return (
+            bool(self.features & _NOTIFY_CHANNEL)
+            and bool(self.features & _IRQ_STATUS)
+            and self.memory_mode == "shared"
+            and len(self._channels) < self.notify_channels
+            and not self.closed
+        )
+
+    async def open_notify_channel(self, base: int) -> DriverChannel | None:
+        """A notification channel for the device window at ``base``, or None where this session
+        cannot have one (see :meth:`can_notify_on_channel`, or the server refused it)."""
+        if not self.can_notify_on_channel():
+            return None
+        channel = DriverChannel(self._loop)
+        self._channels.add(channel)
+        try:
+            await self.request(m.NotifyChannel(base=base, attach=1), fds=[channel.peer.fileno()])
+        except ProtocolError as exc:
+            log.info(
+                "%s: no notification channel for %#x (%s); notifying on the connection",
+                self.endpoint,
+                base,
+                exc,
+            )
+            self._forget_channel(channel)
+            self.notify_channels = len(self._channels)  # the server has had enough of them
+            return None
+        except BaseException:
+            self._forget_channel(channel)
+            raise
+        channel.release_peer()
+        return channel
+
+    async def close_notify_channel(self, base: int, channel: DriverChannel) -> None:
+        """Detach and close ``channel``; the device notifies on the connection again."""
+        self._forget_channel(channel)
+        if not self.closed:
+            with contextlib.suppress(ProtocolError, ConnectionClosed):
+                await self.request(m.NotifyChannel(base=base, attach=0))
+
+    def _forget_channel(self, channel: DriverChannel) -> None:
+        channel.close()
+        self._channels.discard(channel)
+
+    def _close_channels(self) -> None:
+        for channel in list(self._channels):
+            self._forget_channel(channel)
+
     # -- platform ------------------------------------------------------------------------------
     async def platform(self) -> list[DeviceInfo]:
         """The server's platform table: one entry per device window."""
@@ -308,6 +391,10 @@ class Connection(asyncio.Protocol):
             self.transport.close()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._closed), 5)
+        self._close_channels()
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         if self.ram is not None:
             self.ram.close()
             self.ram = None

@@ -31,6 +31,7 @@ from viowire.client.errors import (
     UnsupportedVersionError,
     WrongMagicError,
 )
+from viowire.client.notify import DriverChannel
 from viowire.client.virtqueue import Allocator, Virtqueue, maybe_await
 from viowire.virtio.constants import (
     CONFIG_OFFSET,
@@ -51,6 +52,11 @@ log = logging.getLogger(__name__)
 CONFIG_RETRIES = 16  # generation changes tolerated while reading one config field
 RESET_TIMEOUT = 1.0  # seconds to wait for Status to read 0 after a reset
 INTERRUPT_BACKLOG = 256  # statuses kept for a slow interrupts() reader before the oldest drop
+
+# Posted writes whose order against a notification does not matter: the rest must have been
+# applied before a kick may take the (unordered) notification channel.
+_UNORDERED = frozenset((Reg.INTERRUPT_ACK, Reg.QUEUE_NOTIFY))
+_VRING = int(Interrupt.VRING)
 
 ConfigCallback = Callable[["VirtioMmioDevice"], object]
 VqCallback = Callable[[Virtqueue], object]
@@ -152,16 +158,36 @@ class VirtioMmioDevice:
         self._irq_given = 0  # InterruptStatus bits delivered with raise frames, not yet handled
         self._irq_task: asyncio.Task[None] | None = None
         self._cached_loop: asyncio.AbstractEventLoop | None = None
+        self._channel: DriverChannel | None = None
+        self._channel_wanted = True  # try for one at the next kick
+        self._posted_seq = 0  # ordered posted writes sent
+        self._synced_seq = 0  # of those, how many a later round trip proved applied
 
     def __repr__(self) -> str:
         kind = device_name(self.device_id) if self.device_id else "unprobed"
         return f"<VirtioMmioDevice {self.name} v{self.version} {kind} irq {self.irq}>"
 
     async def _read(self, reg: Reg) -> int:
-        return await self.bus.mmio_read(self.base + reg, 4)
+        seq = self._posted_seq
+        value = await self.bus.mmio_read(self.base + reg, 4)
+        self._synced(seq)
+        return value
 
     async def _write(self, reg: Reg, value: int, *, posted: bool = True) -> None:
-        await self.bus.mmio_write(self.base + reg, 4, value & 0xFFFF_FFFF, posted=posted)
+        if not posted:
+            seq = self._posted_seq
+            await self.bus.mmio_write(self.base + reg, 4, value & 0xFFFF_FFFF, posted=False)
+            self._synced(seq)
+            return
+        if reg not in _UNORDERED:
+            self._posted_seq += 1
+        await self.bus.mmio_write(self.base + reg, 4, value & 0xFFFF_FFFF, posted=True)
+
+    def _synced(self, seq: int) -> None:
+        """A round trip that left after posted write ``seq`` came back: the server applies a
+        session's frames in order, so that write and every earlier one have been applied."""
+        if seq > self._synced_seq:
+            self._synced_seq = seq
 
     # -- probe (virtio_mmio_probe) --------------------------------------------------------------
 
@@ -510,10 +536,59 @@ class VirtioMmioDevice:
                 await self.del_vq(vq)
         finally:
             self._detach_irq()
+            await self._close_channel()
 
     async def notify(self, vq: Virtqueue) -> None:
-        """vm_notify: a posted QueueNotify write of the queue index."""
+        """vm_notify: a posted QueueNotify write of the queue index, or the same on the
+        notification channel once every earlier ordered write is known to be applied (else the
+        kick could reach the device before, say, its QueueReady)."""
+        channel = self._channel
+        if channel is None and self._channel_wanted:
+            channel = await self._open_channel()
+        if channel is not None and self._synced_seq == self._posted_seq and channel.kick(vq.index):
+            return
         await self._write(Reg.QUEUE_NOTIFY, vq.index)
+
+    async def _open_channel(self) -> DriverChannel | None:
+        """Take notifications off the connection where the bus can (same host, shared memory)."""
+        self._channel_wanted = False
+        opener = getattr(self.bus, "open_notify_channel", None)
+        if opener is None or not self._irq_attached:
+            return None
+        seq = self._posted_seq
+        channel = await opener(self.base)
+        if channel is None:
+            return None
+        self._synced(seq)
+        if not self._irq_attached:  # del_vqs ran meanwhile
+            await self.bus.close_notify_channel(self.base, channel)
+            return None
+        channel.start(self._on_used_notification)
+        self._channel = channel
+        return channel
+
+    async def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        self._channel_wanted = True
+        if channel is not None:
+            await self.bus.close_notify_channel(self.base, channel)
+
+    def _on_used_notification(self) -> None:
+        """A used-buffer notification from the channel: InterruptStatus bit 0 without a read.
+        The rings are scanned right here when no queue needs the slow path; the ACK rides with
+        the next frame, as nothing waits on it (the channel signals every notification)."""
+        if self._irq_task is not None and not self._irq_task.done():
+            self._on_irq_line(True, _VRING)
+            return
+        for vq in self.vqs.values():
+            if not vq.can_collect_now():
+                self._on_irq_line(True, _VRING)
+                return
+        for vq in list(self.vqs.values()):
+            vq.collect_now()
+        for subscription in list(self._subscribers):
+            subscription._put(_VRING)
+        self.bus.ack_later(self.base + Reg.INTERRUPT_ACK, _VRING)
 
     # -- interrupts (vm_interrupt) --------------------------------------------------------------
 

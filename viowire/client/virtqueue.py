@@ -211,11 +211,13 @@ class Virtqueue:
         if self.layout == "legacy":
             await self.memory.write(a.desc, bytes(vring_size(self.num)))
             return
-        await self.memory.writev([
-            (a.desc, bytes(DESC_SIZE * self.num)),
-            (a.avail, bytes(6 + 2 * self.num)),
-            (a.used, bytes(6 + USED_ELEM_SIZE * self.num)),
-        ])
+        await self.memory.writev(
+            [
+                (a.desc, bytes(DESC_SIZE * self.num)),
+                (a.avail, bytes(6 + 2 * self.num)),
+                (a.used, bytes(6 + USED_ELEM_SIZE * self.num)),
+            ]
+        )
 
     def free_rings(self) -> None:
         """Give the ring memory back. Only once the device has stopped using the queue."""
@@ -472,8 +474,12 @@ class Virtqueue:
     def _kicked(self, task: asyncio.Task[None]) -> None:
         self._kicks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("%s: virtqueue %d: notification failed: %s",
-                        self.device, self.index, task.exception())
+            log.warning(
+                "%s: virtqueue %d: notification failed: %s",
+                self.device,
+                self.index,
+                task.exception(),
+            )
 
     def _publish_now(
         self,
@@ -517,9 +523,7 @@ class Virtqueue:
                 if table is not _NO_ROOM:
                     break
                 if count > self.num:  # only a table would do, and guest RAM has none
-                    raise QueueFullError(
-                        self.device, self.index, count, len(self._free), self.num
-                    )
+                    raise QueueFullError(self.device, self.index, count, len(self._free), self.num)
                 needed = count  # no table: wait until the chain fits directly
             try:
                 await self._add(out_bufs, in_bufs, count, done, release, table)
@@ -557,8 +561,10 @@ class Virtqueue:
         used.idx further than the ring holds (the queue is then broken)."""
         pending = (used_idx - self._last_used) & 0xFFFF
         if pending > self.num:
-            self._break(f"used.idx moved from {self._last_used} to {used_idx}, "
-                        f"more than the queue size {self.num}")
+            self._break(
+                f"used.idx moved from {self._last_used} to {used_idx}, "
+                f"more than the queue size {self.num}"
+            )
             return 0
         return pending
 
@@ -570,8 +576,10 @@ class Virtqueue:
             self._break(f"used id {head_id} {reason}")
             return None
         if length > head.in_bytes:
-            self._break(f"used len {length} is larger than the {head.in_bytes} "
-                        f"device-writable bytes of chain {head_id}")
+            self._break(
+                f"used len {length} is larger than the {head.in_bytes} "
+                f"device-writable bytes of chain {head_id}"
+            )
             return None
         self._detach(head_id, head)
         self._last_used = (self._last_used + 1) & 0xFFFF
@@ -602,8 +610,11 @@ class Virtqueue:
             try:
                 head.release()
             except Exception:
-                log.exception("%s: virtqueue %d: releasing a cancelled request's buffers failed",
-                              self.device, self.index)
+                log.exception(
+                    "%s: virtqueue %d: releasing a cancelled request's buffers failed",
+                    self.device,
+                    self.index,
+                )
 
     def _break(self, reason: str) -> None:
         """The device broke the protocol: stop the queue and fail every waiter (Linux BAD_RING).
@@ -653,6 +664,20 @@ class Virtqueue:
             mem.store_u16(self._used_event, self._last_used)
             full_barrier()
         return found or self.broken is not None
+
+    def can_collect_now(self) -> bool:
+        """Whether :meth:`collect_now` can do :meth:`interrupt`'s work without awaiting: mapped
+        memory, nobody inside the lock or waiting for room, no callback to run."""
+        return (
+            self._mapped is not None
+            and self.callback is None
+            and not self._room_waiters
+            and not self._lock.locked()
+        )
+
+    def collect_now(self) -> bool:
+        """:meth:`interrupt` from a plain callback, where :meth:`can_collect_now` said so."""
+        return self._collect_mapped()
 
     async def interrupt(self) -> bool:
         """vring_interrupt: take every returned chain, resolve submitters, run the callback.
@@ -725,8 +750,10 @@ class Virtqueue:
             return not await self._more_used()
 
     def __repr__(self) -> str:
-        return (f"<Virtqueue {self.device} #{self.index} num={self.num} {self.layout} "
-                f"in_flight={self.in_flight} avail={self._avail_idx} used={self._last_used}>")
+        return (
+            f"<Virtqueue {self.device} #{self.index} num={self.num} {self.layout} "
+            f"in_flight={self.in_flight} avail={self._avail_idx} used={self._last_used}>"
+        )
 
 
 _NO_ROOM = -1  # _placement: the chain cannot go out now

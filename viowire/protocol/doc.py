@@ -43,6 +43,7 @@ ANSWERS: dict[m.MsgType, str] = {
     T.MEM_READ_REPLY: "— (reply)",
     T.MEM_WRITE: "OK, none if POSTED",
     T.IRQ: "never (event)",
+    T.NOTIFY_CHANNEL: "OK",
 }
 
 INTRO = """\

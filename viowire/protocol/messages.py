@@ -63,6 +63,7 @@ class MsgType(enum.IntEnum):
     MEM_READ_REPLY = 0x33
     MEM_WRITE = 0x34
     IRQ = 0x40
+    NOTIFY_CHANNEL = 0x50
 
 
 class Flags(enum.IntFlag):
@@ -78,6 +79,7 @@ class ProtoFeature(enum.IntFlag):
     MEMORY_MEMFD = 1 << 2  # memfd passed with SCM_RIGHTS (Unix sockets)
     MEMORY_SHM = 1 << 3  # named POSIX shared-memory segment (same host)
     IRQ_STATUS = 1 << 4  # the driver trusts IRQ.status and posts its ACK; no lower after an ACK
+    NOTIFY_CHANNEL = 1 << 5  # notifications of a device on a datagram socket passed once (Unix)
 
 
 class MemoryKind(enum.IntEnum):
@@ -155,6 +157,7 @@ SCHEMAS: dict[MsgType, Struct] = {
     MsgType.MEM_READ_REPLY: Struct("data" / GreedyBytes),
     MsgType.MEM_WRITE: Struct("ranges" / PrefixedArray(Int32ul, Range), "data" / GreedyBytes),
     MsgType.IRQ: Struct("irq" / Int32ul, "level" / Int8ul, "status" / Int32ul),
+    MsgType.NOTIFY_CHANNEL: Struct("base" / Int64ul, "attach" / Int8ul),
 }
 
 DOCS: dict[MsgType, str] = {
@@ -190,6 +193,16 @@ DOCS: dict[MsgType, str] = {
     "the server sends a new raise frame for every bit the driver has not been told of (one set "
     "while the line was already high, or a notification made after a frame whose bit the ACK "
     "cleared), and it sends no level-0 frame for a drop the driver's own ACK caused.",
+    MsgType.NOTIFY_CHANNEL: "client → server, with NOTIFY_CHANNEL and shared memory: the device "
+    "at physical address `base` takes its notifications on an AF_UNIX SOCK_DGRAM socket. With "
+    "`attach` = 1 the socket rides as SCM_RIGHTS on this frame; 0 detaches the current one. "
+    "Driver → device: a 4-byte little-endian datagram is a QueueNotify write of that value. "
+    "Device → driver: a 1-byte datagram 0x01 is a used-buffer notification; it sets "
+    "InterruptStatus bit 0 as always, but no IRQ frame goes out for that bit and every "
+    "notification sends a datagram (the driver's InterruptACK may come late). Configuration "
+    "change notifications stay IRQ frames. The server never blocks on the socket: a datagram "
+    "that does not fit is dropped (one is waiting already). The driver sends a notification on "
+    "the connection instead while its earlier posted writes may not have been applied yet.",
 }
 
 
@@ -223,3 +236,4 @@ MemRead = MESSAGE_CLASSES[MsgType.MEM_READ]
 MemReadReply = MESSAGE_CLASSES[MsgType.MEM_READ_REPLY]
 MemWrite = MESSAGE_CLASSES[MsgType.MEM_WRITE]
 Irq = MESSAGE_CLASSES[MsgType.IRQ]
+NotifyChannel = MESSAGE_CLASSES[MsgType.NOTIFY_CHANNEL]

@@ -81,6 +81,7 @@ _FAILED, _DRIVER_OK, _FEATURES_OK = (
     int(Status.DRIVER_OK),
     int(Status.FEATURES_OK),
 )
+_VRING_IRQ, _CONFIG_IRQ = int(Interrupt.VRING), int(Interrupt.CONFIG)
 
 
 class MmioDevice:
@@ -110,6 +111,9 @@ class MmioDevice:
         # The driver takes InterruptStatus from the raise frame and posts its ACK (IRQ_STATUS).
         self.posted_ack = False
         self._owed = 0  # notifications made while their bit was set, since the last raise
+        # Set (a notification channel): used-buffer notifications go here, each one, and the
+        # line, which IRQ frames report, follows the configuration-change bit alone.
+        self.used_notifier: Callable[[], None] | None = None
         self.queues = [SplitVirtqueue(i, backend.queue_num_max) for i in range(backend.num_queues)]
         for queue in self.queues:
             queue.legacy = version == 1
@@ -320,6 +324,8 @@ class MmioDevice:
     # -- interrupts -----------------------------------------------------------------------------
     def _set_interrupt_status(self, value: int, *, quiet_drop: bool = False) -> None:
         old, self._interrupt_status = self._interrupt_status, value
+        if self.used_notifier is not None:  # the line is the config bit's alone
+            old, value = old & _CONFIG_IRQ, value & _CONFIG_IRQ
         if bool(old) == bool(value) or self.on_irq is None:
             return
         if value:
@@ -336,6 +342,16 @@ class MmioDevice:
         # clears the bit before the driver could have seen it raises the line again.
         self._owed |= bits & self._interrupt_status
         self._set_interrupt_status(self._interrupt_status | bits)
+
+    def _notify_used(self) -> None:
+        """A used-buffer notification (§2.7.7 decided one is due): on the notification channel
+        if there is one, which needs no edge and no ACK to signal again, else the line."""
+        notifier = self.used_notifier
+        if notifier is None:
+            self._raise_interrupt(_VRING_IRQ)
+            return
+        self._set_interrupt_status(self._interrupt_status | _VRING_IRQ)
+        notifier()
 
     def _write_interrupt_ack(self, value: int) -> None:
         if not self.posted_ack:
@@ -569,7 +585,7 @@ class MmioDevice:
         old_used_idx = queue.used_idx
         await queue.push_many(memory, done)
         if await queue.needs_notification(memory, old_used_idx):
-            self._raise_interrupt(Interrupt.VRING)
+            self._notify_used()
 
     async def _complete_quietly(
         self, queue: SplitVirtqueue, memory: GuestMemory, done: list[tuple[int, int]], epoch: int

@@ -20,7 +20,9 @@ from viowire.protocol.codec import DecodeError, body_fields, decode_body, encode
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
+from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
+from viowire.virtio.constants import Reg
 from viowire.virtio.memory import GuestMemory, GuestMemoryError
 
 log = logging.getLogger("viowire.server")
@@ -29,6 +31,7 @@ MMIO_WIDTHS = (1, 2, 4, 8)
 MAX_REGIONS = 64
 HELLO_TIMEOUT = 10.0
 MAX_QUEUED_FDS = 8
+MAX_NOTIFY_CHANNELS = 256  # a descriptor each; past this a device notifies on the connection
 SERVER_FEATURES = (
     m.ProtoFeature.POSTED_WRITES
     | m.ProtoFeature.MEMORY_PROXIED
@@ -47,6 +50,7 @@ _REPLY = int(m.Flags.REPLY)
 _POSTED = int(m.Flags.POSTED)
 _HELLO = int(m.MsgType.HELLO)
 _ERROR = int(m.MsgType.ERROR)
+_QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
 _WIDTH_MASKS = {width: (1 << 8 * width) - 1 for width in MMIO_WIDTHS}
 
 
@@ -102,6 +106,7 @@ class ServerSession(asyncio.Protocol):
         self._mappings = SessionMappings()
         self._proxied: ProxiedGuestMemory | None = None
         self._fds: list[int] = []
+        self._channels: dict[int, NotifyChannel] = {}  # device base -> its notification channel
         self._out: list[bytes] = []
         self._flush_pending = False
         self._next_id = itertools.count(1)
@@ -160,6 +165,8 @@ class ServerSession(asyncio.Protocol):
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        for base in list(self._channels):
+            self._detach_channel(base)
         log.info("session %x: closed", self.session_id)
         # Keep a reference: the loop holds tasks weakly, and an unmapped region must not linger.
         task = asyncio.get_running_loop().create_task(self._teardown())
@@ -268,7 +275,7 @@ class ServerSession(asyncio.Protocol):
             )
         offered = SERVER_FEATURES & ~m.ProtoFeature.MEMORY_SHM
         if self.fd_passing:
-            offered |= m.ProtoFeature.MEMORY_MEMFD
+            offered |= m.ProtoFeature.MEMORY_MEMFD | m.ProtoFeature.NOTIFY_CHANNEL
         if self.allow_shm and msg.host_id == host_id() and any(msg.host_id):
             # Only a peer on this kernel can name a segment here; anyone else would be naming
             # this host's segments blind.
@@ -433,6 +440,77 @@ class ServerSession(asyncio.Protocol):
         self._proxied.remove_region(msg.gpa)
         self._answer(frame, m.Ok())
 
+    # -- notification channels ------------------------------------------------------------------
+    def _on_notify_channel(self, frame: Frame, msg: m.NotifyChannel) -> None:
+        # An attach uses up the oldest queued descriptor even when it is refused (as MEMFD).
+        fd = self._fds.pop(0) if msg.attach and self._fds else None
+        try:
+            slot = self._channel_slot(msg)
+            if msg.attach:
+                self._attach_channel(slot, fd)
+                fd = None  # the channel owns it
+            else:
+                self._detach_channel(slot.base)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self._answer(frame, m.Ok())
+
+    def _channel_slot(self, msg: m.NotifyChannel) -> Slot:
+        if not self.features & m.ProtoFeature.NOTIFY_CHANNEL:
+            raise ProtocolFault(
+                m.ErrorCode.UNSUPPORTED,
+                "NOTIFY_CHANNEL was not negotiated (it needs a Unix socket): notify with "
+                "QueueNotify writes",
+            )
+        found = self.platform.lookup(msg.base)
+        if found is None or found[1] != 0:
+            raise ProtocolFault(m.ErrorCode.BUS_ERROR, f"no device window starts at {msg.base:#x}")
+        return found[0]
+
+    def _attach_channel(self, slot: Slot, fd: int | None) -> None:
+        if fd is None:
+            raise ProtocolFault(
+                m.ErrorCode.BAD_MESSAGE,
+                "NOTIFY_CHANNEL with attach=1 came without a descriptor (send the socket with "
+                "SCM_RIGHTS on the same frame)",
+            )
+        if self.memory is None or self.memory is self._proxied:
+            # Used-ring updates ride the connection as MEM_WRITE frames there, and a datagram
+            # could overtake them: the driver would find nothing and wait forever.
+            raise ProtocolFault(
+                m.ErrorCode.UNSUPPORTED,
+                "a notification channel needs shared guest memory: register a memfd first",
+            )
+        if slot.base not in self._channels and len(self._channels) >= MAX_NOTIFY_CHANNELS:
+            raise ProtocolFault(
+                m.ErrorCode.UNSUPPORTED,
+                f"at most {MAX_NOTIFY_CHANNELS} notification channels a session: notify the "
+                "other devices with QueueNotify writes",
+            )
+        try:
+            sock = adopt_socket(fd)
+        except (ChannelError, OSError) as exc:
+            raise ProtocolFault(m.ErrorCode.BAD_MESSAGE, str(exc)) from None
+        self._detach_channel(slot.base)
+        device = slot.device
+
+        def on_kick(value: int) -> None:
+            device.write(_QUEUE_NOTIFY, 4, value)
+
+        channel = NotifyChannel(self._loop, sock, on_kick)
+        self._channels[slot.base] = channel
+        device.used_notifier = channel.used
+
+    def _detach_channel(self, base: int) -> None:
+        channel = self._channels.pop(base, None)
+        if channel is None:
+            return
+        channel.close()
+        found = self.platform.lookup(base) if self.platform is not None else None
+        if found is not None:
+            found[0].device.used_notifier = None
+
     async def _read_remote(self, ranges: Sequence[tuple[int, int]], timeout: float) -> bytes:
         if self._closed:
             raise GuestMemoryError("the client disconnected")
@@ -488,4 +566,5 @@ _HANDLERS: dict[int, tuple[Callable[[bytes], tuple] | None, Callable[..., None]]
     int(m.MsgType.PLATFORM_QUERY): (None, ServerSession._on_platform_query),
     int(m.MsgType.MEM_REGISTER): (None, ServerSession._on_mem_register),
     int(m.MsgType.MEM_UNREGISTER): (None, ServerSession._on_mem_unregister),
+    int(m.MsgType.NOTIFY_CHANNEL): (None, ServerSession._on_notify_channel),
 }
