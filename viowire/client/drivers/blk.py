@@ -4,6 +4,12 @@ Each request is one chain: a 16-byte device-readable header, the data (readable 
 writable for a read), and a 1-byte device-writable status. Large transfers are split into requests
 that respect the device's ``seg_max``/``size_max`` and go out together, so the device sees many
 requests in flight at once.
+
+The limits are Linux's block queue limits: ``seg_max`` is max_segments, ``size_max`` is
+max_segment_size, and ``max_request`` caps a request as max_sectors_kb does. A device may refuse
+a request past ``seg_max * size_max`` (viowire's device answers IOERR), so
+:meth:`BlockDriver.read` and :meth:`BlockDriver.write` never send one: a transfer of any length
+is split, as qemu-io's ``read`` and ``write`` of any length just work.
 """
 
 from __future__ import annotations
@@ -57,6 +63,11 @@ class BlockDriver(VirtioDriver):
         queue_depth: int = QUEUE_DEPTH,
         exclude_features: int = 0,
     ) -> None:
+        if max_request < BLK_SECTOR_SIZE:
+            raise ValueError(
+                f"max_request {max_request} is below one sector: pass at least "
+                f"{BLK_SECTOR_SIZE} bytes (requests carry whole {BLK_SECTOR_SIZE}-byte sectors)"
+            )
         super().__init__(dev, exclude_features=exclude_features)
         self.capacity = 0  # in 512-byte sectors
         self.size_max = 0  # bytes per data segment, 0 = no limit
@@ -86,21 +97,27 @@ class BlockDriver(VirtioDriver):
         self.read_only = self.has_feature(BlkFeature.RO)
 
     def _request_bytes(self) -> int:
-        """Data bytes per request: our cap, then seg_max segments of at most size_max bytes."""
-        segments = self.seg_max
-        if not self.vq.indirect:
-            segments = min(segments, self.vq.num - 2)  # header and status take two descriptors
+        """Data bytes per request: our cap, then seg_max segments of at most size_max bytes, in
+        whole sectors. A chain may not be longer than the queue, indirect or not (§2.7.5.3.1),
+        and the header and the status take two of its descriptors."""
+        segments = min(self.seg_max, self.vq.num - 2)
+        if segments < 1:
+            raise VirtioError(
+                self.dev.name,
+                f"a virtqueue of {self.vq.num} entries leaves no descriptor for data after the "
+                "header and the status (§2.7.5.3.1): use a queue of at least 4 entries",
+            )
         limit = self.max_request
         if self.size_max:
             limit = min(limit, segments * self.size_max)
-        elif segments < 1:
-            limit = 0
         limit -= limit % BLK_SECTOR_SIZE
         if limit <= 0:
             raise VirtioError(
                 self.dev.name,
-                f"size_max {self.size_max} and seg_max {self.seg_max} (queue of {self.vq.num}) "
-                "do not allow even one sector per request",
+                f"the device allows {segments} segments of size_max {self.size_max} bytes per "
+                f"request (seg_max {self.seg_max}, queue of {self.vq.num}), less than one "
+                f"{BLK_SECTOR_SIZE}-byte sector: no read or write can be sent; the device must "
+                f"offer size_max * seg_max of at least {BLK_SECTOR_SIZE}",
             )
         return limit
 

@@ -3,6 +3,14 @@
 A request is one chain: a 16-byte header (type, ioprio, sector) at the start of the readable part,
 data, and a status byte as the last byte of the writable part. The framing is free (ANY_LAYOUT):
 the header, data and status may be split over descriptors anywhere.
+
+The device holds the data of a read or write in memory while it serves it, so it offers
+VIRTIO_BLK_F_SIZE_MAX and VIRTIO_BLK_F_SEG_MAX and answers a request whose data exceed
+``seg_max * size_max`` (:attr:`BlockBackend.max_data_bytes`; the spec uses the same product as
+the limit of a request, bounding max_append_sectors by it) with VIRTIO_BLK_S_IOERR, "device or
+driver error" (§5.2.6), before it allocates anything for it or touches the disk. Otherwise a
+chain listing the same guest buffer thousands of times could make it copy up to the whole disk
+for one request.
 """
 
 from __future__ import annotations
@@ -36,6 +44,11 @@ _BARRIER = 0x8000_0000  # legacy flag OR-ed into the type; never offered, so ign
 _IN, _OUT = int(BlkType.IN), int(BlkType.OUT)
 _OK, _IOERR = int(BlkStatus.OK), int(BlkStatus.IOERR)
 _STATUS_BYTES = [bytes([status]) for status in range(256)]
+
+SIZE_MAX = 256 * 1024
+"""Bytes per data segment offered in ``size_max`` (§5.2.4): the most Linux's virtio_blk puts in
+one segment when its DMA goes through swiotlb (virtio_max_dma_size: 128 slots of 2 KiB). With
+the ``seg_max`` of a 256-entry queue (254) one request carries at most 63.5 MiB."""
 
 
 def _fsync_and_close(fd: int) -> None:
@@ -132,6 +145,8 @@ class BlockBackend(VirtioBackend):
 
     device_id = DeviceId.BLOCK
     num_queues = 1
+    size_max: int = SIZE_MAX
+    """Offered in the config space; with :attr:`seg_max` it bounds one request's data."""
 
     def __init__(
         self,
@@ -157,15 +172,26 @@ class BlockBackend(VirtioBackend):
         """Size in 512-byte sectors; a partial last sector is not addressable."""
         return self._image.size // BLK_SECTOR_SIZE
 
+    @property
+    def seg_max(self) -> int:
+        """Data segments per request offered in ``seg_max``: a chain as long as the largest
+        queue (§2.7.5.3.1) less the header and the status descriptors, as QEMU."""
+        return self.queue_num_max - 2
+
+    @property
+    def max_data_bytes(self) -> int:
+        """The most data one IN or OUT request may carry: ``seg_max * size_max``. The device
+        enforces the total (what it must hold), not each segment's size."""
+        return self.seg_max * self.size_max
+
     def device_features(self, version: int) -> int:
-        bits = (BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH)
+        bits = (BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH)
         if self.readonly:
             bits += (BlkFeature.RO,)
         return sum(1 << bit for bit in bits)
 
     def config_space(self) -> bytes:
-        seg_max = self.queue_num_max - 2  # room for header and status, as QEMU
-        return _CONFIG.pack(self.capacity, 0, seg_max, 0, 0, 0, BLK_SECTOR_SIZE)
+        return _CONFIG.pack(self.capacity, self.size_max, self.seg_max, 0, 0, 0, BLK_SECTOR_SIZE)
 
     def resize(self, new_size_bytes: int) -> None:
         """Change the disk size; the driver learns of it through a config interrupt."""
@@ -181,10 +207,13 @@ class BlockBackend(VirtioBackend):
             raise ChainError("virtio-blk missing headers")
         if chain.readable_len < BLK_REQ_HEADER_SIZE:
             raise ChainError("virtio-blk request outhdr too short")
+        payload_len = chain.readable_len - BLK_REQ_HEADER_SIZE
+        # a payload that no valid write could carry is never read: the header says what to do
+        whole = payload_len <= min(self.max_data_bytes, self._image.size)
         out = chain.readable_data  # proxied mode reads it ahead, for the whole batch
         if out is None:
-            out = await self._read_out(chain, memory)
-        elif chain.readable_len > BLK_REQ_HEADER_SIZE + self._image.size:
+            out = await self._read_out(chain, memory, whole)
+        elif not whole:
             out = out[:BLK_REQ_HEADER_SIZE]  # what _read_out would have read
         type_, _ioprio, sector = _HEADER.unpack_from(out)
         type_ &= ~_BARRIER
@@ -192,7 +221,10 @@ class BlockBackend(VirtioBackend):
         if type_ == _IN:
             status, data = self._read(sector, data_len)
         elif type_ == _OUT:
-            status, data = self._write(sector, memoryview(out)[BLK_REQ_HEADER_SIZE:])
+            if self._oversized("write", sector, payload_len) or not whole:
+                status, data = _IOERR, b""  # past any disk end: nothing of it can be written
+            else:
+                status, data = self._write(sector, memoryview(out)[BLK_REQ_HEADER_SIZE:])
         else:
             status, data = await self._execute(type_, data_len)
         last_gpa, last_len = writable[-1]
@@ -207,11 +239,12 @@ class BlockBackend(VirtioBackend):
         # status byte counts only when the data before it was written in full.
         return len(data) + 1 if len(data) == data_len else len(data)
 
-    async def _read_out(self, chain: DescriptorChain, memory: GuestMemory) -> bytes:
-        """The readable part in one read; only the header if the rest could not be a valid
-        write (longer than the disk), so a hostile chain cannot make us copy gigabytes."""
+    async def _read_out(self, chain: DescriptorChain, memory: GuestMemory, whole: bool) -> bytes:
+        """The readable part in one read; only the header unless the rest could be a valid
+        write (``whole``: within :attr:`max_data_bytes` and the disk), so that a hostile chain
+        cannot make us copy gigabytes."""
         segments = chain.readable
-        if chain.readable_len > BLK_REQ_HEADER_SIZE + self._image.size:
+        if not whole:
             segments = slice_segments(segments, 0, BLK_REQ_HEADER_SIZE)
         parts = await memory.readv(segments)
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -231,8 +264,22 @@ class BlockBackend(VirtioBackend):
             size - size % BLK_SECTOR_SIZE
         )
 
+    def _oversized(self, what: str, sector: int, length: int) -> bool:
+        """True, with one log line, when ``length`` data bytes exceed :attr:`max_data_bytes`."""
+        if length <= self.max_data_bytes:
+            return False
+        log.warning(
+            "%s: %d-byte %s at sector %d exceeds seg_max * size_max = %d bytes: IOERR",
+            self.name,
+            length,
+            what,
+            sector,
+            self.max_data_bytes,
+        )
+        return True
+
     def _read(self, sector: int, length: int) -> tuple[int, bytes]:
-        if not self._in_range(sector, length):
+        if self._oversized("read", sector, length) or not self._in_range(sector, length):
             return _IOERR, b""
         try:
             return _OK, self._image.pread(sector * BLK_SECTOR_SIZE, length)
