@@ -5,14 +5,7 @@ violations, using only a register bus, guest memory with an allocator and the pl
 so the same checks run against any transport with those interfaces.
 """
 
-from viowire.conform.runner import (
-    Check,
-    Options,
-    Outcome,
-    Result,
-    Target,
-    Verdict,
-    run_suite,
-)
+from viowire.conform.model import Check, Options, Outcome, Result, Target, Verdict
+from viowire.conform.runner import run_suite
 
 __all__ = ["Check", "Options", "Outcome", "Result", "Target", "Verdict", "run_suite"]

@@ -56,8 +56,9 @@ async def run(args: argparse.Namespace) -> int:
     """Run the suite as ``args`` say; print the table (or JSON); 1 if any check FAILs."""
     from viowire.client import target as targets
     from viowire.conform.checks import CHECKS
+    from viowire.conform.model import Options, Target, failed, selected
     from viowire.conform.report import TableWriter, format_checks, to_json, to_junit
-    from viowire.conform.runner import Options, Target, failed, run_suite, selected
+    from viowire.conform.runner import run_suite
 
     if args.list:
         sys.stdout.write(format_checks(selected(CHECKS, args.only)))

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import TextIO
 
-from viowire.conform.runner import Check, Result, Verdict, summary
+from viowire.conform.model import Check, Result, Verdict, summary
 from viowire.virtio.constants import device_name
 
 ID_WIDTH = 30

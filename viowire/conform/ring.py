@@ -1,0 +1,161 @@
+"""Split rings laid out by hand in guest memory (§2.7): v2 as three areas, v1 (legacy) as one
+QueuePFN block, programmed through the queue registers and driven index by index."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import TYPE_CHECKING
+
+from viowire.client.virtqueue import align_up
+from viowire.virtio.constants import DESC_SIZE, PAGE_SIZE, USED_ELEM_SIZE, Reg, Status
+
+if TYPE_CHECKING:
+    from viowire.conform.dut import Dut
+
+DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+USED_ELEM = struct.Struct("<II")  # id, len
+
+
+def legacy_ring_size(num: int, align: int) -> int:
+    """Bytes of the legacy contiguous ring (§2.7.2, Linux ``vring_size``)."""
+    return align_up(DESC_SIZE * num + 2 * (3 + num), align) + 6 + USED_ELEM_SIZE * num
+
+
+class Ring:
+    """A split ring laid out by hand: v2 as three areas, v1 as one QueuePFN block.
+
+    ``capacity`` (v2) sizes the areas for more entries than ``num``, so that a device which
+    takes another queue size than the driver's still stays inside the allocation. The
+    descriptor table and the available ring are guarded: only the driver writes them.
+    """
+
+    def __init__(
+        self,
+        dut: Dut,
+        num: int,
+        *,
+        index: int = 0,
+        capacity: int | None = None,
+        page_size: int = PAGE_SIZE,
+        align: int = PAGE_SIZE,
+    ) -> None:
+        self.dut = dut
+        self.num = num
+        self.index = index
+        self.capacity = max(num, capacity or 0)
+        self.legacy = dut.version == 1
+        self.page_size = page_size
+        self.align = align
+        self.desc = self.avail = self.used = self.pfn = 0
+        self.avail_idx = 0  # what the driver has published
+        self.last_used = 0  # what the driver has consumed
+        self.notified_at = 0.0
+
+    async def allocate(self) -> None:
+        dut, cap = self.dut, self.capacity
+        if self.legacy:
+            base = await dut.alloc(legacy_ring_size(cap, self.align), self.page_size)
+            self.desc, self.avail = base, base + DESC_SIZE * self.num
+            self.used = align_up(self.avail + 6 + 2 * self.num, self.align)
+            self.pfn = base // self.page_size
+        else:
+            self.desc = await dut.alloc(DESC_SIZE * cap, 16)
+            self.avail = await dut.alloc(6 + 2 * cap, 2)
+            self.used = await dut.alloc(6 + USED_ELEM_SIZE * cap, 4)
+        guarded = self.num if self.legacy else cap  # legacy: the used ring follows at once
+        await dut.guard(self.desc, DESC_SIZE * guarded, "the descriptor table")
+        await dut.guard(self.avail, 6 + 2 * guarded, "the available ring")
+
+    async def rezero(self) -> None:
+        """Zero all three parts again and forget the indices, as for a fresh ring."""
+        cap = self.capacity
+        if self.legacy:
+            size = legacy_ring_size(cap, self.align)
+            await self.dut.poke(self.desc, bytes(size))
+        else:
+            await self.dut.poke(self.desc, bytes(DESC_SIZE * cap))
+            await self.dut.poke(self.avail, bytes(6 + 2 * cap))
+            await self.dut.poke(self.used, bytes(6 + USED_ELEM_SIZE * cap))
+        self.avail_idx = self.last_used = 0
+
+    async def program(self, *, ready: bool = True) -> None:
+        """The queue registers, in the order §4.2.3.2 (v2) or §4.2.4 (legacy) gives."""
+        dut = self.dut
+        await dut.select(self.index)
+        await dut.write(Reg.QUEUE_NUM, self.num)
+        if self.legacy:
+            await dut.write(Reg.QUEUE_ALIGN, self.align)
+            await dut.write(Reg.QUEUE_PFN, self.pfn)
+            return
+        await self.write_addresses(self.desc, self.avail, self.used)
+        if ready:
+            await dut.write(Reg.QUEUE_READY, 1)
+
+    async def write_addresses(self, desc: int, avail: int, used: int) -> None:
+        for low, gpa in (
+            (Reg.QUEUE_DESC_LOW, desc),
+            (Reg.QUEUE_AVAIL_LOW, avail),
+            (Reg.QUEUE_USED_LOW, used),
+        ):
+            await self.dut.write(low, gpa & 0xFFFF_FFFF)
+            await self.dut.write(low + 4, gpa >> 32)
+
+    async def set_desc(
+        self, index: int, addr: int, length: int, flags: int = 0, next_index: int = 0
+    ) -> None:
+        await self.dut.poke(
+            self.desc + DESC_SIZE * index, DESC.pack(addr, length & 0xFFFF_FFFF, flags, next_index)
+        )
+
+    async def put(self, slot: int, head: int) -> None:
+        """avail.ring[slot] = head, without publishing it."""
+        await self.dut.poke_u16(self.avail + 4 + 2 * slot, head)
+
+    async def set_avail_idx(self, value: int) -> None:
+        self.avail_idx = value & 0xFFFF
+        await self.dut.poke_u16(self.avail + 2, self.avail_idx)
+
+    async def publish(self, *heads: int) -> None:
+        """Ring slots first, then avail.idx (§2.7.13)."""
+        idx = self.avail_idx
+        for head in heads:
+            await self.put(idx % self.num, head)
+            idx = (idx + 1) & 0xFFFF
+        await self.set_avail_idx(idx)
+
+    async def set_used_event(self, value: int) -> None:
+        await self.dut.poke_u16(self.avail + 4 + 2 * self.num, value)
+
+    async def notify(self) -> None:
+        self.notified_at = asyncio.get_running_loop().time()
+        await self.dut.write(Reg.QUEUE_NOTIFY, self.index)
+
+    async def used_idx(self) -> int:
+        return await self.dut.memory.read_u16(self.used + 2)
+
+    async def used_elem(self, position: int) -> tuple[int, int]:
+        """(id, len) of the used element at free-running index ``position``."""
+        gpa = self.used + 4 + USED_ELEM_SIZE * (position % self.num)
+        return USED_ELEM.unpack(await self.dut.memory.read(gpa, USED_ELEM_SIZE))
+
+    async def used_slot(self, slot: int) -> tuple[int, int]:
+        """(id, len) in used ring slot ``slot``, whatever the queue size."""
+        gpa = self.used + 4 + USED_ELEM_SIZE * slot
+        return USED_ELEM.unpack(await self.dut.memory.read(gpa, USED_ELEM_SIZE))
+
+    async def pending_used(self) -> int:
+        return (await self.used_idx() - self.last_used) & 0xFFFF
+
+    async def wait_used(self, count: int, timeout: float | None = None) -> str:
+        """Wait until ``count`` new used elements are published: ``"used"``, or
+        ``"needs-reset"`` as soon as the device sets DEVICE_NEEDS_RESET, or ``"timeout"``."""
+
+        async def probe() -> str | None:
+            if await self.pending_used() >= count:
+                return "used"
+            if await self.dut.status() & Status.DEVICE_NEEDS_RESET:
+                return "needs-reset"
+            return None
+
+        return await self.dut.until(probe, timeout) or "timeout"
