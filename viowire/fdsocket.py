@@ -202,6 +202,16 @@ class FdSocketTransport(asyncio.Transport):
         return False
 
     # -- closing -------------------------------------------------------------------------------
+    def detach(self) -> socket.socket | None:
+        """Hand the socket over (to the loop's own transport) once nothing waits to be sent:
+        reading stops, the protocol is not told, and this transport is done with. None while
+        data is queued (the caller keeps this transport)."""
+        if self._buffer or self._closing:
+            return None
+        self.pause_reading()
+        self._closing = self._closed = True
+        return self._sock
+
     def is_closing(self) -> bool:
         return self._closing
 
@@ -250,3 +260,57 @@ class FdSocketTransport(asyncio.Transport):
         if name == "peercred":
             return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         return default
+
+
+class SidecarReader:
+    """The server end of an FD_SIDECAR socket (AF_UNIX SOCK_SEQPACKET): each packet is handed to
+    ``on_packet(data, fds)`` with the descriptors it carried; ``on_packet(None, [])`` once at
+    the end (EOF, an error, or a packet too large for ``max_size``, whose descriptors are
+    closed)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_packet: Any,
+        max_size: int,
+    ) -> None:
+        sock.setblocking(False)
+        self._loop = loop
+        self._sock = sock
+        self._on_packet = on_packet
+        self._buffer = memoryview(bytearray(max_size))
+        loop.add_reader(sock.fileno(), self._read_ready)
+
+    def _read_ready(self) -> None:
+        try:
+            size, ancdata, flags, _addr = self._sock.recvmsg_into(
+                [self._buffer], _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("sidecar failed: %s", exc)
+            self._end()
+            return
+        fds = _descriptors(ancdata) if ancdata else []
+        if flags & socket.MSG_TRUNC or (not size and not fds):
+            for fd in fds:
+                os.close(fd)
+            self._end()
+            return
+        self._on_packet(self._buffer[:size].tobytes(), fds)
+
+    def _end(self) -> None:
+        if self._sock.fileno() >= 0:
+            self.close()
+            self._on_packet(None, [])
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+
+
+def is_seqpacket_socket(sock: socket.socket) -> bool:
+    return sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET

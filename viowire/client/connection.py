@@ -39,6 +39,7 @@ CLIENT_FEATURES = (
     | m.ProtoFeature.MEMORY_SHM
     | m.ProtoFeature.IRQ_STATUS
     | m.ProtoFeature.NOTIFY_CHANNEL
+    | m.ProtoFeature.FD_SIDECAR
 )
 REQUEST_TIMEOUT = 30.0
 NOTIFY_CHANNELS = 64  # devices of a connection that get a notification channel (a descriptor each)
@@ -48,6 +49,7 @@ _REPLY, _POSTED = int(m.Flags.REPLY), int(m.Flags.POSTED)
 _ERROR = int(m.MsgType.ERROR)
 _POSTED_WRITES, _IRQ_STATUS = int(m.ProtoFeature.POSTED_WRITES), int(m.ProtoFeature.IRQ_STATUS)
 _NOTIFY_CHANNEL = int(m.ProtoFeature.NOTIFY_CHANNEL)
+_FD_SIDECAR = int(m.ProtoFeature.FD_SIDECAR)
 _IRQ, _MEM_READ = int(m.MsgType.IRQ), int(m.MsgType.MEM_READ)
 _MEM_REQUESTS = (_MEM_READ, int(m.MsgType.MEM_WRITE))
 MEMORY_MODES = ("auto", "shared", "proxied")
@@ -109,6 +111,7 @@ class Connection(asyncio.Protocol):
         self._lazy_timer: asyncio.TimerHandle | None = None
         self.notify_channels = NOTIFY_CHANNELS
         self._channels: set[DriverChannel] = set()
+        self._sidecar: socket.socket | None = None  # FD_SIDECAR: where descriptors go
         # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
@@ -141,6 +144,7 @@ class Connection(asyncio.Protocol):
             self._closed.set_result(None)
         self._can_write.set()
         self._close_channels()
+        self._close_sidecar()
         # Requests waiting for a used buffer would wait forever: fail them, as a surprise
         # removal does in Linux.
         loop = asyncio.get_running_loop()
@@ -213,11 +217,36 @@ class Connection(asyncio.Protocol):
         # A timer, not asyncio.wait_for: that costs a wrapper per request on the hot path.
         timer = loop.call_later(REQUEST_TIMEOUT, self._expire, future, msg)
         try:
-            self._send(msg, request_id, 0, fds)
+            if fds and self._sidecar is not None:
+                await self._send_on_sidecar(encode(msg, request_id, 0), fds)
+            else:
+                self._send(msg, request_id, 0, fds)
             return await future
         finally:
             timer.cancel()
             self._pending.pop(request_id, None)
+
+    async def _send_on_sidecar(self, frame: bytes, fds: list[int]) -> None:
+        """One packet with its descriptors. The reply comes on the connection, whose earlier
+        frames go first (the server applies the two in any order)."""
+        self._flush()
+        sidecar = self._sidecar
+        while True:
+            try:
+                socket.send_fds(sidecar, [frame], fds)
+                return
+            except BlockingIOError:
+                writable = self._loop.create_future()
+                self._loop.add_writer(sidecar.fileno(), writable.set_result, None)
+                try:
+                    await asyncio.wait_for(writable, REQUEST_TIMEOUT)
+                finally:
+                    self._loop.remove_writer(sidecar.fileno())
+
+    def _close_sidecar(self) -> None:
+        if self._sidecar is not None:
+            self._sidecar.close()
+            self._sidecar = None
 
     def _expire(self, future: asyncio.Future, msg: object) -> None:
         if not future.done():
@@ -392,6 +421,7 @@ class Connection(asyncio.Protocol):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._closed), 5)
         self._close_channels()
+        self._close_sidecar()
         if self._lazy_timer is not None:
             self._lazy_timer.cancel()
             self._lazy_timer = None
@@ -427,10 +457,9 @@ async def connect(
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
     endpoint = parse_endpoint(url)
-    conn = await _open(endpoint)
+    features = CLIENT_FEATURES if irq_status else CLIENT_FEATURES & ~m.ProtoFeature.IRQ_STATUS
+    conn = await _open(endpoint, _hello(name, features))
     try:
-        features = CLIENT_FEATURES if irq_status else CLIENT_FEATURES & ~m.ProtoFeature.IRQ_STATUS
-        await _handshake(conn, name, features)
         await _register_memory(conn, memory, ram_size, ram_base)
     except BaseException:
         await conn.close()
@@ -438,29 +467,8 @@ async def connect(
     return conn
 
 
-async def _open(endpoint: Endpoint) -> Connection:
-    loop = asyncio.get_running_loop()
-    conn = Connection(endpoint)
-    if endpoint.scheme == "tcp":
-        await loop.create_connection(lambda: conn, endpoint.host, endpoint.port)
-        sock = conn.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, endpoint.path)
-    except OSError:
-        sock.close()
-        raise
-    FdSocketTransport(loop, sock, conn)
-    await asyncio.sleep(0)  # let connection_made run
-    return conn
-
-
-async def _handshake(conn: Connection, name: str, features: int = CLIENT_FEATURES) -> None:
-    hello = m.Hello(
+def _hello(name: str, features: int) -> object:
+    return m.Hello(
         magic=m.HELLO_MAGIC,
         version=m.PROTOCOL_VERSION,
         reserved=0,
@@ -470,7 +478,81 @@ async def _handshake(conn: Connection, name: str, features: int = CLIENT_FEATURE
         host_id=host_id(),
         name=name,
     )
-    reply = await conn.request(hello)
+
+
+async def _open(endpoint: Endpoint, hello: object) -> Connection:
+    """Connect and shake hands; the connection is returned with its session established."""
+    loop = asyncio.get_running_loop()
+    conn = Connection(endpoint)
+    if endpoint.scheme == "tcp":
+        await loop.create_connection(lambda: conn, endpoint.host, endpoint.port)
+        sock = conn.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            _accept_hello(conn, await conn.request(hello))
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, endpoint.path)
+        await _unix_handshake(conn, sock, hello)
+    except BaseException:
+        if conn.transport is None:
+            sock.close()
+            conn._close_sidecar()
+        else:
+            await conn.close()
+        raise
+    return conn
+
+
+async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) -> None:
+    """HELLO with a sidecar (FD_SIDECAR): descriptors will ride a SOCK_SEQPACKET socketpair, so
+    the stream carries none after HELLO and can use the loop's own transport (uvloop's, in C;
+    asyncio transports cannot receive descriptors). A server without the feature gets the
+    stream on our descriptor-passing transport instead."""
+    loop = asyncio.get_running_loop()
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn._sidecar = mine
+    try:
+        request_id = conn._new_id()
+        # A fresh socket's buffer takes a small frame whole: this send does not block.
+        socket.send_fds(sock, [encode(hello, request_id, 0)], [theirs.fileno()])
+    finally:
+        theirs.close()
+    frames = await asyncio.wait_for(_first_frames(loop, sock, conn.reader), REQUEST_TIMEOUT)
+    reply, rest = frames[0], frames[1:]
+    msg = decode_body(reply.type, reply.body)
+    if isinstance(msg, m.Error):
+        raise ProtocolError(msg.code, msg.message)
+    if not isinstance(msg, m.HelloReply) or reply.request_id != request_id:
+        raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"unexpected reply to HELLO: {msg}")
+    _accept_hello(conn, msg)
+    if conn.features & _FD_SIDECAR:
+        mine.setblocking(False)
+        await loop.create_unix_connection(lambda: conn, sock=sock)
+    else:
+        conn._close_sidecar()
+        FdSocketTransport(loop, sock, conn)
+        await asyncio.sleep(0)  # let connection_made run
+    for frame in rest:
+        conn._dispatch(frame)
+
+
+async def _first_frames(loop: asyncio.AbstractEventLoop, sock: socket.socket, reader) -> list:
+    while True:
+        data = await loop.sock_recv(sock, 65536)
+        if not data:
+            raise ConnectionClosed("the server closed the connection during HELLO")
+        if frames := reader.feed(data):
+            return frames
+
+
+def _accept_hello(conn: Connection, reply: object) -> None:
     conn.session_id = reply.session_id
     conn.features = reply.features
     conn.server_name = reply.name

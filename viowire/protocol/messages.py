@@ -80,6 +80,7 @@ class ProtoFeature(enum.IntFlag):
     MEMORY_SHM = 1 << 3  # named POSIX shared-memory segment (same host)
     IRQ_STATUS = 1 << 4  # the driver trusts IRQ.status and posts its ACK; no lower after an ACK
     NOTIFY_CHANNEL = 1 << 5  # notifications of a device on a datagram socket passed once (Unix)
+    FD_SIDECAR = 1 << 6  # descriptors ride a SOCK_SEQPACKET socket passed with HELLO (Unix)
 
 
 class MemoryKind(enum.IntEnum):
@@ -162,7 +163,12 @@ SCHEMAS: dict[MsgType, Struct] = {
 
 DOCS: dict[MsgType, str] = {
     MsgType.HELLO: "client → server, first frame of a session. magic = 0x52495756; host_id = "
-    "the client's kernel boot id (16 bytes) so the server can tell a same-host peer.",
+    "the client's kernel boot id (16 bytes) so the server can tell a same-host peer. Over a Unix "
+    "socket, a client that offers FD_SIDECAR sends one end of an AF_UNIX SOCK_SEQPACKET "
+    "socketpair as SCM_RIGHTS with this frame; if the server accepts it, the frames that carry "
+    "descriptors (MEM_REGISTER of a memfd, NOTIFY_CHANNEL) go one a packet on that socket, "
+    "their replies come on the connection, and the connection itself carries no descriptor "
+    "after HELLO (so both ends may read it with their event loop's own transport).",
     MsgType.HELLO_REPLY: "server → client. features = intersection of both offers; limits = the "
     "smaller of both; session_id names the session in the server's logs.",
     MsgType.ERROR: "reply to any request that failed, or to a POSTED request that failed "

@@ -12,9 +12,11 @@ import itertools
 import logging
 import mmap
 import os
+import socket
 import struct
 from collections.abc import Callable, Sequence
 
+from viowire.fdsocket import FdSocketTransport, SidecarReader, is_seqpacket_socket
 from viowire.protocol import messages as m
 from viowire.protocol.codec import DecodeError, body_fields, decode_body, encode, frame_packer
 from viowire.protocol.framing import Frame, FrameError, FrameReader
@@ -107,6 +109,9 @@ class ServerSession(asyncio.Protocol):
         self._proxied: ProxiedGuestMemory | None = None
         self._fds: list[int] = []
         self._channels: dict[int, NotifyChannel] = {}  # device base -> its notification channel
+        self._sidecar: SidecarReader | None = None
+        self._sidecar_frames = FrameReader()
+        self._go_native = False  # after the HELLO reply: move to the loop's own transport
         self._out: list[bytes] = []
         self._flush_pending = False
         self._next_id = itertools.count(1)
@@ -118,6 +123,11 @@ class ServerSession(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if self.platform is not None:  # the same connection, now on the loop's own transport
+            if self._closed:
+                transport.close()
+            self._flush()
+            return
         self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
@@ -153,6 +163,8 @@ class ServerSession(asyncio.Protocol):
         finally:
             self._flush_pending = scheduled
         self._flush()
+        if self._go_native:
+            self._switch_to_native()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -167,6 +179,8 @@ class ServerSession(asyncio.Protocol):
         self._fds.clear()
         for base in list(self._channels):
             self._detach_channel(base)
+        if self._sidecar is not None:
+            self._sidecar.close()
         log.info("session %x: closed", self.session_id)
         # Keep a reference: the loop holds tasks weakly, and an unmapped region must not linger.
         task = asyncio.get_running_loop().create_task(self._teardown())
@@ -203,7 +217,7 @@ class ServerSession(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_pending = False
-        if self._out and not self._closed:
+        if self._out and not self._closed and self.transport is not None:
             out, self._out = self._out, []
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
@@ -215,7 +229,8 @@ class ServerSession(asyncio.Protocol):
         log.warning("session %x: %s: %s; closing", self.session_id, code.name, message)
         self.send(m.Error(code=code, message=message + "; closing the connection"), 0, 0)
         self._flush()
-        self.transport.close()
+        if self.transport is not None:  # else connection_made closes it once it arrives
+            self.transport.close()
         self._closed = True
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -275,7 +290,11 @@ class ServerSession(asyncio.Protocol):
             )
         offered = SERVER_FEATURES & ~m.ProtoFeature.MEMORY_SHM
         if self.fd_passing:
-            offered |= m.ProtoFeature.MEMORY_MEMFD | m.ProtoFeature.NOTIFY_CHANNEL
+            offered |= (
+                m.ProtoFeature.MEMORY_MEMFD
+                | m.ProtoFeature.NOTIFY_CHANNEL
+                | m.ProtoFeature.FD_SIDECAR
+            )
         if self.allow_shm and msg.host_id == host_id() and any(msg.host_id):
             # Only a peer on this kernel can name a segment here; anyone else would be naming
             # this host's segments blind.
@@ -283,6 +302,10 @@ class ServerSession(asyncio.Protocol):
         self.features = msg.features & offered
         self.max_frame = min(msg.max_frame, m.DEFAULT_MAX_FRAME)
         self.reader.max_frame = self.max_frame
+        if self.features & m.ProtoFeature.FD_SIDECAR and not self._adopt_sidecar():
+            self.features &= ~m.ProtoFeature.FD_SIDECAR
+        while self._fds:  # HELLO carries no descriptor but the sidecar: never pair one later
+            os.close(self._fds.pop())
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         self.platform = self.spec.build(name_prefix=f"session {self.session_id:x} ")
@@ -303,6 +326,62 @@ class ServerSession(asyncio.Protocol):
             name=self.name,
         )
         self.send(reply, frame.request_id, _REPLY)
+
+    # -- the descriptor sidecar -------------------------------------------------------------------
+    def _adopt_sidecar(self) -> bool:
+        """Take the socket that came with HELLO as the sidecar; False (and it is closed) if
+        there is none or it is not AF_UNIX SOCK_SEQPACKET: the session then goes on without."""
+        if not self._fds:
+            return False
+        fd = self._fds.pop(0)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return False
+        if not is_seqpacket_socket(sock):
+            sock.close()
+            return False
+        self._sidecar = SidecarReader(self._loop, sock, self._sidecar_packet, self.max_frame)
+        self._go_native = isinstance(self.transport, FdSocketTransport)
+        return True
+
+    def _sidecar_packet(self, data: bytes | None, fds: list[int]) -> None:
+        """A frame from the sidecar, answered on the connection like any other."""
+        if data is None:
+            self._sidecar = None  # ended; descriptors cannot arrive any more
+            return
+        self.fds_received(fds)
+        try:
+            frames = self._sidecar_frames.feed(data)
+            if self._sidecar_frames.buffered:  # a packet is whole frames: no waiting for more
+                raise FrameError(m.ErrorCode.MALFORMED_FRAME, "a packet ends inside a frame")
+        except FrameError as exc:
+            self._fail_connection(exc.code, f"sidecar: {exc}")
+            return
+        for frame in frames:
+            self._dispatch(frame)
+        self._flush()
+
+    def _switch_to_native(self) -> None:
+        """Nothing but frames will arrive on the connection now: let the event loop's own
+        transport (uvloop's, in C) carry it. Frames queued meanwhile wait in ``_out``."""
+        self._go_native = False
+        sock = self.transport.detach()
+        if sock is None:
+            return  # replies still queued: stay on the Python transport, which works as well
+        self.transport = None
+        task = self._loop.create_task(self._adopt_native(sock))
+        _TEARDOWNS.add(task)
+        task.add_done_callback(_TEARDOWNS.discard)
+
+    async def _adopt_native(self, sock: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(lambda: self, sock)
+        except Exception as exc:  # the session cannot go on without a transport
+            log.warning("session %x: no native transport (%s); closing", self.session_id, exc)
+            sock.close()
+            self.connection_lost(exc)
 
     def _irq_sender(self, slot: Slot):
         irq, device = slot.irq, slot.device
