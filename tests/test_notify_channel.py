@@ -294,3 +294,19 @@ async def test_a_blocking_client_end_does_not_matter(server):
 def peer_session_id(server) -> int:
     (session,) = [s for s in server.sessions if s._channels]
     return session.session_id
+
+
+async def test_out_of_descriptors_the_device_notifies_on_the_connection(server, monkeypatch):
+    import viowire.client.notify as client_notify
+
+    def no_socketpair(*args):
+        raise OSError(24, "Too many open files")
+
+    async with await connect(url_of(server, "unix")) as conn:
+        monkeypatch.setattr(client_notify.socket, "socketpair", no_socketpair)
+        blk = await open_driver(conn, BLK)
+        await blk.write(0, b"m" * 512)
+        monkeypatch.undo()
+        assert blk.dev._channel is None and conn.notify_channels == 0
+        assert await blk.read(0, 512) == b"m" * 512
+        await blk.detach()

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import struct
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,14 @@ from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.notify import DriverChannel
 from viowire.fdsocket import FdSocketTransport
 from viowire.protocol import messages as m
-from viowire.protocol.codec import DecodeError, decode_body, encode
+from viowire.protocol.codec import (
+    DecodeError,
+    body_fields,
+    decode_body,
+    encode,
+    frame_packer,
+    named,
+)
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.urls import Endpoint, parse_endpoint
@@ -53,6 +61,12 @@ _FD_SIDECAR = int(m.ProtoFeature.FD_SIDECAR)
 _IRQ, _MEM_READ = int(m.MsgType.IRQ), int(m.MsgType.MEM_READ)
 _MEM_REQUESTS = (_MEM_READ, int(m.MsgType.MEM_WRITE))
 MEMORY_MODES = ("auto", "shared", "proxied")
+WATCH_INTERVAL = 1.0  # how often requests are checked against REQUEST_TIMEOUT
+# Register accesses skip the message objects (the same bytes; tests/test_codec.py checks).
+_READ_REPLY = int(m.MsgType.MMIO_READ_REPLY)
+_READ_FRAME = named(frame_packer(m.MsgType.MMIO_READ), ("addr", "width"))
+_WRITE_FRAME = named(frame_packer(m.MsgType.MMIO_WRITE), ("addr", "width", "value"))
+_READ_REPLY_FIELDS = named(body_fields(m.MsgType.MMIO_READ_REPLY), ("value",))
 
 
 class ProtocolError(Exception):
@@ -103,6 +117,11 @@ class Connection(asyncio.Protocol):
         self.posted_errors: list[ProtocolError] = []
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        self._reads: dict[int, asyncio.Future] = {}  # MMIO reads: resolved with the bare value
+        # One watchdog for every request, not a timer each (a timer costs more than the rest of
+        # a register read's client work): request id -> (deadline, what it was).
+        self._deadlines: dict[int, tuple[float, str]] = {}
+        self._watchdog: asyncio.TimerHandle | None = None
         self._irq_handlers: dict[int, Callable[[bool], None]] = {}
         self._devices: weakref.WeakSet = weakref.WeakSet()
         self._out: list[bytes] = []
@@ -136,10 +155,15 @@ class Connection(asyncio.Protocol):
         error = ConnectionClosed(
             f"connection to {self.endpoint} closed" + (f": {exc}" if exc else "")
         )
-        for future in self._pending.values():
+        for future in (*self._pending.values(), *self._reads.values()):
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+        self._reads.clear()
+        self._deadlines.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if not self._closed.done():
             self._closed.set_result(None)
         self._can_write.set()
@@ -171,6 +195,9 @@ class Connection(asyncio.Protocol):
             self._flush()
             self.transport.write_with_fds(frame, fds)
             return
+        self._queue(frame)
+
+    def _queue(self, frame: bytes) -> None:
         self._out.append(frame)
         if not self._flush_pending:
             self._flush_pending = True
@@ -200,9 +227,7 @@ class Connection(asyncio.Protocol):
         if self.closed or not self.features & _POSTED_WRITES:
             return
         for addr, bits in acks.items():
-            self._out.append(
-                encode(m.MmioWrite(addr=addr, width=4, value=bits), self._new_id(), _POSTED)
-            )
+            self._out.append(_WRITE_FRAME(self._new_id(), _POSTED, addr, 4, bits))
 
     def _new_id(self) -> int:
         request_id = next(self._ids) & 0xFFFFFFFF
@@ -211,11 +236,9 @@ class Connection(asyncio.Protocol):
     async def request(self, msg: object, *, fds: list[int] | None = None) -> object:
         """Send a request and await its reply; an ERROR reply raises :class:`ProtocolError`."""
         request_id = self._new_id()
-        loop = self._loop
-        future = loop.create_future()
+        future = self._loop.create_future()
         self._pending[request_id] = future
-        # A timer, not asyncio.wait_for: that costs a wrapper per request on the hot path.
-        timer = loop.call_later(REQUEST_TIMEOUT, self._expire, future, msg)
+        self._watch(request_id, type(msg).__name__)
         try:
             if fds and self._sidecar is not None:
                 await self._send_on_sidecar(encode(msg, request_id, 0), fds)
@@ -223,8 +246,31 @@ class Connection(asyncio.Protocol):
                 self._send(msg, request_id, 0, fds)
             return await future
         finally:
-            timer.cancel()
             self._pending.pop(request_id, None)
+            self._deadlines.pop(request_id, None)
+
+    def _watch(self, request_id: int, what: str) -> None:
+        self._deadlines[request_id] = (self._loop.time() + REQUEST_TIMEOUT, what)
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(WATCH_INTERVAL, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        """Fail the requests past REQUEST_TIMEOUT (within WATCH_INTERVAL of it)."""
+        self._watchdog = None
+        now = self._loop.time()
+        for request_id, (deadline, what) in list(self._deadlines.items()):
+            if deadline > now:
+                continue
+            del self._deadlines[request_id]
+            future = self._pending.get(request_id) or self._reads.get(request_id)
+            if future is not None and not future.done():
+                future.set_exception(
+                    ConnectionClosed(
+                        f"{self.endpoint} did not answer {what} within {REQUEST_TIMEOUT} s"
+                    )
+                )
+        if self._deadlines and not self.closed:
+            self._watchdog = self._loop.call_later(WATCH_INTERVAL, self._check_deadlines)
 
     async def _send_on_sidecar(self, frame: bytes, fds: list[int]) -> None:
         """One packet with its descriptors. The reply comes on the connection, whose earlier
@@ -248,15 +294,6 @@ class Connection(asyncio.Protocol):
             self._sidecar.close()
             self._sidecar = None
 
-    def _expire(self, future: asyncio.Future, msg: object) -> None:
-        if not future.done():
-            future.set_exception(
-                ConnectionClosed(
-                    f"{self.endpoint} did not answer {type(msg).__name__} "
-                    f"within {REQUEST_TIMEOUT} s"
-                )
-            )
-
     def _dispatch(self, frame: Frame) -> None:
         if frame.flags & _REPLY or frame.type == _ERROR:
             self._complete(frame)
@@ -268,11 +305,21 @@ class Connection(asyncio.Protocol):
             log.warning("server sent unexpected message type %#x", frame.type)
 
     def _complete(self, frame: Frame) -> None:
+        request_id = frame.request_id
+        if frame.type == _READ_REPLY and (future := self._reads.get(request_id)) is not None:
+            try:
+                (value,) = _READ_REPLY_FIELDS(frame.body)
+            except struct.error:
+                pass  # the general path names what is wrong with it
+            else:
+                if not future.done():
+                    future.set_result(value)
+                return
         try:
             msg = decode_body(frame.type, frame.body)
         except DecodeError as exc:
             msg = m.Error(code=exc.code, message=f"undecodable reply: {exc}")
-        future = self._pending.get(frame.request_id)
+        future = self._pending.get(request_id) or self._reads.get(request_id)
         if isinstance(msg, m.Error):
             error = ProtocolError(msg.code, msg.message)
             if future is not None and not future.done():
@@ -323,17 +370,31 @@ class Connection(asyncio.Protocol):
 
     # -- the RegisterBus -----------------------------------------------------------------------
     async def mmio_read(self, addr: int, width: int) -> int:
-        reply = await self.request(m.MmioRead(addr=addr, width=width))
-        return reply.value
+        if self.closed:
+            raise ConnectionClosed(f"connection to {self.endpoint} is closed")
+        request_id = self._new_id()
+        future = self._loop.create_future()
+        self._reads[request_id] = future
+        self._watch(request_id, "MmioRead")
+        try:
+            self._queue(_READ_FRAME(request_id, 0, addr, width))
+            value = await future
+        finally:
+            del self._reads[request_id]
+            self._deadlines.pop(request_id, None)
+        if type(value) is not int:
+            raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"MMIO_READ answered with {value}")
+        return value
 
     async def mmio_write(self, addr: int, width: int, value: int, *, posted: bool = True) -> None:
-        msg = m.MmioWrite(addr=addr, width=width, value=value)
         if posted and self.features & _POSTED_WRITES:
             if not self._can_write.is_set():
                 await self._can_write.wait()
-            self._send(msg, self._new_id(), _POSTED)
+            if self.closed:
+                raise ConnectionClosed(f"connection to {self.endpoint} is closed")
+            self._queue(_WRITE_FRAME(self._new_id(), _POSTED, addr, width, value))
         else:
-            await self.request(msg)
+            await self.request(m.MmioWrite(addr=addr, width=width, value=value))
 
     def set_irq_handler(self, irq: int, handler: Callable[[bool], None] | None) -> None:
         if handler is None:
@@ -357,7 +418,12 @@ class Connection(asyncio.Protocol):
         cannot have one (see :meth:`can_notify_on_channel`, or the server refused it)."""
         if not self.can_notify_on_channel():
             return None
-        channel = DriverChannel(self._loop)
+        try:
+            channel = DriverChannel(self._loop)
+        except OSError as exc:  # out of descriptors: this device notifies on the connection
+            log.info("%s: no notification channel for %#x (%s)", self.endpoint, base, exc)
+            self.notify_channels = len(self._channels)
+            return None
         self._channels.add(channel)
         try:
             await self.request(m.NotifyChannel(base=base, attach=1), fds=[channel.peer.fileno()])

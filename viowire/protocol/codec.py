@@ -102,8 +102,11 @@ class FieldSpec:
         if self.kind == "bytes":
             return f"bytes[{self.size}]"
         prefix = FieldSpec("", "int", self.fmt).type_name if self.fmt else ""
-        return {"text": f"{prefix} length + UTF-8", "array": f"{prefix} count + elements",
-                "greedy": "bytes to end of body"}[self.kind]
+        return {
+            "text": f"{prefix} length + UTF-8",
+            "array": f"{prefix} count + elements",
+            "greedy": "bytes to end of body",
+        }[self.kind]
 
     def problem(self, value: object) -> str | None:
         """Why ``value`` cannot be encoded as this field, or None; used only on the error path."""
@@ -299,7 +302,7 @@ class _TextField:
         if start + length > len(body):
             raise _short(name, length, start, body)
         try:
-            out.append(str(body[start:start + length], "utf-8"))
+            out.append(str(body[start : start + length], "utf-8"))
         except UnicodeDecodeError as exc:
             raise DecodeError(ErrorCode.BAD_MESSAGE, f"{name}: invalid UTF-8 ({exc})") from None
         return start + length
@@ -387,8 +390,9 @@ def _values_getter(names: Sequence[str]) -> Callable[[object], tuple]:
     return attrgetter(*names)
 
 
-def _encode_error(cls: type, specs: Sequence[FieldSpec], values: tuple,
-                  request_id: int = 0, flags: int = 0) -> ValueError | None:
+def _encode_error(
+    cls: type, specs: Sequence[FieldSpec], values: tuple, request_id: int = 0, flags: int = 0
+) -> ValueError | None:
     """The precise ValueError for a failed encode, or None if no value is at fault (a bug)."""
     checks = [("request_id", _int_problem("I", request_id)), ("flags", _int_problem("B", flags))]
     checks += [(spec.name, spec.problem(value)) for spec, value in zip(specs, values, strict=True)]
@@ -425,7 +429,7 @@ class _Codec:
         try:
             for segment in self.segments:
                 count = len(segment.specs)
-                segment.encode(values[index:index + count], out)
+                segment.encode(values[index : index + count], out)
                 index += count
         except _ENCODE_ERRORS as exc:
             self._fail(exc, values)
@@ -536,6 +540,14 @@ def body_fields(msg_type: int) -> tuple[tuple[str, ...], Callable[[bytes], tuple
     return tuple(spec.name for spec in codec.specs), run.struct.unpack
 
 
+def named(derived: tuple[tuple[str, ...], Callable], names: tuple[str, ...]) -> Callable:
+    """The function of a :func:`body_fields` or :func:`frame_packer` result, once its fields are
+    known to be ``names`` in order (a message definition that changes fails at import)."""
+    if derived[0] != names:
+        raise TypeError(f"message fields changed: {derived[0]}, expected {names}")
+    return derived[1]
+
+
 def frame_packer(msg_type: int) -> tuple[tuple[str, ...], Callable[..., bytes]]:
     """The field names of a message type made of integers only, and
     ``pack(request_id, flags, *values)`` giving the whole frame, as ``encode`` would, without
@@ -561,8 +573,15 @@ def encode_construct(msg: object, request_id: int = 0, flags: int = 0) -> bytes:
     obj = {spec.name: _to_construct(spec, value) for spec, value in pairs}
     try:
         body = SCHEMAS[MsgType(codec.type)].build(obj)
-        header = Header.build(dict(length=_HEADER_REST + len(body), type=codec.type,
-                                   flags=flags, reserved=0, request_id=request_id))
+        header = Header.build(
+            dict(
+                length=_HEADER_REST + len(body),
+                type=codec.type,
+                flags=flags,
+                reserved=0,
+                request_id=request_id,
+            )
+        )
     except Exception as exc:  # construct raises more than ConstructError for bad values
         raise _encode_error(codec.cls, codec.specs, values, request_id, flags) or exc from None
     return header + body
@@ -593,8 +612,9 @@ def decode_body_construct(msg_type: int, body: bytes | memoryview) -> object:
         raise DecodeError(ErrorCode.BAD_MESSAGE, f"{codec.cls.__name__}: {exc}") from None
     trailing = len(body) - stream.tell()
     if trailing:
-        raise DecodeError(ErrorCode.BAD_MESSAGE,
-                          f"{codec.cls.__name__}: {trailing} bytes after the last field")
+        raise DecodeError(
+            ErrorCode.BAD_MESSAGE, f"{codec.cls.__name__}: {trailing} bytes after the last field"
+        )
     return codec.cls(*(_from_construct(spec, parsed[spec.name]) for spec in codec.specs))
 
 
@@ -609,13 +629,15 @@ def _from_construct(spec: FieldSpec, value: object) -> object:
 
 def _sample(msg_type: MsgType) -> object:
     """A plausible message of each type, for measure()."""
+
     def value(spec: FieldSpec) -> object:
         if spec.kind == "int":
             return 1
         if spec.kind == "array":
             return tuple(tuple(value(e) for e in spec.elements) for _ in range(4))
         return {"bytes": b"\x07" * (spec.size or 0), "text": "viowire", "greedy": b"\x5a" * 64}[
-            spec.kind]
+            spec.kind
+        ]
 
     codec = _CODECS[msg_type]
     return codec.cls(*(value(spec) for spec in codec.specs))

@@ -18,7 +18,14 @@ from collections.abc import Callable, Sequence
 
 from viowire.fdsocket import FdSocketTransport, SidecarReader, is_seqpacket_socket
 from viowire.protocol import messages as m
-from viowire.protocol.codec import DecodeError, body_fields, decode_body, encode, frame_packer
+from viowire.protocol.codec import (
+    DecodeError,
+    body_fields,
+    decode_body,
+    encode,
+    frame_packer,
+    named,
+)
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
@@ -56,19 +63,12 @@ _QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
 _WIDTH_MASKS = {width: (1 << 8 * width) - 1 for width in MMIO_WIDTHS}
 
 
-def _named(derived: tuple[tuple[str, ...], Callable], names: tuple[str, ...]) -> Callable:
-    """The codec function of ``derived``, once its fields are known to be ``names`` in order."""
-    if derived[0] != names:
-        raise TypeError(f"message fields changed: {derived[0]}, expected {names}")
-    return derived[1]
-
-
 # Register accesses skip the message objects: fields straight from the body, replies packed
 # straight into a frame (the same bytes encode() makes; tests/test_codec.py checks).
-_MMIO_READ_FIELDS = _named(body_fields(m.MsgType.MMIO_READ), ("addr", "width"))
-_MMIO_WRITE_FIELDS = _named(body_fields(m.MsgType.MMIO_WRITE), ("addr", "width", "value"))
-_READ_REPLY_FRAME = _named(frame_packer(m.MsgType.MMIO_READ_REPLY), ("value",))
-_OK_FRAME = _named(frame_packer(m.MsgType.OK), ())
+_MMIO_READ_FIELDS = named(body_fields(m.MsgType.MMIO_READ), ("addr", "width"))
+_MMIO_WRITE_FIELDS = named(body_fields(m.MsgType.MMIO_WRITE), ("addr", "width", "value"))
+_READ_REPLY_FRAME = named(frame_packer(m.MsgType.MMIO_READ_REPLY), ("value",))
+_OK_FRAME = named(frame_packer(m.MsgType.OK), ())
 
 
 _TEARDOWNS: set[asyncio.Task] = set()
