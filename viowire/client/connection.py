@@ -122,6 +122,9 @@ class Connection(asyncio.Protocol):
         # a register read's client work): request id -> (deadline, what it was).
         self._deadlines: dict[int, tuple[float, str]] = {}
         self._watchdog: asyncio.TimerHandle | None = None
+        # Requests awaiting replies, at most the session's max_inflight (HELLO sets it); more wait.
+        self.max_inflight = m.DEFAULT_MAX_INFLIGHT
+        self._inflight = asyncio.Semaphore(self.max_inflight)
         self._irq_handlers: dict[int, Callable[[bool], None]] = {}
         self._devices: weakref.WeakSet = weakref.WeakSet()
         self._out: list[bytes] = []
@@ -235,6 +238,7 @@ class Connection(asyncio.Protocol):
 
     async def request(self, msg: object, *, fds: list[int] | None = None) -> object:
         """Send a request and await its reply; an ERROR reply raises :class:`ProtocolError`."""
+        await self._inflight.acquire()
         request_id = self._new_id()
         future = self._loop.create_future()
         self._pending[request_id] = future
@@ -248,6 +252,7 @@ class Connection(asyncio.Protocol):
         finally:
             self._pending.pop(request_id, None)
             self._deadlines.pop(request_id, None)
+            self._inflight.release()
 
     def _watch(self, request_id: int, what: str) -> None:
         self._deadlines[request_id] = (self._loop.time() + REQUEST_TIMEOUT, what)
@@ -372,6 +377,7 @@ class Connection(asyncio.Protocol):
     async def mmio_read(self, addr: int, width: int) -> int:
         if self.closed:
             raise ConnectionClosed(f"connection to {self.endpoint} is closed")
+        await self._inflight.acquire()
         request_id = self._new_id()
         future = self._loop.create_future()
         self._reads[request_id] = future
@@ -382,6 +388,7 @@ class Connection(asyncio.Protocol):
         finally:
             del self._reads[request_id]
             self._deadlines.pop(request_id, None)
+            self._inflight.release()
         if type(value) is not int:
             raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"MMIO_READ answered with {value}")
         return value
@@ -619,6 +626,10 @@ async def _first_frames(loop: asyncio.AbstractEventLoop, sock: socket.socket, re
 
 
 def _accept_hello(conn: Connection, reply: object) -> None:
+    if reply.max_inflight < 1:
+        raise ProtocolError(m.ErrorCode.UNSUPPORTED, "the server allows no request in flight")
+    conn.max_inflight = reply.max_inflight
+    conn._inflight = asyncio.Semaphore(reply.max_inflight)  # nothing is in flight yet
     conn.session_id = reply.session_id
     conn.features = reply.features
     conn.server_name = reply.name

@@ -104,6 +104,8 @@ class ServerSession(asyncio.Protocol):
         self.platform: Platform | None = None
         self.features = 0
         self.max_frame = m.DEFAULT_MAX_FRAME
+        self.max_inflight = m.DEFAULT_MAX_INFLIGHT
+        self._inflight = asyncio.Semaphore(self.max_inflight)  # our MEM_READs to the client
         self.memory: GuestMemory | None = None
         self._mappings = SessionMappings()
         self._proxied: ProxiedGuestMemory | None = None
@@ -315,12 +317,16 @@ class ServerSession(asyncio.Protocol):
         log.info(
             "session %x: HELLO from %r, features %#x", self.session_id, msg.name, self.features
         )
+        if msg.max_inflight < 1:
+            raise ProtocolFault(m.ErrorCode.UNSUPPORTED, "max_inflight 0 allows no request")
+        self.max_inflight = min(msg.max_inflight, m.DEFAULT_MAX_INFLIGHT)
+        self._inflight = asyncio.Semaphore(self.max_inflight)
         reply = m.HelloReply(
             version=m.PROTOCOL_VERSION,
             reserved=0,
             features=self.features,
             max_frame=self.max_frame,
-            max_inflight=min(msg.max_inflight, m.DEFAULT_MAX_INFLIGHT),
+            max_inflight=self.max_inflight,
             session_id=self.session_id,
             host_id=host_id(),
             name=self.name,
@@ -593,17 +599,22 @@ class ServerSession(asyncio.Protocol):
     async def _read_remote(self, ranges: Sequence[tuple[int, int]], timeout: float) -> bytes:
         if self._closed:
             raise GuestMemoryError("the client disconnected")
-        request_id = next(self._next_id) & 0xFFFFFFFF or next(self._next_id)
-        loop = self._loop or asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending[request_id] = future
-        timer = loop.call_later(timeout, _expire, future)
-        self.send(m.MemRead(ranges=tuple(ranges)), request_id)
-        try:
-            return await future
-        finally:
-            timer.cancel()
-            self._pending.pop(request_id, None)
+        # At most the client's max_inflight MEM_READs await replies; the rest wait their turn
+        # (thousands of proxied queues could otherwise each have one out).
+        async with self._inflight:
+            if self._closed:
+                raise GuestMemoryError("the client disconnected")
+            request_id = next(self._next_id) & 0xFFFFFFFF or next(self._next_id)
+            loop = self._loop or asyncio.get_running_loop()
+            future = loop.create_future()
+            self._pending[request_id] = future
+            timer = loop.call_later(timeout, _expire, future)
+            self.send(m.MemRead(ranges=tuple(ranges)), request_id)
+            try:
+                return await future
+            finally:
+                timer.cancel()
+                self._pending.pop(request_id, None)
 
     def _write_remote(self, ranges: Sequence[tuple[int, int]], data: bytes) -> None:
         self.send(m.MemWrite(ranges=tuple(ranges), data=data), 0, _POSTED)
