@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 
 from viowire.server.devices.base import VirtioBackend
 from viowire.server.virtqueue import (
@@ -126,7 +126,7 @@ class MmioDevice:
         self.device_features = backend.device_features(version) | TRANSPORT_FEATURES | extra
         self._config_generation = 0
         self._interrupt_status = 0
-        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._tasks: dict[int, _Run] = {}  # queue index -> its pass over the ring, while one runs
         self._rerun: dict[int, bool] = {}
         self._guest_page_size = 0
         self._readers, self._writers = _REGISTER_TABLES[version]
@@ -501,20 +501,29 @@ class MmioDevice:
         return None
 
     def _schedule(self, queue: SplitVirtqueue) -> None:
-        if queue.index in self._tasks:
-            self._rerun[queue.index] = True  # the running task goes round once more
+        """Serve ``queue`` now: the pass runs right here until it first has to wait, and only
+        then becomes a task. With shared memory a pass seldom waits at all, and a task per
+        notify cost more than the pass (a loop turn, and the loop's set of all tasks)."""
+        index = queue.index
+        if index in self._tasks:
+            self._rerun[index] = True  # the running pass goes round once more
+            return
+        run = self._tasks[index] = _Run()
+        coro = self._queue_task(queue, run)
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
+            coro.close()
             log.error("%s: QUEUE_NOTIFY outside an event loop: not processed", self.name)
             return
-        task = loop.create_task(self._queue_task(queue), name=f"{self.name} q{queue.index}")
-        self._tasks[queue.index] = task
+        run.task = loop.create_task(_finish(coro, waiting_on), name=f"{self.name} q{index}")
 
-    async def _queue_task(self, queue: SplitVirtqueue) -> None:
+    async def _queue_task(self, queue: SplitVirtqueue, run: _Run) -> None:
         """Serve ``queue`` until its ring is empty and no notify came in meanwhile."""
-        me = asyncio.current_task()
         try:
             while not self._broken and queue.ready and self._processing_blocked() is None:
                 self._rerun[queue.index] = False
@@ -524,7 +533,7 @@ class MmioDevice:
                 if not self._rerun.get(queue.index):
                     break
         finally:
-            if self._tasks.get(queue.index) is me:
+            if self._tasks.get(queue.index) is run:
                 del self._tasks[queue.index]
 
     async def _run_guarded(self, queue: SplitVirtqueue, epoch: int) -> bool:
@@ -601,16 +610,56 @@ class MmioDevice:
 
     async def drain(self) -> None:
         """Wait until no queue task is running (tests, orderly shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        while tasks := [run.task for run in self._tasks.values() if run.task is not None]:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def aclose(self) -> None:
         """Cancel the queue tasks and wait for them to end."""
-        tasks = list(self._tasks.values())
+        tasks = [run.task for run in self._tasks.values() if run.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+
+
+class _Run:
+    """One pass over a queue: ``task`` once it has had to wait (None while it runs inline)."""
+
+    __slots__ = ("task",)
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Started:
+    """A coroutine that was started by hand and yielded ``waiting_on``, as an awaitable: the
+    task awaiting it sees that yield (a future, or None for a bare yield) as its own, and
+    whatever the task sends or throws goes on to the coroutine."""
+
+    __slots__ = ("coro", "waiting_on")
+
+    def __init__(self, coro: Coroutine, waiting_on: object) -> None:
+        self.coro, self.waiting_on = coro, waiting_on
+
+    def __await__(self) -> Generator[object, object, object]:
+        coro, value = self.coro, self.waiting_on
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # cancellation included: the coroutine handles it
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _finish(coro: Coroutine, waiting_on: object) -> object:
+    return await _Started(coro, waiting_on)
 
 
 # -- register dispatch ----------------------------------------------------------------------------
