@@ -127,6 +127,7 @@ class MmioDevice:
         self._config_generation = 0
         self._interrupt_status = 0
         self._tasks: dict[int, _Run] = {}  # queue index -> its pass over the ring, while one runs
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._rerun: dict[int, bool] = {}
         self._guest_page_size = 0
         self._readers, self._writers = _REGISTER_TABLES[version]
@@ -501,26 +502,37 @@ class MmioDevice:
         return None
 
     def _schedule(self, queue: SplitVirtqueue) -> None:
-        """Serve ``queue`` now: the pass runs right here until it first has to wait, and only
-        then becomes a task. With shared memory a pass seldom waits at all, and a task per
-        notify cost more than the pass (a loop turn, and the loop's set of all tasks)."""
+        """Serve ``queue`` once the frames at hand are dispatched (the notifies among them make
+        one pass). The pass then runs as a plain callback until it first has to wait, and only
+        then becomes a task: with shared memory it seldom waits at all, and a task per pass
+        cost more than the pass (a loop turn, the loop's set of all tasks)."""
         index = queue.index
-        if index in self._tasks:
-            self._rerun[index] = True  # the running pass goes round once more
+        run = self._tasks.get(index)
+        if run is not None:
+            if run.started:
+                self._rerun[index] = True  # the running pass goes round once more
             return
+        if self._loop is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                log.error("%s: QUEUE_NOTIFY outside an event loop: not processed", self.name)
+                return
         run = self._tasks[index] = _Run()
+        self._loop.call_soon(self._start_pass, queue, run)
+
+    def _start_pass(self, queue: SplitVirtqueue, run: _Run) -> None:
+        if self._tasks.get(queue.index) is not run:
+            return  # the device was closed meanwhile
+        run.started = True
         coro = self._queue_task(queue, run)
         try:
             waiting_on = coro.send(None)
         except StopIteration:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            coro.close()
-            log.error("%s: QUEUE_NOTIFY outside an event loop: not processed", self.name)
-            return
-        run.task = loop.create_task(_finish(coro, waiting_on), name=f"{self.name} q{index}")
+        run.task = self._loop.create_task(
+            _finish(coro, waiting_on), name=f"{self.name} q{queue.index}"
+        )
 
     async def _queue_task(self, queue: SplitVirtqueue, run: _Run) -> None:
         """Serve ``queue`` until its ring is empty and no notify came in meanwhile."""
@@ -610,8 +622,9 @@ class MmioDevice:
 
     async def drain(self) -> None:
         """Wait until no queue task is running (tests, orderly shutdown)."""
-        while tasks := [run.task for run in self._tasks.values() if run.task is not None]:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        while self._tasks:
+            tasks = [run.task for run in self._tasks.values() if run.task is not None]
+            await asyncio.gather(*tasks, asyncio.sleep(0), return_exceptions=True)
 
     async def aclose(self) -> None:
         """Cancel the queue tasks and wait for them to end."""
@@ -623,11 +636,12 @@ class MmioDevice:
 
 
 class _Run:
-    """One pass over a queue: ``task`` once it has had to wait (None while it runs inline)."""
+    """One pass over a queue: ``started`` once it runs, ``task`` once it has had to wait."""
 
-    __slots__ = ("task",)
+    __slots__ = ("started", "task")
 
     def __init__(self) -> None:
+        self.started = False
         self.task: asyncio.Task[None] | None = None
 
 
