@@ -31,6 +31,7 @@ from viowire.virtio.constants import (
     BlkType,
     DeviceId,
 )
+from viowire.virtio.memory import MappedGuestMemory
 
 MAX_REQUEST = 128 * 1024  # bytes of data per request, before the device's own limits
 QUEUE_DEPTH = 32  # requests in flight; bounds the DMA buffers taken from guest RAM
@@ -207,39 +208,50 @@ class BlockDriver(VirtioDriver):
     async def _transfer(
         self, kind: BlkType, sector: int, *, out: bytes = b"", in_len: int = 0
     ) -> bytes:
-        await self._slots.acquire()  # not ``async with``: two coroutines fewer per request
+        """One request in a DMA slot, at most queue_depth at once; the data read back, if any."""
+        slots = self._slots
+        await slots.acquire()  # not ``async with``: two coroutines fewer per request
         try:
-            return await self._request(kind, sector, out, in_len)
+            data_len = len(out) or in_len
+            dma = self._dma
+            slot = dma.take(data_len)
+            header = slot.gpa
+            status = header + BLK_REQ_HEADER_SIZE
+            data = slot.data
+            mapped = self.dev.memory if isinstance(self.dev.memory, MappedGuestMemory) else None
+            try:
+                head = _HEADER.pack(kind, 0, sector) + _STATUS_BYTE
+                if mapped is not None:  # shared memory: plain stores, no coroutine
+                    mapped.write_sync(header, head)
+                    if out:
+                        mapped.write_sync(data, out)
+                else:
+                    await self.dev.memory.writev([(header, head)] + ([(data, out)] if out else []))
+                segments = self._segments(data, data_len)
+                out_bufs = [(header, BLK_REQ_HEADER_SIZE), *(segments if out else ())]
+                in_bufs = [*(segments if in_len else ()), (status, 1)]
+                await self.vq.submit(out_bufs, in_bufs, release=partial(dma.give, slot))
+            except asyncio.CancelledError:
+                raise  # submit() gives the slot back when the device returns the chain
+            except BaseException:
+                dma.give(slot)
+                raise
+            try:
+                if mapped is not None:
+                    result = mapped.view(status, 1)[0]
+                    got = mapped.read_sync(data, in_len) if in_len else b""
+                else:
+                    parts = await self.dev.memory.readv(
+                        [(status, 1)] + ([(data, in_len)] if in_len else [])
+                    )
+                    result, got = parts[0][0], parts[1] if in_len else b""
+            finally:
+                dma.give(slot)
+            if result != BlkStatus.OK:
+                raise RequestError(self.dev.name, kind, sector, data_len // BLK_SECTOR_SIZE, result)
+            return got
         finally:
-            self._slots.release()
-
-    async def _request(self, kind: BlkType, sector: int, out: bytes, in_len: int) -> bytes:
-        """One request in a DMA slot; the data read back, if any."""
-        data_len = len(out) or in_len
-        dma = self._dma
-        slot = dma.take(data_len)
-        header = slot.gpa
-        status = header + BLK_REQ_HEADER_SIZE
-        data = slot.data
-        try:
-            segments = self._segments(data, data_len)
-            writes = [(header, _HEADER.pack(kind, 0, sector) + _STATUS_BYTE)]
-            await self.dev.memory.writev(writes + ([(data, out)] if out else []))
-            out_bufs = [(header, BLK_REQ_HEADER_SIZE), *(segments if out else ())]
-            in_bufs = [*(segments if in_len else ()), (status, 1)]
-            await self.vq.submit(out_bufs, in_bufs, release=partial(dma.give, slot))
-        except asyncio.CancelledError:
-            raise  # submit() gives the slot back when the device returns the chain
-        except BaseException:
-            dma.give(slot)
-            raise
-        try:
-            got = await self.dev.memory.readv([(status, 1)] + ([(data, in_len)] if in_len else []))
-        finally:
-            dma.give(slot)
-        if got[0][0] != BlkStatus.OK:
-            raise RequestError(self.dev.name, kind, sector, data_len // BLK_SECTOR_SIZE, got[0][0])
-        return got[1] if in_len else b""
+            slots.release()
 
     def _segments(self, gpa: int, length: int) -> list[tuple[int, int]]:
         """The data buffer cut into descriptors of at most size_max bytes."""
