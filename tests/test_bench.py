@@ -95,6 +95,12 @@ def test_selection_and_listing(capsys):
     assert suite.select_names(["blk.read.shared"]) == [
         "blk.read.shared.qd1",
         "blk.read.shared.qd32",
+        "blk.read.shared.qd1.poll",
+        "blk.read.shared.qd32.poll",
+    ]
+    assert suite.select_names(["blk.read.shared.qd1"]) == [
+        "blk.read.shared.qd1",
+        "blk.read.shared.qd1.poll",
     ]
     assert suite.select_names(["codec.irq"]) == ["codec.irq", "codec.irq.vs_construct"]
     with pytest.raises(ValueError, match="matches no benchmark"):

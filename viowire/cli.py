@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         "shrink it under the server); memfds over Unix sockets are sealed and stay allowed",
     )
     serve.add_argument(
+        "--poll-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="after serving a queue in shared memory, poll it US microseconds for more with the "
+        "driver's notifications off (as vhost's busy-polling: fewer wake-ups, more CPU; "
+        "default 0, off)",
+    )
+    serve.add_argument(
         "--device",
         action="append",
         metavar="SPEC",
@@ -147,7 +156,12 @@ def _serve_workers(args: argparse.Namespace) -> int:
     spec.validate()
     listeners = [bind(url) for url in args.listen or DEFAULT_LISTEN]
     supervisor = Supervisor(
-        spec, listeners, args.workers, loop=args.loop, allow_shm=not args.no_shm
+        spec,
+        listeners,
+        args.workers,
+        loop=args.loop,
+        allow_shm=not args.no_shm,
+        poll_us=args.poll_us,
     )
 
     def ready(pids: list[int]) -> None:
@@ -164,7 +178,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     spec = _platform_spec(args)
     logs.install()
-    server = Server(spec, allow_shm=not args.no_shm)
+    server = Server(spec, allow_shm=not args.no_shm, poll_us=args.poll_us)
     endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
     _print_layout(spec)
     for endpoint in endpoints:

@@ -160,6 +160,8 @@ class VirtioMmioDevice:
         self._cached_loop: asyncio.AbstractEventLoop | None = None
         self._channel: DriverChannel | None = None
         self._channel_wanted = True  # try for one at the next kick
+        self.poll_us = 0  # after a submit, poll the used rings this long (shared memory only)
+        self._poll_deadline: float | None = None
         self._posted_seq = 0  # ordered posted writes sent
         self._synced_seq = 0  # of those, how many a later round trip proved applied
 
@@ -418,6 +420,7 @@ class VirtioMmioDevice:
                     indirect=self.has_feature(Feature.RING_INDIRECT_DESC),
                     notify=self.notify,
                     callback=callback,
+                    on_publish=self._on_publish if self.poll_us else None,
                     device=self.name,
                     name=name,
                 )
@@ -572,6 +575,43 @@ class VirtioMmioDevice:
         self._channel_wanted = True
         if channel is not None:
             await self.bus.close_notify_channel(self.base, channel)
+
+    # -- polling (poll_us) ----------------------------------------------------------------------
+    def _on_publish(self, vq: Virtqueue) -> None:
+        """A request went out: watch the used rings for poll_us from now, with used-buffer
+        notifications off, instead of sleeping until one wakes us (NVMe's io_poll, vhost's
+        busy-polling on the other side). Each look is one loop turn."""
+        if vq._mapped is None:
+            return
+        loop = self._loop()
+        deadline = loop.time() + self.poll_us / 1e6
+        if self._poll_deadline is None:
+            for queue in self.vqs.values():
+                queue.suppress_interrupts()
+            vq.suppress_interrupts()  # not in vqs yet while setup_vq runs
+            loop.call_soon(self._poll_used)
+        self._poll_deadline = deadline
+
+    def _poll_used(self) -> None:
+        if self._poll_deadline is None:
+            return
+        loop = self._loop()
+        now = loop.time()
+        if self._collect_polled():
+            self._poll_deadline = max(self._poll_deadline, now + self.poll_us / 1e6)
+        if now < self._poll_deadline and self.vqs:
+            loop.call_soon(self._poll_used)
+            return
+        self._poll_deadline = None
+        if any([queue.allow_interrupts() for queue in self.vqs.values()]):
+            self._on_used_notification()  # used as we stopped: their notification may be skipped
+
+    def _collect_polled(self) -> bool:
+        found = False
+        for vq in list(self.vqs.values()):
+            if vq.can_collect_now() and vq.collect_now():
+                found = True
+        return found
 
     def _on_used_notification(self) -> None:
         """A used-buffer notification from the channel: InterruptStatus bit 0 without a read.

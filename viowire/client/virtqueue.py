@@ -18,7 +18,6 @@ import asyncio
 import inspect
 import logging
 import struct
-import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from viowire.virtio.constants import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
-from viowire.virtio.memory import GuestMemory, MappedGuestMemory
+from viowire.virtio.memory import GuestMemory, MappedGuestMemory, full_barrier
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +53,6 @@ class Allocator(Protocol):
     def alloc(self, size: int, align: int = 16) -> int: ...
 
     def free(self, gpa: int) -> None: ...
-
-
-_FENCE = threading.Lock()
-
-
-def full_barrier() -> None:
-    """A store-to-load barrier (SPEC §2.7.13 step 5, reference §4.7), as far as Python allows.
-
-    With shared memory the device is another process, and x86 may let our avail.idx store sit in
-    the store buffer past a later avail_event load: both sides then skip the notification and the
-    ring stalls. Taking a lock runs a lock-prefixed instruction (glibc's semaphore CAS), a full
-    fence on x86. Elsewhere (ARM) it is not; that would need a fence from C.
-    """
-    with _FENCE:
-        pass
 
 
 def vring_need_event(event: int, new: int, old: int) -> bool:
@@ -144,6 +128,7 @@ class Virtqueue:
         callback: Callable[[Virtqueue], object] | None = None,
         device: str = "virtio",
         name: str = "",
+        on_publish: Callable[[Virtqueue], None] | None = None,
     ) -> None:
         """Allocate the rings; raises ``MemoryError`` if they do not fit (the caller shrinks)."""
         if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
@@ -173,6 +158,8 @@ class Virtqueue:
         self._last_used = 0
         self._num_added = 0
         self._cb_disabled = False
+        self.polling = False  # the driver polls the used ring: no notifications meanwhile
+        self.on_publish = on_publish  # called after each submit's publish (polling drivers)
 
     @classmethod
     async def create(cls, *args: Any, **kwargs: Any) -> Virtqueue:
@@ -447,6 +434,8 @@ class Virtqueue:
             if release is not None and not done.cancelled():
                 release()  # never published, or back already: nothing of it is the device's
             raise
+        if self.on_publish is not None:
+            self.on_publish(self)
         try:
             if kick and self._notify is not None:
                 await self._notify(self)
@@ -659,11 +648,36 @@ class Virtqueue:
                 if head is None:
                     return True
                 self._deliver(head, length)
-            if not self.event_idx or self._cb_disabled:
+            if not self.event_idx or self._cb_disabled or self.polling:
                 continue
             mem.store_u16(self._used_event, self._last_used)
             full_barrier()
         return found or self.broken is not None
+
+    def suppress_interrupts(self) -> None:
+        """The driver polls (mapped memory): ask the device not to notify for used buffers,
+        used_event one behind with EVENT_IDX, else VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.10)."""
+        self.polling = True
+        if self._cb_disabled or self._mapped is None:
+            return  # off already, at the caller's request
+        if self.event_idx:
+            self._mapped.store_u16(self._used_event, (self._last_used - 1) & 0xFFFF)
+        else:
+            self._mapped.store_u16(self.addresses.avail, VIRTQ_AVAIL_F_NO_INTERRUPT)
+
+    def allow_interrupts(self) -> bool:
+        """Polling is over: notifications on again. True if chains were used meanwhile, whose
+        notification the device may have skipped: collect them."""
+        self.polling = False
+        mem = self._mapped
+        if self._cb_disabled or mem is None or not self.addresses.blocks:
+            return False
+        if self.event_idx:
+            mem.store_u16(self._used_event, self._last_used)
+        else:
+            mem.store_u16(self.addresses.avail, 0)
+        full_barrier()
+        return bool(self._pending(mem.load_u16(self.addresses.used + 2)))
 
     def can_collect_now(self) -> bool:
         """Whether :meth:`collect_now` can do :meth:`interrupt`'s work without awaiting: mapped

@@ -83,11 +83,15 @@ def pick(devices: list[DeviceInfo], device_id: int, *, version: int | None = 2) 
     return next((d for d in matches if d.version == version), matches[0])
 
 
-async def open_blk(url: str, memory: str) -> tuple[Connection, BlockDriver]:
+async def open_blk(url: str, memory: str, poll_us: int = 0) -> tuple[Connection, BlockDriver]:
+    """A connection and a BlockDriver on its first modern disk; ``poll_us``: the driver polls
+    its used ring that long after each request (the server polls if it was started so)."""
     conn = await connect(url, memory=memory)
     try:
         info = pick(await conn.platform(), DeviceId.BLOCK)
-        return conn, await BlockDriver.attach(await conn.attach(info))
+        dev = await conn.attach(info)
+        dev.poll_us = poll_us
+        return conn, await BlockDriver.attach(dev)
     except BaseException:
         await conn.close()
         raise

@@ -176,8 +176,18 @@ class Children:
             )
         return proc, url
 
-    def viowire(self, loop: str, url: str, *, devices: Sequence[str] = (), config: str = ""):
+    def viowire(
+        self,
+        loop: str,
+        url: str,
+        *,
+        devices: Sequence[str] = (),
+        config: str = "",
+        poll_us: int = 0,
+    ):
         argv = ["viowire.perf.server", "--loop", loop, "serve", "--listen", url]
+        if poll_us:
+            argv += ["--poll-us", str(poll_us)]
         for spec in devices:
             argv += ["--device", spec]
         if config:
@@ -381,6 +391,13 @@ def run_suite(args: argparse.Namespace, names: list[str], tmp: Path) -> list[dic
                     loop, _listen_url(kind, tmp, f"viowire-{loop}"), devices=SPAWNED_DEVICES
                 )
                 cfg["irq_device"] = TSRNG_INDEX
+                if set(worker.POLL_CASES) & wanted:
+                    _, cfg["poll_url"] = kids.viowire(
+                        loop,
+                        _listen_url(kind, tmp, f"poll-{loop}"),
+                        devices=SPAWNED_DEVICES,
+                        poll_us=worker.POLL_US,
+                    )
                 if "platform.bringup" in wanted:
                     count = cfg["bringup"]["limit"]
                     config = memory.write_config(tmp / f"bringup-{count}.toml", count)

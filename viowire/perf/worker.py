@@ -31,6 +31,9 @@ BLK_CASES = [
     for memory in ("shared", "proxied")
 ]
 
+POLL_US = 200  # both ends poll this long after each request in the .poll cases
+POLL_CASES = {f"blk.read.shared.qd{depth}.poll": depth for depth in (1, 32)}
+
 TARGETS = {
     "mmio.read_rtt": Target("ratio", "<=", 1.25),
     "mmio.posted_write": Target("ratio", ">=", 0.5),
@@ -46,7 +49,7 @@ def case_names() -> list[str]:
     """Every case a worker can run, in the order it runs them."""
     names = ["mmio.read_rtt", "mmio.posted_write", "mmio.queue_notify"]
     names += [f"blk.{op}.{memory}.qd{depth}" for op, memory, depth in BLK_CASES]
-    return [*names, "irq.latency", "platform.bringup"]
+    return [*names, *POLL_CASES, "irq.latency", "platform.bringup"]
 
 
 def log(message: str) -> None:
@@ -159,6 +162,9 @@ class Worker:
             for op, memory, depth in BLK_CASES:
                 if memory == "shared" and self._want_blk(op, depth):
                     await self.block(op, depth)
+            for name, depth in POLL_CASES.items():
+                if name in self.selected and self.cfg.get("poll_url"):
+                    await self.block_polled(name, depth)
             if "irq.latency" in self.selected:
                 await self.interrupts()
             if "platform.bringup" in self.selected and self.cfg.get("bringup_url"):
@@ -258,6 +264,29 @@ class Worker:
                 baselines,
                 baseline_name="viowire with shared memory, same depth",
             )
+
+    async def block_polled(self, name: str, depth: int) -> None:
+        """4K reads with both ends polling (serve --poll-us, the driver's poll_us) against the
+        same bare ring as the plain case, which sleeps between notifications."""
+        if "poll" not in self._blk:
+            self._blk["poll"] = await cases.open_blk(self.cfg["poll_url"], "shared", POLL_US)
+        blk = self._blk["poll"][1]
+        the_ring = self.bare_ring()
+        values, baselines = await self.paired(
+            name,
+            lambda budget, n: cases.blk_iops(blk, "read", depth, budget, n),
+            lambda budget, n: ring.iops(the_ring, ring.OP_READ, depth, budget, n),
+            max(self.least // 10, 4 * depth),
+        )
+        self.add(
+            name,
+            "IOPS",
+            values,
+            baselines,
+            poll_us=POLL_US,
+            baseline_name="bare split ring over a memfd, eventfd notifications (no polling), "
+            "same depth",
+        )
 
     async def interrupts(self) -> None:
         index = self.cfg.get("irq_device")

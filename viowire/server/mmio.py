@@ -32,7 +32,7 @@ from viowire.virtio.constants import (
     device_name,
     feature_names,
 )
-from viowire.virtio.memory import GuestMemory, GuestMemoryError, Region
+from viowire.virtio.memory import GuestMemory, GuestMemoryError, MappedGuestMemory, Region
 
 log = logging.getLogger("viowire.device")
 
@@ -128,6 +128,8 @@ class MmioDevice:
         self._interrupt_status = 0
         self._tasks: dict[int, _Run] = {}  # queue index -> its pass over the ring, while one runs
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.poll_us = 0  # after a pass that found work, poll the ring this long (shared memory)
+        self._polls: dict[int, float] = {}  # queue index -> deadline of its polling
         self._rerun: dict[int, bool] = {}
         self._guest_page_size = 0
         self._readers, self._writers = _REGISTER_TABLES[version]
@@ -536,6 +538,7 @@ class MmioDevice:
 
     async def _queue_task(self, queue: SplitVirtqueue, run: _Run) -> None:
         """Serve ``queue`` until its ring is empty and no notify came in meanwhile."""
+        start = queue.last_avail_idx
         try:
             while not self._broken and queue.ready and self._processing_blocked() is None:
                 self._rerun[queue.index] = False
@@ -547,6 +550,48 @@ class MmioDevice:
         finally:
             if self._tasks.get(queue.index) is run:
                 del self._tasks[queue.index]
+        if self.poll_us and queue.last_avail_idx != start:
+            self._start_polling(queue)
+
+    # -- polling ----------------------------------------------------------------------------------
+    def _start_polling(self, queue: SplitVirtqueue) -> None:
+        """Watch the ring for poll_us with the driver's notifications off, as vhost's
+        busy-polling does: a request that comes meanwhile is served without the driver's
+        notification waking this process. Each look is one loop turn (a callback), so the other
+        sessions are served between looks. Shared memory only: a proxied look is a round trip."""
+        memory = self.memory
+        if type(memory) is not MappedGuestMemory or memory.single_region() is None:
+            return
+        if not self._polling_allowed(queue, memory):
+            return
+        already = queue.index in self._polls
+        self._polls[queue.index] = self._loop.time() + self.poll_us / 1e6  # extends a running one
+        queue.suppress_kicks(memory)
+        if not already:
+            self._loop.call_soon(self._poll, queue, memory, queue.epoch)
+
+    def _polling_allowed(self, queue: SplitVirtqueue, memory: GuestMemory) -> bool:
+        return (
+            self.memory is memory
+            and queue.ready
+            and not self._broken
+            and self._processing_blocked() is None
+        )
+
+    def _poll(self, queue: SplitVirtqueue, memory: MappedGuestMemory, epoch: int) -> None:
+        """One look; the loop ends at the deadline with the driver's notifications back on."""
+        index = queue.index
+        if queue.epoch != epoch or not self._polling_allowed(queue, memory):
+            self._polls.pop(index, None)  # reset or stopped: that ring is not ours any more
+            return
+        if index not in self._tasks and queue.avail_pending(memory):
+            self._schedule(queue)  # a pass that finds work extends the deadline
+        if self._loop.time() < self._polls[index]:
+            self._loop.call_soon(self._poll, queue, memory, epoch)
+            return
+        del self._polls[index]
+        if queue.allow_kicks(memory) and index not in self._tasks:
+            self._schedule(queue)  # buffers that came as we gave up: their kick may be skipped
 
     async def _run_guarded(self, queue: SplitVirtqueue, epoch: int) -> bool:
         """One pass over the ring; False if the device broke. Nothing escapes."""

@@ -92,12 +92,14 @@ class ServerSession(asyncio.Protocol):
         fd_passing: bool = False,
         allow_shm: bool = True,
         name: str = "viowire",
+        poll_us: int = 0,
     ) -> None:
         self.session_id = next(_session_ids) | (os.getpid() << 32)
         self.spec = spec
         self.fd_passing = fd_passing
         self.allow_shm = allow_shm
         self.name = name
+        self.poll_us = poll_us
         self.reader = FrameReader()
         self.transport: asyncio.BaseTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -314,6 +316,7 @@ class ServerSession(asyncio.Protocol):
         for slot in self.platform.slots:
             slot.device.on_irq = self._irq_sender(slot)
             slot.device.posted_ack = bool(self.features & m.ProtoFeature.IRQ_STATUS)
+            slot.device.poll_us = self.poll_us
         log.info(
             "session %x: HELLO from %r, features %#x", self.session_id, msg.name, self.features
         )

@@ -36,8 +36,14 @@ from viowire.virtio.constants import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
 )
-from viowire.virtio.memory import GuestMemory, GuestMemoryError, MappedGuestMemory
+from viowire.virtio.memory import (
+    GuestMemory,
+    GuestMemoryError,
+    MappedGuestMemory,
+    full_barrier,
+)
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")  # id, len
@@ -307,6 +313,7 @@ class SplitVirtqueue:
         if self.event_idx and self._avail_event != last:
             memory.store_u16(self.used_addr + 4 + USED_ELEM_SIZE * n, last)
             self._avail_event = last
+            full_barrier()  # the avail.idx load below must not pass that store (§2.7.10)
         avail_idx = memory.load_u16(self.avail_addr + 2)
         pending = (avail_idx - last) & 0xFFFF
         if pending > n:
@@ -327,6 +334,34 @@ class SplitVirtqueue:
         chains, error = self._walk_region(memory, slots)
         self._cache.extend(chains)
         self._cache_error = error
+
+    # -- polling (shared memory only) -------------------------------------------------------------
+    def avail_pending(self, memory: MappedGuestMemory) -> bool:
+        """The driver has made buffers available that were not popped yet."""
+        return memory.load_u16(self.avail_addr + 2) != self.last_avail_idx
+
+    def suppress_kicks(self, memory: MappedGuestMemory) -> None:
+        """Ask the driver not to notify: the device polls the ring meanwhile (§2.7.10). With
+        EVENT_IDX avail_event goes one behind the last index seen, so vring_need_event holds for
+        no index until it is moved; without it, VIRTQ_USED_F_NO_NOTIFY."""
+        if self.event_idx:
+            behind = (self.last_avail_idx - 1) & 0xFFFF
+            memory.store_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.num, behind)
+            self._avail_event = behind
+        else:
+            memory.store_u16(self.used_addr, VIRTQ_USED_F_NO_NOTIFY)
+
+    def allow_kicks(self, memory: MappedGuestMemory) -> bool:
+        """Ask for notifications again; True if buffers came meanwhile (serve them: the driver
+        may have skipped their notification)."""
+        if self.event_idx:
+            last = self.last_avail_idx
+            memory.store_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.num, last)
+            self._avail_event = last
+        else:
+            memory.store_u16(self.used_addr, 0)
+        full_barrier()
+        return self.avail_pending(memory)
 
     def _walk_region(
         self, memory: MappedGuestMemory, heads: Sequence[int]

@@ -30,10 +30,10 @@ MAX_QUICK_DEATHS = 5
 
 
 async def _worker(
-    spec: PlatformSpec, listeners: list[tuple[Endpoint, socket.socket]], allow_shm: bool
+    spec: PlatformSpec, listeners: list[tuple[Endpoint, socket.socket]], options: dict
 ) -> int:
     logs.install()
-    server = Server(spec, allow_shm=allow_shm)
+    server = Server(spec, **options)
     await server.serve(listeners)
     await until_signalled()
     await server.close()
@@ -51,6 +51,7 @@ class Supervisor:
         *,
         loop: str = "auto",
         allow_shm: bool = True,
+        poll_us: int = 0,
     ) -> None:
         if workers < 1:
             raise ValueError(f"--workers {workers}: at least 1")
@@ -58,7 +59,7 @@ class Supervisor:
         self.listeners = listeners
         self.count = workers
         self.loop = loop
-        self.allow_shm = allow_shm
+        self.server_options = {"allow_shm": allow_shm, "poll_us": poll_us}  # Server(**these)
         self.children: dict[int, float] = {}  # pid -> start time
         self.stopping = False
         self.quick_deaths = 0
@@ -70,7 +71,7 @@ class Supervisor:
             try:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(sig, signal.SIG_DFL)
-                code = run(_worker(self.spec, self.listeners, self.allow_shm), loop=self.loop)
+                code = run(_worker(self.spec, self.listeners, self.server_options), loop=self.loop)
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
             finally:

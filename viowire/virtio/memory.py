@@ -10,8 +10,24 @@ from __future__ import annotations
 
 import abc
 import mmap
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+_FENCE = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A store-to-load barrier (SPEC §2.7.13 step 5, reference §4.7), as far as Python allows.
+
+    With shared memory the peer is another process, and x86 may let a store (avail.idx, an
+    event index) sit in the store buffer past a later load of the other side's index: both
+    sides then skip the notification and the ring stalls. Taking a lock runs a lock-prefixed
+    instruction (glibc's semaphore CAS), a full fence on x86. Elsewhere (ARM) it is not; that
+    would need a fence from C.
+    """
+    with _FENCE:
+        pass
 
 
 class GuestMemoryError(Exception):

@@ -1,0 +1,141 @@
+"""Poll mode (``serve --poll-us``, a driver's ``poll_us``): after serving a queue the device polls
+its ring for a while with the driver's notifications off, and a polling driver watches its used
+ring with the device's notifications off, as vhost's busy-polling and NVMe's io_poll do.
+
+What must hold, on the real server over a real Unix socket with shared memory: every request
+completes and its data are right however requests are spaced around the polling windows (a
+window that ends must turn notifications back on and catch what came meanwhile), with and
+without EVENT_IDX, legacy and modern; polling stops when the work does; resets, proxied memory
+and disconnects are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from cli_run import viowire
+from servers import small_platform, url_of
+from test_bad_input import (
+    BLK,
+    BLK_V1,
+    _no_server_bugs,  # noqa: F401  (autouse: no ERROR records from the server)
+    device_of,
+    until,
+)
+
+from viowire.client.connection import connect
+from viowire.client.drivers.blk import BlockDriver
+from viowire.virtio.constants import Feature
+
+pytestmark = pytest.mark.timeout(120)
+POLL_US = 300
+
+
+@pytest.fixture
+async def polling_server(tmp_path):
+    from viowire.server.app import Server
+
+    server = Server(small_platform(), poll_us=POLL_US)
+    await server.start(["tcp://127.0.0.1:0", f"unix://{tmp_path}/poll.sock"])
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def polled_disk(conn, base: int, *, poll_us: int = POLL_US, exclude: int = 0):
+    info = next(d for d in await conn.platform() if d.base == base)
+    dev = await conn.attach(info)
+    dev.poll_us = poll_us
+    return await BlockDriver.attach(dev, exclude_features=exclude)
+
+
+async def spaced_io(blk: BlockDriver, count: int, seed: int) -> None:
+    """Writes then read-backs, one at a time and a few at once, with pauses shorter than, about
+    as long as and longer than a polling window."""
+    rng = random.Random(seed)
+    pauses = (0, 0, 50e-6, POLL_US * 1e-6, 2 * POLL_US * 1e-6, 0.003)
+    for i in range(count):
+        block = bytes([i % 251]) * 4096
+        await asyncio.wait_for(blk.write((i % 64) * 4096, block), 5)
+        if i % 7 == 0:
+            reads = [blk.read((j % 64) * 4096, 4096) for j in range(i - 3, i + 1) if j >= 0]
+            assert (await asyncio.wait_for(asyncio.gather(*reads), 5))[-1] == block
+        else:
+            assert await asyncio.wait_for(blk.read((i % 64) * 4096, 4096), 5) == block
+        await asyncio.sleep(rng.choice(pauses))
+
+
+@pytest.mark.parametrize(
+    "base, exclude",
+    [(BLK, 0), (BLK, 1 << Feature.RING_EVENT_IDX), (BLK_V1, 0)],
+    ids=["v2-event-idx", "v2-flags", "v1"],
+)
+@pytest.mark.parametrize("client_polls", [True, False], ids=["both-poll", "server-polls"])
+async def test_requests_complete_however_they_are_spaced(
+    polling_server, base, exclude, client_polls
+):
+    async with await connect(url_of(polling_server, "unix")) as conn:
+        blk = await polled_disk(conn, base, poll_us=POLL_US if client_polls else 0, exclude=exclude)
+        await spaced_io(blk, 300, seed=base ^ exclude)
+        channel = blk.dev._channel
+        # The device polled instead of waiting for kicks: far fewer kicks than requests.
+        assert channel is not None and channel.kicks < 300
+        if client_polls:
+            assert channel.used < 300  # and the driver polled instead of waiting to be told
+        device = device_of(polling_server, conn, base)
+        await until(lambda: not device._polls, "the device to stop polling once idle")
+        await until(lambda: blk.dev._poll_deadline is None, "the driver to stop polling")
+        # Idle now, notifications back on in both directions: a lone request still completes.
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(blk.write(0, b"z" * 512), 5)
+        assert await asyncio.wait_for(blk.read(0, 512), 5) == b"z" * 512
+        await blk.detach()
+
+
+async def test_a_polling_driver_against_a_server_that_does_not_poll(server):
+    async with await connect(url_of(server, "unix")) as conn:
+        blk = await polled_disk(conn, BLK)
+        await spaced_io(blk, 100, seed=7)
+        await blk.detach()
+
+
+async def test_reset_and_queue_reset_while_polling(polling_server):
+    async with await connect(url_of(polling_server, "unix")) as conn:
+        blk = await polled_disk(conn, BLK)
+        await blk.write(0, b"r" * 4096)
+        await blk.reset_queue(num=32)  # inside the polling window
+        assert await blk.read(0, 4096) == b"r" * 4096
+        await blk.reinitialise()  # a device reset, polling or not
+        assert await blk.read(0, 4096) == b"r" * 4096
+        await spaced_io(blk, 30, seed=3)
+        await blk.detach()
+
+
+async def test_proxied_sessions_are_served_without_polling(polling_server):
+    async with await connect(url_of(polling_server, "tcp"), memory="proxied") as conn:
+        blk = await polled_disk(conn, BLK)
+        await spaced_io(blk, 30, seed=5)
+        assert not device_of(polling_server, conn, BLK)._polls
+        await blk.detach()
+
+
+async def test_a_driver_gone_mid_window_leaves_nothing_running(polling_server):
+    for _ in range(5):
+        conn = await connect(url_of(polling_server, "unix"))
+        blk = await polled_disk(conn, BLK)
+        await blk.write(0, b"g" * 4096)
+        await conn.close()  # the device is polling its ring right now
+    await until(lambda: not polling_server.sessions, "the sessions to end")
+    async with await connect(url_of(polling_server, "unix")) as conn:
+        blk = await polled_disk(conn, BLK)
+        await spaced_io(blk, 20, seed=9)
+        await blk.detach()
+
+
+def test_serve_refuses_a_negative_poll_window():
+    result = viowire("serve", "--poll-us", "-1", "--listen", "tcp://127.0.0.1:0")
+    assert result.returncode == 1
+    assert "poll_us -1" in result.stderr
