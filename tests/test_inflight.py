@@ -71,3 +71,19 @@ async def test_the_server_keeps_at_most_max_inflight_mem_reads_out(server, small
     finally:
         ServerSession.send = original
     assert max(seen) == LIMIT  # reached, never passed (this one counted)
+
+
+async def test_requests_waiting_for_a_slot_fail_cleanly_when_the_connection_goes(
+    server, small_limit
+):
+    from viowire.client.connection import ConnectionClosed
+
+    conn = await connect(url_of(server, "unix"))
+    base = (await conn.platform())[1].base
+    reads = [asyncio.ensure_future(conn.mmio_read(base, 4)) for _ in range(20)]
+    await asyncio.sleep(0)  # LIMIT of them are out, the rest wait for a slot
+    conn.transport.abort()
+    results = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), 10)
+    assert all(isinstance(r, (ConnectionClosed, int)) for r in results), results
+    assert any(isinstance(r, ConnectionClosed) for r in results)
+    await conn.close()

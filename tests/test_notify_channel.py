@@ -10,6 +10,7 @@ closed, and the other sessions keep working.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
@@ -309,4 +310,51 @@ async def test_out_of_descriptors_the_device_notifies_on_the_connection(server, 
         monkeypatch.undo()
         assert blk.dev._channel is None and conn.notify_channels == 0
         assert await blk.read(0, 512) == b"m" * 512
+        await blk.detach()
+
+
+# -- a channel that goes away ----------------------------------------------------------------
+@pytest.mark.parametrize("how", ["shutdown", "close"])
+async def test_a_channel_the_driver_drops_falls_back_to_the_connection(server, how):
+    """The server notices (no busy loop on a shut-down socket), detaches it, and announces a
+    pending bit 0 with an IRQ frame; I/O goes on over the connection."""
+    async with await connect(url_of(server, "unix")) as conn:
+        blk = await open_driver(conn, BLK)
+        await blk.write(0, b"d" * 4096)
+        channel = blk.dev._channel
+        if how == "shutdown":
+            channel._sock.shutdown(socket.SHUT_RDWR)
+        else:
+            conn._forget_channel(channel)  # closes our end, the server still has its own
+        for i in range(20):
+            await asyncio.wait_for(blk.write(i * 512, bytes([i]) * 512), TIMEOUT)
+            assert await asyncio.wait_for(blk.read(i * 512, 512), TIMEOUT) == bytes([i]) * 512
+        await until(lambda: server_channel(server, conn, BLK) is None, "the server to detach")
+        assert device_of(server, conn, BLK).used_notifier is None
+        await blk.detach()
+
+
+async def test_a_cancelled_channel_open_is_taken_back(server):
+    async with await connect(url_of(server, "unix")) as conn:
+        blk = await open_driver(conn, BLK)
+        attach_sent = asyncio.Event()
+        original = conn.request
+
+        async def request(msg, **kw):
+            if isinstance(msg, m.NotifyChannel) and msg.attach:
+                attach_sent.set()
+            return await original(msg, **kw)
+
+        conn.request = request
+        first = asyncio.ensure_future(blk.write(0, b"c" * 512))  # its kick opens the channel
+        await asyncio.wait_for(attach_sent.wait(), TIMEOUT)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        conn.request = original
+        # Whatever the server did with the attach, it is detached again, and I/O works.
+        await until(lambda: server_channel(server, conn, BLK) is None, "the channel taken back")
+        for i in range(10):
+            await asyncio.wait_for(blk.write(i * 512, b"k" * 512), TIMEOUT)
+        assert await asyncio.wait_for(blk.read(0, 512 * 10), TIMEOUT) == b"k" * 5120
         await blk.detach()

@@ -10,6 +10,7 @@ cleanly, with every descriptor closed and the other sessions unaffected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 
@@ -158,10 +159,11 @@ async def test_sidecar_frames_are_answered_on_the_connection(server):
         os.close(memory)
         frame = await peer.reply()
         assert (frame.request_id, frame.type) == (77, m.MsgType.OK)
-        # Any frame may come that way; its answer still comes on the connection.
+        # Only frames that carry descriptors: the rest would dodge the connection's
+        # back-pressure. They get an ERROR, on the connection.
         sidecar.send(encode(m.MmioRead(addr=BLK, width=4), 78))
-        frame = await peer.reply()
-        assert (frame.request_id, frame.type) == (78, m.MsgType.MMIO_READ_REPLY)
+        message = await peer.expect_error(m.ErrorCode.BAD_STATE, 78)
+        assert "not the sidecar" in message
         # Descriptors on the stream now are dropped by the kernel, never queued or leaked.
         stray = os.eventfd(0)
         await peer.send(encode(m.MmioRead(addr=BLK, width=4), 79), [stray])
@@ -206,6 +208,31 @@ async def test_an_oversized_or_closed_sidecar_only_ends_the_sidecar(server):
         await until(lambda: session._sidecar is None, "the sidecar to end")
         assert not session._fds
         assert await peer.mmio_read(BLK) == 0x74726976  # the session goes on
+    finally:
+        sidecar.close()
+        await peer.aclose()
+    await sessions_drained(server)
+    await healthy(server, "unix")
+
+
+async def test_a_client_that_stops_reading_cannot_grow_the_server_through_the_sidecar(server):
+    """Requests on the sidecar while the connection's replies pile up unread: the server stops
+    reading the sidecar with the connection (the replies, ERRORs here, stay bounded)."""
+    peer, sidecar = await sidecar_peer(server)
+    try:
+        peer.stop_reading()
+        session = only_session(server)
+        frame = encode(m.MmioRead(addr=BLK, width=4), 5) * 100
+        sent = 0
+        sidecar.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(20_000):
+                sidecar.send(frame)
+                sent += 1
+        await asyncio.sleep(0.2)
+        buffered = session.transport.get_write_buffer_size()
+        assert buffered < 4 << 20, buffered
+        assert sent < 20_000  # the server stopped reading: the sidecar filled up
     finally:
         sidecar.close()
         await peer.aclose()

@@ -280,7 +280,18 @@ class SidecarReader:
         self._sock = sock
         self._on_packet = on_packet
         self._buffer = memoryview(bytearray(max_size))
-        loop.add_reader(sock.fileno(), self._read_ready)
+        self._reading = False
+        self.resume()
+
+    def pause(self) -> None:
+        if self._reading and self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+        self._reading = False
+
+    def resume(self) -> None:
+        if not self._reading and self._sock.fileno() >= 0:
+            self._loop.add_reader(self._sock.fileno(), self._read_ready)
+            self._reading = True
 
     def _read_ready(self) -> None:
         try:
@@ -307,9 +318,8 @@ class SidecarReader:
             self._on_packet(None, [])
 
     def close(self) -> None:
-        if self._sock.fileno() >= 0:
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
+        self.pause()
+        self._sock.close()
 
 
 def is_seqpacket_socket(sock: socket.socket) -> bool:

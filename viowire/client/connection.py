@@ -133,6 +133,7 @@ class Connection(asyncio.Protocol):
         self._lazy_timer: asyncio.TimerHandle | None = None
         self.notify_channels = NOTIFY_CHANNELS
         self._channels: set[DriverChannel] = set()
+        self._tasks: set[asyncio.Task] = set()  # background work of our own, kept referenced
         self._sidecar: socket.socket | None = None  # FD_SIDECAR: where descriptors go
         # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
@@ -239,6 +240,9 @@ class Connection(asyncio.Protocol):
     async def request(self, msg: object, *, fds: list[int] | None = None) -> object:
         """Send a request and await its reply; an ERROR reply raises :class:`ProtocolError`."""
         await self._inflight.acquire()
+        if self.closed:  # closed while waiting for a slot: nothing would ever answer
+            self._inflight.release()
+            raise ConnectionClosed(f"connection to {self.endpoint} is closed")
         request_id = self._new_id()
         future = self._loop.create_future()
         self._pending[request_id] = future
@@ -378,6 +382,9 @@ class Connection(asyncio.Protocol):
         if self.closed:
             raise ConnectionClosed(f"connection to {self.endpoint} is closed")
         await self._inflight.acquire()
+        if self.closed:
+            self._inflight.release()
+            raise ConnectionClosed(f"connection to {self.endpoint} is closed")
         request_id = self._new_id()
         future = self._loop.create_future()
         self._reads[request_id] = future
@@ -386,7 +393,7 @@ class Connection(asyncio.Protocol):
             self._queue(_READ_FRAME(request_id, 0, addr, width))
             value = await future
         finally:
-            del self._reads[request_id]
+            self._reads.pop(request_id, None)  # connection_lost may have emptied it
             self._deadlines.pop(request_id, None)
             self._inflight.release()
         if type(value) is not int:
@@ -432,8 +439,17 @@ class Connection(asyncio.Protocol):
             self.notify_channels = len(self._channels)
             return None
         self._channels.add(channel)
+        attach = self._loop.create_task(
+            self.request(m.NotifyChannel(base=base, attach=1), fds=[channel.peer.fileno()])
+        )
         try:
-            await self.request(m.NotifyChannel(base=base, attach=1), fds=[channel.peer.fileno()])
+            await asyncio.shield(attach)
+        except asyncio.CancelledError:
+            # The server may attach it yet: once it has answered, take it back (from a task:
+            # we are cancelled), or the device would notify a socket nobody reads. Not before:
+            # the sidecar and the connection are read apart, a detach could pass the attach.
+            self._background(self._take_back(base, channel, attach))
+            raise
         except ProtocolError as exc:
             log.info(
                 "%s: no notification channel for %#x (%s); notifying on the connection",
@@ -456,6 +472,16 @@ class Connection(asyncio.Protocol):
         if not self.closed:
             with contextlib.suppress(ProtocolError, ConnectionClosed):
                 await self.request(m.NotifyChannel(base=base, attach=0))
+
+    async def _take_back(self, base: int, channel: DriverChannel, attach: asyncio.Task) -> None:
+        with contextlib.suppress(Exception):
+            await attach
+        await self.close_notify_channel(base, channel)
+
+    def _background(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _forget_channel(self, channel: DriverChannel) -> None:
         channel.close()

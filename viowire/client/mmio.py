@@ -181,9 +181,9 @@ class VirtioMmioDevice:
             await self.bus.mmio_write(self.base + reg, 4, value & 0xFFFF_FFFF, posted=False)
             self._synced(seq)
             return
-        if reg not in _UNORDERED:
-            self._posted_seq += 1
         await self.bus.mmio_write(self.base + reg, 4, value & 0xFFFF_FFFF, posted=True)
+        if reg not in _UNORDERED:
+            self._posted_seq += 1  # counted once queued: a read queued earlier cannot prove it
 
     def _synced(self, seq: int) -> None:
         """A round trip that left after posted write ``seq`` came back: the server applies a
@@ -343,6 +343,7 @@ class VirtioMmioDevice:
         for at, width in self._config_accesses(offset, len(data)):
             value = int.from_bytes(data[at - offset : at - offset + width], "little")
             await self.bus.mmio_write(self.base + CONFIG_OFFSET + at, width, value)
+            self._posted_seq += 1  # a kick may depend on it, as on any ordered write
 
     def _config_accesses(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Linux's widths: legacy bytes; v2 aligned 1/2/4, and 8 as two 4s (low first).
@@ -558,11 +559,13 @@ class VirtioMmioDevice:
         opener = getattr(self.bus, "open_notify_channel", None)
         if opener is None or not self._irq_attached:
             return None
-        seq = self._posted_seq
+        # The attach went by the sidecar, which the server reads apart from the connection: its
+        # reply proves nothing about earlier posted writes, so it does not count as a sync.
+        # Cancelled, the connection takes it back once attached; no second try (a take-back
+        # names the device, and would detach the new one too).
         channel = await opener(self.base)
         if channel is None:
             return None
-        self._synced(seq)
         if not self._irq_attached:  # del_vqs ran meanwhile
             await self.bus.close_notify_channel(self.base, channel)
             return None

@@ -178,7 +178,7 @@ def _example() -> str:
     frame = encode(m.MmioRead(addr=0x10000070, width=4), request_id=7)
     lines, offset = [], 0
     for spec in layout(m.Header) + layout(m.SCHEMAS[T.MMIO_READ]):
-        lines.append(f"{frame[offset:offset + spec.size].hex(' '):24} {spec.name}")
+        lines.append(f"{frame[offset : offset + spec.size].hex(' '):24} {spec.name}")
         offset += spec.size
     return "\n".join(lines)
 
@@ -189,8 +189,9 @@ def _type_table() -> str:
         if t not in ANSWERS:
             raise LookupError(f"say how MsgType.{t.name} is answered in doc.ANSWERS")
         summary = m.DOCS[t].split(". ")[0].rstrip(".")
-        rows.append(f"| `{t.value:#04x}` | [{t.name}](#{t.name.lower()}) | {ANSWERS[t]} | "
-                    f"{summary} |")
+        rows.append(
+            f"| `{t.value:#04x}` | [{t.name}](#{t.name.lower()}) | {ANSWERS[t]} | {summary} |"
+        )
     return "\n".join(rows)
 
 
@@ -199,8 +200,10 @@ def _message(t: m.MsgType, definition: str, names: dict[int, str]) -> str:
     table = _field_table(schema, names) if schema.subcons else "Empty body (0 bytes)."
     cls = m.MESSAGE_CLASSES[t].__name__
     doc = m.DOCS[t][0].upper() + m.DOCS[t][1:]
-    return (f"### {t.name}\n\nType `{t.value:#04x}`, Python class `{cls}`.\n\n{doc}\n\n"
-            f"{table}\n\n```python\n{definition}\n```\n")
+    return (
+        f"### {t.name}\n\nType `{t.value:#04x}`, Python class `{cls}`.\n\n{doc}\n\n"
+        f"{table}\n\n```python\n{definition}\n```\n"
+    )
 
 
 def _field_table(schema: Construct, names: dict[int, str]) -> str:
@@ -209,8 +212,10 @@ def _field_table(schema: Construct, names: dict[int, str]) -> str:
     for spec, sub in zip(layout(schema), schema.subcons, strict=True):
         size = spec.size
         where = str(offset) if offset is not None else "variable"
-        rows.append(f"| {where} | {size if size is not None else 'variable'} | "
-                    f"{_type_text(spec, sub.subcon, names)} | `{spec.name}` |")
+        rows.append(
+            f"| {where} | {size if size is not None else 'variable'} | "
+            f"{_type_text(spec, sub.subcon, names)} | `{spec.name}` |"
+        )
         offset = offset + size if offset is not None and size is not None else None
     return "\n".join(rows)
 
@@ -224,7 +229,8 @@ def _type_text(spec: FieldSpec, con: Construct, names: dict[int, str]) -> str:
         size = sum(e.size or 0 for e in spec.elements)
         fields = ", ".join(f"{e.type_name} {e.name}" for e in spec.elements)
         return f"{prefix} count, then count elements of {size} bytes: {{{fields}}}" + _link(
-            names.get(id(element)))
+            names.get(id(element))
+        )
     if spec.kind == "greedy":
         return "bytes to the end of the body"
     return spec.type_name
@@ -247,9 +253,9 @@ def _module_assignments(source: str) -> Iterator[tuple[str, ast.stmt]]:
 
 def _span(source: str, first: ast.AST, last: ast.AST) -> str:
     """The source text from ``first`` to the end of ``last``, with its own indentation removed."""
-    lines = source.splitlines()[first.lineno - 1:last.end_lineno]
-    lines[-1] = lines[-1][:last.end_col_offset]
-    lines[0] = " " * first.col_offset + lines[0][first.col_offset:]
+    lines = source.splitlines()[first.lineno - 1 : last.end_lineno]
+    lines[-1] = lines[-1][: last.end_col_offset]
+    lines[0] = " " * first.col_offset + lines[0][first.col_offset :]
     return textwrap.dedent("\n".join(lines))
 
 
@@ -270,8 +276,11 @@ def _definitions(source: str) -> dict[str, str]:
 
 def _named_constructs(source: str) -> dict[int, str]:
     """id(construct) -> its name in messages.py, for the structures messages share."""
-    return {id(getattr(m, name)): name for name, _ in _module_assignments(source)
-            if isinstance(getattr(m, name, None), Construct)}
+    return {
+        id(getattr(m, name)): name
+        for name, _ in _module_assignments(source)
+        if isinstance(getattr(m, name, None), Construct)
+    }
 
 
 def _shared_structures(definitions: dict[str, str], names: dict[int, str]) -> str:
@@ -302,21 +311,35 @@ def _enumerations(source: str) -> str:
     parts = ["## 7. Enumerations\n"]
     for enum_cls in (m.ErrorCode, m.Flags, m.ProtoFeature, m.MemoryKind):
         node = classes[enum_cls.__name__]
-        lines = {t.id: comments.get(stmt.lineno, "") for stmt in node.body
-                 if isinstance(stmt, ast.Assign) for t in stmt.targets if isinstance(t, ast.Name)}
+        lines = {
+            t.id: comments.get(stmt.lineno, "")
+            for stmt in node.body
+            if isinstance(stmt, ast.Assign)
+            for t in stmt.targets
+            if isinstance(t, ast.Name)
+        }
         doc = ast.get_docstring(node)
         rows = ["| value | name | meaning |", "|---|---|---|"]
-        rows += [f"| `{member.value:#x}` | {member.name} | {lines.get(member.name, '')} |"
-                 for member in enum_cls]
-        parts.append(f"### {enum_cls.__name__}\n\n" + (f"{doc}\n\n" if doc else "")
-                     + "\n".join(rows) + "\n")
+        rows += [
+            f"| `{member.value:#x}` | {member.name} | {lines.get(member.name, '')} |"
+            for member in enum_cls
+        ]
+        parts.append(
+            f"### {enum_cls.__name__}\n\n" + (f"{doc}\n\n" if doc else "") + "\n".join(rows) + "\n"
+        )
     return "\n".join(parts)
 
 
 def _constants() -> str:
     rows = ["| name | value |", "|---|---|"]
-    for name in ("PROTOCOL_VERSION", "HELLO_MAGIC", "HEADER_SIZE", "LENGTH_FIELD_SIZE",
-                 "DEFAULT_MAX_FRAME", "DEFAULT_MAX_INFLIGHT"):
+    for name in (
+        "PROTOCOL_VERSION",
+        "HELLO_MAGIC",
+        "HEADER_SIZE",
+        "LENGTH_FIELD_SIZE",
+        "DEFAULT_MAX_FRAME",
+        "DEFAULT_MAX_INFLIGHT",
+    ):
         value = getattr(m, name)
         rows.append(f"| `{name}` | {value} (`{value:#x}`) |")
     rows.append(f"| header `struct` format | `{HEADER.format}` |")
@@ -329,8 +352,10 @@ def main(argv: list[str]) -> int:
     if "--check" in argv:
         current = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.exists() else ""
         if current != text:
-            print(f"{DOC_PATH} is out of date: run python -m viowire.protocol.doc --write",
-                  file=sys.stderr)
+            print(
+                f"{DOC_PATH} is out of date: run python -m viowire.protocol.doc --write",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if "--write" in argv:

@@ -166,9 +166,11 @@ DOCS: dict[MsgType, str] = {
     "the client's kernel boot id (16 bytes) so the server can tell a same-host peer. Over a Unix "
     "socket, a client that offers FD_SIDECAR sends one end of an AF_UNIX SOCK_SEQPACKET "
     "socketpair as SCM_RIGHTS with this frame; if the server accepts it, the frames that carry "
-    "descriptors (MEM_REGISTER of a memfd, NOTIFY_CHANNEL) go one a packet on that socket, "
-    "their replies come on the connection, and the connection itself carries no descriptor "
-    "after HELLO (so both ends may read it with their event loop's own transport).",
+    "descriptors (MEM_REGISTER of a memfd, NOTIFY_CHANNEL; no other type is accepted there) go "
+    "one a packet on that socket, their replies come on the connection, and the connection "
+    "itself carries no descriptor after HELLO (so both ends may read it with their event loop's "
+    "own transport). The two are read apart: a frame on one may be applied before an earlier "
+    "one on the other.",
     MsgType.HELLO_REPLY: "server → client. features = intersection of both offers; limits = the "
     "smaller of both; session_id names the session in the server's logs.",
     MsgType.ERROR: "reply to any request that failed, or to a POSTED request that failed "
@@ -208,7 +210,9 @@ DOCS: dict[MsgType, str] = {
     "notification sends a datagram (the driver's InterruptACK may come late). Configuration "
     "change notifications stay IRQ frames. The server never blocks on the socket: a datagram "
     "that does not fit is dropped (one is waiting already). The driver sends a notification on "
-    "the connection instead while its earlier posted writes may not have been applied yet.",
+    "the connection instead while its earlier posted writes may not have been applied yet. A "
+    "channel whose driver end is closed or shut down is detached by the server, which then "
+    "notifies with IRQ frames again, starting with a raise frame if bit 0 is set.",
 }
 
 

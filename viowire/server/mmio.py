@@ -346,6 +346,21 @@ class MmioDevice:
         self._owed |= bits & self._interrupt_status
         self._set_interrupt_status(self._interrupt_status | bits)
 
+    def set_used_notifier(self, notifier: Callable[[], None] | None) -> None:
+        """Send used-buffer notifications to ``notifier`` (a notification channel), or back on
+        the line with None. Back on the line, a bit 0 still set is announced (a raise frame):
+        the driver may not have heard of it, and without an edge it never would."""
+        was_channel = self.used_notifier is not None
+        self.used_notifier = notifier
+        status = self._interrupt_status
+        if was_channel and notifier is None and status & _VRING_IRQ and not status & _CONFIG_IRQ:
+            self._owed = 0
+            if self.on_irq is not None:
+                try:
+                    self.on_irq(True)
+                except Exception:
+                    log.exception("%s: on_irq(True) failed", self.name)
+
     def _notify_used(self) -> None:
         """A used-buffer notification (§2.7.7 decided one is due): on the notification channel
         if there is one, which needs no edge and no ACK to signal again, else the line."""
@@ -353,10 +368,17 @@ class MmioDevice:
         if notifier is None:
             self._raise_interrupt(_VRING_IRQ)
             return
+        # Bit 0 for the register. Each notification is its own datagram, so none is owed: the
+        # driver's (late) ACK clears the bit, and a newer notification has its datagram.
         self._set_interrupt_status(self._interrupt_status | _VRING_IRQ)
         notifier()
 
     def _write_interrupt_ack(self, value: int) -> None:
+        if self.used_notifier is not None and not value & _CONFIG_IRQ:
+            # Bit 0 with a channel: each notification went out as a datagram and the line is
+            # the config bit's, so an ACK of bit 0 only clears it (no config raise is owed).
+            self._set_interrupt_status(self._interrupt_status & ~value)
+            return
         if not self.posted_ack:
             self._set_interrupt_status(self._interrupt_status & ~value)
             return
@@ -619,7 +641,12 @@ class MmioDevice:
         queue.check_layout(memory)
         guarded = _GuardedMemory(memory, queue, epoch)
         done: list[tuple[int, int]] = []
+        served = 0
         while (chain := await queue.pop(memory)) is not None:
+            served += 1
+            if served % queue.num == 0:  # a driver that keeps refilling: let the rest run too
+                await asyncio.sleep(0)
+                self._check_epoch(queue, epoch)
             try:
                 written = await self.backend.handle(queue.index, chain, guarded)
             except RingError:

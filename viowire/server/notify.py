@@ -10,6 +10,7 @@ make the server's read or write block, while ``MSG_DONTWAIT`` on a socket never 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ log = logging.getLogger("viowire.server")
 KICK = struct.Struct("<I")
 USED = b"\x01"
 MAX_KICKS_PER_WAKE = 64  # then yield to the other sessions; the rest stay queued
+MAX_EMPTY_WAKES = 3  # readable with nothing to read: the driver shut its end down
 
 
 class ChannelError(ValueError):
@@ -51,12 +53,20 @@ class NotifyChannel:
     """The server end: kicks go to ``on_kick(value)``, :meth:`used` sends a notification."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, on_kick: Callable[[int], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_kick: Callable[[int], None],
+        on_lost: Callable[[], None],
     ) -> None:
+        """``on_lost`` is called once if the channel fails (the driver closed or shut down its
+        end): the device must notify on the connection again, or the driver hears nothing."""
         self._loop = loop
         self._sock = sock
         self._fileno = sock.fileno()
         self._on_kick = on_kick
+        self._on_lost = on_lost
+        self._empty_wakes = 0
         self._buffer = bytearray(16)
         self.kicks = 0
         self.dropped = 0
@@ -65,14 +75,18 @@ class NotifyChannel:
 
     def _readable(self) -> None:
         recv_into, buffer = self._sock.recv_into, self._buffer
-        for _ in range(MAX_KICKS_PER_WAKE):
+        for count in range(MAX_KICKS_PER_WAKE):
             try:
                 size = recv_into(buffer, 16, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
+                # Readable yet empty, again and again: a shut-down peer, which would have this
+                # callback run on every loop turn for good.
+                self._empty_wakes = self._empty_wakes + 1 if count == 0 else 0
+                if self._empty_wakes >= MAX_EMPTY_WAKES:
+                    self._lose("the driver shut its end down")
                 return
             except OSError as exc:
-                log.warning("notification channel: %s; detaching it", exc)
-                self.close()
+                self._lose(str(exc))
                 return
             if size != KICK.size:
                 self.bad_datagrams += 1
@@ -85,8 +99,20 @@ class NotifyChannel:
         unread already, and one is all a notification needs."""
         try:
             self._sock.send(USED, socket.MSG_DONTWAIT)
-        except OSError:  # full (EAGAIN, ENOBUFS) or the driver closed its end: nothing to wake
+        except (BlockingIOError, InterruptedError):  # full: the driver has one unread already
             self.dropped += 1
+        except OSError as exc:  # ENOBUFS counts as full too; anything else: the end is gone
+            if exc.errno == errno.ENOBUFS:
+                self.dropped += 1
+            else:
+                self._lose(str(exc))
+
+    def _lose(self, why: str) -> None:
+        if self._fileno < 0:
+            return
+        log.warning("notification channel: %s; notifying on the connection again", why)
+        self.close()
+        self._on_lost()
 
     def close(self) -> None:
         if self._fileno >= 0:

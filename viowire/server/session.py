@@ -60,6 +60,7 @@ _POSTED = int(m.Flags.POSTED)
 _HELLO = int(m.MsgType.HELLO)
 _ERROR = int(m.MsgType.ERROR)
 _QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
+_SIDECAR_TYPES = frozenset((int(m.MsgType.MEM_REGISTER), int(m.MsgType.NOTIFY_CHANNEL)))
 _WIDTH_MASKS = {width: (1 << 8 * width) - 1 for width in MMIO_WIDTHS}
 
 
@@ -199,11 +200,16 @@ class ServerSession(asyncio.Protocol):
         self._mappings.close()
 
     def pause_writing(self) -> None:
-        # The client is not reading its replies: stop reading its requests until it does.
+        # The client is not reading its replies: stop reading its requests until it does, on
+        # the sidecar too.
         self.transport.pause_reading()
+        if self._sidecar is not None:
+            self._sidecar.pause()
 
     def resume_writing(self) -> None:
         self.transport.resume_reading()
+        if self._sidecar is not None:
+            self._sidecar.resume()
 
     # -- output --------------------------------------------------------------------------------
     def send(self, msg: object, request_id: int = 0, flags: int = 0) -> None:
@@ -288,6 +294,8 @@ class ServerSession(asyncio.Protocol):
                 f"protocol version {msg.version} is not supported (this server speaks "
                 f"{m.PROTOCOL_VERSION})",
             )
+        if msg.max_inflight < 1:
+            raise ProtocolFault(m.ErrorCode.UNSUPPORTED, "max_inflight 0 allows no request")
         if msg.max_frame < m.MIN_MAX_FRAME:
             raise ProtocolFault(
                 m.ErrorCode.UNSUPPORTED, f"max_frame {msg.max_frame} is below {m.MIN_MAX_FRAME}"
@@ -320,8 +328,6 @@ class ServerSession(asyncio.Protocol):
         log.info(
             "session %x: HELLO from %r, features %#x", self.session_id, msg.name, self.features
         )
-        if msg.max_inflight < 1:
-            raise ProtocolFault(m.ErrorCode.UNSUPPORTED, "max_inflight 0 allows no request")
         self.max_inflight = min(msg.max_inflight, m.DEFAULT_MAX_INFLIGHT)
         self._inflight = asyncio.Semaphore(self.max_inflight)
         reply = m.HelloReply(
@@ -369,7 +375,15 @@ class ServerSession(asyncio.Protocol):
             self._fail_connection(exc.code, f"sidecar: {exc}")
             return
         for frame in frames:
-            self._dispatch(frame)
+            if frame.type in _SIDECAR_TYPES:
+                self._dispatch(frame)
+            else:  # anything else has the connection, with its back-pressure
+                self._reply_error(
+                    frame,
+                    m.ErrorCode.BAD_STATE,
+                    f"message type {frame.type:#x} does not carry descriptors: send it on the "
+                    "connection, not the sidecar",
+                )
         self._flush()
 
     def _switch_to_native(self) -> None:
@@ -586,9 +600,13 @@ class ServerSession(asyncio.Protocol):
         def on_kick(value: int) -> None:
             device.write(_QUEUE_NOTIFY, 4, value)
 
-        channel = NotifyChannel(self._loop, sock, on_kick)
+        def on_lost() -> None:
+            if self._channels.get(slot.base) is channel:
+                self._detach_channel(slot.base)
+
+        channel = NotifyChannel(self._loop, sock, on_kick, on_lost)
         self._channels[slot.base] = channel
-        device.used_notifier = channel.used
+        device.set_used_notifier(channel.used)
 
     def _detach_channel(self, base: int) -> None:
         channel = self._channels.pop(base, None)
@@ -596,8 +614,8 @@ class ServerSession(asyncio.Protocol):
             return
         channel.close()
         found = self.platform.lookup(base) if self.platform is not None else None
-        if found is not None:
-            found[0].device.used_notifier = None
+        if found is not None and not self._closed:
+            found[0].device.set_used_notifier(None)
 
     async def _read_remote(self, ranges: Sequence[tuple[int, int]], timeout: float) -> bytes:
         if self._closed:
