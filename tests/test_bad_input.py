@@ -1287,7 +1287,8 @@ DESC, AVAIL, USED = RAM_BASE, RAM_BASE + 0x1000, RAM_BASE + 0x2000
 
 async def proxied_rng_waiting_for_memory(peer: RawPeer) -> tuple[HandDriver, Frame]:
     """Bring up the modern rng by hand on proxied memory and kick it: returns the driver and the
-    server's first MEM_READ (avail.idx), which the test then answers however it likes."""
+    server's first MEM_READ (avail.idx, the ring and the table), which the test then answers
+    however it likes."""
     await peer.hello()
     await peer.expect_ok(mem_register(RAM_BASE, PROXIED_RAM, m.MemoryKind.PROXIED))
     driver = HandDriver(peer, RNG)
@@ -1298,7 +1299,7 @@ async def proxied_rng_waiting_for_memory(peer: RawPeer) -> tuple[HandDriver, Fra
     await driver.notify()
     frame = await peer.server_request()
     assert frame.type == m.MsgType.MEM_READ
-    assert decode_body(frame.type, frame.body).ranges == ((AVAIL + 2, 2),)
+    assert decode_body(frame.type, frame.body).ranges == FIRST_READ
     return driver, frame
 
 
@@ -1318,12 +1319,21 @@ def reply_frame(msg_type: int, body: bytes, request_id: int) -> bytes:
     return raw_frame(msg_type, body, request_id, m.Flags.REPLY)
 
 
+FIRST_READ = ((AVAIL + 2, 2), (AVAIL + 4, 2 * 8), (DESC, 16 * 8))
+FIRST_READ_BYTES = sum(length for _, length in FIRST_READ)
+
 BAD_MEMORY_ANSWERS = [
     pytest.param(lambda rid: reply_frame(m.MsgType.MEM_READ_REPLY, b"\x01", rid), id="too-short"),
     pytest.param(lambda rid: reply_frame(m.MsgType.MEM_READ_REPLY, b"", rid), id="empty"),
-    pytest.param(lambda rid: reply_frame(m.MsgType.MEM_READ_REPLY, bytes(99), rid), id="too-long"),
     pytest.param(
-        lambda rid: reply_frame(m.MsgType.MEM_READ_REPLY, b"\xff\xff", rid), id="garbage-index"
+        lambda rid: reply_frame(m.MsgType.MEM_READ_REPLY, bytes(FIRST_READ_BYTES + 1), rid),
+        id="too-long",
+    ),
+    pytest.param(
+        lambda rid: reply_frame(
+            m.MsgType.MEM_READ_REPLY, b"\xff\xff" + bytes(FIRST_READ_BYTES - 2), rid
+        ),
+        id="garbage-index",
     ),
     pytest.param(
         lambda rid: encode(m.Error(code=m.ErrorCode.MEMORY_FAULT, message="no"), rid, 1),

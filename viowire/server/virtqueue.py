@@ -263,17 +263,23 @@ class SplitVirtqueue:
             await memory.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * n, self.last_avail_idx)
             self._check_epoch(epoch)
             self._avail_event = self.last_avail_idx
-        avail_idx = await memory.read_u16(self.avail_addr + 2)
+        # avail.idx, the ring and the table in one exchange (proxied memory: one round trip,
+        # not two). One snapshot: the driver fills ring slots and descriptors before it moves
+        # the index, and the client answers the read as a whole.
+        index, ring, table = await memory.readv(
+            [
+                (self.avail_addr + 2, 2),
+                (self.avail_addr + 4, 2 * n),
+                (self.desc_addr, DESC_SIZE * n),
+            ]
+        )
         self._check_epoch(epoch)
+        avail_idx = int.from_bytes(index, "little")
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending > n:
             raise RingError(f"Guest moved used index from {self.last_avail_idx} to {avail_idx}")
         if not pending:
             return
-        ring, table = await memory.readv(
-            [(self.avail_addr + 4, 2 * n), (self.desc_addr, DESC_SIZE * n)]
-        )
-        self._check_epoch(epoch)
         heads = struct.unpack(f"<{n}H", ring)
         slots = [heads[(self.last_avail_idx + k) % n] for k in range(pending)]
         chains, error = self._walk_heads(memory, table, slots)
