@@ -139,3 +139,79 @@ def test_serve_refuses_a_negative_poll_window():
     result = viowire("serve", "--poll-us", "-1", "--listen", "tcp://127.0.0.1:0")
     assert result.returncode == 1
     assert "poll_us -1" in result.stderr
+
+
+async def test_a_full_ring_is_served_while_polling(polling_server):
+    """Submitters waiting for room cannot be served inline: the poller hands their queue to
+    vring_interrupt in a task, instead of skipping it until the window ends."""
+    async with await connect(url_of(polling_server, "unix")) as conn:
+        blk = await polled_disk(conn, BLK)
+        await blk.reset_queue(num=4)  # one request at a time: the rest wait for room
+        blocks = [bytes([i]) * 4096 for i in range(16)]
+        await asyncio.wait_for(
+            asyncio.gather(*(blk.write(i * 4096, b) for i, b in enumerate(blocks))), 10
+        )
+        got = await asyncio.wait_for(
+            asyncio.gather(*(blk.read(i * 4096, 4096) for i in range(16))), 10
+        )
+        assert got == blocks
+        await blk.detach()
+
+
+async def test_without_irq_status_polling_still_completes(polling_server):
+    """A driver that reads InterruptStatus (no IRQ_STATUS): the window's end must not post an
+    ACK that clears a bit the driver has yet to read."""
+    conn = await connect(url_of(polling_server, "unix"), irq_status=False)
+    try:
+        blk = await polled_disk(conn, BLK)
+        await spaced_io(blk, 60, seed=11)
+        await blk.detach()
+    finally:
+        await conn.close()
+
+
+async def test_a_queue_with_a_callback_keeps_its_notifications(polling_server):
+    from test_bad_input import RNG
+
+    from viowire.client.drivers.rng import EntropyDriver
+
+    async with await connect(url_of(polling_server, "unix")) as conn:
+        info = next(d for d in await conn.platform() if d.base == RNG)
+        dev = await conn.attach(info)
+        dev.poll_us = POLL_US
+        rng = await EntropyDriver.attach(dev)
+        await rng.read(16)
+        called = asyncio.Event()
+        rng.vq.callback = lambda vq: called.set()
+        buffer = conn.ram.alloc(16)
+        await rng.vq.add([], [(buffer, 16)], token="cb")
+        await rng.vq.kick()
+        await asyncio.wait_for(called.wait(), 5)
+        assert (await rng.vq.get_buf())[0] == "cb"
+        conn.ram.free(buffer)
+        await rng.detach()
+
+
+async def test_polling_queues_are_capped_per_process(polling_server, monkeypatch):
+    import viowire.server.mmio as server_mmio
+
+    monkeypatch.setattr(server_mmio, "MAX_POLLING_QUEUES", 1)
+    conns = [await connect(url_of(polling_server, "unix")) for _ in range(3)]
+    try:
+        disks = [await polled_disk(conn, BLK) for conn in conns]
+        seen = []
+
+        async def io(blk, seed):
+            for i in range(40):
+                await asyncio.wait_for(blk.write((i % 8) * 4096, bytes([seed]) * 4096), 5)
+                seen.append(server_mmio._polling[0])
+                await asyncio.sleep(random.Random(seed * 100 + i).choice((0, 1e-4, 1e-3)))
+
+        await asyncio.gather(*(io(blk, n) for n, blk in enumerate(disks)))
+        assert max(seen) <= 1
+        for n, blk in enumerate(disks):
+            assert await blk.read(0, 4096) == bytes([n]) * 4096
+        await until(lambda: server_mmio._polling[0] == 0, "every polling loop to end")
+    finally:
+        for conn in conns:
+            await conn.close()

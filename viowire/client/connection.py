@@ -134,6 +134,7 @@ class Connection(asyncio.Protocol):
         self.notify_channels = NOTIFY_CHANNELS
         self._channels: set[DriverChannel] = set()
         self._tasks: set[asyncio.Task] = set()  # background work of our own, kept referenced
+        self._taking_back: dict[int, asyncio.Task] = {}  # device base -> its channel take-back
         self._sidecar: socket.socket | None = None  # FD_SIDECAR: where descriptors go
         # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
@@ -432,6 +433,10 @@ class Connection(asyncio.Protocol):
         cannot have one (see :meth:`can_notify_on_channel`, or the server refused it)."""
         if not self.can_notify_on_channel():
             return None
+        if (taking_back := self._taking_back.get(base)) is not None:
+            # A detach names the device, and sidecar and connection are read apart: let an
+            # earlier channel's take-back finish, or it could detach this one.
+            await asyncio.shield(taking_back)
         try:
             channel = DriverChannel(self._loop)
         except OSError as exc:  # out of descriptors: this device notifies on the connection
@@ -448,7 +453,9 @@ class Connection(asyncio.Protocol):
             # The server may attach it yet: once it has answered, take it back (from a task:
             # we are cancelled), or the device would notify a socket nobody reads. Not before:
             # the sidecar and the connection are read apart, a detach could pass the attach.
-            self._background(self._take_back(base, channel, attach))
+            task = self._background(self._take_back(base, channel, attach))
+            self._taking_back[base] = task
+            task.add_done_callback(lambda _t: self._taking_back.pop(base, None))
             raise
         except ProtocolError as exc:
             log.info(
@@ -478,10 +485,11 @@ class Connection(asyncio.Protocol):
             await attach
         await self.close_notify_channel(base, channel)
 
-    def _background(self, coro) -> None:
+    def _background(self, coro) -> asyncio.Task:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _forget_channel(self, channel: DriverChannel) -> None:
         channel.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -162,6 +163,7 @@ class VirtioMmioDevice:
         self._channel_wanted = True  # try for one at the next kick
         self.poll_us = 0  # after a submit, poll the used rings this long (shared memory only)
         self._poll_deadline: float | None = None
+        self._poll_tasks: dict[int, asyncio.Task] = {}  # queue index -> its vring_interrupt
         self._posted_seq = 0  # ordered posted writes sent
         self._synced_seq = 0  # of those, how many a later round trip proved applied
 
@@ -583,36 +585,45 @@ class VirtioMmioDevice:
     def _on_publish(self, vq: Virtqueue) -> None:
         """A request went out: watch the used rings for poll_us from now, with used-buffer
         notifications off, instead of sleeping until one wakes us (NVMe's io_poll, vhost's
-        busy-polling on the other side). Each look is one loop turn."""
-        if vq._mapped is None:
+        busy-polling on the other side). Each look is one loop turn. A queue with a callback
+        keeps its notifications: its callback runs when they come."""
+        if vq._mapped is None or vq.callback is not None:
             return
-        loop = self._loop()
-        deadline = loop.time() + self.poll_us / 1e6
+        # perf_counter, not loop.time(): uvloop's clock moves in milliseconds.
+        deadline = time.perf_counter() + self.poll_us / 1e6
         if self._poll_deadline is None:
-            for queue in self.vqs.values():
-                queue.suppress_interrupts()
-            vq.suppress_interrupts()  # not in vqs yet while setup_vq runs
-            loop.call_soon(self._poll_used)
+            for queue in (*self.vqs.values(), vq):  # vq is not in vqs yet during setup_vq
+                if queue.callback is None and queue._mapped is not None:
+                    queue.suppress_interrupts()
+            self._loop().call_soon(self._poll_used)
         self._poll_deadline = deadline
 
     def _poll_used(self) -> None:
         if self._poll_deadline is None:
             return
-        loop = self._loop()
-        now = loop.time()
-        if self._collect_polled():
+        polled = [vq for vq in self.vqs.values() if vq.polling]
+        now = time.perf_counter()
+        if self._collect_polled(polled):
             self._poll_deadline = max(self._poll_deadline, now + self.poll_us / 1e6)
-        if now < self._poll_deadline and self.vqs:
-            loop.call_soon(self._poll_used)
+        if now < self._poll_deadline and polled:
+            self._loop().call_soon(self._poll_used)
             return
         self._poll_deadline = None
-        if any([queue.allow_interrupts() for queue in self.vqs.values()]):
-            self._on_used_notification()  # used as we stopped: their notification may be skipped
+        late = [vq for vq in polled if vq.allow_interrupts()]
+        if late:  # used as we stopped: their notification may have been skipped
+            self._collect_polled(late)
 
-    def _collect_polled(self) -> bool:
+    def _collect_polled(self, queues: list[Virtqueue]) -> bool:
+        """Take what the device returned on ``queues``; a queue that cannot be served inline
+        now (someone holds its lock, or waits for room) gets vring_interrupt in a task."""
         found = False
-        for vq in list(self.vqs.values()):
-            if vq.can_collect_now() and vq.collect_now():
+        for vq in queues:
+            if vq.can_collect_now():
+                found = vq.collect_now() or found
+            elif vq.used_pending() and vq.index not in self._poll_tasks:
+                task = self._loop().create_task(vq.interrupt())
+                self._poll_tasks[vq.index] = task
+                task.add_done_callback(lambda _t, i=vq.index: self._poll_tasks.pop(i, None))
                 found = True
         return found
 

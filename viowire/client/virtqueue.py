@@ -679,6 +679,13 @@ class Virtqueue:
         full_barrier()
         return bool(self._pending(mem.load_u16(self.addresses.used + 2)))
 
+    def used_pending(self) -> bool:
+        """Mapped memory: the device has returned chains not taken yet."""
+        mem = self._mapped
+        if mem is None or self.broken is not None or not self.addresses.blocks:
+            return False
+        return bool(self._pending(mem.load_u16(self.addresses.used + 2)))
+
     def can_collect_now(self) -> bool:
         """Whether :meth:`collect_now` can do :meth:`interrupt`'s work without awaiting: mapped
         memory, nobody inside the lock or waiting for room, no callback to run."""

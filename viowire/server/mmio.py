@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine, Generator, Sequence
 
 from viowire.server.devices.base import VirtioBackend
@@ -82,6 +83,8 @@ _FAILED, _DRIVER_OK, _FEATURES_OK = (
     int(Status.FEATURES_OK),
 )
 _VRING_IRQ, _CONFIG_IRQ = int(Interrupt.VRING), int(Interrupt.CONFIG)
+MAX_POLLING_QUEUES = 64  # queues of one process polling at once (poll mode); the rest are notified
+_polling = [0]  # queues polling now, in this process
 
 
 class MmioDevice:
@@ -129,7 +132,7 @@ class MmioDevice:
         self._tasks: dict[int, _Run] = {}  # queue index -> its pass over the ring, while one runs
         self._loop: asyncio.AbstractEventLoop | None = None
         self.poll_us = 0  # after a pass that found work, poll the ring this long (shared memory)
-        self._polls: dict[int, float] = {}  # queue index -> deadline of its polling
+        self._polls: dict[int, tuple[float, int]] = {}  # queue -> (deadline, epoch) of polling
         self._rerun: dict[int, bool] = {}
         self._guest_page_size = 0
         self._readers, self._writers = _REGISTER_TABLES[version]
@@ -586,11 +589,20 @@ class MmioDevice:
             return
         if not self._polling_allowed(queue, memory):
             return
-        already = queue.index in self._polls
-        self._polls[queue.index] = self._loop.time() + self.poll_us / 1e6  # extends a running one
+        running = self._polls.get(queue.index)
+        if running is None:
+            if _polling[0] >= MAX_POLLING_QUEUES:
+                return  # enough of the process's turns go to looking; this one is notified
+            _polling[0] += 1
+        # perf_counter, not loop.time(): uvloop's clock moves in milliseconds.
+        self._polls[queue.index] = (time.perf_counter() + self.poll_us / 1e6, queue.epoch)
         queue.suppress_kicks(memory)
-        if not already:
+        if running is None or running[1] != queue.epoch:  # none, or one about to give up
             self._loop.call_soon(self._poll, queue, memory, queue.epoch)
+
+    def _stop_polling(self, index: int) -> None:
+        del self._polls[index]
+        _polling[0] -= 1
 
     def _polling_allowed(self, queue: SplitVirtqueue, memory: GuestMemory) -> bool:
         return (
@@ -603,15 +615,18 @@ class MmioDevice:
     def _poll(self, queue: SplitVirtqueue, memory: MappedGuestMemory, epoch: int) -> None:
         """One look; the loop ends at the deadline with the driver's notifications back on."""
         index = queue.index
+        entry = self._polls.get(index)
+        if entry is None or entry[1] != epoch:
+            return  # a loop for the queue's new ring has taken over
         if queue.epoch != epoch or not self._polling_allowed(queue, memory):
-            self._polls.pop(index, None)  # reset or stopped: that ring is not ours any more
+            self._stop_polling(index)  # reset or stopped: that ring is not ours any more
             return
         if index not in self._tasks and queue.avail_pending(memory):
             self._schedule(queue)  # a pass that finds work extends the deadline
-        if self._loop.time() < self._polls[index]:
+        if time.perf_counter() < entry[0]:
             self._loop.call_soon(self._poll, queue, memory, epoch)
             return
-        del self._polls[index]
+        self._stop_polling(index)
         if queue.allow_kicks(memory) and index not in self._tasks:
             self._schedule(queue)  # buffers that came as we gave up: their kick may be skipped
 

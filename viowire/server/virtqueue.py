@@ -263,6 +263,8 @@ class SplitVirtqueue:
             await memory.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * n, self.last_avail_idx)
             self._check_epoch(epoch)
             self._avail_event = self.last_avail_idx
+            if isinstance(memory, MappedGuestMemory):
+                full_barrier()  # shared (several regions): the read below must not pass it
         # avail.idx, the ring and the table in one exchange (proxied memory: one round trip,
         # not two). One snapshot: the driver fills ring slots and descriptors before it moves
         # the index, and the client answers the read as a whole.
@@ -619,7 +621,9 @@ class SplitVirtqueue:
         new = self.used_idx
         if new == old_used_idx & 0xFFFF:
             return False
-        mapped = type(memory) is MappedGuestMemory
+        if isinstance(memory, MappedGuestMemory):
+            full_barrier()  # the used.idx store above must not pass the load below (§2.7.10)
+        mapped = type(memory) is MappedGuestMemory  # in place (a subclass may interpose)
         if self.event_idx:
             used_event_addr = self.avail_addr + 4 + 2 * self.num
             if mapped:
