@@ -104,13 +104,18 @@ async def test_device_needs_reset_is_reported_and_recovered(server):
         await blk.detach()
 
 
-@pytest.mark.parametrize("channels", [64, 0], ids=["channel", "irq-frames"])
+@pytest.mark.parametrize(
+    "channels, memory",
+    [(64, "shared"), (0, "shared"), (0, "proxied")],
+    ids=["channel", "irq-frames", "proxied"],
+)
 @pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "flags"])
-async def test_no_interrupt_suppression(server, event_idx, channels):
+async def test_no_interrupt_suppression(server, event_idx, channels, memory):
     """With callbacks disabled the device completes buffers without interrupting, whether
-    used-buffer notifications come as IRQ frames or on the notification channel."""
+    used-buffer notifications come as IRQ frames or on the notification channel, and whether
+    the device reads used_event (or avail.flags) in place or with its next refill (proxied)."""
     exclude = 0 if event_idx else 1 << Feature.RING_EVENT_IDX
-    async with await connect(url_of(server, "unix")) as conn:
+    async with await connect(url_of(server, "unix"), memory=memory) as conn:
         conn.notify_channels = channels
         rng = await attach(conn, 3, EntropyDriver, exclude_features=exclude)
         assert rng.has_feature(Feature.RING_EVENT_IDX) == event_idx
