@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from viowire.client.guest import DEFAULT_RAM_BASE, DEFAULT_RAM_SIZE, GuestRAM
 from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.notify import DriverChannel
+from viowire.client.slots import Slots
 from viowire.fdsocket import FdSocketTransport
 from viowire.protocol import messages as m
 from viowire.protocol.codec import (
@@ -124,7 +125,7 @@ class Connection(asyncio.Protocol):
         self._watchdog: asyncio.TimerHandle | None = None
         # Requests awaiting replies, at most the session's max_inflight (HELLO sets it); more wait.
         self.max_inflight = m.DEFAULT_MAX_INFLIGHT
-        self._inflight = asyncio.Semaphore(self.max_inflight)
+        self._inflight = Slots(self.max_inflight)
         self._irq_handlers: dict[int, Callable[[bool], None]] = {}
         self._devices: weakref.WeakSet = weakref.WeakSet()
         self._out: list[bytes] = []
@@ -208,6 +209,16 @@ class Connection(asyncio.Protocol):
             self._flush_pending = True
             self._loop.call_soon(self._flush)
 
+    def _queue_awaited(self, frame: bytes) -> None:
+        """A request its sender waits on: it leaves now when nothing is queued before it (a
+        loop turn sooner); frames queued after it in this turn still leave together."""
+        if self._out or self._flush_pending or self._lazy_acks:
+            self._queue(frame)
+            return
+        self.transport.write(frame)
+        self._flush_pending = True  # gather what this turn queues after it
+        self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flush_pending = False
         if self._lazy_acks:
@@ -240,9 +251,10 @@ class Connection(asyncio.Protocol):
 
     async def request(self, msg: object, *, fds: list[int] | None = None) -> object:
         """Send a request and await its reply; an ERROR reply raises :class:`ProtocolError`."""
-        await self._inflight.acquire()
+        if not self._inflight.take_now():
+            await self._inflight.take()
         if self.closed:  # closed while waiting for a slot: nothing would ever answer
-            self._inflight.release()
+            self._inflight.give()
             raise ConnectionClosed(f"connection to {self.endpoint} is closed")
         request_id = self._new_id()
         future = self._loop.create_future()
@@ -257,7 +269,7 @@ class Connection(asyncio.Protocol):
         finally:
             self._pending.pop(request_id, None)
             self._deadlines.pop(request_id, None)
-            self._inflight.release()
+            self._inflight.give()
 
     def _watch(self, request_id: int, what: str) -> None:
         self._deadlines[request_id] = (self._loop.time() + REQUEST_TIMEOUT, what)
@@ -382,21 +394,22 @@ class Connection(asyncio.Protocol):
     async def mmio_read(self, addr: int, width: int) -> int:
         if self.closed:
             raise ConnectionClosed(f"connection to {self.endpoint} is closed")
-        await self._inflight.acquire()
+        if not self._inflight.take_now():
+            await self._inflight.take()
         if self.closed:
-            self._inflight.release()
+            self._inflight.give()
             raise ConnectionClosed(f"connection to {self.endpoint} is closed")
         request_id = self._new_id()
         future = self._loop.create_future()
         self._reads[request_id] = future
         self._watch(request_id, "MmioRead")
         try:
-            self._queue(_READ_FRAME(request_id, 0, addr, width))
+            self._queue_awaited(_READ_FRAME(request_id, 0, addr, width))
             value = await future
         finally:
             self._reads.pop(request_id, None)  # connection_lost may have emptied it
             self._deadlines.pop(request_id, None)
-            self._inflight.release()
+            self._inflight.give()
         if type(value) is not int:
             raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"MMIO_READ answered with {value}")
         return value
@@ -663,7 +676,7 @@ def _accept_hello(conn: Connection, reply: object) -> None:
     if reply.max_inflight < 1:
         raise ProtocolError(m.ErrorCode.UNSUPPORTED, "the server allows no request in flight")
     conn.max_inflight = reply.max_inflight
-    conn._inflight = asyncio.Semaphore(reply.max_inflight)  # nothing is in flight yet
+    conn._inflight = Slots(reply.max_inflight)  # nothing is in flight yet
     conn.session_id = reply.session_id
     conn.features = reply.features
     conn.server_name = reply.name
