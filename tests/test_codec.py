@@ -275,3 +275,25 @@ def test_protocol_doc_names_every_message_and_error_code():
     text = doc.generate()
     for name in [*m.MsgType.__members__, *m.ErrorCode.__members__, *m.ProtoFeature.__members__]:
         assert name in text
+
+
+@FAST
+@given(data=st.data(), request_id=st.integers(0, 2**32 - 1), flags=st.integers(0, 255))
+def test_mem_write_shortcuts_are_encode_and_decode(data, request_id, flags):
+    msg = data.draw(messages_of(m.MsgType.MEM_WRITE))
+    frame = codec.pack_mem_write(list(msg.ranges), msg.data, request_id, flags)
+    assert frame == encode(msg, request_id, flags)
+    ranges, payload = codec.unpack_mem_write(frame[m.HEADER_SIZE :])
+    assert (tuple(ranges), bytes(payload)) == (tuple(msg.ranges), msg.data)
+
+
+@FAST
+@given(body=st.binary(max_size=64))
+def test_unpack_mem_write_refuses_what_decode_body_refuses(body):
+    decoded = outcome(decode_body, m.MsgType.MEM_WRITE, body)
+    if decoded[0] == "ok":
+        ranges, payload = codec.unpack_mem_write(body)
+        assert (tuple(ranges), bytes(payload)) == (tuple(decoded[1].ranges), decoded[1].data)
+    else:
+        with pytest.raises(DecodeError):
+            codec.unpack_mem_write(body)

@@ -32,6 +32,7 @@ from viowire.protocol.codec import (
     encode,
     frame_packer,
     named,
+    unpack_mem_write,
 )
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
@@ -365,13 +366,13 @@ class Connection(asyncio.Protocol):
     def _serve_memory(self, frame: Frame) -> None:
         """Proxied mode: the device reads or writes guest RAM through us."""
         try:
-            msg = decode_body(frame.type, frame.body)
             memory = self.ram.memory
             if frame.type == _MEM_READ:
+                msg = decode_body(frame.type, frame.body)
                 data = b"".join(memory.read_sync(gpa, length) for gpa, length in msg.ranges)
                 self._send(m.MemReadReply(data=data), frame.request_id, _REPLY)
                 return
-            self._write_ranges(msg)
+            self._write_ranges(*unpack_mem_write(frame.body))
             if not frame.flags & _POSTED:
                 self._send(m.Ok(), frame.request_id, _REPLY)
         except (DecodeError, GuestMemoryError, AttributeError, ValueError) as exc:
@@ -379,15 +380,15 @@ class Connection(asyncio.Protocol):
             code = m.ErrorCode.MEMORY_FAULT
             self._send(m.Error(code=code, message=str(exc)), frame.request_id, _REPLY)
 
-    def _write_ranges(self, msg: m.MemWrite) -> None:
+    def _write_ranges(self, ranges: list[tuple[int, int]], data: memoryview) -> None:
         memory = self.ram.memory
-        if sum(length for _, length in msg.ranges) != len(msg.data):
+        if sum(length for _, length in ranges) != len(data):
             raise ValueError("MEM_WRITE data length does not match its ranges")
-        for gpa, length in msg.ranges:
+        for gpa, length in ranges:  # all checked before any is written
             memory.check(gpa, length)
         pos = 0
-        for gpa, length in msg.ranges:
-            memory.write_sync(gpa, msg.data[pos : pos + length])
+        for gpa, length in ranges:
+            memory.write_sync(gpa, data[pos : pos + length])
             pos += length
 
     # -- the RegisterBus -----------------------------------------------------------------------

@@ -25,6 +25,7 @@ from viowire.protocol.codec import (
     encode,
     frame_packer,
     named,
+    pack_mem_write,
 )
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
@@ -60,6 +61,8 @@ _POSTED = int(m.Flags.POSTED)
 _HELLO = int(m.MsgType.HELLO)
 _ERROR = int(m.MsgType.ERROR)
 _QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
+_RANGE_BYTES = 12  # a Range on the wire
+_MEM_WRITE_OVERHEAD = m.HEADER_SIZE + 4  # header and range count
 _SIDECAR_TYPES = frozenset((int(m.MsgType.MEM_REGISTER), int(m.MsgType.NOTIFY_CHANNEL)))
 _WIDTH_MASKS = {width: (1 << 8 * width) - 1 for width in MMIO_WIDTHS}
 
@@ -118,6 +121,9 @@ class ServerSession(asyncio.Protocol):
         self._sidecar_frames = FrameReader()
         self._go_native = False  # after the HELLO reply: move to the loop's own transport
         self._out: list[bytes] = []
+        self._writes_ranges: list[tuple[int, int]] = []  # posted MEM_WRITEs being gathered
+        self._writes_data: list[bytes] = []
+        self._writes_size = 0
         self._flush_pending = False
         self._next_id = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
@@ -220,6 +226,8 @@ class ServerSession(asyncio.Protocol):
     def _send_frame(self, frame: bytes) -> None:
         if self._closed:
             return
+        if self._writes_size:
+            self._take_writes()  # they were queued before this frame: they leave before it
         self._out.append(frame)
         if not self._flush_pending:
             self._flush_pending = True
@@ -227,6 +235,8 @@ class ServerSession(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_pending = False
+        if self._writes_size and not self._closed:
+            self._take_writes()
         if self._out and not self._closed and self.transport is not None:
             out, self._out = self._out, []
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
@@ -638,7 +648,24 @@ class ServerSession(asyncio.Protocol):
                 self._pending.pop(request_id, None)
 
     def _write_remote(self, ranges: Sequence[tuple[int, int]], data: bytes) -> None:
-        self.send(m.MemWrite(ranges=tuple(ranges), data=data), 0, _POSTED)
+        """A posted MEM_WRITE. Writes in a row become one frame (a request's data, then the
+        used ring's elements and index): decoding and encoding a frame each was a tenth of a
+        proxied request's work. Any other frame, or the flush, sends them first, in order."""
+        size = _RANGE_BYTES * len(ranges) + len(data)
+        if self._writes_size and self._writes_size + size > self.max_frame - _MEM_WRITE_OVERHEAD:
+            self._take_writes()
+        self._writes_ranges += ranges
+        self._writes_data.append(data)
+        self._writes_size += size
+        if not self._flush_pending:
+            self._flush_pending = True
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
+
+    def _take_writes(self) -> None:
+        """The gathered MEM_WRITEs into the output, as one frame."""
+        frame = pack_mem_write(self._writes_ranges, b"".join(self._writes_data), 0, _POSTED)
+        self._writes_ranges, self._writes_data, self._writes_size = [], [], 0
+        self._out.append(frame)
 
     def _complete(self, frame: Frame) -> None:
         future = self._pending.get(frame.request_id)
