@@ -1158,6 +1158,21 @@ async def test_overlapping_regions_are_refused(open_peer, scheme):
 
 
 @SCHEMES
+async def test_proxied_regions_must_be_addressable(open_peer, scheme):
+    """A region past 2^64 would let a device write where no MEM_WRITE range can point (the
+    frame could not even be built); an empty one is nothing. Both are refused."""
+    peer = await open_peer(scheme)
+    await peer.hello()
+    proxied = m.MemoryKind.PROXIED
+    for gpa, size in ((2**64 - 4096, 8192), (2**64 - 1, 2), (RAM_BASE, 0)):
+        message = await peer.request_error(
+            mem_register(gpa, size, proxied), m.ErrorCode.MEMORY_FAULT
+        )
+        assert "past 2^64" in message
+    await peer.expect_ok(mem_register(2**64 - 4096, 4096, proxied))  # up to the top is fine
+
+
+@SCHEMES
 async def test_overlapping_shared_regions_are_refused(open_conn, scheme, shm_path):
     conn = await open_conn(scheme)
     name = shm_segment(shm_path)

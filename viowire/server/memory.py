@@ -115,6 +115,9 @@ class ProxiedGuestMemory(GuestMemory):
         return self._regions
 
     def add_region(self, gpa: int, size: int) -> Region:
+        if size <= 0 or gpa < 0 or gpa + size > 1 << 64:
+            # Every address in it must fit a MEM_READ / MEM_WRITE range (u64).
+            raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is empty or ends past 2^64")
         region = Region(gpa, size)
         for other in self._regions:
             if region.gpa < other.end and other.gpa < region.end:

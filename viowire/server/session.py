@@ -651,6 +651,8 @@ class ServerSession(asyncio.Protocol):
         """A posted MEM_WRITE. Writes in a row become one frame (a request's data, then the
         used ring's elements and index): decoding and encoding a frame each was a tenth of a
         proxied request's work. Any other frame, or the flush, sends them first, in order."""
+        if self._closed:
+            return
         size = _RANGE_BYTES * len(ranges) + len(data)
         if self._writes_size and self._writes_size + size > self.max_frame - _MEM_WRITE_OVERHEAD:
             self._take_writes()
@@ -663,9 +665,9 @@ class ServerSession(asyncio.Protocol):
 
     def _take_writes(self) -> None:
         """The gathered MEM_WRITEs into the output, as one frame."""
-        frame = pack_mem_write(self._writes_ranges, b"".join(self._writes_data), 0, _POSTED)
+        ranges, data = self._writes_ranges, b"".join(self._writes_data)
         self._writes_ranges, self._writes_data, self._writes_size = [], [], 0
-        self._out.append(frame)
+        self._out.append(pack_mem_write(ranges, data, 0, _POSTED))
 
     def _complete(self, frame: Frame) -> None:
         future = self._pending.get(frame.request_id)
