@@ -267,4 +267,7 @@ def test_demo_through_the_console_script():
     assert "DRIVER_OK" in result.stdout
     assert "verified" in result.stdout
     assert "demo: every device went through probe, I/O and teardown" in result.stdout
+    # Every device's I/O took interrupts, and the count says so (the last one included).
+    taken = re.findall(r"interrupts taken: (\d+)", result.stdout)
+    assert len(taken) == 4 and all(int(n) >= 1 for n in taken), taken
     no_traceback(result)

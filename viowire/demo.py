@@ -9,6 +9,7 @@ their spec names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
@@ -76,7 +77,7 @@ async def _drive(conn: Connection, info: DeviceInfo) -> bool:
     try:
         ok = await (_blk_io(driver) if info.device_id == DeviceId.BLOCK else _rng_io(driver))
     finally:
-        interrupts.cancel()
+        await interrupts.finish()
     say(f"   interrupts taken: {interrupts.count}")
     say("-- teardown")
     bus.enabled = True
@@ -89,14 +90,20 @@ class _count_interrupts:
 
     def __init__(self, dev: VirtioMmioDevice) -> None:
         self.count = 0
-        self._task = asyncio.get_running_loop().create_task(self._run(dev))
+        # Subscribed here, not in the task: an interrupt before the task first runs counts too.
+        self._interrupts = dev.interrupts()
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def _run(self, dev: VirtioMmioDevice) -> None:
-        async for _status in dev.interrupts():
+    async def _run(self) -> None:
+        async for _status in self._interrupts:
             self.count += 1
 
-    def cancel(self) -> None:
-        self._task.cancel()
+    async def finish(self) -> None:
+        """Stop, once every interrupt taken so far is counted (the last request's interrupt
+        may still wait in the subscription when its I/O returns)."""
+        self._interrupts.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._task, 5)
 
 
 async def _blk_io(blk: BlockDriver) -> bool:
