@@ -280,20 +280,29 @@ class Virtqueue:
         token: object,
         release: Callable[[], None] | None,
         table: int | None,
-    ) -> tuple[list[int], list[bytes]]:
-        """Take ring descriptors for a chain and record it; nothing is in guest memory yet.
+        into: memoryview | None = None,
+    ) -> tuple[list[int], bytearray | None]:
+        """Take ring descriptors for a chain and record it.
 
-        Returns the ring descriptors (the head first) and the packed descriptors: one per ring
-        descriptor for a direct chain, the table's entries for an indirect one. There must be
-        room (see :meth:`_placement`).
+        Returns the ring descriptors (the head first) and the packed descriptors, DESC_SIZE
+        bytes each: one per ring descriptor for a direct chain, the table's entries for an
+        indirect one. ``into`` (a direct chain in mapped memory): the descriptor table itself,
+        which they are packed into in place (None is returned for them). There must be room
+        (see :meth:`_placement`).
         """
         free = self._free
         if table is None:
             ids = free[: -count - 1 : -1]  # the top of the stack, in pop order
-            packed, in_bytes = _pack_chain(out_bufs, in_bufs, ids)
+            if into is None:
+                packed = bytearray(DESC_SIZE * count)
+                in_bytes = _pack_chain(out_bufs, in_bufs, ids, packed, range(count))
+            else:
+                packed = None
+                in_bytes = _pack_chain(out_bufs, in_bufs, ids, into, ids)
         else:
             ids = free[-1:]
-            packed, in_bytes = _pack_chain(out_bufs, in_bufs, range(count))
+            packed = bytearray(DESC_SIZE * count)
+            in_bytes = _pack_chain(out_bufs, in_bufs, range(count), packed, range(count))
         del free[-len(ids) :]
         self._heads[ids[0]] = _Head(token, ids, table, in_bytes, release)
         return ids, packed
@@ -316,15 +325,14 @@ class Virtqueue:
     ) -> None:
         """Publish a chain in mapped memory: descriptors, then the ring slot, then avail.idx."""
         mem = self._mapped
-        ids, packed = self._take(out_bufs, in_bufs, count, token, release, table)
-        head = ids[0]
         descs = mem.view(self.addresses.desc, DESC_SIZE * self.num)
-        if table is None:
-            for i, d in enumerate(ids):
-                at = DESC_SIZE * d
-                descs[at : at + DESC_SIZE] = packed[i]
+        if table is None:  # packed straight into the descriptor table
+            ids, _ = self._take(out_bufs, in_bufs, count, token, release, table, descs)
+            head = ids[0]
         else:
-            mem.write_sync(table, b"".join(packed))
+            ids, packed = self._take(out_bufs, in_bufs, count, token, release, table)
+            head = ids[0]
+            mem.write_sync(table, packed)
             descs[DESC_SIZE * head : DESC_SIZE * (head + 1)] = _indirect_desc(table, count)
         avail = self.addresses.avail
         idx = self._avail_idx
@@ -350,10 +358,13 @@ class Virtqueue:
         head = ids[0]
         desc = self.addresses.desc
         if table is None:
-            writes = [(desc + DESC_SIZE * d, packed[i]) for i, d in enumerate(ids)]
+            writes = [
+                (desc + DESC_SIZE * d, bytes(packed[DESC_SIZE * i : DESC_SIZE * (i + 1)]))
+                for i, d in enumerate(ids)
+            ]
         else:
             writes = [
-                (table, b"".join(packed)),
+                (table, bytes(packed)),
                 (desc + DESC_SIZE * head, _indirect_desc(table, count)),
             ]
         avail = self.addresses.avail
@@ -800,26 +811,30 @@ def _indirect_desc(table: int, count: int) -> bytes:
 
 
 def _pack_chain(
-    out_bufs: Buffers, in_bufs: Buffers, links: Sequence[int]
-) -> tuple[list[bytes], int]:
-    """The chain's descriptors, readable then writable, the i-th linked to ``links[i + 1]``
-    (ring descriptors; for an indirect table ``range(n)``); and its device-writable bytes."""
-    pack = _DESC.pack
+    out_bufs: Buffers,
+    in_bufs: Buffers,
+    links: Sequence[int],
+    into: bytearray | memoryview,
+    slots: Sequence[int],
+) -> int:
+    """Pack the chain's descriptors, readable then writable, into ``into``: the i-th at
+    descriptor ``slots[i]``, linked to ``links[i + 1]`` (ring descriptors; for an indirect
+    table ``range(n)``). Returns its device-writable bytes."""
+    pack_into = _DESC.pack_into
     last = len(out_bufs) + len(in_bufs) - 1
-    packed = []
     i = 0
     for gpa, length in out_bufs:
         if i < last:
-            packed.append(pack(gpa, length, _F_NEXT, links[i + 1]))
+            pack_into(into, DESC_SIZE * slots[i], gpa, length, _F_NEXT, links[i + 1])
         else:
-            packed.append(pack(gpa, length, 0, 0))
+            pack_into(into, DESC_SIZE * slots[i], gpa, length, 0, 0)
         i += 1
     in_bytes = 0
     for gpa, length in in_bufs:
         if i < last:
-            packed.append(pack(gpa, length, _F_WRITE | _F_NEXT, links[i + 1]))
+            pack_into(into, DESC_SIZE * slots[i], gpa, length, _F_WRITE | _F_NEXT, links[i + 1])
         else:
-            packed.append(pack(gpa, length, _F_WRITE, 0))
+            pack_into(into, DESC_SIZE * slots[i], gpa, length, _F_WRITE, 0)
         in_bytes += length
         i += 1
-    return packed, in_bytes
+    return in_bytes
