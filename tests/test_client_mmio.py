@@ -71,8 +71,14 @@ class FakeMmio:
     """A virtio-mmio device window and the bus to it; ``serve(queue, chain) -> used len``."""
 
     def __init__(
-        self, ram: FakeRAM, *, version: int = 2, device_id: int = DeviceId.ENTROPY,
-        features: int | None = None, queues: tuple[int, ...] = (8,), config: bytes = b"",
+        self,
+        ram: FakeRAM,
+        *,
+        version: int = 2,
+        device_id: int = DeviceId.ENTROPY,
+        features: int | None = None,
+        queues: tuple[int, ...] = (8,),
+        config: bytes = b"",
         magic: int = MAGIC_VALUE,
     ) -> None:
         self.ram, self.version, self.device_id, self.magic = ram, version, device_id, magic
@@ -121,11 +127,15 @@ class FakeMmio:
     def read_reg(self, off: int) -> int:
         q = self.q
         values = {
-            Reg.MAGIC_VALUE: self.magic, Reg.VERSION: self.version, Reg.DEVICE_ID: self.device_id,
+            Reg.MAGIC_VALUE: self.magic,
+            Reg.VERSION: self.version,
+            Reg.DEVICE_ID: self.device_id,
             Reg.VENDOR_ID: 0x554D4551,
             Reg.DEVICE_FEATURES: self.features >> 32 * self.dev_sel & 0xFFFF_FFFF,
-            Reg.QUEUE_NUM_MAX: q.num_max if q else 0, Reg.QUEUE_READY: q.ready if q else 0,
-            Reg.QUEUE_PFN: q.pfn if q else 0, Reg.INTERRUPT_STATUS: self.isr,
+            Reg.QUEUE_NUM_MAX: q.num_max if q else 0,
+            Reg.QUEUE_READY: q.ready if q else 0,
+            Reg.QUEUE_PFN: q.pfn if q else 0,
+            Reg.INTERRUPT_STATUS: self.isr,
             Reg.STATUS: self.stuck_status.pop(0) if self.stuck_status else self.status,
             Reg.CONFIG_GENERATION: self.generation,
         }
@@ -241,8 +251,12 @@ async def test_probe_modern_identifies_the_device():
     fake, dev, _ = make(device_id=DeviceId.BLOCK)
     await dev.probe()
     assert (dev.version, dev.device_id, dev.vendor_id) == (2, 2, 0x554D4551)
-    assert fake.regs() == [("r", "MAGIC_VALUE"), ("r", "VERSION"), ("r", "DEVICE_ID"),
-                           ("r", "VENDOR_ID")]
+    assert fake.regs() == [
+        ("r", "MAGIC_VALUE"),
+        ("r", "VERSION"),
+        ("r", "DEVICE_ID"),
+        ("r", "VENDOR_ID"),
+    ]
 
 
 async def test_probe_legacy_writes_guest_page_size():
@@ -322,10 +336,14 @@ async def test_modern_features_are_64_bits_high_word_first():
     assert await dev.get_features() == V1 | 0x5
     await dev.finalize_features(V1 | 0x1)
     assert fake.log == [
-        ("w", Reg.DEVICE_FEATURES_SEL, 1), ("r", Reg.DEVICE_FEATURES, 1),
-        ("w", Reg.DEVICE_FEATURES_SEL, 0), ("r", Reg.DEVICE_FEATURES, 5),
-        ("w", Reg.DRIVER_FEATURES_SEL, 1), ("w", Reg.DRIVER_FEATURES, 1),
-        ("w", Reg.DRIVER_FEATURES_SEL, 0), ("w", Reg.DRIVER_FEATURES, 1),
+        ("w", Reg.DEVICE_FEATURES_SEL, 1),
+        ("r", Reg.DEVICE_FEATURES, 1),
+        ("w", Reg.DEVICE_FEATURES_SEL, 0),
+        ("r", Reg.DEVICE_FEATURES, 5),
+        ("w", Reg.DRIVER_FEATURES_SEL, 1),
+        ("w", Reg.DRIVER_FEATURES, 1),
+        ("w", Reg.DRIVER_FEATURES_SEL, 0),
+        ("w", Reg.DRIVER_FEATURES, 1),
     ]
     assert fake.driver_features == [1, 1]
 
@@ -359,8 +377,9 @@ async def test_features_ok_refused():
 
 
 async def test_negotiation_keeps_only_known_bits():
-    fake, dev, _ = make(device_id=DeviceId.BLOCK, features=V1 | RING | 1 << 38 | 0xFFFF,
-                        config=struct.pack("<Q", 8))
+    fake, dev, _ = make(
+        device_id=DeviceId.BLOCK, features=V1 | RING | 1 << 38 | 0xFFFF, config=struct.pack("<Q", 8)
+    )
     disk = await BlockDriver.attach(dev)
     expected = V1 | RING | BlockDriver.feature_table
     assert disk.negotiated_features == expected
@@ -376,7 +395,11 @@ async def test_modern_config_widths_and_generation():
     fake.log.clear()
     assert await dev.config_read(0, 8) == bytes(range(1, 9))
     assert [(off, v) for _, off, v in fake.log] == [
-        (0xFC, 0), (0x100, 0x04030201), (0x104, 0x08070605), (0xFC, 0)]
+        (0xFC, 0),
+        (0x100, 0x04030201),
+        (0x104, 0x08070605),
+        (0xFC, 0),
+    ]
     fake.log.clear()
     assert await dev.config_read_int(0x10, 2) == 0x1211
     assert await dev.config_read_int(0x13, 1) == 0x14
@@ -390,7 +413,9 @@ async def test_config_write_widths():
     await dev.probe()
     await dev.config_write(0x8, (0x1122334455667788).to_bytes(8, "little"))
     assert [(off, v) for _, off, v in fake.accesses("w")] == [
-        (0x108, 0x55667788), (0x10C, 0x11223344)]
+        (0x108, 0x55667788),
+        (0x10C, 0x11223344),
+    ]
     with pytest.raises(ValueError, match="outside"):
         await dev.config_write(0xFF, b"ab")
 
@@ -437,9 +462,16 @@ async def test_setup_vq_modern_programs_three_addresses_then_ready():
     assert (q.num, q.ready) == (256, 1)
     assert list(q.addr.values()) == [a.desc, a.avail, a.used]
     assert fake.regs() == [
-        ("w", "QUEUE_SEL"), ("r", "QUEUE_READY"), ("r", "QUEUE_NUM_MAX"), ("w", "QUEUE_NUM"),
-        ("w", "QUEUE_DESC_LOW"), ("w", "QUEUE_DESC_HIGH"), ("w", "QUEUE_AVAIL_LOW"),
-        ("w", "QUEUE_AVAIL_HIGH"), ("w", "QUEUE_USED_LOW"), ("w", "QUEUE_USED_HIGH"),
+        ("w", "QUEUE_SEL"),
+        ("r", "QUEUE_READY"),
+        ("r", "QUEUE_NUM_MAX"),
+        ("w", "QUEUE_NUM"),
+        ("w", "QUEUE_DESC_LOW"),
+        ("w", "QUEUE_DESC_HIGH"),
+        ("w", "QUEUE_AVAIL_LOW"),
+        ("w", "QUEUE_AVAIL_HIGH"),
+        ("w", "QUEUE_USED_LOW"),
+        ("w", "QUEUE_USED_HIGH"),
         ("w", "QUEUE_READY"),
     ]
 
@@ -452,8 +484,9 @@ async def test_setup_vq_legacy_writes_align_and_pfn():
     assert q.pfn == vq.addresses.desc >> 12 and vq.addresses.used - vq.addresses.desc == 4096
 
 
-@pytest.mark.parametrize(("version", "register"), [(1, "QueuePFN (0x040)"),
-                                                   (2, "QueueReady (0x044)")])
+@pytest.mark.parametrize(
+    ("version", "register"), [(1, "QueuePFN (0x040)"), (2, "QueueReady (0x044)")]
+)
 async def test_queue_already_in_use(version, register):
     fake, dev, _ = await ready_device(version)
     fake.queues[0].ready = fake.queues[0].pfn = 1
@@ -546,6 +579,7 @@ def rng_serve(fake: FakeMmio, limit: int = 1 << 20) -> None:
         n = min(length, limit)
         fake.ram.memory.write_sync(addr, bytes((addr + i) & 0xFF for i in range(n)))
         return n
+
     fake.serve = serve
 
 
@@ -724,8 +758,13 @@ async def make_disk(version=2, sectors=2048, exclude=0, ro=False, **opts):
     blk_features = 1 << BlkFeature.SEG_MAX | 1 << BlkFeature.SIZE_MAX | 1 << BlkFeature.FLUSH
     blk_features |= (1 << BlkFeature.RO) * ro
     config = struct.pack("<QII", sectors, 8192, 4)
-    fake, dev, ram = make(version, device_id=DeviceId.BLOCK, queues=(64,), config=config,
-                          features=(V1 if version == 2 else 0) | RING | blk_features)
+    fake, dev, ram = make(
+        version,
+        device_id=DeviceId.BLOCK,
+        queues=(64,),
+        config=config,
+        features=(V1 if version == 2 else 0) | RING | blk_features,
+    )
     disk_model = FakeDisk(fake, sectors, seg_max=4, size_max=8192)
     disk = await BlockDriver.attach(dev, exclude_features=exclude, **opts)
     return disk, disk_model, ram

@@ -192,8 +192,13 @@ def remote(request) -> bool:
 
 @pytest.mark.parametrize(
     ("num", "avail_off", "used_off", "size"),
-    [(1, 16, 4096, 4110), (128, 2048, 4096, 5126), (256, 4096, 8192, 10246),
-     (512, 8192, 12288, 16390), (1024, 16384, 20480, 28678)],
+    [
+        (1, 16, 4096, 4110),
+        (128, 2048, 4096, 5126),
+        (256, 4096, 8192, 10246),
+        (512, 8192, 12288, 16390),
+        (1024, 16384, 20480, 28678),
+    ],
 )
 def test_legacy_layout_matches_reference_table(num, avail_off, used_off, size):
     a = legacy_addresses(0x10000, num)
@@ -417,9 +422,7 @@ async def test_many_rounds_through_the_real_wrap():
 # -- notification suppression -------------------------------------------------------------------
 
 
-@given(
-    old=st.integers(0, 0xFFFF), count=st.integers(0, 0xFFFF), event=st.integers(0, 0xFFFF)
-)
+@given(old=st.integers(0, 0xFFFF), count=st.integers(0, 0xFFFF), event=st.integers(0, 0xFFFF))
 def test_vring_need_event_is_crossing_mod_2_16(old, count, event):
     new = (old + count) & 0xFFFF
     crossed = event in {(old + k) & 0xFFFF for k in range(count)} if count < 64 else None
@@ -667,7 +670,8 @@ async def test_cancelled_at_any_point_releases_exactly_once_and_leaks_nothing(re
     released = []
     task = asyncio.create_task(
         vq.submit(
-            [(0x4008_0000, 16)], [(0x4008_1000, 8), (0x4008_2000, 1)],
+            [(0x4008_0000, 16)],
+            [(0x4008_1000, 8), (0x4008_2000, 1)],
             release=lambda: released.append(dev.pending()),
         )
     )

@@ -77,7 +77,7 @@ def test_fast_encode_is_construct_encode(msg_type, data, request_id, flags):
     frame = encode(msg, request_id, flags)
     assert frame == encode_construct(msg, request_id, flags)
     assert HEADER.unpack_from(frame) == (len(frame) - 4, msg_type, flags, 0, request_id)
-    assert encode_body(msg) == frame[HEADER.size:]
+    assert encode_body(msg) == frame[HEADER.size :]
 
 
 @pytest.mark.parametrize("msg_type", ALL_TYPES, ids=lambda t: t.name)
@@ -99,7 +99,7 @@ def mutated_bodies(msg_type: m.MsgType) -> st.SearchStrategy:
         st.tuples(valid, st.integers(0, 64)).map(lambda vb: vb[0][: vb[1]]),
         st.tuples(valid, st.binary(min_size=1, max_size=8)).map(lambda vb: vb[0] + vb[1]),
         st.tuples(valid, st.integers(0, 63), st.integers(0, 255)).map(
-            lambda v: v[0][: v[1]] + bytes([v[2]]) + v[0][v[1] + 1:] if v[0] else v[0]
+            lambda v: v[0][: v[1]] + bytes([v[2]]) + v[0][v[1] + 1 :] if v[0] else v[0]
         ),
     )
 
@@ -202,8 +202,11 @@ BAD_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize(("msg_type", "field", "value"), BAD_FIELDS,
-                         ids=[f"{t.name}.{f}-{i}" for i, (t, f, _) in enumerate(BAD_FIELDS)])
+@pytest.mark.parametrize(
+    ("msg_type", "field", "value"),
+    BAD_FIELDS,
+    ids=[f"{t.name}.{f}-{i}" for i, (t, f, _) in enumerate(BAD_FIELDS)],
+)
 def test_values_that_do_not_fit_raise_value_error(msg_type, field, value):
     msg = sample(msg_type)
     object.__setattr__(msg, field, value)  # bypass the frozen dataclass to build a bad message

@@ -53,7 +53,7 @@ def test_any_split_gives_the_same_frames(frames, cuts):
 @given(frames=st.lists(frames_st, min_size=1, max_size=4))
 def test_byte_at_a_time_and_coalesced(frames):
     data = b"".join(map(wire, frames))
-    assert feed_all(FrameReader(), [data[i:i + 1] for i in range(len(data))]) == frames
+    assert feed_all(FrameReader(), [data[i : i + 1] for i in range(len(data))]) == frames
     assert FrameReader().feed(data) == frames
     assert FrameReader().feed(memoryview(bytearray(data))) == frames
 
@@ -119,8 +119,11 @@ def test_reader_is_poisoned_and_keeps_earlier_frames():
 
 
 @FAST
-@given(garbage=st.binary(max_size=200), cuts=st.lists(st.integers(0, 10**6), max_size=6),
-       max_frame=st.integers(12, 256))
+@given(
+    garbage=st.binary(max_size=200),
+    cuts=st.lists(st.integers(0, 10**6), max_size=6),
+    max_frame=st.integers(12, 256),
+)
 def test_garbage_raises_only_frame_error(garbage, cuts, max_frame):
     reader = FrameReader(max_frame=max_frame)
     try:

@@ -193,9 +193,9 @@ async def test_a_queue_with_a_callback_keeps_its_notifications(polling_server):
 
 
 async def test_polling_queues_are_capped_per_process(polling_server, monkeypatch):
-    import viowire.server.mmio as server_mmio
+    import viowire.server.service as server_service
 
-    monkeypatch.setattr(server_mmio, "MAX_POLLING_QUEUES", 1)
+    monkeypatch.setattr(server_service, "MAX_POLLING_QUEUES", 1)
     conns = [await connect(url_of(polling_server, "unix")) for _ in range(3)]
     try:
         disks = [await polled_disk(conn, BLK) for conn in conns]
@@ -204,14 +204,14 @@ async def test_polling_queues_are_capped_per_process(polling_server, monkeypatch
         async def io(blk, seed):
             for i in range(40):
                 await asyncio.wait_for(blk.write((i % 8) * 4096, bytes([seed]) * 4096), 5)
-                seen.append(server_mmio._polling[0])
+                seen.append(server_service._polling[0])
                 await asyncio.sleep(random.Random(seed * 100 + i).choice((0, 1e-4, 1e-3)))
 
         await asyncio.gather(*(io(blk, n) for n, blk in enumerate(disks)))
         assert max(seen) <= 1
         for n, blk in enumerate(disks):
             assert await blk.read(0, 4096) == bytes([n]) * 4096
-        await until(lambda: server_mmio._polling[0] == 0, "every polling loop to end")
+        await until(lambda: server_service._polling[0] == 0, "every polling loop to end")
     finally:
         for conn in conns:
             await conn.close()

@@ -1,25 +1,23 @@
 """The virtio-mmio register window of one device, Version 1 (legacy) and Version 2 (§4.2).
 
 One :class:`MmioDevice` per device window: a register file (reference §1.3, §2.4, §2.5 applied
-exactly, every guest mistake logged and survived) plus the queue engine that turns QueueNotify
-writes into asyncio tasks walking the rings. Register accesses are synchronous, so a reset is
-complete before the next access is answered (reference §8.2); queue tasks re-check the queue's
-epoch after every await, so nothing is written to guest memory after a reset or a queue stop.
+exactly, every guest mistake logged and survived) and, mixed in from
+:mod:`viowire.server.service`, the queue engine that serves the rings a QueueNotify points at.
+Register accesses are synchronous, so a reset is complete before the next access is answered
+(reference §8.2).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable
 
 from viowire.server.devices.base import VirtioBackend
+from viowire.server.service import QueuePass, QueueService
 from viowire.server.virtqueue import (
     RingError,
     SplitVirtqueue,
-    StaleQueueError,
     is_power_of_2,
 )
 from viowire.virtio.constants import (
@@ -33,7 +31,7 @@ from viowire.virtio.constants import (
     device_name,
     feature_names,
 )
-from viowire.virtio.memory import GuestMemory, GuestMemoryError, MappedGuestMemory, Region
+from viowire.virtio.memory import GuestMemory
 
 log = logging.getLogger("viowire.device")
 
@@ -49,45 +47,15 @@ _LEGACY_NAMES = {
 }
 
 
-class _GuardedMemory(GuestMemory):
-    """Guest memory as a backend sees it while serving one queue: every access first checks
-    that the queue has not been reset or stopped since the chain was popped."""
-
-    def __init__(self, memory: GuestMemory, queue: SplitVirtqueue, epoch: int) -> None:
-        self._memory = memory
-        self._queue = queue
-        self._epoch = epoch
-
-    @property
-    def regions(self) -> Sequence[Region]:
-        return self._memory.regions
-
-    def _check_epoch(self) -> None:
-        if self._queue.epoch != self._epoch:
-            raise StaleQueueError(f"queue {self._queue.index} was reset during a request")
-
-    async def readv(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        self._check_epoch()
-        data = await self._memory.readv(ranges)
-        self._check_epoch()
-        return data
-
-    async def writev(self, segments: Sequence[tuple[int, bytes]]) -> None:
-        self._check_epoch()
-        await self._memory.writev(segments)
-
-
 _FAILED, _DRIVER_OK, _FEATURES_OK = (
     int(Status.FAILED),
     int(Status.DRIVER_OK),
     int(Status.FEATURES_OK),
 )
 _VRING_IRQ, _CONFIG_IRQ = int(Interrupt.VRING), int(Interrupt.CONFIG)
-MAX_POLLING_QUEUES = 64  # queues of one process polling at once (poll mode); the rest are notified
-_polling = [0]  # queues polling now, in this process
 
 
-class MmioDevice:
+class MmioDevice(QueueService):
     """A virtio-mmio device: register window + queue processing for one backend.
 
     The session glue sets :attr:`memory` once the client has registered guest RAM and
@@ -129,7 +97,7 @@ class MmioDevice:
         self.device_features = backend.device_features(version) | TRANSPORT_FEATURES | extra
         self._config_generation = 0
         self._interrupt_status = 0
-        self._tasks: dict[int, _Run] = {}  # queue index -> its pass over the ring, while one runs
+        self._tasks: dict[int, QueuePass] = {}  # queue index -> its pass, while one runs
         self._loop: asyncio.AbstractEventLoop | None = None
         self.poll_us = 0  # after a pass that found work, poll the ring this long (shared memory)
         self._polls: dict[int, tuple[float, int]] = {}  # queue -> (deadline, epoch) of polling
@@ -527,240 +495,6 @@ class MmioDevice:
         if self.version == 2 and not status & _FEATURES_OK:
             return "without FEATURES_OK"
         return None
-
-    def _schedule(self, queue: SplitVirtqueue) -> None:
-        """Serve ``queue`` once the frames at hand are dispatched (the notifies among them make
-        one pass). The pass then runs as a plain callback until it first has to wait, and only
-        then becomes a task: with shared memory it seldom waits at all, and a task per pass
-        cost more than the pass (a loop turn, the loop's set of all tasks)."""
-        index = queue.index
-        run = self._tasks.get(index)
-        if run is not None:
-            if run.started:
-                self._rerun[index] = True  # the running pass goes round once more
-            return
-        if self._loop is None:
-            try:
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError:
-                log.error("%s: QUEUE_NOTIFY outside an event loop: not processed", self.name)
-                return
-        run = self._tasks[index] = _Run()
-        self._loop.call_soon(self._start_pass, queue, run)
-
-    def _start_pass(self, queue: SplitVirtqueue, run: _Run) -> None:
-        if self._tasks.get(queue.index) is not run:
-            return  # the device was closed meanwhile
-        run.started = True
-        coro = self._queue_task(queue, run)
-        try:
-            waiting_on = coro.send(None)
-        except StopIteration:
-            return
-        run.task = self._loop.create_task(
-            _finish(coro, waiting_on), name=f"{self.name} q{queue.index}"
-        )
-
-    async def _queue_task(self, queue: SplitVirtqueue, run: _Run) -> None:
-        """Serve ``queue`` until its ring is empty and no notify came in meanwhile."""
-        start = queue.last_avail_idx
-        try:
-            while not self._broken and queue.ready and self._processing_blocked() is None:
-                self._rerun[queue.index] = False
-                epoch = queue.epoch
-                if not await self._run_guarded(queue, epoch):
-                    break
-                if not self._rerun.get(queue.index):
-                    break
-        finally:
-            if self._tasks.get(queue.index) is run:
-                del self._tasks[queue.index]
-        if self.poll_us and queue.last_avail_idx != start:
-            self._start_polling(queue)
-
-    # -- polling ----------------------------------------------------------------------------------
-    def _start_polling(self, queue: SplitVirtqueue) -> None:
-        """Watch the ring for poll_us with the driver's notifications off, as vhost's
-        busy-polling does: a request that comes meanwhile is served without the driver's
-        notification waking this process. Each look is one loop turn (a callback), so the other
-        sessions are served between looks. Shared memory only: a proxied look is a round trip."""
-        memory = self.memory
-        if type(memory) is not MappedGuestMemory or memory.single_region() is None:
-            return
-        if not self._polling_allowed(queue, memory):
-            return
-        running = self._polls.get(queue.index)
-        if running is None:
-            if _polling[0] >= MAX_POLLING_QUEUES:
-                return  # enough of the process's turns go to looking; this one is notified
-            _polling[0] += 1
-        # perf_counter, not loop.time(): uvloop's clock moves in milliseconds.
-        self._polls[queue.index] = (time.perf_counter() + self.poll_us / 1e6, queue.epoch)
-        queue.suppress_kicks(memory)
-        if running is None or running[1] != queue.epoch:  # none, or one about to give up
-            self._loop.call_soon(self._poll, queue, memory, queue.epoch)
-
-    def _stop_polling(self, index: int) -> None:
-        del self._polls[index]
-        _polling[0] -= 1
-
-    def _polling_allowed(self, queue: SplitVirtqueue, memory: GuestMemory) -> bool:
-        return (
-            self.memory is memory
-            and queue.ready
-            and not self._broken
-            and self._processing_blocked() is None
-        )
-
-    def _poll(self, queue: SplitVirtqueue, memory: MappedGuestMemory, epoch: int) -> None:
-        """One look; the loop ends at the deadline with the driver's notifications back on."""
-        index = queue.index
-        entry = self._polls.get(index)
-        if entry is None or entry[1] != epoch:
-            return  # a loop for the queue's new ring has taken over
-        if queue.epoch != epoch or not self._polling_allowed(queue, memory):
-            self._stop_polling(index)  # reset or stopped: that ring is not ours any more
-            return
-        if index not in self._tasks and queue.avail_pending(memory):
-            self._schedule(queue)  # a pass that finds work extends the deadline
-        if time.perf_counter() < entry[0]:
-            self._loop.call_soon(self._poll, queue, memory, epoch)
-            return
-        self._stop_polling(index)
-        if queue.allow_kicks(memory) and index not in self._tasks:
-            self._schedule(queue)  # buffers that came as we gave up: their kick may be skipped
-
-    async def _run_guarded(self, queue: SplitVirtqueue, epoch: int) -> bool:
-        """One pass over the ring; False if the device broke. Nothing escapes."""
-        try:
-            await self._process_queue(queue, epoch)
-        except StaleQueueError:
-            pass  # reset or stopped meanwhile: a later notify starts over
-        except (RingError, GuestMemoryError) as exc:
-            if queue.epoch == epoch:
-                self._fail(f"queue {queue.index}: {exc}")
-            return False
-        except Exception as exc:  # a backend bug must not take the server down
-            if queue.epoch == epoch:
-                log.exception("%s: queue %d: internal error", self.name, queue.index)
-                self._fail(f"queue {queue.index}: internal error {exc!r}")
-            return False
-        return True
-
-    async def _process_queue(self, queue: SplitVirtqueue, epoch: int) -> None:
-        memory = self.memory
-        if memory is None:
-            raise RingError("no guest memory registered")
-        queue.event_idx = self._has(Feature.RING_EVENT_IDX)  # legacy: features apply at use
-        queue.indirect = self._has(Feature.RING_INDIRECT_DESC)
-        queue.check_layout(memory)
-        guarded = _GuardedMemory(memory, queue, epoch)
-        done: list[tuple[int, int]] = []
-        served = 0
-        while (chain := await queue.pop(memory)) is not None:
-            served += 1
-            if served % queue.num == 0:  # a driver that keeps refilling: let the rest run too
-                await asyncio.sleep(0)
-                self._check_epoch(queue, epoch)
-            try:
-                written = await self.backend.handle(queue.index, chain, guarded)
-            except RingError:
-                await self._complete_quietly(queue, memory, done, epoch)
-                raise
-            self._check_epoch(queue, epoch)
-            done.append((chain.head, self._used_len(queue, written, chain.writable_len)))
-            if not queue.has_cached:  # the batch one avail.idx read exposed is done
-                await self._complete(queue, memory, done, epoch)
-                done = []
-
-    def _used_len(self, queue: SplitVirtqueue, written: int, writable: int) -> int:
-        if 0 <= written <= writable:
-            return written
-        log.error(
-            "%s: queue %d: backend reported %d of %d writable bytes",
-            self.name,
-            queue.index,
-            written,
-            writable,
-        )
-        return max(0, min(written, writable))  # used.len may under-report, never over-report
-
-    async def _complete(
-        self, queue: SplitVirtqueue, memory: GuestMemory, done: list[tuple[int, int]], epoch: int
-    ) -> None:
-        """Publish used elements, then used.idx, then (if wanted) the interrupt."""
-        self._check_epoch(queue, epoch)
-        old_used_idx = queue.used_idx
-        await queue.push_many(memory, done)
-        if await queue.needs_notification(memory, old_used_idx):
-            self._notify_used()
-
-    async def _complete_quietly(
-        self, queue: SplitVirtqueue, memory: GuestMemory, done: list[tuple[int, int]], epoch: int
-    ) -> None:
-        """Publish what finished before a bad request; the device is about to break anyway."""
-        with contextlib.suppress(RingError, GuestMemoryError, StaleQueueError):
-            await self._complete(queue, memory, done, epoch)
-
-    @staticmethod
-    def _check_epoch(queue: SplitVirtqueue, epoch: int) -> None:
-        if queue.epoch != epoch:
-            raise StaleQueueError(f"queue {queue.index} was reset during a request")
-
-    async def drain(self) -> None:
-        """Wait until no queue task is running (tests, orderly shutdown)."""
-        while self._tasks:
-            tasks = [run.task for run in self._tasks.values() if run.task is not None]
-            await asyncio.gather(*tasks, asyncio.sleep(0), return_exceptions=True)
-
-    async def aclose(self) -> None:
-        """Cancel the queue tasks and wait for them to end."""
-        tasks = [run.task for run in self._tasks.values() if run.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
-
-
-class _Run:
-    """One pass over a queue: ``started`` once it runs, ``task`` once it has had to wait."""
-
-    __slots__ = ("started", "task")
-
-    def __init__(self) -> None:
-        self.started = False
-        self.task: asyncio.Task[None] | None = None
-
-
-class _Started:
-    """A coroutine that was started by hand and yielded ``waiting_on``, as an awaitable: the
-    task awaiting it sees that yield (a future, or None for a bare yield) as its own, and
-    whatever the task sends or throws goes on to the coroutine."""
-
-    __slots__ = ("coro", "waiting_on")
-
-    def __init__(self, coro: Coroutine, waiting_on: object) -> None:
-        self.coro, self.waiting_on = coro, waiting_on
-
-    def __await__(self) -> Generator[object, object, object]:
-        coro, value = self.coro, self.waiting_on
-        while True:
-            try:
-                sent = yield value
-            except BaseException as exc:  # cancellation included: the coroutine handles it
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-
-async def _finish(coro: Coroutine, waiting_on: object) -> object:
-    return await _Started(coro, waiting_on)
 
 
 # -- register dispatch ----------------------------------------------------------------------------
