@@ -101,6 +101,9 @@ class MmioDevice(QueueService):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.poll_us = 0  # after a pass that found work, poll the ring this long (shared memory)
         self._polls: dict[int, tuple[float, int]] = {}  # queue -> (deadline, epoch) of polling
+        # poll mode's adaptive windows (service.py); made on first use, idle devices have none
+        self._poll_windows: dict[int, float] | None = None
+        self._pass_ends: dict[int, float] | None = None
         self._rerun: dict[int, bool] = {}
         self._guest_page_size = 0
         self._readers, self._writers = _REGISTER_TABLES[version]
@@ -481,6 +484,8 @@ class MmioDevice(QueueService):
         elif (blocked := self._processing_blocked()) is not None:
             self._guest_error(f"QUEUE_NOTIFY for queue {index} {blocked}: ignored")
         else:
+            if self.poll_us:
+                self._kick_came(index)
             self._schedule(self.queues[index])
 
     def _processing_blocked(self) -> str | None:

@@ -23,6 +23,7 @@ from viowire.virtio.memory import GuestMemory, GuestMemoryError, MappedGuestMemo
 
 log = logging.getLogger("viowire.device")
 
+POLL_GROW_FROM = 10e-6  # seconds: the first window after none, when kicks show polling would pay
 MAX_POLLING_QUEUES = 64  # queues of one process polling at once (poll mode); the rest are notified
 _polling = [0]  # queues polling now, in this process
 
@@ -118,8 +119,37 @@ class QueueService:
             self._start_polling(queue)
 
     # -- polling ----------------------------------------------------------------------------------
+    # The window adapts, as KVM's halt-polling does, by when the driver's next kick comes after
+    # a pass: later than the window but within poll_us, the window was too short and doubles;
+    # later than poll_us, polling could not have helped and it halves (down to none). Work
+    # found while polling leaves it as it is. A queue fed back to back keeps polling; one fed
+    # now and then soon costs nothing.
+    def _poll_window(self, index: int) -> float:
+        windows = self._poll_windows
+        return self.poll_us / 1e6 if windows is None else windows.get(index, self.poll_us / 1e6)
+
+    def _set_poll_window(self, index: int, window: float) -> None:
+        if self._poll_windows is None:
+            self._poll_windows, self._pass_ends = {}, {}
+        self._poll_windows[index] = window
+
+    def _kick_came(self, index: int) -> None:
+        """A notification from the driver: adapt the window by how long after the pass it came."""
+        if self._pass_ends is None or index in self._polls:
+            return
+        ended = self._pass_ends.pop(index, None)
+        if ended is None:
+            return
+        waited = time.perf_counter() - ended
+        window, limit = self._poll_window(index), self.poll_us / 1e6
+        if waited > limit:
+            window /= 2
+            self._set_poll_window(index, window if window >= POLL_GROW_FROM else 0.0)
+        elif waited > window:
+            self._set_poll_window(index, min(max(2 * window, POLL_GROW_FROM), limit))
+
     def _start_polling(self, queue: SplitVirtqueue) -> None:
-        """Watch the ring for poll_us with the driver's notifications off, as vhost's
+        """Watch the ring for a while with the driver's notifications off, as vhost's
         busy-polling does: a request that comes meanwhile is served without the driver's
         notification waking this process. Each look is one loop turn (a callback), so the other
         sessions are served between looks. Shared memory only: a proxied look is a round trip."""
@@ -128,13 +158,19 @@ class QueueService:
             return
         if not self._polling_allowed(queue, memory):
             return
-        running = self._polls.get(queue.index)
+        index = queue.index
+        window = self._poll_window(index)
+        self._set_poll_window(index, window)
+        self._pass_ends[index] = time.perf_counter()  # for _kick_came
+        running = self._polls.get(index)
         if running is None:
+            if window <= 0:
+                return
             if _polling[0] >= MAX_POLLING_QUEUES:
                 return  # enough of the process's turns go to looking; this one is notified
             _polling[0] += 1
         # perf_counter, not loop.time(): uvloop's clock moves in milliseconds.
-        self._polls[queue.index] = (time.perf_counter() + self.poll_us / 1e6, queue.epoch)
+        self._polls[index] = (time.perf_counter() + max(window, POLL_GROW_FROM), queue.epoch)
         queue.suppress_kicks(memory)
         if running is None or running[1] != queue.epoch:  # none, or one about to give up
             self._loop.call_soon(self._poll, queue, memory, queue.epoch)
