@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="US",
-        help="after serving a queue in shared memory, poll it US microseconds for more with the "
-        "driver's notifications off (as vhost's busy-polling: fewer wake-ups, more CPU; "
-        "default 0, off)",
+        help="after serving a queue in shared memory, poll it up to US microseconds for more "
+        "with the driver's notifications off (as vhost's busy-polling: fewer wake-ups, more "
+        "CPU; the window adapts to the traffic, as KVM's halt-polling; default 0, off)",
     )
     serve.add_argument(
         "--device",

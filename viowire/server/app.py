@@ -31,8 +31,9 @@ class Server:
     ) -> None:
         """``allow_shm=False`` refuses named /dev/shm segments: a same-host peer could shrink
         its segment under the server (a SIGBUS); memfds over Unix sockets are sealed instead.
-        ``poll_us``: after serving a queue in shared memory, poll it this long for more with the
-        driver's notifications off (vhost's busy-polling: fewer wake-ups, more CPU)."""
+        ``poll_us``: after serving a queue in shared memory, poll it up to this long for more with
+        the driver's notifications off (vhost's busy-polling: fewer wake-ups, more CPU); the
+        window adapts to the traffic (viowire.server.service)."""
         if poll_us < 0:
             raise ValueError(f"poll_us {poll_us}: 0 (off) or a number of microseconds")
         self.spec = spec or PlatformSpec.default()
