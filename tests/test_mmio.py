@@ -669,3 +669,18 @@ def test_read_ack_keeps_exact_line_semantics():
     dev._raise_interrupt(Interrupt.VRING)
     drv.write(Reg.INTERRUPT_ACK, Interrupt.VRING)
     assert dev.irqs == [True, False] and dev.interrupt_status == 0
+
+
+def test_an_idle_device_stays_small():
+    """100,000 idle devices must fit in one process (issue 4): an idle device's attributes must
+    stay few enough for CPython's key-sharing instance dicts (30 keys at most in 3.11; past
+    that each device's dict is a full table, about 1.3 KB more). Rarely used state belongs in
+    class attributes until it is set (see MmioDevice.used_notifier, QueueService._poll_mode)."""
+    import sys
+
+    from viowire.server.platform import DeviceSpec, PlatformSpec
+
+    for kind in ("rng", "blk,size=1M"):
+        device = PlatformSpec([DeviceSpec.parse(kind)]).build().slots[0].device
+        assert len(vars(device)) <= 26, sorted(vars(device))
+        assert sys.getsizeof(vars(device)) < 600

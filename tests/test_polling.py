@@ -88,7 +88,7 @@ async def test_requests_complete_however_they_are_spaced(
         if client_polls:  # and the driver polls instead of waiting to be told
             assert channel.used - used < 50
         device = device_of(polling_server, conn, base)
-        await until(lambda: not device._polls, "the device to stop polling once idle")
+        await until(lambda: not device.polling, "the device to stop polling once idle")
         await until(lambda: blk.dev._poll_deadline is None, "the driver to stop polling")
         # Idle now, notifications back on in both directions: a lone request still completes.
         await asyncio.sleep(0.05)
@@ -120,7 +120,7 @@ async def test_proxied_sessions_are_served_without_polling(polling_server):
     async with await connect(url_of(polling_server, "tcp"), memory="proxied") as conn:
         blk = await polled_disk(conn, BLK)
         await spaced_io(blk, 30, seed=5)
-        assert not device_of(polling_server, conn, BLK)._polls
+        assert not device_of(polling_server, conn, BLK).polling
         await blk.detach()
 
 
@@ -227,11 +227,11 @@ async def test_the_window_shrinks_for_sparse_requests_and_grows_for_back_to_back
         device = device_of(polling_server, conn, BLK)
         for i in range(12):  # far apart: every window runs out with nothing found
             await asyncio.wait_for(blk.write(0, bytes([i]) * 512), 5)
-            await until(lambda: not device._polls, "the window to run out")
+            await until(lambda: not device.polling, "the window to run out")
             await asyncio.sleep(0.002)
-        assert device._poll_window(0) == 0  # polling no longer costs this queue anything
+        assert device._poll_mode.window(0) == 0  # polling no longer costs this queue anything
         for _ in range(200):  # back to back: kicks right after each pass
             await asyncio.wait_for(blk.read(0, 512), 5)
-        assert device._poll_window(0) > 0
+        assert device._poll_mode.window(0) > 0
         assert await blk.read(0, 512) == bytes([11]) * 512
         await blk.detach()

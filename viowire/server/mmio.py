@@ -9,7 +9,6 @@ Register accesses are synchronous, so a reset is complete before the next access
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -63,6 +62,11 @@ class MmioDevice(QueueService):
     InterruptStatus goes from 0 to non-zero or back.
     """
 
+    # Set (a notification channel): used-buffer notifications go here, each one, and the line,
+    # which IRQ frames report, follows the configuration-change bit alone. A class attribute
+    # until set, as the rarely used state is: an idle device's dict stays small.
+    used_notifier: Callable[[], None] | None = None
+
     def __init__(
         self,
         backend: VirtioBackend,
@@ -82,9 +86,6 @@ class MmioDevice(QueueService):
         # The driver takes InterruptStatus from the raise frame and posts its ACK (IRQ_STATUS).
         self.posted_ack = False
         self._owed = 0  # notifications made while their bit was set, since the last raise
-        # Set (a notification channel): used-buffer notifications go here, each one, and the
-        # line, which IRQ frames report, follows the configuration-change bit alone.
-        self.used_notifier: Callable[[], None] | None = None
         self.queues = [SplitVirtqueue(i, backend.queue_num_max) for i in range(backend.num_queues)]
         for queue in self.queues:
             queue.legacy = version == 1
@@ -98,12 +99,6 @@ class MmioDevice(QueueService):
         self._config_generation = 0
         self._interrupt_status = 0
         self._tasks: dict[int, QueuePass] = {}  # queue index -> its pass, while one runs
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.poll_us = 0  # after a pass that found work, poll the ring this long (shared memory)
-        self._polls: dict[int, tuple[float, int]] = {}  # queue -> (deadline, epoch) of polling
-        # poll mode's adaptive windows (service.py); made on first use, idle devices have none
-        self._poll_windows: dict[int, float] | None = None
-        self._pass_ends: dict[int, float] | None = None
         self._rerun: dict[int, bool] = {}
         self._guest_page_size = 0
         self._readers, self._writers = _REGISTER_TABLES[version]
@@ -286,6 +281,7 @@ class MmioDevice(QueueService):
         self._broken = False
         self._rerun.clear()
         self._owed = 0
+        self._forget_pass()
         self._set_interrupt_status(0)
 
     def _fail(self, reason: str) -> None:
@@ -431,6 +427,7 @@ class MmioDevice(QueueService):
         else:
             queue.reset()  # stops the ring, forgets its indices, size back to QueueNumMax
             self._rerun.pop(queue.index, None)
+            self._forget_pass(queue.index)
 
     def _write_guest_page_size(self, value: int) -> None:
         if not is_power_of_2(value):

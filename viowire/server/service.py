@@ -56,17 +56,42 @@ class _GuardedMemory(GuestMemory):
         await self._memory.writev(segments)
 
 
-MAX_POLLING_QUEUES = 64  # queues of one process polling at once (poll mode); the rest are notified
-_polling = [0]  # queues polling now, in this process
+class PollState:
+    """A device's poll mode: the queues polling now, and each queue's adaptive window."""
+
+    __slots__ = ("limit", "pass_ends", "polls", "windows")
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit  # seconds: poll_us
+        self.polls: dict[int, tuple[float, int]] = {}  # index -> (deadline, epoch) while polling
+        self.windows: dict[int, float] = {}  # index -> seconds; poll_us until it adapts
+        self.pass_ends: dict[int, float] = {}  # index -> perf_counter when its last pass ended
+
+    def window(self, index: int) -> float:
+        return self.windows.get(index, self.limit)
+
+    def adapt(self, index: int, waited: float) -> None:
+        """The driver's kick came ``waited`` seconds after the queue's last pass."""
+        window = self.window(index)
+        if waited > self.limit:
+            window /= 2
+            self.windows[index] = window if window >= POLL_GROW_FROM else 0.0
+        elif waited > window:
+            self.windows[index] = min(max(2 * window, POLL_GROW_FROM), self.limit)
 
 
 class QueueService:
     """Queue processing for a device; :class:`~viowire.server.mmio.MmioDevice` mixes it in.
 
-    It relies on the device's ``backend``, ``memory``, ``queues``, ``name``, ``poll_us``,
-    ``_tasks``, ``_rerun``, ``_polls``, ``_loop`` and ``_broken`` attributes and on its
-    ``_has``, ``_fail``, ``_notify_used`` and ``_processing_blocked`` methods.
+    It relies on the device's ``backend``, ``memory``, ``queues``, ``name``, ``_tasks``,
+    ``_rerun`` and ``_broken`` attributes and on its ``_has``, ``_fail``, ``_notify_used`` and
+    ``_processing_blocked`` methods. Its own state is in class attributes until first set, so
+    that an idle device carries none of it (100,000 of them must fit in one process).
     """
+
+    poll_us = 0  # the largest polling window, µs (0: no poll mode)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _poll_mode: PollState | None = None
 
     def _schedule(self, queue: SplitVirtqueue) -> None:
         """Serve ``queue`` once the frames at hand are dispatched (the notifies among them make
@@ -119,34 +144,36 @@ class QueueService:
             self._start_polling(queue)
 
     # -- polling ----------------------------------------------------------------------------------
-    # The window adapts, as KVM's halt-polling does, by when the driver's next kick comes after
-    # a pass: later than the window but within poll_us, the window was too short and doubles;
-    # later than poll_us, polling could not have helped and it halves (down to none). Work
-    # found while polling leaves it as it is. A queue fed back to back keeps polling; one fed
-    # now and then soon costs nothing.
-    def _poll_window(self, index: int) -> float:
-        windows = self._poll_windows
-        return self.poll_us / 1e6 if windows is None else windows.get(index, self.poll_us / 1e6)
+    # The window adapts, as KVM's halt-polling does, by when the driver's next kick with new
+    # buffers comes after a pass: later than the window but within poll_us, the window was too
+    # short and doubles; later than poll_us, polling could not have helped and it halves (down
+    # to none). Work found while polling leaves it as it is. A queue fed back to back keeps
+    # polling; one fed now and then soon costs nothing.
+    @property
+    def polling(self) -> dict[int, tuple[float, int]]:
+        """Queues polling now: index -> (deadline, epoch of the ring)."""
+        return self._poll_mode.polls if self._poll_mode is not None else {}
 
-    def _set_poll_window(self, index: int, window: float) -> None:
-        if self._poll_windows is None:
-            self._poll_windows, self._pass_ends = {}, {}
-        self._poll_windows[index] = window
+    def _poll_state(self) -> PollState:
+        if self._poll_mode is None:
+            self._poll_mode = PollState(self.poll_us / 1e6)
+        return self._poll_mode
 
     def _kick_came(self, index: int) -> None:
-        """A notification from the driver: adapt the window by how long after the pass it came."""
-        if self._pass_ends is None or index in self._polls:
+        """A notification from the driver: adapt the window by how long after the pass it came.
+        Only a kick with new buffers counts, and none while a pass or polling runs."""
+        state = self._poll_mode
+        if state is None or index in state.polls or index in self._tasks:
             return
-        ended = self._pass_ends.pop(index, None)
-        if ended is None:
+        ended = state.pass_ends.get(index)
+        memory = self.memory
+        if ended is None or type(memory) is not MappedGuestMemory:
             return
-        waited = time.perf_counter() - ended
-        window, limit = self._poll_window(index), self.poll_us / 1e6
-        if waited > limit:
-            window /= 2
-            self._set_poll_window(index, window if window >= POLL_GROW_FROM else 0.0)
-        elif waited > window:
-            self._set_poll_window(index, min(max(2 * window, POLL_GROW_FROM), limit))
+        queue = self.queues[index]
+        if not queue.ready or not queue.avail_pending(memory):
+            return  # nothing new: a spurious kick says nothing about the window
+        del state.pass_ends[index]
+        state.adapt(index, time.perf_counter() - ended)
 
     def _start_polling(self, queue: SplitVirtqueue) -> None:
         """Watch the ring for a while with the driver's notifications off, as vhost's
@@ -158,11 +185,10 @@ class QueueService:
             return
         if not self._polling_allowed(queue, memory):
             return
-        index = queue.index
-        window = self._poll_window(index)
-        self._set_poll_window(index, window)
-        self._pass_ends[index] = time.perf_counter()  # for _kick_came
-        running = self._polls.get(index)
+        state, index = self._poll_state(), queue.index
+        window = state.window(index)
+        state.pass_ends[index] = time.perf_counter()  # for _kick_came
+        running = state.polls.get(index)
         if running is None:
             if window <= 0:
                 return
@@ -170,14 +196,22 @@ class QueueService:
                 return  # enough of the process's turns go to looking; this one is notified
             _polling[0] += 1
         # perf_counter, not loop.time(): uvloop's clock moves in milliseconds.
-        self._polls[index] = (time.perf_counter() + max(window, POLL_GROW_FROM), queue.epoch)
+        state.polls[index] = (time.perf_counter() + window, queue.epoch)
         queue.suppress_kicks(memory)
         if running is None or running[1] != queue.epoch:  # none, or one about to give up
             self._loop.call_soon(self._poll, queue, memory, queue.epoch)
 
     def _stop_polling(self, index: int) -> None:
-        del self._polls[index]
+        del self._poll_mode.polls[index]
         _polling[0] -= 1
+
+    def _forget_pass(self, index: int | None = None) -> None:
+        """A reset: the next kick is not to be measured against the old ring's passes."""
+        if self._poll_mode is not None:
+            if index is None:
+                self._poll_mode.pass_ends.clear()
+            else:
+                self._poll_mode.pass_ends.pop(index, None)
 
     def _polling_allowed(self, queue: SplitVirtqueue, memory: GuestMemory) -> bool:
         return (
@@ -190,13 +224,14 @@ class QueueService:
     def _poll(self, queue: SplitVirtqueue, memory: MappedGuestMemory, epoch: int) -> None:
         """One look; the loop ends at the deadline with the driver's notifications back on."""
         index = queue.index
-        entry = self._polls.get(index)
+        entry = self._poll_mode.polls.get(index)
         if entry is None or entry[1] != epoch:
             return  # a loop for the queue's new ring has taken over
         if queue.epoch != epoch or not self._polling_allowed(queue, memory):
             self._stop_polling(index)  # reset or stopped: that ring is not ours any more
             return
         if index not in self._tasks and queue.avail_pending(memory):
+            self._poll_mode.pass_ends.pop(index, None)  # caught: the kick it spares says nothing
             self._schedule(queue)  # a pass that finds work extends the deadline
         if time.perf_counter() < entry[0]:
             self._loop.call_soon(self._poll, queue, memory, epoch)

@@ -334,7 +334,8 @@ class ServerSession(asyncio.Protocol):
         for slot in self.platform.slots:
             slot.device.on_irq = self._irq_sender(slot)
             slot.device.posted_ack = bool(self.features & m.ProtoFeature.IRQ_STATUS)
-            slot.device.poll_us = self.poll_us
+            if self.poll_us:  # idle devices keep the class default: a smaller dict each
+                slot.device.poll_us = self.poll_us
         log.info(
             "session %x: HELLO from %r, features %#x", self.session_id, msg.name, self.features
         )
