@@ -300,3 +300,27 @@ def test_unpack_mem_write_refuses_what_decode_body_refuses(body):
     else:
         with pytest.raises(DecodeError):
             codec.unpack_mem_write(body)
+
+
+@FAST
+@given(data=st.data(), request_id=st.integers(0, 2**32 - 1), flags=st.integers(0, 255))
+def test_mem_read_shortcuts_are_encode_and_decode(data, request_id, flags):
+    msg = data.draw(messages_of(m.MsgType.MEM_READ))
+    frame = codec.pack_mem_read(list(msg.ranges), request_id, flags)
+    assert frame == encode(msg, request_id, flags)
+    assert tuple(codec.unpack_mem_read(frame[m.HEADER_SIZE :])) == tuple(msg.ranges)
+    reply = data.draw(messages_of(m.MsgType.MEM_READ_REPLY))
+    assert codec.pack_mem_read_reply(reply.data, request_id, flags) == encode(
+        reply, request_id, flags
+    )
+
+
+@FAST
+@given(body=st.binary(max_size=64))
+def test_unpack_mem_read_refuses_what_decode_body_refuses(body):
+    decoded = outcome(decode_body, m.MsgType.MEM_READ, body)
+    if decoded[0] == "ok":
+        assert tuple(codec.unpack_mem_read(body)) == tuple(decoded[1].ranges)
+    else:
+        with pytest.raises(DecodeError):
+            codec.unpack_mem_read(body)

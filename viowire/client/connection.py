@@ -32,6 +32,8 @@ from viowire.protocol.codec import (
     encode,
     frame_packer,
     named,
+    pack_mem_read_reply,
+    unpack_mem_read,
     unpack_mem_write,
 )
 from viowire.protocol.framing import Frame, FrameError, FrameReader
@@ -368,9 +370,9 @@ class Connection(asyncio.Protocol):
         try:
             memory = self.ram.memory
             if frame.type == _MEM_READ:
-                msg = decode_body(frame.type, frame.body)
-                data = b"".join(memory.read_sync(gpa, length) for gpa, length in msg.ranges)
-                self._send(m.MemReadReply(data=data), frame.request_id, _REPLY)
+                ranges = unpack_mem_read(frame.body)
+                data = b"".join([memory.read_sync(gpa, length) for gpa, length in ranges])
+                self._queue(pack_mem_read_reply(data, frame.request_id, _REPLY))
                 return
             self._write_ranges(*unpack_mem_write(frame.body))
             if not frame.flags & _POSTED:

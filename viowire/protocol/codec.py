@@ -674,11 +674,42 @@ if __name__ == "__main__":
     measure()
 
 
-# --- scatter-gather writes: the proxied hot path ---------------------------------------------
+# --- guest-memory traffic: the proxied hot path ----------------------------------------------
+# MEM_READ and MEM_WRITE are a count of (u64 gpa, u32 length) ranges, MEM_WRITE then the data;
+# MEM_READ_REPLY is the data. Packed and parsed here without message objects; tests/test_codec.py
+# checks them against encode and decode_body byte for byte.
 _COUNT = struct.Struct("<I")
+_MEM_READ_TYPE = int(MsgType.MEM_READ)
 _MEM_WRITE_TYPE = int(MsgType.MEM_WRITE)
-if [spec.name for spec in _CODECS[_MEM_WRITE_TYPE].specs] != ["ranges", "data"]:
-    raise TypeError("MEM_WRITE's fields changed: update pack_mem_write and unpack_mem_write")
+_MEM_READ_REPLY_TYPE = int(MsgType.MEM_READ_REPLY)
+for _type, _fields in (
+    (_MEM_READ_TYPE, ["ranges"]),
+    (_MEM_WRITE_TYPE, ["ranges", "data"]),
+    (_MEM_READ_REPLY_TYPE, ["data"]),
+):
+    if [spec.name for spec in _CODECS[_type].specs] != _fields:
+        raise TypeError(f"{MsgType(_type).name}'s fields changed: update the mem_* packers")
+
+
+def _pack_ranges(
+    msg_type: int, ranges: Sequence[tuple[int, int]], data: bytes, request_id: int, flags: int
+) -> bytes:
+    flat = [value for pair in ranges for value in pair]
+    body = struct.pack(f"<I{len(ranges) * 'QI'}", len(ranges), *flat)
+    header = HEADER.pack(len(body) + len(data) + _HEADER_REST, msg_type, flags, 0, request_id)
+    return header + body + data
+
+
+def _unpack_ranges(msg_type: int, body: bytes) -> tuple[list[tuple[int, int]], int] | None:
+    """The ranges and where they end, or None where the body is not well formed."""
+    try:
+        (count,) = _COUNT.unpack_from(body)
+        if count * 12 + 4 > len(body):
+            return None
+        values = struct.unpack_from(f"<{count * 'QI'}", body, 4)
+    except struct.error:
+        return None
+    return list(zip(values[::2], values[1::2], strict=True)), 4 + 12 * count
 
 
 def pack_mem_write(
@@ -686,25 +717,33 @@ def pack_mem_write(
 ) -> bytes:
     """The MEM_WRITE frame ``encode`` makes, without the message object (ranges are
     ``(gpa, length)``; ``data`` their bytes, concatenated). Values are checked by ``struct``."""
-    flat = [value for pair in ranges for value in pair]
-    body = struct.pack(f"<I{len(ranges) * 'QI'}", len(ranges), *flat)
-    return (
-        HEADER.pack(len(body) + len(data) + _HEADER_REST, _MEM_WRITE_TYPE, flags, 0, request_id)
-        + body
-        + data
-    )
+    return _pack_ranges(_MEM_WRITE_TYPE, ranges, data, request_id, flags)
 
 
 def unpack_mem_write(body: bytes) -> tuple[list[tuple[int, int]], memoryview]:
     """``(ranges, data)`` of a MEM_WRITE body, as ``decode_body`` would give them (ranges as a
     list, data as a view of ``body``); DecodeError where it does not decode."""
-    try:
-        (count,) = _COUNT.unpack_from(body)
-        if count * 12 + 4 > len(body):
-            raise struct.error("the ranges run past the body")
-        values = struct.unpack_from(f"<{count * 'QI'}", body, 4)
-    except struct.error:
+    parsed = _unpack_ranges(_MEM_WRITE_TYPE, body)
+    if parsed is None:
         msg = decode_body(_MEM_WRITE_TYPE, body)  # raises the DecodeError that says why
         return list(msg.ranges), memoryview(msg.data)
-    ranges = list(zip(values[::2], values[1::2], strict=True))
-    return ranges, memoryview(body)[4 + 12 * count :]
+    ranges, end = parsed
+    return ranges, memoryview(body)[end:]
+
+
+def pack_mem_read(ranges: Sequence[tuple[int, int]], request_id: int, flags: int = 0) -> bytes:
+    """The MEM_READ frame ``encode`` makes, without the message object."""
+    return _pack_ranges(_MEM_READ_TYPE, ranges, b"", request_id, flags)
+
+
+def unpack_mem_read(body: bytes) -> list[tuple[int, int]]:
+    """The ranges of a MEM_READ body, as ``decode_body`` gives them; DecodeError otherwise."""
+    parsed = _unpack_ranges(_MEM_READ_TYPE, body)
+    if parsed is None or parsed[1] != len(body):
+        return list(decode_body(_MEM_READ_TYPE, body).ranges)  # raises, or is the same
+    return parsed[0]
+
+
+def pack_mem_read_reply(data: bytes, request_id: int, flags: int) -> bytes:
+    """The MEM_READ_REPLY frame ``encode`` makes: the header, then the data."""
+    return HEADER.pack(len(data) + _HEADER_REST, _MEM_READ_REPLY_TYPE, flags, 0, request_id) + data

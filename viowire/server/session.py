@@ -25,6 +25,7 @@ from viowire.protocol.codec import (
     encode,
     frame_packer,
     named,
+    pack_mem_read,
     pack_mem_write,
 )
 from viowire.protocol.framing import Frame, FrameError, FrameReader
@@ -61,6 +62,7 @@ _POSTED = int(m.Flags.POSTED)
 _HELLO = int(m.MsgType.HELLO)
 _ERROR = int(m.MsgType.ERROR)
 _QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
+_MEM_READ_REPLY = int(m.MsgType.MEM_READ_REPLY)
 _RANGE_BYTES = 12  # a Range on the wire
 _MEM_WRITE_OVERHEAD = m.HEADER_SIZE + 4  # header and range count
 _SIDECAR_TYPES = frozenset((int(m.MsgType.MEM_REGISTER), int(m.MsgType.NOTIFY_CHANNEL)))
@@ -641,7 +643,7 @@ class ServerSession(asyncio.Protocol):
             future = loop.create_future()
             self._pending[request_id] = future
             timer = loop.call_later(timeout, _expire, future)
-            self.send(m.MemRead(ranges=tuple(ranges)), request_id)
+            self._send_frame(pack_mem_read(ranges, request_id))
             try:
                 return await future
             finally:
@@ -679,6 +681,9 @@ class ServerSession(asyncio.Protocol):
                     self.session_id,
                     frame.request_id,
                 )
+            return
+        if frame.type == _MEM_READ_REPLY:  # the body is the data: nothing to decode
+            future.set_result(frame.body)
             return
         try:
             msg = decode_body(frame.type, frame.body)
