@@ -235,3 +235,37 @@ async def test_the_window_shrinks_for_sparse_requests_and_grows_for_back_to_back
         assert device._poll_mode.window(0) > 0
         assert await blk.read(0, 512) == bytes([11]) * 512
         await blk.detach()
+
+
+async def test_the_drivers_window_adapts_too(server):
+    """A polling driver against a server that does not poll: each completion takes longer than
+    a short window (the server has to be woken) but less than poll_us, so the window grows;
+    back-to-back requests keep it (viowire.polling, the rule both ends share; the shrinking
+    half is test_the_window_rule's)."""
+    async with await connect(url_of(server, "unix")) as conn:
+        blk = await polled_disk(conn, BLK)
+        dev = blk.dev
+        await blk.write(0, b"w" * 512)
+        dev._poll_window = 20e-6  # a short window, as if it had shrunk already
+        for _ in range(10):  # apart, so each request finds the server asleep
+            await asyncio.sleep(0.002)
+            await asyncio.wait_for(blk.write(0, b"w" * 512), 5)
+        assert dev._poll_window > 20e-6
+        grown = dev._poll_window
+        for _ in range(200):
+            assert await asyncio.wait_for(blk.read(0, 512), 5) == b"w" * 512
+        assert 0 < dev._poll_window <= POLL_US / 1e6
+        assert dev._poll_window >= grown / 2
+        await blk.detach()
+
+
+def test_the_window_rule():
+    from viowire import polling
+
+    limit = 200e-6
+    assert polling.adapt(0.0, limit, 50e-6) == polling.GROW_FROM  # from none to the first step
+    assert polling.adapt(40e-6, limit, 60e-6) == 80e-6  # too short: doubles
+    assert polling.adapt(160e-6, limit, 190e-6) == limit  # never past the limit
+    assert polling.adapt(80e-6, limit, 30e-6) == 80e-6  # long enough: stays
+    assert polling.adapt(80e-6, limit, 1e-3) == 40e-6  # polling could not help: halves
+    assert polling.adapt(15e-6, limit, 1e-3) == 0.0  # and a small one goes

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from viowire import polling
 from viowire.client.errors import (
     BadQueueSizeError,
     ConfigUnstableError,
@@ -163,6 +164,8 @@ class VirtioMmioDevice:
         self._channel_wanted = True  # try for one at the next kick
         self.poll_us = 0  # after a submit, poll the used rings this long (shared memory only)
         self._poll_deadline: float | None = None
+        self._poll_window: float | None = None  # seconds; poll_us until it adapts
+        self._waiting_since: float | None = None  # a wait polling did not cover, since when
         self._poll_tasks: dict[int, asyncio.Task] = {}  # queue index -> its vring_interrupt
         self._posted_seq = 0  # ordered posted writes sent
         self._synced_seq = 0  # of those, how many a later round trip proved applied
@@ -583,14 +586,23 @@ class VirtioMmioDevice:
 
     # -- polling (poll_us) ----------------------------------------------------------------------
     def _on_publish(self, vq: Virtqueue) -> None:
-        """A request went out: watch the used rings for poll_us from now, with used-buffer
+        """A request went out: watch the used rings for a while, with used-buffer
         notifications off, instead of sleeping until one wakes us (NVMe's io_poll, vhost's
-        busy-polling on the other side). Each look is one loop turn. A queue with a callback
+        busy-polling on the other side). Each look is one loop turn. The window, at most
+        poll_us, adapts to how soon completions come (viowire.polling). A queue with a callback
         keeps its notifications: its callback runs when they come."""
         if vq._mapped is None or vq.callback is not None:
             return
         # perf_counter, not loop.time(): uvloop's clock moves in milliseconds.
-        deadline = time.perf_counter() + self.poll_us / 1e6
+        now = time.perf_counter()
+        window = self._poll_window
+        if window is None:
+            window = self._poll_window = self.poll_us / 1e6
+        if window <= 0:
+            if self._waiting_since is None:
+                self._waiting_since = now  # how long until the completion says what would pay
+            return
+        deadline = now + window
         if self._poll_deadline is None:
             for queue in (*self.vqs.values(), vq):  # vq is not in vqs yet during setup_vq
                 if queue.callback is None and queue._mapped is not None:
@@ -604,14 +616,24 @@ class VirtioMmioDevice:
         polled = [vq for vq in self.vqs.values() if vq.polling]
         now = time.perf_counter()
         if self._collect_polled(polled):
-            self._poll_deadline = max(self._poll_deadline, now + self.poll_us / 1e6)
+            self._waiting_since = None  # caught: the window was long enough
+            self._poll_deadline = max(self._poll_deadline, now + (self._poll_window or 0.0))
         if now < self._poll_deadline and polled:
             self._loop().call_soon(self._poll_used)
             return
-        self._poll_deadline = None
+        ended, self._poll_deadline = self._poll_deadline, None
         late = [vq for vq in polled if vq.allow_interrupts()]
         if late:  # used as we stopped: their notification may have been skipped
             self._collect_polled(late)
+        elif any(vq.in_flight for vq in polled):  # still waiting: its notification will tell
+            self._waiting_since = ended - (self._poll_window or 0.0)
+
+    def _completion_came(self) -> None:
+        """A used-buffer notification (poll mode): adapt the window by how long it took."""
+        since, self._waiting_since = self._waiting_since, None
+        if since is not None and self.poll_us:
+            waited = time.perf_counter() - since
+            self._poll_window = polling.adapt(self._poll_window or 0.0, self.poll_us / 1e6, waited)
 
     def _collect_polled(self, queues: list[Virtqueue]) -> bool:
         """Take what the device returned on ``queues``; a queue that cannot be served inline
@@ -631,6 +653,7 @@ class VirtioMmioDevice:
         """A used-buffer notification from the channel: InterruptStatus bit 0 without a read.
         The rings are scanned right here when no queue needs the slow path; the ACK rides with
         the next frame, as nothing waits on it (the channel signals every notification)."""
+        self._completion_came()
         if self._irq_task is not None and not self._irq_task.done():
             self._on_irq_line(True, _VRING)
             return
@@ -735,6 +758,7 @@ class VirtioMmioDevice:
         if status & Interrupt.CONFIG:
             await self._config_changed()
         if status & Interrupt.VRING:
+            self._completion_came()
             for vq in list(self.vqs.values()):
                 await vq.interrupt()
         for subscription in list(self._subscribers):

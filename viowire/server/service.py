@@ -17,13 +17,13 @@ import logging
 import time
 from collections.abc import Coroutine, Generator, Sequence
 
+from viowire import polling
 from viowire.server.virtqueue import RingError, SplitVirtqueue, StaleQueueError
 from viowire.virtio.constants import Feature
 from viowire.virtio.memory import GuestMemory, GuestMemoryError, MappedGuestMemory, Region
 
 log = logging.getLogger("viowire.device")
 
-POLL_GROW_FROM = 10e-6  # seconds: the first window after none, when kicks show polling would pay
 MAX_POLLING_QUEUES = 64  # queues of one process polling at once (poll mode); the rest are notified
 _polling = [0]  # queues polling now, in this process
 
@@ -72,12 +72,7 @@ class PollState:
 
     def adapt(self, index: int, waited: float) -> None:
         """The driver's kick came ``waited`` seconds after the queue's last pass."""
-        window = self.window(index)
-        if waited > self.limit:
-            window /= 2
-            self.windows[index] = window if window >= POLL_GROW_FROM else 0.0
-        elif waited > window:
-            self.windows[index] = min(max(2 * window, POLL_GROW_FROM), self.limit)
+        self.windows[index] = polling.adapt(self.window(index), self.limit, waited)
 
 
 class QueueService:
@@ -144,11 +139,8 @@ class QueueService:
             self._start_polling(queue)
 
     # -- polling ----------------------------------------------------------------------------------
-    # The window adapts, as KVM's halt-polling does, by when the driver's next kick with new
-    # buffers comes after a pass: later than the window but within poll_us, the window was too
-    # short and doubles; later than poll_us, polling could not have helped and it halves (down
-    # to none). Work found while polling leaves it as it is. A queue fed back to back keeps
-    # polling; one fed now and then soon costs nothing.
+    # The window adapts (viowire.polling) by when the driver's next kick with new buffers comes
+    # after a pass; work found while polling leaves it as it is.
     @property
     def polling(self) -> dict[int, tuple[float, int]]:
         """Queues polling now: index -> (deadline, epoch of the ring)."""
