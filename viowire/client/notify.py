@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 from collections.abc import Callable
 
-KICK = struct.Struct("<I")
+from viowire.protocol.codec import CHANNEL_KICK
 
 
 class DriverChannel:
@@ -46,7 +45,7 @@ class DriverChannel:
         """Send a QueueNotify of ``value``; False if it could not go (the caller uses the
         connection: a notification must never be lost)."""
         try:
-            self._sock.send(KICK.pack(value), socket.MSG_DONTWAIT)
+            self._sock.send(CHANNEL_KICK.pack(value), socket.MSG_DONTWAIT)
         except OSError:
             return False
         self.kicks += 1

@@ -700,7 +700,7 @@ def _pack_ranges(
     return header + body + data
 
 
-def _unpack_ranges(msg_type: int, body: bytes) -> tuple[list[tuple[int, int]], int] | None:
+def _unpack_ranges(body: bytes) -> tuple[list[tuple[int, int]], int] | None:
     """The ranges and where they end, or None where the body is not well formed."""
     try:
         (count,) = _COUNT.unpack_from(body)
@@ -723,7 +723,7 @@ def pack_mem_write(
 def unpack_mem_write(body: bytes) -> tuple[list[tuple[int, int]], memoryview]:
     """``(ranges, data)`` of a MEM_WRITE body, as ``decode_body`` would give them (ranges as a
     list, data as a view of ``body``); DecodeError where it does not decode."""
-    parsed = _unpack_ranges(_MEM_WRITE_TYPE, body)
+    parsed = _unpack_ranges(body)
     if parsed is None:
         msg = decode_body(_MEM_WRITE_TYPE, body)  # raises the DecodeError that says why
         return list(msg.ranges), memoryview(msg.data)
@@ -738,7 +738,7 @@ def pack_mem_read(ranges: Sequence[tuple[int, int]], request_id: int, flags: int
 
 def unpack_mem_read(body: bytes) -> list[tuple[int, int]]:
     """The ranges of a MEM_READ body, as ``decode_body`` gives them; DecodeError otherwise."""
-    parsed = _unpack_ranges(_MEM_READ_TYPE, body)
+    parsed = _unpack_ranges(body)
     if parsed is None or parsed[1] != len(body):
         return list(decode_body(_MEM_READ_TYPE, body).ranges)  # raises, or is the same
     return parsed[0]
@@ -747,3 +747,8 @@ def unpack_mem_read(body: bytes) -> list[tuple[int, int]]:
 def pack_mem_read_reply(data: bytes, request_id: int, flags: int) -> bytes:
     """The MEM_READ_REPLY frame ``encode`` makes: the header, then the data."""
     return HEADER.pack(len(data) + _HEADER_REST, _MEM_READ_REPLY_TYPE, flags, 0, request_id) + data
+
+
+# --- notification channels (NOTIFY_CHANNEL): datagrams, not frames ---------------------------
+CHANNEL_KICK = struct.Struct("<I")  # driver -> device: the value a QueueNotify write would carry
+CHANNEL_USED = b"\x01"  # device -> driver: a used-buffer notification

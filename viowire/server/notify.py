@@ -15,13 +15,12 @@ import logging
 import os
 import socket
 import stat
-import struct
 from collections.abc import Callable
+
+from viowire.protocol.codec import CHANNEL_KICK, CHANNEL_USED
 
 log = logging.getLogger("viowire.server")
 
-KICK = struct.Struct("<I")
-USED = b"\x01"
 MAX_KICKS_PER_WAKE = 64  # then yield to the other sessions; the rest stay queued
 MAX_EMPTY_WAKES = 3  # readable with nothing to read: the driver shut its end down
 
@@ -88,17 +87,17 @@ class NotifyChannel:
             except OSError as exc:
                 self._lose(str(exc))
                 return
-            if size != KICK.size:
+            if size != CHANNEL_KICK.size:
                 self.bad_datagrams += 1
                 continue  # counted; the register path logs what a wrong notify means
             self.kicks += 1
-            self._on_kick(KICK.unpack_from(buffer)[0])
+            self._on_kick(CHANNEL_KICK.unpack_from(buffer)[0])
 
     def used(self) -> None:
         """A used-buffer notification; never blocks. A full socket means the driver has one
         unread already, and one is all a notification needs."""
         try:
-            self._sock.send(USED, socket.MSG_DONTWAIT)
+            self._sock.send(CHANNEL_USED, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):  # full: the driver has one unread already
             self.dropped += 1
         except OSError as exc:  # ENOBUFS counts as full too; anything else: the end is gone

@@ -231,6 +231,10 @@ class ServerSession(asyncio.Protocol):
         if self._writes_size:
             self._take_writes()  # they were queued before this frame: they leave before it
         self._out.append(frame)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """What is queued leaves at the end of this loop turn, in one write."""
         if not self._flush_pending:
             self._flush_pending = True
             (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
@@ -662,9 +666,7 @@ class ServerSession(asyncio.Protocol):
         self._writes_ranges += ranges
         self._writes_data.append(data)
         self._writes_size += size
-        if not self._flush_pending:
-            self._flush_pending = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
+        self._flush_soon()
 
     def _take_writes(self) -> None:
         """The gathered MEM_WRITEs into the output, as one frame."""
