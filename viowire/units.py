@@ -37,3 +37,29 @@ def format_size(value: int) -> str:
         if value and value % (1 << shift) == 0:
             return f"{value >> shift}{suffix}"
     return str(value)
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "": 1.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from ``10ms``, ``250us``, ``1.5s``, ``100ns`` or a plain number of seconds."""
+    if isinstance(text, bool) or not isinstance(text, str | int | float):
+        raise ValueError(f"duration {text!r} is not a number with an optional ns/us/ms/s unit")
+    if isinstance(text, int | float):
+        value, scale = float(text), 1.0
+    else:
+        raw = text.strip().lower()
+        number = raw.rstrip("nuµms")
+        unit = raw[len(number) :]
+        if unit not in _DURATION_UNITS:
+            raise ValueError(f"duration {text!r}: unknown unit {unit!r} (use ns, us, ms or s)")
+        try:
+            value, scale = float(number), _DURATION_UNITS[unit]
+        except ValueError:
+            raise ValueError(
+                f"duration {text!r} is not a number with an optional ns/us/ms/s unit"
+            ) from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"duration {text!r} must be a finite number >= 0")
+    return value * scale

@@ -104,6 +104,7 @@ class MmioDevice(QueueService):
         self._readers, self._writers = _REGISTER_TABLES[version]
         backend.on_config_change = self.config_changed
         backend.name = self.name
+        backend.queue = self.queue_handle
         self._clear_state()
 
     # -- introspection --------------------------------------------------------------------------
@@ -258,11 +259,14 @@ class MmioDevice(QueueService):
         if self.version == 2 and new & ~old & Status.DRIVER_OK and not new & Status.FEATURES_OK:
             self._guest_error("DRIVER_OK without FEATURES_OK: queues will not be processed")
         self._status = int(new)
+        if new & ~old & _DRIVER_OK:
+            self._wake_waiters()
 
     def reset(self) -> None:
         """Device reset (Status = 0, §2.4), complete on return; also used for hot-unplug."""
         for queue in self.queues:
             queue.reset()
+        self._cancel_requests()
         self._clear_state()
         try:
             self.backend.reset()
@@ -289,6 +293,7 @@ class MmioDevice(QueueService):
         tell a modern driver through a configuration change notification."""
         log.warning("%s: %s; device needs reset", self.name, reason)
         self._broken = True
+        self._cancel_requests()
         self._status = int(self._status | Status.DEVICE_NEEDS_RESET)
         if self._has(Feature.VERSION_1) and self._status & Status.DRIVER_OK:
             self._config_generation = (self._config_generation + 1) & _WORD
@@ -409,7 +414,7 @@ class MmioDevice(QueueService):
         if queue is None:
             self._guest_error(f"QUEUE_READY write for queue {self._queue_sel}: no such queue")
         elif not value:
-            queue.stop()
+            self._stop_queue(queue, queue.stop)
         elif not queue.ready:
             self._enable_queue(queue)
 
@@ -425,7 +430,7 @@ class MmioDevice(QueueService):
         elif value != 1:
             self._guest_error(f"QUEUE_RESET {value:#x} ignored: only 1 starts a reset")
         else:
-            queue.reset()  # stops the ring, forgets its indices, size back to QueueNumMax
+            self._stop_queue(queue, queue.reset)  # indices forgotten, size back to QueueNumMax
             self._rerun.pop(queue.index, None)
             self._forget_pass(queue.index)
 
@@ -450,7 +455,7 @@ class MmioDevice(QueueService):
             if queue is None:
                 self._guest_error(f"QUEUE_PFN write for queue {self._queue_sel}: no such queue")
             else:
-                queue.stop()
+                self._stop_queue(queue, queue.stop)
             return
         queue = self._queue_for_write("QUEUE_PFN")
         if queue is not None:
@@ -468,6 +473,18 @@ class MmioDevice(QueueService):
                 queue.check_layout(self.memory)
         except RingError as exc:
             self._fail(f"queue {queue.index}: {exc}")
+            return
+        self._wake_waiters()
+
+    def _stop_queue(self, queue: SplitVirtqueue, stop: Callable[[], None]) -> None:
+        """QueueReady=0, QueuePFN=0 or QueueReset: the ring is the driver's again; the device
+        lets go of what it took from it."""
+        stop()
+        self._cancel_requests(queue.index)
+        try:
+            self.backend.queue_reset(queue.index)
+        except Exception:
+            log.exception("%s: queue_reset(%d) failed", self.name, queue.index)
 
     # -- queue processing -----------------------------------------------------------------------
     def _write_queue_notify(self, value: int) -> None:

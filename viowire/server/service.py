@@ -16,9 +16,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Generator, Sequence
+from functools import partial
 
 from viowire import polling
-from viowire.server.virtqueue import RingError, SplitVirtqueue, StaleQueueError
+from viowire.device import Device
+from viowire.server.queue import Queue
+from viowire.server.virtqueue import DescriptorChain, RingError, SplitVirtqueue, StaleQueueError
 from viowire.virtio.constants import Feature
 from viowire.virtio.memory import GuestMemory, GuestMemoryError, MappedGuestMemory, Region
 
@@ -32,17 +35,19 @@ class _GuardedMemory(GuestMemory):
     """Guest memory as a backend sees it while serving one queue: every access first checks
     that the queue has not been reset or stopped since the chain was popped."""
 
+    __slots__ = ("_memory", "_queue", "epoch")
+
     def __init__(self, memory: GuestMemory, queue: SplitVirtqueue, epoch: int) -> None:
         self._memory = memory
         self._queue = queue
-        self._epoch = epoch
+        self.epoch = epoch
 
     @property
     def regions(self) -> Sequence[Region]:
         return self._memory.regions
 
     def _check_epoch(self) -> None:
-        if self._queue.epoch != self._epoch:
+        if self._queue.epoch != self.epoch:
             raise StaleQueueError(f"queue {self._queue.index} was reset during a request")
 
     async def readv(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -87,8 +92,80 @@ class QueueService:
     poll_us = 0  # the largest polling window, µs (0: no poll mode)
     _loop: asyncio.AbstractEventLoop | None = None
     _poll_mode: PollState | None = None
+    _handles: dict[int, Queue] | None = None  # the device's queue handles, once it asks
+    _requests: dict[int, set[asyncio.Task]] | None = None  # queue -> requests that had to wait
+    _completions: dict[int, tuple[int, list[tuple[int, int]]]] | None = None  # queue -> unflushed
+
+    # -- the device's side: queue handles -------------------------------------------------------
+    def queue_handle(self, index: int) -> Queue:
+        """The :class:`Queue` handle of virtqueue ``index`` (made on first use)."""
+        if not 0 <= index < len(self.queues):
+            raise IndexError(f"{self.name} has no virtqueue {index} (it has {len(self.queues)})")
+        handles = self._handles
+        if handles is None:
+            handles = self._handles = {}
+        handle = handles.get(index)
+        if handle is None:
+            handle = handles[index] = Queue(self, index)
+        return handle
+
+    def _usable(self, queue: SplitVirtqueue) -> bool:
+        return (
+            queue.ready
+            and not self._broken
+            and self.memory is not None
+            and self._processing_blocked() is None
+        )
 
     def _schedule(self, queue: SplitVirtqueue) -> None:
+        """A driver's notification for ``queue``: the device's own handler if it has one, else
+        the request pass through its ``handle``."""
+        backend = self.backend
+        if type(backend).queue_notify is Device.queue_notify:
+            self._schedule_pass(queue)
+            return
+        handle = self.queue_handle(queue.index)
+        handle._wake()
+        try:
+            backend.queue_notify(handle)
+        except Exception as exc:
+            log.exception("%s: queue %d: queue_notify failed", self.name, queue.index)
+            self._fail(f"queue {queue.index}: internal error {exc!r}")
+
+    def _wake_waiters(self) -> None:
+        """Queues may have become usable (DRIVER_OK, QueueReady): waiting ``get()``s look."""
+        if self._handles:
+            for handle in self._handles.values():
+                handle._wake()
+
+    async def _pop_for_device(self, queue: SplitVirtqueue) -> DescriptorChain | None:
+        """:meth:`Queue.pop`: one chain, its memory guarded by the ring's epoch."""
+        if not self._usable(queue):
+            return None
+        memory, epoch = self.memory, queue.epoch
+        try:
+            self._prepare(queue, memory)
+            chain = await queue.pop(memory)
+        except StaleQueueError:
+            return None
+        except (RingError, GuestMemoryError) as exc:
+            if queue.epoch == epoch:
+                self._fail(f"queue {queue.index}: {exc}")
+            return None
+        if chain is not None:
+            chain.memory = _GuardedMemory(memory, queue, epoch)
+        return chain
+
+    def _complete_held(self, queue: SplitVirtqueue, chain: DescriptorChain, written: int) -> None:
+        """:meth:`Queue.complete`."""
+        guarded = chain.memory
+        if not isinstance(guarded, _GuardedMemory) or guarded._queue is not queue:
+            raise ValueError(f"{chain!r} was not taken from queue {queue.index} of {self.name}")
+        if guarded.epoch != queue.epoch or self._broken:
+            return  # the ring it came from is gone: nothing more is written to it
+        self._add_completion(queue, guarded.epoch, chain.head, written, chain.writable_len)
+
+    def _schedule_pass(self, queue: SplitVirtqueue) -> None:
         """Serve ``queue`` once the frames at hand are dispatched (the notifies among them make
         one pass). The pass then runs as a plain callback until it first has to wait, and only
         then becomes a task: with shared memory it seldom waits at all, and a task per pass
@@ -224,13 +301,13 @@ class QueueService:
             return
         if index not in self._tasks and queue.avail_pending(memory):
             self._poll_mode.pass_ends.pop(index, None)  # caught: the kick it spares says nothing
-            self._schedule(queue)  # a pass that finds work extends the deadline
+            self._schedule_pass(queue)  # a pass that finds work extends the deadline
         if time.perf_counter() < entry[0]:
             self._loop.call_soon(self._poll, queue, memory, epoch)
             return
         self._stop_polling(index)
         if queue.allow_kicks(memory) and index not in self._tasks:
-            self._schedule(queue)  # buffers that came as we gave up: their kick may be skipped
+            self._schedule_pass(queue)  # buffers that came as we gave up: kicks may be skipped
 
     async def _run_guarded(self, queue: SplitVirtqueue, epoch: int) -> bool:
         """One pass over the ring; False if the device broke. Nothing escapes."""
@@ -253,10 +330,10 @@ class QueueService:
         memory = self.memory
         if memory is None:
             raise RingError("no guest memory registered")
-        queue.event_idx = self._has(Feature.RING_EVENT_IDX)  # legacy: features apply at use
-        queue.indirect = self._has(Feature.RING_INDIRECT_DESC)
-        queue.check_layout(memory)
+        self._prepare(queue, memory)
         guarded = _GuardedMemory(memory, queue, epoch)
+        handle = self.backend.handle
+        index = queue.index
         done: list[tuple[int, int]] = []
         served = 0
         while (chain := await queue.pop(memory)) is not None:
@@ -264,20 +341,147 @@ class QueueService:
             if served % queue.num == 0:  # a driver that keeps refilling: let the rest run too
                 await asyncio.sleep(0)
                 self._check_epoch(queue, epoch)
+            chain.memory = guarded
+            # A request that finishes without waiting completes with its batch; one that waits
+            # goes on as a task of its own, so it holds back neither the chains behind it nor
+            # their completion.
+            request = handle(index, chain, guarded)
             try:
-                written = await self.backend.handle(queue.index, chain, guarded)
+                waiting_on = request.send(None)
+            except StopIteration as finished:
+                written = finished.value
             except RingError:
                 await self._complete_quietly(queue, memory, done, epoch)
                 raise
+            else:
+                self._start_request(queue, epoch, chain, request, waiting_on)
+                written = None
             self._check_epoch(queue, epoch)
-            done.append((chain.head, self._used_len(queue, written, chain.writable_len)))
-            if not queue.has_cached:  # the batch one avail.idx read exposed is done
+            if written is not None:
+                done.append((chain.head, self._used_len(queue, written, chain.writable_len)))
+            if not queue.has_cached and done:  # the batch one avail.idx read exposed is done
                 await self._complete(queue, memory, done, epoch)
                 done = []
 
+    def _prepare(self, queue: SplitVirtqueue, memory: GuestMemory | None) -> None:
+        if memory is None:
+            raise RingError("no guest memory registered")
+        queue.event_idx = self._has(Feature.RING_EVENT_IDX)  # legacy: features apply at use
+        queue.indirect = self._has(Feature.RING_INDIRECT_DESC)
+        queue.check_layout(memory)
+
+    # -- requests that wait, and completions out of order ---------------------------------------
+    def _start_request(
+        self,
+        queue: SplitVirtqueue,
+        epoch: int,
+        chain: DescriptorChain,
+        request: Coroutine,
+        waiting_on: object,
+    ) -> None:
+        """Run a request that had to wait as a task of its own; it completes when it ends."""
+        task = self._loop.create_task(
+            _finish(request, waiting_on), name=f"{self.name} q{queue.index} #{chain.head}"
+        )
+        requests = self._requests
+        if requests is None:
+            requests = self._requests = {}
+        requests.setdefault(queue.index, set()).add(task)
+        task.add_done_callback(partial(self._request_done, queue, epoch, chain))
+
+    def _request_done(
+        self, queue: SplitVirtqueue, epoch: int, chain: DescriptorChain, task: asyncio.Task
+    ) -> None:
+        running = self._requests.get(queue.index) if self._requests else None
+        if running is not None:
+            running.discard(task)
+        if task.cancelled() or queue.epoch != epoch or self._broken:
+            return  # reset, stopped or broken meanwhile: the chain is not ours to complete
+        exc = task.exception()
+        if exc is None:
+            self._add_completion(queue, epoch, chain.head, task.result(), chain.writable_len)
+        elif isinstance(exc, (RingError, GuestMemoryError)):
+            self._fail(f"queue {queue.index}: {exc}")
+        elif not isinstance(exc, StaleQueueError):
+            log.error(
+                "%s: queue %d: internal error", self.name, queue.index, exc_info=exc
+            )
+            self._fail(f"queue {queue.index}: internal error {exc!r}")
+
+    def _add_completion(
+        self, queue: SplitVirtqueue, epoch: int, head: int, written: int, writable: int
+    ) -> None:
+        """Queue a used element; those of one loop turn are published together."""
+        pending = self._completions
+        if pending is None:
+            pending = self._completions = {}
+        entry = pending.get(queue.index)
+        if entry is None or entry[0] != epoch:
+            entry = pending[queue.index] = (epoch, [])
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush_completions, queue, entry)
+        entry[1].append((head, self._used_len(queue, written, writable)))
+
+    def _flush_completions(
+        self, queue: SplitVirtqueue, entry: tuple[int, list[tuple[int, int]]]
+    ) -> None:
+        if self._completions.get(queue.index) is entry:
+            del self._completions[queue.index]
+        epoch, done = entry
+        memory = self.memory
+        if queue.epoch != epoch or self._broken or memory is None:
+            return
+        publish = self._publish(queue, memory, done, epoch)
+        try:
+            waiting_on = publish.send(None)
+        except StopIteration:
+            return
+        task = self._loop.create_task(_finish(publish, waiting_on))
+        requests = self._requests
+        if requests is None:
+            requests = self._requests = {}
+        requests.setdefault(queue.index, set()).add(task)
+        task.add_done_callback(requests[queue.index].discard)
+
+    async def _publish(
+        self, queue: SplitVirtqueue, memory: GuestMemory, done: list[tuple[int, int]], epoch: int
+    ) -> None:
+        try:
+            await self._complete(queue, memory, done, epoch)
+        except StaleQueueError:
+            pass
+        except (RingError, GuestMemoryError) as exc:
+            if queue.epoch == epoch:
+                self._fail(f"queue {queue.index}: {exc}")
+
+    def _cancel_requests(self, index: int | None = None) -> None:
+        """Reset, queue reset or DEVICE_NEEDS_RESET: end the requests still running (of queue
+        ``index``, or all) and forget unpublished completions; nothing of theirs reaches guest
+        memory afterwards (their epoch is gone, and so is every write they try)."""
+        requests = self._requests
+        if requests:
+            for queue_index, tasks in list(requests.items()):
+                if index is None or queue_index == index:
+                    for task in list(tasks):
+                        task.cancel()
+        if self._completions:
+            if index is None:
+                self._completions.clear()
+            else:
+                self._completions.pop(index, None)
+
     def _used_len(self, queue: SplitVirtqueue, written: int, writable: int) -> int:
-        if 0 <= written <= writable:
+        if type(written) is int and 0 <= written <= writable:
             return written
+        if not isinstance(written, int):
+            log.error(
+                "%s: queue %d: handle() returned %r, not the number of bytes written",
+                self.name,
+                queue.index,
+                written,
+            )
+            return 0
         log.error(
             "%s: queue %d: backend reported %d of %d writable bytes",
             self.name,
@@ -309,19 +513,28 @@ class QueueService:
         if queue.epoch != epoch:
             raise StaleQueueError(f"queue {queue.index} was reset during a request")
 
+    def _running(self) -> list[asyncio.Task]:
+        tasks = [run.task for run in self._tasks.values() if run.task is not None]
+        if self._requests:
+            for running in self._requests.values():
+                tasks += running
+        return tasks
+
     async def drain(self) -> None:
-        """Wait until no queue task is running (tests, orderly shutdown)."""
-        while self._tasks:
-            tasks = [run.task for run in self._tasks.values() if run.task is not None]
-            await asyncio.gather(*tasks, asyncio.sleep(0), return_exceptions=True)
+        """Wait until no queue pass or request is running and every completion is published
+        (tests, orderly shutdown)."""
+        while self._tasks or self._running() or self._completions:
+            await asyncio.gather(*self._running(), asyncio.sleep(0), return_exceptions=True)
 
     async def aclose(self) -> None:
-        """Cancel the queue tasks and wait for them to end."""
-        tasks = [run.task for run in self._tasks.values() if run.task is not None]
+        """Cancel the queue passes and requests and wait for them to end."""
+        tasks = self._running()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._requests:
+            self._requests.clear()
 
 
 class QueuePass:

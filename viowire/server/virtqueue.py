@@ -78,7 +78,15 @@ class DescriptorChain:
     for the whole batch at once); a device uses it instead of reading the segments again.
     """
 
-    __slots__ = ("head", "readable", "readable_data", "readable_len", "writable", "writable_len")
+    __slots__ = (
+        "head",
+        "memory",
+        "readable",
+        "readable_data",
+        "readable_len",
+        "writable",
+        "writable_len",
+    )
 
     def __init__(
         self,
@@ -92,6 +100,33 @@ class DescriptorChain:
         self.readable_len = sum([length for _, length in self.readable]) if readable else 0
         self.writable_len = sum([length for _, length in self.writable]) if writable else 0
         self.readable_data: bytes | None = None
+        self.memory: GuestMemory | None = None
+        """Guest memory as the device may touch it for this chain (refused once the queue is
+        reset); set when the chain is handed to a device."""
+
+    async def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes ``[offset, offset+length)`` of the device-readable part (all of it by default),
+        read across descriptors."""
+        end = self.readable_len if length is None else min(self.readable_len, offset + length)
+        if offset >= end:
+            return b""
+        if self.readable_data is not None:  # read ahead with the batch (proxied memory)
+            return bytes(self.readable_data[offset:end])
+        parts = await self._memory().readv(slice_segments(self.readable, offset, end - offset))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def write(self, data: bytes, offset: int = 0) -> int:
+        """Write ``data`` into the device-writable part at ``offset``, across descriptors;
+        what does not fit is dropped. Returns the bytes written."""
+        segments = slice_segments(self.writable, offset, len(data))
+        if segments:
+            await self._memory().writev(scatter(segments, data))
+        return sum(length for _, length in segments)
+
+    def _memory(self) -> GuestMemory:
+        if self.memory is None:
+            raise RuntimeError("this chain was not handed out by a queue: no guest memory")
+        return self.memory
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DescriptorChain):

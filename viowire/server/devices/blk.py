@@ -21,8 +21,9 @@ import mmap
 import os
 import struct
 
-from viowire.server.devices.base import VirtioBackend
+from viowire.device import Device, Option
 from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
+from viowire.virtio.config import BLK_CONFIG
 from viowire.virtio.constants import (
     BLK_ID_BYTES,
     BLK_REQ_HEADER_SIZE,
@@ -140,11 +141,20 @@ class _FileImage:
             self._fd = -1
 
 
-class BlockBackend(VirtioBackend):
+class BlockBackend(Device):
     """A virtio-blk disk: IN, OUT, FLUSH (and legacy FLUSH_OUT), GET_ID."""
 
     device_id = DeviceId.BLOCK
+    type_name = "blk"
     num_queues = 1
+    config_layout = BLK_CONFIG
+    driver = "viowire.client.drivers.blk:BlockDriver"
+    options = {
+        "size": Option.size(None, "disk size (64M, 1G); a RAM disk needs it, a file grows to it"),
+        "path": Option.string(None, "a disk image file, shared by every session"),
+        "readonly": Option.flag(False, "offer VIRTIO_BLK_F_RO and refuse writes"),
+        "serial": Option.string("viowire-blk", "the GET_ID string (20 bytes at most)"),
+    }
     size_max: int = SIZE_MAX
     """Offered in the config space; with :attr:`seg_max` it bounds one request's data."""
 

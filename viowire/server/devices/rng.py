@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from viowire.server.devices.base import VirtioBackend
+from viowire.device import Device
 from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
 from viowire.virtio.constants import DeviceId
 from viowire.virtio.memory import GuestMemory
@@ -14,11 +14,13 @@ MAX_FILL = 64 * 1024
 buffers must not stall the server. Linux asks for far less."""
 
 
-class RngBackend(VirtioBackend):
+class RngBackend(Device):
     """Entropy from ``os.urandom``; no features, no config space."""
 
     device_id = DeviceId.ENTROPY
+    type_name = "rng"
     num_queues = 1
+    driver = "viowire.client.drivers.rng:EntropyDriver"
 
     def device_features(self, version: int) -> int:
         return 0

@@ -1,0 +1,303 @@
+"""The device API: write a virtio device type once, serve it over any transport.
+
+Everything a device author needs is importable from here::
+
+    from viowire.device import Device, DescriptorChain, GuestMemory, Option, Queue
+
+A device type is a subclass of :class:`Device` that declares what it is (``device_id``,
+``num_queues``, its feature bits, its config space, its options) and what it does with the
+buffers the driver makes available. It never sees a register, a socket or a ring layout: the
+transport (viowire's virtio-mmio server today) walks the rings, checks every guest value and
+publishes completions, honouring NO_INTERRUPT and EVENT_IDX.
+
+Two ways to serve a queue:
+
+* **Request/response** (blk, rng, most users' first device): override :meth:`Device.handle`.
+  The transport pops every available chain and calls it; a request that finishes without
+  waiting completes in the same batch, and one that waits (a thread, a timer, another socket)
+  runs on as its own task while the next chains are served, completing whenever it is done, in
+  any order. Return the number of bytes written into the chain's writable part.
+* **Held buffers** (receive queues: net's receiveq, console input, vsock events): override
+  :meth:`Device.queue_notify` and take chains from the :class:`Queue` handle when data arrives
+  (``await queue.get()``), keep them as long as needed, then ``queue.complete(chain, written)``
+  from any task.
+
+A device reset, a queue reset and DEVICE_NEEDS_RESET end every chain the device holds: the
+transport cancels running requests, and a stale chain's reads, writes and completion are refused
+(:class:`StaleQueueError`, or dropped for ``complete``), so nothing reaches guest memory after.
+
+A minimal device (the tutorial in docs/devices.md grows it)::
+
+    class Reverse(Device):
+        '''Each request: readable bytes in, the same bytes reversed out.'''
+
+        device_id = 0x7F00
+        type_name = "reverse"
+
+        async def handle(self, queue, chain, memory):
+            data = await chain.read()
+            return await chain.write(data[::-1])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from viowire.server.virtqueue import ChainError, DescriptorChain, RingError, StaleQueueError
+from viowire.units import parse_duration, parse_size
+from viowire.virtio.config import ConfigField
+from viowire.virtio.constants import device_name
+from viowire.virtio.memory import GuestMemory, GuestMemoryError
+
+if TYPE_CHECKING:
+    from viowire.server.queue import Queue
+
+log = logging.getLogger("viowire.device")
+
+_REQUIRED: Any = object()
+
+
+def parse_bool(text: str | bool) -> bool:
+    """``on``/``off``, ``true``/``false``, ``yes``/``no``, ``1``/``0``, as QEMU's -device."""
+    if isinstance(text, bool):
+        return text
+    word = str(text).strip().lower()
+    if word in ("1", "on", "true", "yes"):
+        return True
+    if word in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{text!r} is not on/off, true/false, yes/no or 1/0")
+
+
+def _parse_int(text: str | int) -> int:
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not an integer")
+    return text if isinstance(text, int) else int(str(text).strip(), 0)
+
+
+def _parse_str(text: Any) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a string")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a device type, as ``--device TYPE,NAME=VALUE`` or a TOML key gives it.
+
+    ``parse`` turns the text (or the TOML value) into what the constructor takes and raises
+    ValueError with a reason; ``default`` is passed when the option is not given (leave it out
+    to make the option required); ``help`` is shown by ``viowire serve --list-devices``.
+    """
+
+    parse: Callable[[Any], Any] = _parse_str
+    default: Any = _REQUIRED
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    @classmethod
+    def size(cls, default: Any = _REQUIRED, help: str = "") -> Option:
+        """Bytes, with an optional K/M/G suffix (powers of 1024): ``64M``."""
+        return cls(parse_size, default, help)
+
+    @classmethod
+    def duration(cls, default: Any = _REQUIRED, help: str = "") -> Option:
+        """Seconds as a float, from ``10ms``, ``250us``, ``1.5s``, ``100ns`` or plain seconds."""
+        return cls(parse_duration, default, help)
+
+    @classmethod
+    def flag(cls, default: Any = False, help: str = "") -> Option:
+        return cls(parse_bool, default, help)
+
+    @classmethod
+    def integer(cls, default: Any = _REQUIRED, help: str = "") -> Option:
+        return cls(_parse_int, default, help)
+
+    @classmethod
+    def string(cls, default: Any = _REQUIRED, help: str = "") -> Option:
+        return cls(_parse_str, default, help)
+
+
+class DeviceOptionError(ValueError):
+    """Options that do not fit the device type; the message names the device and the option."""
+
+
+def _no_config_change() -> None:
+    pass
+
+
+class Device:
+    """One virtio device type (virtio 1.2 §5), independent of its transport.
+
+    Class attributes declare the type; set them in a subclass:
+
+    ``device_id``
+        The virtio device ID (§5: 1 net, 2 blk, 3 console, 4 entropy, ...). Users' own device
+        types may take any unused value, such as 0x7F00 and up.
+    ``type_name``
+        The name ``--device`` knows the type by (``blk``); registered types must have one.
+    ``num_queues`` / ``queue_num_max``
+        How many virtqueues, and the most descriptors each may have (a power of 2).
+    ``options``
+        ``{name: Option}``: the keyword arguments of ``__init__`` that a user may set, parsed and
+        checked in one place (:meth:`from_options`).
+    ``config_layout``
+        The config space's fields (:class:`~viowire.virtio.config.ConfigField`), so that
+        ``viowire probe`` decodes them.
+    ``driver``
+        The client driver class for this type, if it has one (``"package.module:Class"`` or the
+        class); ``viowire demo``, ``conform`` and ``load`` use it.
+
+    Override :meth:`device_features`, :meth:`config_space` (and :meth:`config_write` for
+    writable fields), then either :meth:`handle` or :meth:`queue_notify`. Call
+    ``super().__init__()`` first in ``__init__``.
+    """
+
+    device_id: ClassVar[int]
+    type_name: ClassVar[str] = ""
+    num_queues: ClassVar[int] = 1
+    queue_num_max: ClassVar[int] = 256  # a power of 2: Linux split rings need one
+    options: ClassVar[Mapping[str, Option]] = {}
+    config_layout: ClassVar[tuple[ConfigField, ...]] = ()
+    driver: ClassVar[Any] = None
+
+    def __init__(self) -> None:
+        self.on_config_change: Callable[[], None] = _no_config_change
+        """Set by the transport; call it after every change of the config space."""
+        self.name = device_name(self.device_id)
+        """For log lines; the transport replaces it with the device's own name."""
+        self.queue: Callable[[int], Queue] = _no_transport
+        """``self.queue(i)``: the handle of virtqueue ``i``, set by the transport."""
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any], where: str = "") -> Device:
+        """Build the device from option values (strings from a command line, or TOML values):
+        each parsed by its :class:`Option`, unknown and missing ones refused with an error that
+        names the device and the option."""
+        return cls(**parse_options(cls, values, where))
+
+    # -- what the device is ---------------------------------------------------------------------
+    def device_features(self, version: int) -> int:
+        """Device-type feature bits offered to a Version ``version`` (1: legacy) driver."""
+        return 0
+
+    def config_space(self) -> bytes:
+        """The device configuration structure as it is now (little-endian)."""
+        return b""
+
+    def config_read(self, offset: int, width: int) -> int:
+        """Read ``width`` bytes at ``offset``, little-endian, at any alignment; bytes past the
+        end of the structure read as 0xFF, as QEMU's do."""
+        space = self.config_space()
+        raw = bytes(
+            space[i] if 0 <= i < len(space) else 0xFF for i in range(offset, offset + width)
+        )
+        return int.from_bytes(raw, "little")
+
+    def config_write(self, offset: int, data_value: int, width: int) -> None:
+        """Drivers may write only fields the device type declares writable; none by default."""
+        log.warning(
+            "%s: %d-byte config write of %#x at offset %#x ignored: field is read-only",
+            self.name,
+            width,
+            data_value,
+            offset,
+        )
+
+    # -- what the device does -------------------------------------------------------------------
+    async def handle(self, queue: int, chain: DescriptorChain, memory: GuestMemory) -> int:
+        """Serve one request from virtqueue ``queue``; return the bytes written into the
+        chain's writable part (used.len, §2.7.8).
+
+        ``await chain.read()`` gives the readable bytes and ``await chain.write(data)`` fills
+        the writable part; ``memory`` is there for scatter-gather work of your own. Raise
+        :class:`ChainError` for a request so malformed that the device must stop
+        (DEVICE_NEEDS_RESET); report ordinary errors in the request's own status field. Any
+        other exception also stops the device, with the exception in the log.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} serves its queues neither by handle() nor by queue_notify()"
+        )
+
+    def queue_notify(self, queue: Queue) -> None:
+        """The driver notified virtqueue ``queue.index`` (new buffers are available).
+
+        The default serves every available chain through :meth:`handle`. A device that holds
+        buffers (a receive queue) overrides it, for that queue or all, and takes chains from
+        ``queue`` when it has data for them; it returns at once (start a task for slow work).
+        """
+        queue.serve()
+
+    def queue_reset(self, index: int) -> None:  # noqa: B027 - optional hook
+        """Virtqueue ``index`` was reset or stopped: forget the chains taken from it (their
+        buffers are the driver's again). Not called for a device reset: :meth:`reset` is."""
+
+    def reset(self) -> None:  # noqa: B027 - most device types keep no state across resets
+        """Device reset (Status = 0): forget driver-visible state and every chain held;
+        storage persists."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """The session is over: release files, sockets and tasks."""
+
+
+def _no_transport(index: int) -> Queue:
+    raise RuntimeError("the device is not attached to a transport yet: no queue handles")
+
+
+def option_table(cls: type[Device]) -> Mapping[str, Option]:
+    """The options ``cls`` declares (its ``options`` mapping)."""
+    return cls.options
+
+
+def parse_options(cls: type[Device], values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """``values`` checked against ``cls.options`` and parsed; DeviceOptionError otherwise."""
+    what = where or cls.type_name or cls.__name__
+    table = option_table(cls)
+    out: dict[str, Any] = {}
+    for key, raw in values.items():
+        option = table.get(key)
+        if option is None:
+            known = ", ".join(table) or "none"
+            raise DeviceOptionError(f"device {what}: unknown option {key!r} (known: {known})")
+        try:
+            out[key] = option.parse(raw)
+        except ValueError as exc:
+            raise DeviceOptionError(f"device {what}: option {key}={raw!r}: {exc}") from None
+    for key, option in table.items():
+        if key not in out:
+            if option.required:
+                raise DeviceOptionError(f"device {what}: option {key}= is required")
+            out[key] = option.default
+    return out
+
+
+__all__ = [
+    "ChainError",
+    "ConfigField",
+    "DescriptorChain",
+    "Device",
+    "DeviceOptionError",
+    "GuestMemory",
+    "GuestMemoryError",
+    "Option",
+    "Queue",
+    "RingError",
+    "StaleQueueError",
+    "parse_bool",
+    "parse_options",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Queue lives with the transport that implements it; imported late to keep imports acyclic.
+    if name == "Queue":
+        from viowire.server.queue import Queue
+
+        return Queue
+    raise AttributeError(name)
