@@ -234,15 +234,15 @@ class Device:
         """
         queue.serve()
 
-    def queue_reset(self, index: int) -> None:  # noqa: B027 - optional hook
+    def queue_reset(self, index: int) -> None:
         """Virtqueue ``index`` was reset or stopped: forget the chains taken from it (their
         buffers are the driver's again). Not called for a device reset: :meth:`reset` is."""
 
-    def reset(self) -> None:  # noqa: B027 - most device types keep no state across resets
+    def reset(self) -> None:
         """Device reset (Status = 0): forget driver-visible state and every chain held;
         storage persists."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """The session is over: release files, sockets and tasks."""
 
 

@@ -403,9 +403,7 @@ class QueueService:
         elif isinstance(exc, (RingError, GuestMemoryError)):
             self._fail(f"queue {queue.index}: {exc}")
         elif not isinstance(exc, StaleQueueError):
-            log.error(
-                "%s: queue %d: internal error", self.name, queue.index, exc_info=exc
-            )
+            log.error("%s: queue %d: internal error", self.name, queue.index, exc_info=exc)
             self._fail(f"queue {queue.index}: internal error {exc!r}")
 
     def _add_completion(
