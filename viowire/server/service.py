@@ -511,6 +511,11 @@ class QueueService:
         if queue.epoch != epoch:
             raise StaleQueueError(f"queue {queue.index} was reset during a request")
 
+    def requests_waiting(self, index: int) -> int:
+        """Requests of virtqueue ``index`` whose ``handle()`` is waiting now (tests, stats)."""
+        running = self._requests.get(index) if self._requests else None
+        return len(running) if running else 0
+
     def _running(self) -> list[asyncio.Task]:
         tasks = [run.task for run in self._tasks.values() if run.task is not None]
         if self._requests:
