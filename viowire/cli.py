@@ -147,7 +147,7 @@ def _list_devices() -> str:
             continue
         doc = (found.__doc__ or "").strip().splitlines()
         lines.append(
-            f"{name}  {origin}  ({device_name(found.device_id)}, device ID {found.device_id:#x})"
+            f"{name}  {origin}  ({device_name(found.device_id)}, DeviceID {found.device_id})"
         )
         if doc:
             lines.append(f"    {doc[0]}")
@@ -159,7 +159,7 @@ def _list_devices() -> str:
             lines.append("    (no options of its own)")
         lines.append("")
     lines.append(f"every device also takes {TRANSPORT_HELP}")
-    lines.append(f"and --device {registry.HINT.replace(' (set PYTHONPATH)', '')} serves any other")
+    lines.append("and --device package.module:Class[,KEY=VALUE...] serves any Device subclass")
     return "\n".join(lines)
 
 
@@ -232,9 +232,9 @@ async def _serve(args: argparse.Namespace) -> int:
     from viowire.server.app import Server
 
     spec = _platform_spec(args)
-    logs.install()
     server = Server(spec, allow_shm=not args.no_shm, poll_us=args.poll_us)
     endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
+    logs.install()  # once it serves: a description that fails leaves the loggers as they were
     _print_layout(spec)
     for endpoint in endpoints:
         print(f"listening on {endpoint}", flush=True)

@@ -106,7 +106,7 @@ def lookup(spec: str, where: str = "") -> type[Device]:
         return _named(spec, what)
     entry = entry_points().get(spec)
     if entry is not None:
-        return _resolve(entry.value, f"{what} (entry point of {_dist_name(entry)})")
+        return _resolve(_entry_ref(entry), f"{what} (entry point of {_dist_name(entry)})")
     known = ", ".join(names())
     raise DeviceTypeError(
         f"device {what}: unknown type {spec!r}: give one of {known} (viowire serve "
@@ -145,7 +145,7 @@ def describe() -> Iterator[tuple[str, str, type[Device] | DeviceTypeError]]:
     for name in names():
         ref = _names.get(name)
         if ref is None:
-            origin = f"{entries[name].value} (from {_dist_name(entries[name])})"
+            origin = f"{_entry_ref(entries[name])} (from {_dist_name(entries[name])})"
         else:
             origin = _describe_ref(ref)
         try:
@@ -192,14 +192,17 @@ def check_class(obj: object, what: str) -> type[Device]:
 
 
 def _candidates() -> Iterator[type[Device]]:
-    """Every type in lookup order, built-ins first; unusable installed ones skipped."""
-    refs = [(name, ref) for name, ref in _names.items()]
-    refs += [(_describe_ref(cls), cls) for cls in _named_directly]
-    refs += [
-        (f"{name} (entry point of {_dist_name(entry)})", entry.value)
-        for name, entry in entry_points().items()
-        if name not in _names
-    ]
+    """Every type in lookup order, built-ins first, unusable ones skipped; the installed ones
+    are looked for only if the caller has not found its type by then."""
+    yield from _usable(list(_names.items()))
+    yield from list(_named_directly)
+    installed = [(name, e) for name, e in entry_points().items() if name not in _names]
+    yield from _usable(
+        [(f"{name} (entry point of {_dist_name(e)})", _entry_ref(e)) for name, e in installed]
+    )
+
+
+def _usable(refs: list[tuple[str, type[Device] | str]]) -> Iterator[type[Device]]:
     for what, ref in refs:
         try:
             yield _resolve(ref, what)
@@ -249,7 +252,7 @@ def _import(ref: str, what: str) -> Any:
             f"device {what}: importing {module_name} raised {type(exc).__name__}: {exc}"
         ) from exc
     obj: Any = module
-    for part in attr_path.split("."):
+    for part in filter(None, attr_path.split(".")):
         try:
             obj = getattr(obj, part)
         except AttributeError:
@@ -271,6 +274,11 @@ def _device_classes_in(module: Any) -> list[str]:
 
 def _describe_ref(ref: type[Any] | str) -> str:
     return ref if isinstance(ref, str) else f"{ref.__module__}:{ref.__qualname__}"
+
+
+def _entry_ref(entry: importlib.metadata.EntryPoint) -> str:
+    """``module:Class`` of an entry point (its value may also carry ``[extras]``)."""
+    return f"{entry.module}:{entry.attr}" if entry.attr else entry.module
 
 
 def _dist_name(entry: importlib.metadata.EntryPoint) -> str:
