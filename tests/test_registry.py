@@ -274,7 +274,7 @@ COMMANDS = {
 }
 BAD = {
     "nosuch.module:Cls": "no module named 'nosuch': give a known type (blk, rng",
-    "blk,size=1M,sise=2M": "unknown option 'sise' (known: size, path, readonly, serial",
+    "blk,size=1M,sise=2M": "unknown option 'sise' (known: size, path",
     "blk,size=lots": "option size='lots': size 'lots' is not a number with an optional K/M/G",
     "echo_device:BrokenDevice": "device echo_device:BrokenDevice at 0x10001000: BrokenDevice() "
     "raised RuntimeError: the echo chamber is flooded",
