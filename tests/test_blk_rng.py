@@ -10,7 +10,7 @@ import time
 import pytest
 from ringbuilder import GuestRam, MmioDriver, RecordingMemory, RingBuilder, make_device
 
-from viowire.server.devices import BACKENDS, BlockBackend, RngBackend, make_backend
+from viowire.server.devices import BlockBackend, RngBackend
 from viowire.server.devices.rng import MAX_FILL
 from viowire.virtio.constants import BlkFeature, BlkStatus, BlkType, Status
 
@@ -252,20 +252,6 @@ def test_ram_disk_resize_keeps_data():
     backend.resize(8 * SECTOR)
     assert backend.capacity == 8 and backend._image.pread(0, 3) == b"abc"
     backend.close()
-
-
-def test_make_backend():
-    assert set(BACKENDS) == {"blk", "rng"}
-    blk = make_backend("blk", size=SECTOR)
-    assert isinstance(blk, BlockBackend)
-    blk.close()
-    assert isinstance(make_backend("rng"), RngBackend)
-    with pytest.raises(ValueError, match="known: blk, rng"):
-        make_backend("net")
-    with pytest.raises(TypeError):
-        make_backend("rng", size=1)
-    with pytest.raises(ValueError):
-        make_backend("blk")
 
 
 # -- virtio-rng ---------------------------------------------------------------------------------

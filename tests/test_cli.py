@@ -224,7 +224,7 @@ def test_serve_readme_config_file(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--device", "bogus"], "device 'bogus': unknown type 'bogus' (known: blk, rng)"),
+        (["--device", "bogus"], "device 'bogus': unknown type 'bogus': give one of blk, rng"),
         (["--device", "blk,size=12Q"], "unknown suffix 'Q'"),
         (["--device", "blk,size=1M,version=3"], "version '3' must be 1 (legacy) or 2"),
         (["--device", "blk"], "a RAM disk needs size=<bytes>"),
@@ -235,7 +235,7 @@ def test_serve_readme_config_file(tmp_path):
 def test_serve_bad_platform_fails_fast(tmp_path, args, message):
     sock = tmp_path / "s.sock"
     result = viowire("serve", "--listen", f"unix://{sock}", *args, cwd=tmp_path, timeout=10)
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input, as argparse's
     assert result.stderr.startswith("viowire serve: ")
     assert message in result.stderr
     no_traceback(result)

@@ -63,7 +63,7 @@ def test_parse_readonly_flag():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("bogus", "unknown type 'bogus' (known: blk, rng)"),
+        ("bogus", "unknown type 'bogus': give one of blk, rng"),
         ("", "unknown type ''"),
         ("blk,size=1M,version=3", "version '3' must be 1 (legacy) or 2"),
         ("blk,size=1M,version=x", "version 'x' must be 1 (legacy) or 2"),
@@ -72,8 +72,8 @@ def test_parse_readonly_flag():
         ("blk,size=abc", "size 'abc' is not a number"),
         ("blk,size=64Q", "unknown suffix 'Q'"),
         ("blk,size=-1", "size '-1' is negative"),
-        ("blk,size=1M,colour=red", "unknown option 'colour' for blk"),
-        ("rng,size=1M", "unknown option 'size' for rng"),
+        ("blk,size=1M,colour=red", "unknown option 'colour' (known: size, path, readonly"),
+        ("rng,size=1M", "unknown option 'size' (known: "),
         ("rng,irq=-1", "irq '-1' is not a non-negative number"),
         ("rng,base=nowhere", "base 'nowhere' is not a non-negative number"),
     ],
@@ -131,7 +131,7 @@ def test_toml_strings_for_numbers(tmp_path):
     ("text", "message"),
     [
         ("[platform\n", "config"),  # TOML syntax error
-        ("[[device]]\nsize = 1\n", '[[device]] #0 needs type = "blk" or "rng"'),
+        ("[[device]]\nsize = 1\n", '[[device]] #0 needs a type: type = "NAME" (blk, rng'),
         ('[[device]]\ntype = "tape"\n', "[[device]] #0: unknown type 'tape'"),
         ('[[device]]\ntype = "blk"\nsize = "big"\n', "size 'big' is not a number"),
         ('[[device]]\ntype = "blk"\nsize = 1.5\n', "size 1.5 is not a number"),

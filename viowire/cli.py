@@ -7,12 +7,19 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from viowire import __version__, bench, load, logs
 from viowire.conform import cli as conform_cli
-from viowire.options import add_target_options
+from viowire.options import (
+    DEVICE_TYPE,
+    OWN_SERVER_HELP,
+    UsageError,
+    add_device_types_option,
+    add_target_options,
+    names_device_type,
+)
 from viowire.runtime import LOOPS, run, until_signalled
 
 MAX_LISTED = 32  # devices serve prints at startup
@@ -24,9 +31,10 @@ def _add_device_declarations(parser: argparse.ArgumentParser) -> None:
         "--device",
         action="append",
         default=[],
-        metavar="SIZE@BASE:IRQ[:ID]",
+        metavar=f"SIZE@BASE:IRQ[:ID]|{DEVICE_TYPE}",
         help="declare a device window in the kernel's virtio_mmio.device= syntax, e.g. "
-        "0x200@0x10001000:5 (repeatable; default: the server's platform table)",
+        "0x200@0x10001000:5 (repeatable; default: the server's platform table)"
+        f"{OWN_SERVER_HELP}",
     )
 
 
@@ -77,19 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
         "with the driver's notifications off (as vhost's busy-polling: fewer wake-ups, more "
         "CPU; the window adapts to the traffic, as KVM's halt-polling; default 0, off)",
     )
+    add_device_types_option(
+        serve,
+        "a device to serve, instead of the default set (with --config: besides its devices)",
+        "; every device also takes version=1|2, base=, irq=, count=",
+    )
     serve.add_argument(
-        "--device",
-        action="append",
-        metavar="SPEC",
-        default=[],
-        help="a device, e.g. blk,size=64M  blk,path=disk.img  blk,version=1  rng "
-        "(repeatable; replaces the default device set)",
+        "--list-devices",
+        action="store_true",
+        help="list the device types --device knows, with their options, and exit",
     )
 
-    sub.add_parser("demo", help="start a server on a private socket and drive every device")
+    demo = sub.add_parser("demo", help="start a server on a private socket and drive every device")
+    add_device_types_option(demo, "a device to demonstrate instead of the default set")
 
     probe = sub.add_parser("probe", help="list a server's devices, like lspci -v")
-    add_target_options(probe)
+    add_target_options(probe, url_optional=True)
     fmt = probe.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--dts", action="store_true", help="print a device tree (DTS)")
@@ -100,13 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_declarations(probe)
 
     io = sub.add_parser("io", help="drive a block device like qemu-io")
-    add_target_options(io)
+    add_target_options(io, url_optional=True)
     io.add_argument(
         "--device",
         required=True,
-        metavar="N|SIZE@BASE:IRQ",
+        metavar=f"N|SIZE@BASE:IRQ|{DEVICE_TYPE}",
         help="index of the device in the platform (see viowire probe), or its window in the "
-        "kernel's virtio_mmio.device= syntax",
+        f"kernel's virtio_mmio.device= syntax{OWN_SERVER_HELP}",
     )
     io.add_argument(
         "-c",
@@ -121,6 +132,50 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     load.add_parser(sub)
     return parser
+
+
+def _list_devices() -> str:
+    """``viowire serve --list-devices``: every named type, its options, defaults and help."""
+    from viowire import registry
+    from viowire.server.platform import TRANSPORT_HELP
+    from viowire.virtio.constants import device_name
+
+    lines = []
+    for name, origin, found in registry.describe():
+        if isinstance(found, Exception):
+            lines += [f"{name}  {origin}", f"    unusable: {found}", ""]
+            continue
+        doc = (found.__doc__ or "").strip().splitlines()
+        lines.append(
+            f"{name}  {origin}  ({device_name(found.device_id)}, DeviceID {found.device_id})"
+        )
+        if doc:
+            lines.append(f"    {doc[0]}")
+        width = max((len(key) for key in found.options), default=0) + 1
+        for key, option in found.options.items():
+            default = "required" if option.required else f"default {_format_default(option)}"
+            lines.append(f"    {key + '=':<{width}}  {option.help} ({default})")
+        if not found.options:
+            lines.append("    (no options of its own)")
+        lines.append("")
+    lines.append(f"every device also takes {TRANSPORT_HELP}")
+    lines.append("and --device package.module:Class[,KEY=VALUE...] serves any Device subclass")
+    return "\n".join(lines)
+
+
+def _format_default(option) -> str:
+    from viowire.units import format_size, parse_duration, parse_size
+
+    value = option.default
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if option.parse is parse_size and isinstance(value, int):
+        return format_size(value)
+    if option.parse is parse_duration and isinstance(value, int | float):
+        return f"{value * 1e3:g}ms" if value < 1 else f"{value:g}s"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -177,9 +232,9 @@ async def _serve(args: argparse.Namespace) -> int:
     from viowire.server.app import Server
 
     spec = _platform_spec(args)
-    logs.install()
     server = Server(spec, allow_shm=not args.no_shm, poll_us=args.poll_us)
     endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
+    logs.install()  # once it serves: a description that fails leaves the loggers as they were
     _print_layout(spec)
     for endpoint in endpoints:
         print(f"listening on {endpoint}", flush=True)
@@ -229,7 +284,9 @@ async def _io(args: argparse.Namespace) -> int:
         try:
             index = int(args.device, 0)
         except ValueError:
-            raise ValueError(f"--device {args.device!r}: give an index or SIZE@BASE:IRQ") from None
+            raise UsageError(
+                f"--device {args.device!r}: give an index, SIZE@BASE:IRQ or {DEVICE_TYPE}"
+            ) from None
         windows = declarations((), args.from_dts, args.from_dtb)
     return await run_commands(
         args.url, index, args.cmd, memory=args.memory or "auto", windows=windows
@@ -238,18 +295,69 @@ async def _io(args: argparse.Namespace) -> int:
 
 async def _demo(args: argparse.Namespace) -> int:
     from viowire.demo import demo
+    from viowire.server.platform import DeviceSpec, PlatformSpec
 
-    return await demo()
+    if not args.device:
+        return await demo()
+    return await demo(PlatformSpec([DeviceSpec.parse(text) for text in args.device]))
 
 
-COMMANDS = {
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def _on_own_server(command: Command, *, one_device: bool = False, needs_url: bool = True):
+    """``command`` as it is, or, when ``--device`` names device types, on a private server that
+    serves them (``viowire probe --device blk,size=1M``)."""
+
+    async def run_command(args: argparse.Namespace) -> int:
+        given = [args.device] if isinstance(args.device, str) else list(args.device)
+        types = [text for text in given if names_device_type(text)]
+        if not types:
+            if needs_url and not args.url:
+                raise UsageError(
+                    "give a server URL (tcp://HOST:PORT or unix:///PATH), or --device "
+                    f"{DEVICE_TYPE} to run on a device served for this command alone"
+                )
+            return await command(args)
+        _check_own_server(args, given, types)
+        from viowire.server.platform import DeviceSpec, PlatformSpec
+        from viowire.server.private import private_server
+
+        spec = PlatformSpec([DeviceSpec.parse(text) for text in types])
+        async with private_server(spec) as url:
+            args.url = url
+            args.device = "0" if one_device else []
+            return await command(args)
+
+    return run_command
+
+
+def _check_own_server(args: argparse.Namespace, given: list[str], types: list[str]) -> None:
+    if len(types) != len(given):
+        other = next(text for text in given if text not in types)
+        raise UsageError(
+            f"--device {types[0]} serves a device of its own, --device {other} selects one of a "
+            "server: give device types only, or a URL and indexes or SIZE@BASE:IRQ windows"
+        )
+    if args.url:
+        raise UsageError(
+            f"--device {types[0]} serves a device of its own: drop the URL {args.url}, or "
+            "select a device of that server with --device N or SIZE@BASE:IRQ"
+        )
+    if getattr(args, "from_dts", None) or getattr(args, "from_dtb", None):
+        raise UsageError(
+            f"--device {types[0]} serves a device of its own: drop --from-dts/--from-dtb"
+        )
+
+
+COMMANDS: dict[str, Command] = {
     "serve": _serve,
-    "probe": _probe,
-    "io": _io,
+    "probe": _on_own_server(_probe),
+    "io": _on_own_server(_io, one_device=True),
     "demo": _demo,
-    "conform": conform_cli.run,
+    "conform": _on_own_server(conform_cli.run, needs_url=False),
     "bench": bench.run,
-    "load": load.run,
+    "load": _on_own_server(load.run),
 }
 
 
@@ -257,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        if args.command == "serve" and args.list_devices:
+            print(_list_devices())
+            return 0
         if args.command == "serve" and args.workers != 1:
             return _serve_workers(args)
         return run(COMMANDS[args.command](args), loop=args.loop)
@@ -266,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except (OSError, ValueError, ConnectionError) as exc:
+        if _bad_input(exc):
+            # As argparse does for what it checks: status 2, and one line (a device's own
+            # message may span several).
+            print(f"viowire {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
         # An OSError of connect() does not say where it went: name the URL.
         where = f"{args.url}: " if isinstance(exc, OSError) and hasattr(args, "url") else ""
         print(f"viowire {args.command}: {where}{exc}", file=sys.stderr)
@@ -275,6 +391,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"viowire {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _bad_input(exc: Exception) -> bool:
+    """Input the user must change: a device spec, a platform description, a usage error."""
+    from viowire.device import DeviceOptionError
+    from viowire.registry import DeviceTypeError
+    from viowire.server.platform import PlatformError
+
+    return isinstance(exc, UsageError | PlatformError | DeviceTypeError | DeviceOptionError)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from viowire import registry
 from viowire.client.connection import DeviceInfo
 from viowire.client.errors import NoDeviceError
 from viowire.client.mmio import VirtioMmioDevice
@@ -42,7 +43,9 @@ async def describe_device(dev: VirtioMmioDevice, info: DeviceInfo) -> dict[str, 
     entry["feature_bits"] = features
     entry["features"] = feature_names(features, dev.device_id)
     entry["queues"] = await _queues(dev)
-    entry["config"] = await decode_config(dev.device_id, features, dev.config_read_int)
+    device_class = registry.by_device_id(dev.device_id)  # a user's type: its own layout
+    layout = None if device_class is None else device_class.config_layout
+    entry["config"] = await decode_config(dev.device_id, features, dev.config_read_int, layout)
     await dev.reset()
     return entry
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from viowire.options import add_target_options
+from viowire.options import DEVICE_TYPE, OWN_SERVER_HELP, UsageError, add_target_options
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -27,9 +27,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--device",
         action="append",
         default=[],
-        metavar="N|SIZE@BASE:IRQ",
+        metavar=f"N|SIZE@BASE:IRQ|{DEVICE_TYPE}",
         help="only device N of the platform (see viowire probe), or declare a window in the "
-        "kernel's virtio_mmio.device= syntax (repeatable)",
+        f"kernel's virtio_mmio.device= syntax (repeatable){OWN_SERVER_HELP}",
     )
     parser.add_argument(
         "--only",
@@ -120,4 +120,6 @@ def _index(text: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
-        raise ValueError(f"--device {text!r}: give an index or SIZE@BASE:IRQ") from None
+        raise UsageError(
+            f"--device {text!r}: give an index, SIZE@BASE:IRQ or {DEVICE_TYPE}"
+        ) from None

@@ -27,7 +27,7 @@ import sys
 from typing import Any
 
 from viowire.load.config import DEFAULT_MIX, OPS
-from viowire.options import add_memory_option
+from viowire.options import add_device_types_option, add_memory_option
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,8 +37,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="load-test a server: many sessions and devices, a verified mixed workload",
         description=__doc__.split("\n\n")[1].replace("``", ""),
     )
-    parser.add_argument("url", help="a viowire server, tcp://HOST:PORT or unix:///PATH")
+    parser.add_argument("url", nargs="?", help="a viowire server, tcp://HOST:PORT or unix:///PATH")
     add_memory_option(parser)
+    add_device_types_option(
+        parser, "load devices served for this run alone, on a private server (give no URL then)"
+    )
     parser.add_argument(
         "--sessions", type=int, default=16, metavar="N", help="connections (default 16)"
     )

@@ -7,11 +7,10 @@ import secrets
 from dataclasses import dataclass
 
 from viowire.units import format_size, parse_size
-from viowire.virtio.constants import BLK_SECTOR_SIZE, DeviceId
+from viowire.virtio.constants import BLK_SECTOR_SIZE
 
 OPS = ("blk-read", "blk-write", "rng")
 OP_KIND = {"blk-read": "blk", "blk-write": "blk", "rng": "rng"}
-KIND_DEVICE_ID = {"blk": DeviceId.BLOCK, "rng": DeviceId.ENTROPY}
 DEFAULT_MIX = "blk-read=60,blk-write=30,rng=10"
 MAX_BLOCK = 1 << 20
 

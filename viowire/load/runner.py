@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, TextIO
 
+from viowire import registry
 from viowire.client.connection import Connection, DeviceInfo, connect
 from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.client.errors import RequestError
-from viowire.load.config import KIND_DEVICE_ID, OP_KIND, LoadConfig
+from viowire.load.config import OP_KIND, LoadConfig
 from viowire.load.pattern import BlockPattern
 from viowire.load.pool import DevicePool
 from viowire.load.progress import Progress
@@ -90,10 +91,15 @@ class LoadDevice:
         return self.uncertain.get(block) or (self.expected.get(block, 0),)
 
 
+def device_id(kind: str) -> int:
+    """The virtio device ID of the device type ``kind`` (``blk``), as the registry knows it."""
+    return registry.lookup(kind).device_id
+
+
 def select_devices(platform: list[DeviceInfo], kinds: tuple[str, ...], n: int) -> list[DeviceInfo]:
     """``n`` devices of ``kinds`` with each kind's share of the platform, at least one of each
     kind when ``n`` allows, spread evenly over the platform's slots."""
-    pools = {k: [d for d in platform if d.device_id == KIND_DEVICE_ID[k]] for k in kinds}
+    pools = {k: [d for d in platform if d.device_id == device_id(k)] for k in kinds}
     ranked = sorted(
         (rank / len(pool), kind, rank) for kind, pool in pools.items() for rank in range(len(pool))
     )
@@ -193,13 +199,13 @@ class LoadRun:
                 f"{cfg.url} did not answer within --timeout {cfg.timeout:g} s"
             ) from None
         for kind in cfg.kinds:
-            if not any(d.device_id == KIND_DEVICE_ID[kind] for d in platform):
+            if not any(d.device_id == device_id(kind) for d in platform):
                 ops = ", ".join(op for op in self.ops if OP_KIND[op] == kind)
                 raise ValueError(
                     f"--mix asks for {ops}, but the server's platform has no {kind} device: "
                     f"serve some (--device {kind},count=N) or set their weight to 0 in --mix"
                 )
-        usable = [d for d in platform if d.device_id in {KIND_DEVICE_ID[k] for k in cfg.kinds}]
+        usable = [d for d in platform if d.device_id in {device_id(k) for k in cfg.kinds}]
         self.platform_size = len(usable)
         wanted = cfg.devices if cfg.devices is not None else len(usable) * cfg.sessions
         if wanted > len(usable) * cfg.sessions:
@@ -240,7 +246,7 @@ class LoadRun:
     async def _bring_up(self, per_session: list[list[DeviceInfo]]) -> None:
         """Every device to DRIVER_OK, interleaved across sessions so all progress together."""
         self.phase, self.phase_start = "bring-up", time.monotonic()
-        kind_of = {device_id: kind for kind, device_id in KIND_DEVICE_ID.items()}
+        kind_of = {device_id(kind): kind for kind in self.cfg.kinds}
         longest = max(len(infos) for infos in per_session)
         for k in range(longest):
             for s, infos in enumerate(per_session):

@@ -16,8 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from viowire import cli
-from viowire.server.devices import BACKENDS
+from viowire import cli, registry
 from viowire.server.devices.rng import RngBackend
 from viowire.server.virtqueue import DescriptorChain, scatter, slice_segments
 from viowire.virtio.memory import GuestMemory
@@ -36,7 +35,7 @@ class StampingRngBackend(RngBackend):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    BACKENDS.setdefault("tsrng", StampingRngBackend)
+    registry.register("tsrng", StampingRngBackend)
     return cli.main(argv)
 
 

@@ -7,7 +7,6 @@ A :class:`PlatformSpec` is the description (from defaults, ``--device`` specs or
 from __future__ import annotations
 
 import bisect
-import inspect
 import itertools
 import os
 import tomllib
@@ -15,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from viowire.server.devices import BACKENDS, make_backend
+from viowire import registry
+from viowire.device import Device, DeviceOptionError, option_table, parse_options
+from viowire.registry import DeviceTypeError
 from viowire.server.mmio import MmioDevice
 from viowire.units import parse_size
 from viowire.virtio.constants import CONFIG_OFFSET, DEFAULT_WINDOW_SIZE, VENDOR_ID_VIOWIRE
@@ -33,9 +34,18 @@ class PlatformError(ValueError):
     """A platform description that cannot be built; the message says which device and why."""
 
 
+TRANSPORT_HELP = "version=1|2 (default 2), base=ADDRESS, irq=LINE, count=N"
+"""The keys every device takes besides its type's own options: the platform's, not the type's."""
+
+
 @dataclass
 class DeviceSpec:
-    """One device of a platform description: ``kind`` plus backend options."""
+    """One device of a platform description: its type, its options, where it goes.
+
+    ``kind`` is what the user wrote (``blk``, ``package.module:Class``); ``options`` the options
+    given, parsed; ``arguments`` every keyword the class's constructor gets (with defaults), from
+    :func:`viowire.device.parse_options`, the one place options are parsed and checked.
+    """
 
     kind: str
     version: int = 2
@@ -43,10 +53,13 @@ class DeviceSpec:
     base: int | None = None
     irq: int | None = None
     count: int = 1  # this many identical devices in consecutive slots (load tests)
+    device_class: type[Device] | None = field(default=None, repr=False, compare=False)
+    arguments: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> DeviceSpec:
-        """Parse ``blk,size=64M,version=1`` / ``blk,path=disk.img`` / ``rng``."""
+        """Parse ``blk,size=64M,version=1`` / ``blk,path=disk.img`` / ``rng`` /
+        ``package.module:Class,key=value``."""
         kind, *pairs = [part.strip() for part in text.split(",")]
         values: dict[str, Any] = {}
         for pair in pairs:
@@ -58,44 +71,51 @@ class DeviceSpec:
 
     @classmethod
     def from_mapping(cls, kind: str, values: dict[str, Any], where: str = "") -> DeviceSpec:
+        """A spec from a type and its option values (strings, or TOML values)."""
         where = where or kind
-        if kind not in BACKENDS:
-            raise PlatformError(
-                f"device {where}: unknown type {kind!r} (known: {', '.join(BACKENDS)})"
-            )
+        try:
+            device_class = registry.lookup(kind, where)
+        except DeviceTypeError as exc:
+            raise PlatformError(str(exc)) from None
         values = dict(values)
         version = str(values.pop("version", 2)).strip()
         if version not in ("1", "2"):
             raise PlatformError(f"device {where}: version {version!r} must be 1 (legacy) or 2")
-        known = backend_options(kind)
-        for key in values:
-            if key not in (*known, "base", "irq", "count"):
-                raise PlatformError(
-                    f"device {where}: unknown option {key!r} for {kind} "
-                    f"(known: {', '.join((*known, 'version', 'base', 'irq', 'count'))})"
-                )
         try:
             base = _int_or_none(values.pop("base", None), "base")
             irq = _int_or_none(values.pop("irq", None), "irq")
             count = _count(values.pop("count", 1), base, irq)
-            if "size" in values:
-                values["size"] = parse_size(values["size"])
-            for flag in ("readonly",):
-                if isinstance(values.get(flag), str):
-                    values[flag] = values[flag].lower() in ("1", "on", "true", "yes")
         except ValueError as exc:
             raise PlatformError(f"device {where}: {exc}") from None
-        return cls(kind, int(version), values, base, irq, count)
+        try:
+            arguments = parse_options(device_class, values, where)
+        except DeviceOptionError as exc:
+            unknown = set(values) - set(option_table(device_class))
+            also = f"; every device also takes {TRANSPORT_HELP}" if unknown else ""
+            raise PlatformError(f"{exc}{also}") from None
+        options = {key: arguments[key] for key in values}
+        return cls(kind, int(version), options, base, irq, count, device_class, arguments)
 
-
-def backend_options(kind: str) -> tuple[str, ...]:
-    """The keyword options the backend ``kind`` takes (``size``, ``path``, ...)."""
-    params = inspect.signature(BACKENDS[kind].__init__).parameters.values()
-    return tuple(p.name for p in params if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD)
+    def instantiate(self, where: str) -> Device:
+        """A new device of this spec; PlatformError names it (``where``) and the cause."""
+        if self.device_class is None or self.arguments is None:  # built by hand, not parsed
+            try:
+                self.device_class = registry.lookup(self.kind, where)
+                self.arguments = parse_options(self.device_class, self.options, where)
+            except ValueError as exc:
+                raise PlatformError(str(exc)) from None
+        device_class, arguments = self.device_class, self.arguments
+        try:
+            return registry.instantiate(device_class, arguments, where)
+        except DeviceTypeError as exc:
+            raise PlatformError(str(exc)) from None
 
 
 def _count(value: Any, base: int | None, irq: int | None) -> int:
-    count = int(value)
+    try:
+        count = int(str(value), 0)
+    except ValueError:
+        raise ValueError(f"count {value!r} is not a whole number") from None
     if count < 1:
         raise ValueError(f"count {count} must be at least 1")
     if count > 1 and (base is not None or irq is not None):
@@ -171,7 +191,11 @@ class PlatformSpec:
                 entry["path"] = str(Path(path).parent / entry["path"])
             kind = entry.pop("type", None) or entry.pop("kind", None)
             if kind is None:
-                raise PlatformError(f'config {path}: [[device]] #{i} needs type = "blk" or "rng"')
+                raise PlatformError(
+                    f"config {path}: [[device]] #{i} needs a type: "
+                    f'type = "NAME" ({", ".join(registry.names())}) '
+                    'or type = "package.module:Class"'
+                )
             devices.append(DeviceSpec.from_mapping(kind, entry, where=f"{path} [[device]] #{i}"))
         try:
             return cls(
@@ -221,10 +245,7 @@ class PlatformSpec:
                     f"device {spec.kind} at {base:#x}: {path} does not exist "
                     "(give size= to create it)"
                 )
-            try:
-                backend = make_backend(spec.kind, **spec.options)
-            except (TypeError, ValueError, OSError) as exc:
-                raise PlatformError(f"device {spec.kind} at {base:#x}: {exc}") from None
+            backend = spec.instantiate(f"{spec.kind} at {base:#x}")
             name = f"{name_prefix}virtio-mmio@{base:#x}"
             device = MmioDevice(backend, spec.version, vendor_id=VENDOR_ID_VIOWIRE, name=name)
             slots.append(Slot(base, self.window, irq, device))

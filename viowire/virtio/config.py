@@ -6,7 +6,7 @@ prefix its feature set needs.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from viowire.virtio.constants import BlkFeature, DeviceId
@@ -40,11 +40,17 @@ LAYOUTS: dict[int, tuple[ConfigField, ...]] = {DeviceId.BLOCK: BLK_CONFIG, Devic
 
 
 async def decode_config(
-    device_id: int, features: int, read: Callable[[int, int], Awaitable[int]]
+    device_id: int,
+    features: int,
+    read: Callable[[int, int], Awaitable[int]],
+    layout: Sequence[ConfigField] | None = None,
 ) -> dict[str, int]:
-    """Read and decode every offered config field; ``read(offset, size)`` returns an int."""
+    """Read and decode every offered config field; ``read(offset, size)`` returns an int.
+
+    ``layout``: the device type's fields (a Device class's ``config_layout``); by default the
+    layout viowire knows for ``device_id``."""
     out: dict[str, int] = {}
-    for field in LAYOUTS.get(device_id, ()):
+    for field in LAYOUTS.get(device_id, ()) if layout is None else layout:
         if field.feature is None or features >> field.feature & 1:
             out[field.name] = await read(field.offset, field.size)
     return out
