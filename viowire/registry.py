@@ -26,7 +26,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -237,7 +239,7 @@ def _import(ref: str, what: str) -> Any:
     """The object ``module:attr.path`` names; DeviceTypeError says what went wrong."""
     module_name, _, attr_path = ref.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = exc.name or module_name
         if not (module_name == missing or module_name.startswith(f"{missing}.")):
@@ -262,6 +264,22 @@ def _import(ref: str, what: str) -> Any:
                 f"device {what}: module {module_name} has no {attr_path!r}{also}"
             ) from None
     return obj
+
+
+def _import_module(name: str) -> Any:
+    """Import ``name``; a module not found on sys.path is looked for in the current directory
+    too (after everything installed), as ``python -m`` and uvicorn's ``module:app`` find a
+    project's own modules: ``viowire serve --device examples.loopback:Loopback`` from a
+    checkout."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        top = name.partition(".")[0]
+        if exc.name != top or here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)
+        return importlib.import_module(name)
 
 
 def _device_classes_in(module: Any) -> list[str]:

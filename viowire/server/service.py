@@ -470,7 +470,7 @@ class QueueService:
                 self._completions.pop(index, None)
 
     def _used_len(self, queue: SplitVirtqueue, written: int, writable: int) -> int:
-        if type(written) is int and 0 <= written <= writable:
+        if isinstance(written, int) and 0 <= written <= writable:
             return written
         if not isinstance(written, int):
             log.error(
