@@ -4,6 +4,10 @@ A driver is written only against :class:`~viowire.client.mmio.VirtioMmioDevice`'
 declares its ``device_id`` and the device feature bits it implements (``feature_table``);
 :meth:`VirtioDriver.attach` runs the spec's initialisation sequence (SPEC §3.1.1) around the
 driver's own :meth:`setup`.
+
+Drivers do not subclass this directly: :class:`~viowire.client.drivers.generic.GenericDriver`
+adds the queues, requests, receive buffers and config space every device type uses, and the
+blk and rng drivers are built on it.
 """
 
 from __future__ import annotations
@@ -55,14 +59,18 @@ class VirtioDriver:
         """
         driver = cls(dev, **opts)
         await dev.probe()
-        if dev.device_id != cls.device_id:
-            raise WrongDeviceTypeError(dev.name, dev.device_id, cls.device_id)
+        driver.claim(dev.device_id)
         try:
             await driver._initialise()
         except BaseException:
             await driver._unwind()
             raise
         return driver
+
+    def claim(self, device_id: int) -> None:
+        """Refuse a device of another type than this driver's ``device_id``."""
+        if device_id != self.device_id:
+            raise WrongDeviceTypeError(self.dev.name, device_id, self.device_id)
 
     async def _initialise(self) -> None:
         dev = self.dev
