@@ -13,7 +13,7 @@ blk and rng drivers are built on it.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 from viowire.client.errors import DeviceNeedsResetError, WrongDeviceTypeError
 from viowire.client.mmio import VirtioMmioDevice
@@ -40,8 +40,9 @@ def bits(*numbers: int) -> int:
 class VirtioDriver:
     """Base class of device drivers: negotiation, status handshake, unwinding on failure."""
 
-    device_id: ClassVar[int] = 0
-    feature_table: ClassVar[int] = 0  # device-type feature bits this driver implements (Linux)
+    # Class attributes that a driver instance may override (GenericDriver's arguments).
+    device_id: int | None = None  # the device type driven; None: whatever the device is
+    feature_table: int = 0  # device-type feature bits this driver implements (Linux)
 
     def __init__(self, dev: VirtioMmioDevice, *, exclude_features: int = 0) -> None:
         """``exclude_features``: bits not to accept even if offered (e.g. to test fallbacks)."""
@@ -68,8 +69,10 @@ class VirtioDriver:
         return driver
 
     def claim(self, device_id: int) -> None:
-        """Refuse a device of another type than this driver's ``device_id``."""
-        if device_id != self.device_id:
+        """Refuse a device of another type than this driver's ``device_id`` (None: take it)."""
+        if self.device_id is None:
+            self.device_id = device_id
+        elif device_id != self.device_id:
             raise WrongDeviceTypeError(self.dev.name, device_id, self.device_id)
 
     async def _initialise(self) -> None:

@@ -43,9 +43,6 @@ _HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
 _STATUS_UNSET = 0xFF  # a device that never writes the status byte is caught, not read as OK
 _STATUS_BYTE = bytes([_STATUS_UNSET])
 
-# Config offsets (§5.2.4)
-CAPACITY, SIZE_MAX, SEG_MAX, BLK_SIZE = 0x00, 0x08, 0x0C, 0x14
-
 
 class BlockDriver(GenericDriver):
     """A virtio-blk disk: ``read``, ``write``, ``flush``, ``get_id``; offsets in bytes.
@@ -97,13 +94,14 @@ class BlockDriver(GenericDriver):
         self.request_bytes = self._request_bytes()
 
     async def _read_config(self) -> None:
-        self.capacity = await self.config_read(CAPACITY, 8)
+        """The fields of BLK_CONFIG (§5.2.4) that the request path needs."""
+        self.capacity = await self.config_field("capacity")
         if self.has_feature(BlkFeature.SIZE_MAX):
-            self.size_max = await self.config_read(SIZE_MAX, 4)
+            self.size_max = await self.config_field("size_max")
         if self.has_feature(BlkFeature.SEG_MAX):
-            self.seg_max = max(1, await self.config_read(SEG_MAX, 4))
+            self.seg_max = max(1, await self.config_field("seg_max"))
         if self.has_feature(BlkFeature.BLK_SIZE):
-            self.blk_size = await self.config_read(BLK_SIZE, 4) or BLK_SECTOR_SIZE
+            self.blk_size = await self.config_field("blk_size") or BLK_SECTOR_SIZE
         self.read_only = self.has_feature(BlkFeature.RO)
 
     def _request_bytes(self) -> int:
@@ -143,7 +141,7 @@ class BlockDriver(GenericDriver):
 
     async def config_changed(self) -> None:
         """The capacity may change at runtime (a resized backing file)."""
-        self.capacity = await self.config_read(CAPACITY, 8)
+        self.capacity = await self.config_field("capacity")
 
     @property
     def size(self) -> int:

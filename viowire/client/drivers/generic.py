@@ -47,7 +47,7 @@ import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from viowire.client.drivers.base import VirtioDriver
 from viowire.client.errors import ConfigUnstableError, QueueDeletedError, QueueFullError
@@ -163,10 +163,8 @@ class GenericDriver(VirtioDriver):
         which bounds the guest RAM that requests take.
     """
 
-    device_id: Any = None  # None: any device type, taken from the device
-    feature_table: ClassVar[int] = 0
-    queue_names: ClassVar[tuple[str, ...]] = ()
-    config_layout: tuple[ConfigField, ...] = ()
+    queue_names: ClassVar[tuple[str, ...]] = ()  # one per queue, in order
+    config_layout: tuple[ConfigField, ...] = ()  # an instance may override it
 
     def __init__(
         self,
@@ -198,6 +196,7 @@ class GenericDriver(VirtioDriver):
         self.max_in_flight = max_in_flight
         self._sizes, self._names = self._queue_plan(queues, queue_names)
         self.vqs: list[Virtqueue] = []
+        self.vq: Virtqueue  # vqs[0], as an attribute: blk reads it on every request
         self._limits: dict[int, Slots] = {}
         self._receivers: dict[int, _Receiver] = {}
         self._config_callbacks: list[ConfigCallback] = []
@@ -227,27 +226,19 @@ class GenericDriver(VirtioDriver):
             return sizes, list(self.queue_names)
         return sizes, [f"queue{i}" for i in range(len(sizes))]
 
-    def claim(self, device_id: int) -> None:
-        if self.device_id is None:
-            self.device_id = device_id
-        super().claim(device_id)
-
     async def setup(self) -> None:
         """Create the queues (subclasses read their config first, then call this)."""
         self.vqs = await self.dev.find_vqs(self._names, sizes=self._sizes)  # type: ignore[assignment]
+        if self.vqs:
+            self.vq = self.vqs[0]
         for index, receiver in self._receivers.items():
             await receiver.start(self.vqs[index])
-
-    @property
-    def vq(self) -> Virtqueue:
-        """The first virtqueue (the only one of blk and rng)."""
-        return self.vqs[0]
 
     def _vq(self, queue: int) -> Virtqueue:
         if not 0 <= queue < len(self.vqs):
             raise IndexError(
-                f"{self.dev.name}: queue {queue}: the driver set up {len(self.vqs)} queues "
-                f"(0..{len(self.vqs) - 1}); ask for more with queues="
+                f"{self.dev.name}: queue {queue}: the driver set up {len(self.vqs)} queues; "
+                "ask for more with queues="
             )
         return self.vqs[queue]
 
@@ -257,6 +248,8 @@ class GenericDriver(VirtioDriver):
         takes its place; a receive queue's buffers are posted again."""
         vq = await self.dev.reset_vq(self._vq(queue), num)
         self.vqs[queue] = vq
+        if queue == 0:
+            self.vq = vq
         receiver = self._receivers.get(queue)
         if receiver is not None:
             await receiver.start(vq)
