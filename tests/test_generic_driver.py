@@ -12,6 +12,7 @@ usual devices, so no registry is patched.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from viowire.client.errors import (
     QueueDeletedError,
     WrongDeviceTypeError,
 )
-from viowire.device import ChainError, Device, Queue, StaleQueueError
+from viowire.device import ChainError, DescriptorChain, Device, Queue, StaleQueueError
 from viowire.server.app import Server
 from viowire.server.mmio import MmioDevice
 from viowire.server.platform import Platform, PlatformSpec, Slot
@@ -42,65 +43,86 @@ RX, TX = 0, 1
 
 # -- a device that holds requests and receive buffers --------------------------------------------
 class Loopback(Device):
-    """Two queues, as a network card's: the driver's empty buffers wait on the receiveq (0)
-    until a message arrives; requests on the transmitq (1) are one op byte and an argument:
+    """Two queues, as a network card's: the device takes the driver's empty buffers from the
+    receiveq (0) when notified and holds them until a message arrives for one; requests on the
+    transmitq (1) are one op byte and an argument:
 
     - ``S`` payload: deliver the payload into the next receive buffer; answers its length (u32);
     - ``H`` key: hold this request until ``R`` key; answers the key;
     - ``R`` key: let the held request ``key`` complete; answers the key.
 
-    Config space: u32 ``delivered`` (messages written to the receiveq; each one is a config
-    change), u32 ``held`` (requests being held now).
+    Config space, u32 each: ``delivered`` (messages written to the receiveq; each one is a
+    config change), ``held`` (requests being held now), ``buffers`` (receive buffers held now).
     """
 
     device_id = 0x7F10
     type_name = "loopback"
     num_queues = 2
     queue_num_max = 16
-    config_layout = (ConfigField("delivered", 0, 4, None), ConfigField("held", 4, 4, None))
+    config_layout = (
+        ConfigField("delivered", 0, 4, None),
+        ConfigField("held", 4, 4, None),
+        ConfigField("buffers", 8, 4, None),
+    )
 
     def __init__(self) -> None:
         super().__init__()
         self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.buffers: collections.deque[DescriptorChain] = collections.deque()
+        self.buffers_came = asyncio.Event()
         self.gates: dict[bytes, asyncio.Event] = {}
         self.delivered = 0
         self.held = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self._pump: asyncio.Task[None] | None = None
 
     def config_space(self) -> bytes:
-        return struct.pack("<II", self.delivered, self.held)
+        return struct.pack("<III", self.delivered, self.held, len(self.buffers))
+
+    def _spawn(self, coro) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def queue_notify(self, queue: Queue) -> None:
         if queue.index == RX:
-            self._start_pump()  # the buffers stay in the ring until a message needs one
+            self._spawn(self._take_buffers(queue))
         else:
             queue.serve()
 
-    def _start_pump(self) -> None:
-        if self._pump is None or self._pump.done():
-            self._pump = asyncio.get_running_loop().create_task(self._deliver(self.queue(RX)))
+    async def _take_buffers(self, rx: Queue) -> None:
+        """Hold every buffer the driver has made available."""
+        while (chain := await rx.pop()) is not None:
+            self.buffers.append(chain)
+            self.buffers_came.set()
 
-    async def _deliver(self, rx: Queue) -> None:
-        """Each message into the next buffer the driver has made available, when it arrives."""
+    async def _deliver(self) -> None:
+        """Each message into the next buffer held, as soon as there is one."""
+        rx = self.queue(RX)
         while True:
             data = await self.inbox.get()
             while True:
-                chain = await rx.get()
+                while not self.buffers:
+                    self.buffers_came.clear()
+                    await self.buffers_came.wait()
+                chain = self.buffers.popleft()
                 try:
                     written = await chain.write(data)
                 except StaleQueueError:
-                    continue  # a buffer from before a queue reset: the driver posted new ones
+                    continue  # a buffer from before a queue reset
                 break
             rx.complete(chain, written)
             self.delivered += 1
             self.on_config_change()
 
-    async def handle(self, queue: int, chain, memory) -> int:
+    async def handle(self, queue: int, chain: DescriptorChain, memory) -> int:
         request = await chain.read()
         op, arg = request[:1], request[1:]
         if op == b"S":
             self.inbox.put_nowait(arg)
-            self._start_pump()
+            if self._pump is None:
+                self._pump = self._spawn(self._deliver())
             return await chain.write(struct.pack("<I", len(arg)))
         gate = self.gates.setdefault(arg, asyncio.Event())
         if op == b"R":
@@ -115,15 +137,20 @@ class Loopback(Device):
             raise ChainError(f"loopback: unknown op {op!r}")
         return await chain.write(arg)
 
+    def queue_reset(self, index: int) -> None:
+        if index == RX:
+            self.buffers.clear()  # the driver's again
+
     def reset(self) -> None:
         self.close()
         self.inbox = asyncio.Queue()
+        self.buffers.clear()
         self.gates.clear()
 
     def close(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            self._pump = None
+        for task in list(self._tasks):
+            task.cancel()
+        self._pump = None
 
 
 @dataclass
@@ -166,6 +193,13 @@ def device_of(server, conn, device_id: int) -> Device:
 async def wait_until(predicate) -> None:
     async with asyncio.timeout(TIMEOUT):
         while not predicate():
+            await asyncio.sleep(0.001)
+
+
+async def wait_for_field(drv: GenericDriver, name: str, value: int) -> None:
+    """Until the device's config field ``name`` reads ``value`` (read through the driver)."""
+    async with asyncio.timeout(TIMEOUT):
+        while await drv.config_field(name) != value:
             await asyncio.sleep(0.001)
 
 
@@ -288,14 +322,15 @@ async def test_receive_yields_what_the_device_fills_and_reposts(server, memory):
 
 
 async def test_a_receive_buffer_waits_as_long_as_the_device_holds_it(server):
-    """Nothing arrives while nothing is sent; a late message still finds a buffer."""
+    """The device holds both buffers and nothing arrives while nothing is sent; a late message
+    still finds a buffer."""
     async with await connect(url_of(server, "unix")) as conn:
         drv = await attach_loopback(conn)
         await asyncio.wait_for(drv.post(RX, size=16, count=2), TIMEOUT)
         stream = drv.receive(RX)
         first = asyncio.ensure_future(anext(stream))
-        await asyncio.sleep(0.05)
-        assert not first.done()
+        await wait_for_field(drv, "buffers", 2)
+        assert not first.done() and drv.vqs[RX].in_flight == 2
         await asyncio.wait_for(drv.request(TX, b"Slate", 4), TIMEOUT)
         assert await asyncio.wait_for(first, TIMEOUT) == b"late"
         await drv.detach()
@@ -307,7 +342,8 @@ async def test_config_changes_are_watched(server):
         seen = []
         drv.on_config_change(lambda d: seen.append(d))
         await asyncio.wait_for(drv.post(RX, size=16, count=4), TIMEOUT)
-        assert await drv.config() == {"delivered": 0, "held": 0}
+        await wait_for_field(drv, "buffers", 4)
+        assert await drv.config() == {"delivered": 0, "held": 0, "buffers": 4}
         watch = drv.watch_config()
         async with asyncio.timeout(TIMEOUT):
             for i in range(3):
@@ -316,7 +352,7 @@ async def test_config_changes_are_watched(server):
             snapshot = await anext(watch)
             while snapshot.fields["delivered"] < 3:
                 snapshot = await anext(watch)
-        assert snapshot.fields == {"delivered": 3, "held": 0}
+        assert snapshot.fields == {"delivered": 3, "held": 0, "buffers": 4}
         assert snapshot.generation == await drv.dev.generation()
         assert seen and seen[0] is drv
         await drv.detach()
@@ -411,7 +447,7 @@ async def test_bad_arguments_say_what_to_pass(server):
             await anext(drv.receive(RX))
         with pytest.raises(ValueError, match=r"a count of 1\.\.16"):
             await drv.post(RX, size=16, count=17)
-        with pytest.raises(KeyError, match="known: delivered, held"):
+        with pytest.raises(KeyError, match="known: delivered, held, buffers"):
             await drv.config_field("nosuch")
         await drv.detach()
     with pytest.raises(ValueError, match="name each queue once"):

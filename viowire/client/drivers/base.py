@@ -85,6 +85,7 @@ class VirtioDriver:
         await self.setup()
         await self._driver_ok()
         self._undo_config = dev.on_config_change(self._on_config_change)
+        await self.device_ready()
 
     async def _driver_ok(self) -> None:
         """Status |= DRIVER_OK, refusing a device that already asks for a reset.
@@ -110,6 +111,10 @@ class VirtioDriver:
 
     async def setup(self) -> None:
         """Driver-specific initialisation before DRIVER_OK: read config, create queues."""
+
+    async def device_ready(self) -> None:
+        """Called once the device is live (DRIVER_OK): make buffers available and notify, which
+        a modern device ignores before DRIVER_OK (Linux fills receive queues from here on)."""
 
     async def config_changed(self) -> None:
         """Called on each configuration-change interrupt after DRIVER_OK (re-read config)."""

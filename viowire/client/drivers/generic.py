@@ -231,6 +231,9 @@ class GenericDriver(VirtioDriver):
         self.vqs = await self.dev.find_vqs(self._names, sizes=self._sizes)  # type: ignore[assignment]
         if self.vqs:
             self.vq = self.vqs[0]
+
+    async def device_ready(self) -> None:
+        """Post the receive buffers again on the new rings (after a reinitialise)."""
         for index, receiver in self._receivers.items():
             await receiver.start(self.vqs[index])
 
@@ -498,8 +501,8 @@ class _Receiver:
         self._signal = _Signal()
 
     async def start(self, vq: Virtqueue) -> None:
-        """A new ring (first post, queue reset, device reinitialised): post every buffer that
-        is not waiting to be read."""
+        """A new ring (first post, queue reset, device reinitialised), which holds none of the
+        buffers: post every one that is not waiting to be read."""
         self.epoch += 1
         self.vq = vq
         self.error = None
