@@ -15,6 +15,9 @@ import asyncio
 import collections
 import os
 import struct
+import sys
+import textwrap
+import types
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -22,6 +25,7 @@ import pytest
 from servers import running_server, small_platform, url_of
 
 from viowire.client.connection import connect
+from viowire.client.drivers import generic
 from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.generic import GenericDriver
 from viowire.client.errors import (
@@ -153,6 +157,42 @@ class Loopback(Device):
         self._pump = None
 
 
+class Hello(Device):
+    """The device of the generic driver module's example: a request on queue 1 comes back as
+    it was, and then ``bye`` arrives on queue 0, a receive queue."""
+
+    device_id = 0x7F00
+    num_queues = 2
+    config_layout = (ConfigField("greeted", 0, 4, None),)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.greeted = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def config_space(self) -> bytes:
+        return struct.pack("<I", self.greeted)
+
+    def queue_notify(self, queue: Queue) -> None:
+        if queue.index == 1:
+            queue.serve()  # queue 0's buffers wait in the ring until there is something to say
+
+    async def handle(self, queue: int, chain: DescriptorChain, memory) -> int:
+        self.greeted += 1
+        task = asyncio.get_running_loop().create_task(self._say_bye(self.queue(0)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await chain.write(await chain.read())
+
+    async def _say_bye(self, rx: Queue) -> None:
+        chain = await rx.get()
+        rx.complete(chain, await chain.write(b"bye"))
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
 @dataclass
 class WithDevices(PlatformSpec):
     """A platform description plus devices built from classes, in the slots after the rest."""
@@ -171,7 +211,7 @@ class WithDevices(PlatformSpec):
 
 @pytest.fixture
 async def server(tmp_path) -> AsyncIterator[Server]:
-    spec = WithDevices(small_platform().devices, classes=[Loopback])
+    spec = WithDevices(small_platform().devices, classes=[Loopback, Hello])
     async with running_server(tmp_path, spec) as srv:
         yield srv
 
@@ -205,6 +245,21 @@ async def wait_for_field(drv: GenericDriver, name: str, value: int) -> None:
 
 def blk_header(kind: int, sector: int) -> bytes:
     return struct.pack("<IIQ", kind, 0, sector)
+
+
+async def test_the_module_example_runs(server, capsys, monkeypatch):
+    """The example in the generic driver's docstring, run as written (but for the socket),
+    with this module's Hello as the user's ``mydevices.Hello``."""
+    monkeypatch.setitem(sys.modules, "mydevices", types.SimpleNamespace(Hello=Hello))
+    doc = generic.__doc__
+    start = doc.index("::\n") + 3
+    end = doc.index("\n\n", doc.index("detach()", start))
+    code = textwrap.dedent(doc[start:end])
+    code = code.replace("unix:///tmp/viowire.sock", url_of(server, "unix"))
+    namespace: dict = {}
+    exec("async def example():\n" + textwrap.indent(code, "    "), namespace)
+    await asyncio.wait_for(namespace["example"](), TIMEOUT)
+    assert capsys.readouterr().out == "{'greeted': 1}\n"  # the request, and only it
 
 
 # -- blk and rng, driven with raw chains ---------------------------------------------------------

@@ -21,23 +21,25 @@ The blk and rng drivers are subclasses: they declare ``device_id``, ``feature_ta
 ``queue_names`` and ``config_layout`` as class attributes and add their own requests (blk keeps
 its own request path: plain stores into a reused DMA slot, no buffer allocated per request).
 
-Driving a device written with :mod:`viowire.device`, with no driver of its own::
+Driving a device written with :mod:`viowire.device`, with no driver of its own (``Hello``:
+queue 1 answers requests, queue 0 is a receive queue)::
 
     from viowire.client.connection import connect
     from viowire.client.drivers.generic import GenericDriver
+    from mydevices import Hello  # the device class: its id, queues and config layout
 
     async with await connect("unix:///tmp/viowire.sock") as conn:
-        info = next(d for d in await conn.platform() if d.device_id == 0x7F00)
-        drv = await GenericDriver.attach(await conn.attach(info), queues=2)
+        info = next(d for d in await conn.platform() if d.device_id == Hello.device_id)
+        drv = await GenericDriver.attach(await conn.attach(info), device_type=Hello)
         written, data = await drv.request(1, out=b"hello", in_sizes=5)  # one chain
-        await drv.post(0, size=2048, count=8)  # queue 0 is a receive queue
-        async for message in drv.receive(0):  # what the device fills, re-posted
-            print(message)
-        print(await drv.config())  # {"field": value} by the type's config_layout
+        await drv.post(0, size=2048, count=8)  # buffers the device fills when it likes
+        async for message in drv.receive(0):  # in the order filled, each re-posted
+            if message == b"bye":
+                break
+        print(await drv.config())  # {"field": value}, by Hello.config_layout
         await drv.detach()
 
-``GenericDriver.attach(dev, device_type=MyDevice)`` takes the id, the queue count and the config
-layout from the device class itself.
+Without the class, give what it would: ``device_id=``, ``queues=``, ``config_layout=``.
 """
 
 from __future__ import annotations
