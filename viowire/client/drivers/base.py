@@ -4,12 +4,16 @@ A driver is written only against :class:`~viowire.client.mmio.VirtioMmioDevice`'
 declares its ``device_id`` and the device feature bits it implements (``feature_table``);
 :meth:`VirtioDriver.attach` runs the spec's initialisation sequence (SPEC §3.1.1) around the
 driver's own :meth:`setup`.
+
+Drivers do not subclass this directly: :class:`~viowire.client.drivers.generic.GenericDriver`
+adds the queues, requests, receive buffers and config space every device type uses, and the
+blk and rng drivers are built on it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 from viowire.client.errors import DeviceNeedsResetError, WrongDeviceTypeError
 from viowire.client.mmio import VirtioMmioDevice
@@ -36,8 +40,9 @@ def bits(*numbers: int) -> int:
 class VirtioDriver:
     """Base class of device drivers: negotiation, status handshake, unwinding on failure."""
 
-    device_id: ClassVar[int] = 0
-    feature_table: ClassVar[int] = 0  # device-type feature bits this driver implements (Linux)
+    # Class attributes that a driver instance may override (GenericDriver's arguments).
+    device_id: int | None = None  # the device type driven; None: whatever the device is
+    feature_table: int = 0  # device-type feature bits this driver implements (Linux)
 
     def __init__(self, dev: VirtioMmioDevice, *, exclude_features: int = 0) -> None:
         """``exclude_features``: bits not to accept even if offered (e.g. to test fallbacks)."""
@@ -55,14 +60,20 @@ class VirtioDriver:
         """
         driver = cls(dev, **opts)
         await dev.probe()
-        if dev.device_id != cls.device_id:
-            raise WrongDeviceTypeError(dev.name, dev.device_id, cls.device_id)
+        driver.claim(dev.device_id)
         try:
             await driver._initialise()
         except BaseException:
             await driver._unwind()
             raise
         return driver
+
+    def claim(self, device_id: int) -> None:
+        """Refuse a device of another type than this driver's ``device_id`` (None: take it)."""
+        if self.device_id is None:
+            self.device_id = device_id
+        elif device_id != self.device_id:
+            raise WrongDeviceTypeError(self.dev.name, device_id, self.device_id)
 
     async def _initialise(self) -> None:
         dev = self.dev
@@ -74,6 +85,7 @@ class VirtioDriver:
         await self.setup()
         await self._driver_ok()
         self._undo_config = dev.on_config_change(self._on_config_change)
+        await self.device_ready()
 
     async def _driver_ok(self) -> None:
         """Status |= DRIVER_OK, refusing a device that already asks for a reset.
@@ -99,6 +111,10 @@ class VirtioDriver:
 
     async def setup(self) -> None:
         """Driver-specific initialisation before DRIVER_OK: read config, create queues."""
+
+    async def device_ready(self) -> None:
+        """Called once the device is live (DRIVER_OK): make buffers available and notify, which
+        a modern device ignores before DRIVER_OK (Linux fills receive queues from here on)."""
 
     async def config_changed(self) -> None:
         """Called on each configuration-change interrupt after DRIVER_OK (re-read config)."""

@@ -18,11 +18,13 @@ import asyncio
 import struct
 from functools import partial
 
-from viowire.client.drivers.base import VirtioDriver, bits
+from viowire.client.drivers.base import bits
+from viowire.client.drivers.generic import GenericDriver
 from viowire.client.errors import ReadOnlyError, RequestError, VirtioError
 from viowire.client.guest import DmaPool
 from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.slots import Slots
+from viowire.virtio.config import BLK_CONFIG
 from viowire.virtio.constants import (
     BLK_ID_BYTES,
     BLK_REQ_HEADER_SIZE,
@@ -41,14 +43,18 @@ _HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
 _STATUS_UNSET = 0xFF  # a device that never writes the status byte is caught, not read as OK
 _STATUS_BYTE = bytes([_STATUS_UNSET])
 
-# Config offsets (§5.2.4)
-CAPACITY, SIZE_MAX, SEG_MAX, BLK_SIZE = 0x00, 0x08, 0x0C, 0x14
 
+class BlockDriver(GenericDriver):
+    """A virtio-blk disk: ``read``, ``write``, ``flush``, ``get_id``; offsets in bytes.
 
-class BlockDriver(VirtioDriver):
-    """A virtio-blk disk: ``read``, ``write``, ``flush``, ``get_id``; offsets in bytes."""
+    Built on :class:`GenericDriver` for the probe, the queue, the config space and teardown;
+    its requests take their own path (a reused DMA slot filled with plain stores in shared
+    memory, one coroutine per request), which is blk's hot path.
+    """
 
     device_id = DeviceId.BLOCK
+    queue_names = ("requests",)
+    config_layout = BLK_CONFIG
     feature_table = bits(
         BlkFeature.SIZE_MAX,
         BlkFeature.SEG_MAX,
@@ -84,18 +90,18 @@ class BlockDriver(VirtioDriver):
 
     async def setup(self) -> None:
         await self._read_config()
-        (self.vq,) = await self.dev.find_vqs(["requests"])
+        await super().setup()
         self.request_bytes = self._request_bytes()
 
     async def _read_config(self) -> None:
-        dev = self.dev
-        self.capacity = await dev.config_read_int(CAPACITY, 8)
+        """The fields of BLK_CONFIG (§5.2.4) that the request path needs."""
+        self.capacity = await self.config_field("capacity")
         if self.has_feature(BlkFeature.SIZE_MAX):
-            self.size_max = await dev.config_read_int(SIZE_MAX, 4)
+            self.size_max = await self.config_field("size_max")
         if self.has_feature(BlkFeature.SEG_MAX):
-            self.seg_max = max(1, await dev.config_read_int(SEG_MAX, 4))
+            self.seg_max = max(1, await self.config_field("seg_max"))
         if self.has_feature(BlkFeature.BLK_SIZE):
-            self.blk_size = await dev.config_read_int(BLK_SIZE, 4) or BLK_SECTOR_SIZE
+            self.blk_size = await self.config_field("blk_size") or BLK_SECTOR_SIZE
         self.read_only = self.has_feature(BlkFeature.RO)
 
     def _request_bytes(self) -> int:
@@ -126,15 +132,16 @@ class BlockDriver(VirtioDriver):
     async def reset_queue(self, num: int | None = None) -> None:
         """Virtqueue reset (SPEC §2.6.1): requests in flight fail, the disk's data stays; the
         new ring has ``num`` entries (default: as before)."""
-        self.vq = await self.dev.reset_vq(self.vq, num)
+        await self.reset_vq(0, num)
         self.request_bytes = self._request_bytes()
 
     def free_buffers(self) -> None:
+        super().free_buffers()
         self._dma.close()
 
     async def config_changed(self) -> None:
         """The capacity may change at runtime (a resized backing file)."""
-        self.capacity = await self.dev.config_read_int(CAPACITY, 8)
+        self.capacity = await self.config_field("capacity")
 
     @property
     def size(self) -> int:

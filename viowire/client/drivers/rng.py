@@ -1,29 +1,25 @@
 """virtio-rng (SPEC §5.4): entropy from device-writable buffers.
 
 The device may fill fewer bytes than a buffer holds; the driver MUST use used.len, so a read
-keeps posting buffers until it has what was asked for.
+keeps posting buffers until it has what was asked for. Each of them is a
+:meth:`~viowire.client.drivers.generic.GenericDriver.request` with one writable buffer.
 """
 
 from __future__ import annotations
 
-import asyncio
-
-from viowire.client.drivers.base import VirtioDriver
+from viowire.client.drivers.generic import DmaBuffer, GenericDriver
 from viowire.client.errors import DeviceBrokenError
-from viowire.client.virtqueue import Allocator
 from viowire.virtio.constants import DeviceId
 
 MAX_CHUNK = 64 * 1024  # bytes per buffer posted
 MAX_EMPTY = 16  # consecutive empty completions before the device is declared broken
 
 
-class EntropyDriver(VirtioDriver):
+class EntropyDriver(GenericDriver):
     """A virtio-rng device: ``await rng.read(n)`` returns n random bytes."""
 
     device_id = DeviceId.ENTROPY
-
-    async def setup(self) -> None:
-        (self.vq,) = await self.dev.find_vqs(["input"])
+    queue_names = ("input",)
 
     async def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes of entropy, in as many requests as the device needs.
@@ -34,7 +30,7 @@ class EntropyDriver(VirtioDriver):
             raise ValueError(f"cannot read {n} bytes")
         if n == 0:
             return b""
-        buffer = _Buffer(self.dev.allocator, min(n, MAX_CHUNK))
+        buffer = self.alloc(min(n, MAX_CHUNK))
         try:
             out = bytearray()
             empty = 0
@@ -55,38 +51,7 @@ class EntropyDriver(VirtioDriver):
 
     async def _request(self, size: int) -> bytes:
         """One buffer of ``size`` bytes posted once; what the device put in it."""
-        buffer = _Buffer(self.dev.allocator, size)
-        try:
-            return await self._fill(buffer, size)
-        finally:
-            buffer.free_unless_lent()
+        return (await self.request(0, in_sizes=size)).valid
 
-    async def _fill(self, buffer: _Buffer, size: int) -> bytes:
-        try:
-            used = await self.vq.submit([], [(buffer.gpa, size)], release=buffer.free)
-        except asyncio.CancelledError:
-            buffer.lent = True  # submit() frees it once the device gives it back
-            raise
-        return await self.dev.memory.read(buffer.gpa, used)
-
-
-class _Buffer:
-    """One DMA buffer, freed exactly once: by its reader, or, if the reader was cancelled while
-    the device held it, when the device gives it back."""
-
-    __slots__ = ("_allocator", "_freed", "gpa", "lent")
-
-    def __init__(self, allocator: Allocator, size: int) -> None:
-        self._allocator = allocator
-        self.gpa = allocator.alloc(size, 16)
-        self.lent = False
-        self._freed = False
-
-    def free(self) -> None:
-        if not self._freed:
-            self._freed = True
-            self._allocator.free(self.gpa)
-
-    def free_unless_lent(self) -> None:
-        if not self.lent:
-            self.free()
+    async def _fill(self, buffer: DmaBuffer, size: int) -> bytes:
+        return (await self.request(0, in_sizes=size, buffer=buffer)).valid
