@@ -132,14 +132,14 @@ def legacy_avail_offset(num: int) -> int:
 
 
 def legacy_used_offset(num: int, align: int = PAGE_SIZE) -> int:
-    """Legacy block: the used ring at the first multiple of ``align`` past the whole available
-    ring, its used_event slot included (Linux and the spec; QEMU leaves the slot out, which
-    differs for QueueAlign 4 and 8: reference §4.3)."""
+    """Legacy block at an ``align``-aligned base: the used ring at the first multiple of
+    ``align`` past the whole available ring, its used_event slot included (Linux and the spec;
+    QEMU leaves the slot out, which differs for QueueAlign 4 and 8: reference §4.3)."""
     return align_up(legacy_avail_offset(num) + avail_ring_size(num), align)
 
 
 def vring_size(num: int, align: int = PAGE_SIZE) -> int:
-    """Bytes of the legacy contiguous ring (Linux ``vring_size``)."""
+    """Bytes of the legacy contiguous ring at an ``align``-aligned base (Linux ``vring_size``)."""
     return legacy_used_offset(num, align) + used_ring_size(num)
 
 
@@ -187,9 +187,13 @@ class RingLayout:
 
     @classmethod
     def legacy(cls, base: int, num: int, align: int = PAGE_SIZE) -> RingLayout:
-        """The legacy contiguous block at ``base`` (QueuePFN x GuestPageSize, QueueAlign)."""
-        avail, used = legacy_avail_offset(num), legacy_used_offset(num, align)
-        return cls(num, base, base + avail, base + used)
+        """The legacy contiguous block at ``base`` (QueuePFN x GuestPageSize, QueueAlign).
+
+        The used ring's address itself is aligned, as Linux's ``vring_init`` aligns the pointer:
+        a base that is not a multiple of ``align`` (a QueueAlign above GuestPageSize) moves it.
+        """
+        avail = base + legacy_avail_offset(num)
+        return cls(num, base, avail, align_up(avail + avail_ring_size(num), align))
 
     def desc_addr(self, index: int) -> int:
         """Descriptor ``index`` of the table."""
