@@ -37,6 +37,7 @@ from viowire.virtio.ring import (
     indirect_descriptor,
     legacy_used_offset,
     pack_descriptors,
+    ring_areas,
     used_event_offset,
     used_ring_size,
     valid_queue_size,
@@ -74,6 +75,13 @@ def test_queue_of_256_area_sizes_and_event_fields():
     assert used_event_offset(256) == 4 + 2 * 256 == 516  # the avail ring's last u16
     assert avail_event_offset(256) == 4 + 8 * 256 == 2052  # the used ring's last u16
     assert area_sizes(256) == ((4096, 16), (518, 2), (2054, 4))
+
+
+@pytest.mark.parametrize("num", [1 << k for k in range(16)])
+def test_ring_areas_sizes_are_the_size_functions(num):
+    """ring_areas writes the sizes out (it runs on every pass); they must stay the same."""
+    sizes = (desc_table_size(num), avail_ring_size(num), used_ring_size(num))
+    assert tuple(size for _, _, size, _ in ring_areas(num, 0, 0, 0)) == sizes
 
 
 def test_layout_places_every_field():

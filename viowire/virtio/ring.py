@@ -58,9 +58,6 @@ DESC_ALIGN = 16
 AVAIL_ALIGN = 2
 USED_ALIGN = 4
 
-AREA_NAMES = ("desc", "avail", "used")
-"""The three areas in the order every function here lists them (QEMU's names in its errors)."""
-
 Desc = tuple[int, int, int, int]
 """One descriptor as ``(addr, len, flags, next)``, the fields of :data:`DESC`."""
 Segment = tuple[int, int, bool]
@@ -80,7 +77,7 @@ def is_power_of_2(value: int) -> bool:
 
 def valid_queue_size(num: int, num_max: int = MAX_QUEUE_SIZE) -> bool:
     """A split ring's size: a power of 2 no larger than ``num_max`` (§2.7: at most 32768)."""
-    return is_power_of_2(num) and num <= min(num_max, MAX_QUEUE_SIZE)
+    return 0 < num <= num_max and num <= MAX_QUEUE_SIZE and not num & (num - 1)
 
 
 def desc_table_size(num: int) -> int:
@@ -107,23 +104,23 @@ def avail_event_offset(num: int) -> int:
     return USED_RING + USED_ELEM_SIZE * num
 
 
-def area_sizes(num: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """``(bytes, alignment)`` of the descriptor table, the available ring and the used ring."""
+def ring_areas(num: int, desc: int, avail: int, used: int) -> tuple[Area, Area, Area]:
+    """``(name, address, bytes, alignment)`` of the three areas of a ring at these addresses.
+
+    The device side checks these on every pass over a ring, so the sizes of
+    :func:`desc_table_size`, :func:`avail_ring_size` and :func:`used_ring_size` are written out
+    here rather than called (tests/test_ring_layout.py holds them equal)."""
     return (
-        (desc_table_size(num), DESC_ALIGN),
-        (avail_ring_size(num), AVAIL_ALIGN),
-        (used_ring_size(num), USED_ALIGN),
+        ("desc", desc, DESC_SIZE * num, DESC_ALIGN),
+        ("avail", avail, AVAIL_RING + 2 * num + 2, AVAIL_ALIGN),
+        ("used", used, USED_RING + USED_ELEM_SIZE * num + 2, USED_ALIGN),
     )
 
 
-def ring_areas(num: int, desc: int, avail: int, used: int) -> tuple[Area, ...]:
-    """``(name, address, bytes, alignment)`` of the three areas of a ring at these addresses."""
-    return tuple(
-        (name, addr, size, alignment)
-        for name, addr, (size, alignment) in zip(
-            AREA_NAMES, (desc, avail, used), area_sizes(num), strict=True
-        )
-    )
+def area_sizes(num: int) -> tuple[tuple[int, int], ...]:
+    """``(bytes, alignment)`` of the descriptor table, the available ring and the used ring:
+    what a driver allocates."""
+    return tuple((size, alignment) for _, _, size, alignment in ring_areas(num, 0, 0, 0))
 
 
 def legacy_avail_offset(num: int) -> int:
@@ -207,7 +204,7 @@ class RingLayout:
         """The used element of free-running index ``idx`` (ring[idx % num])."""
         return self.used_ring + USED_ELEM_SIZE * (idx % self.num)
 
-    def areas(self) -> tuple[Area, ...]:
+    def areas(self) -> tuple[Area, Area, Area]:
         """``(name, address, bytes, alignment)`` of the three areas, desc, avail, used."""
         return ring_areas(self.num, self.desc, self.avail, self.used)
 
@@ -238,7 +235,6 @@ def indirect_descriptor(table: int, entries: int) -> bytes:
 
 
 __all__ = [
-    "AREA_NAMES",
     "AVAIL_ALIGN",
     "AVAIL_FLAGS",
     "AVAIL_IDX",
