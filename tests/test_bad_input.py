@@ -55,6 +55,7 @@ from viowire.virtio.constants import (
     Reg,
     Status,
 )
+from viowire.virtio.ring import DESC as DESCRIPTOR
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -1408,7 +1409,7 @@ def _loop(ring: RingBuilder, buf: int) -> None:
 def _indirect(ring: RingBuilder, buf: int, entries: list[tuple[int, int, int, int]], **kw) -> None:
     table = ring.ram.alloc(DESC_SIZE * max(len(entries), 1), 16)
     for i, entry in enumerate(entries):
-        ring.ram.write(table + DESC_SIZE * i, struct.pack("<QIHH", *entry))
+        ring.ram.write(table + DESC_SIZE * i, DESCRIPTOR.pack(*entry))
     ring.set_desc(0, kw.get("addr", table), kw.get("length", DESC_SIZE * len(entries)),
                   VIRTQ_DESC_F_INDIRECT | kw.get("flags", 0))  # fmt: skip
     ring.publish(0)
