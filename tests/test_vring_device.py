@@ -75,11 +75,7 @@ class PatternBackend(VirtioBackend):
 
 
 def queue_on(ring: RingBuilder, *, indirect: bool = True, event_idx: bool = False):
-    queue = SplitVirtqueue(0, ring.num)
-    queue.desc_addr, queue.avail_addr, queue.used_addr = ring.desc, ring.avail, ring.used
-    queue.indirect, queue.event_idx = indirect, event_idx
-    queue.ready = True
-    return queue
+    return ring.device_queue(indirect=indirect, event_idx=event_idx)
 
 
 @pytest.fixture
