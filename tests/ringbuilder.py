@@ -1,223 +1,29 @@
-"""The driver's half of a split virtqueue, built in a MappedGuestMemory, for testing the device.
+"""Test pieces around viowire.virtio.mock (guest RAM and a driver's split ring, in-process):
+a tiny driver (:class:`MmioDriver`) that brings an :class:`MmioDevice` up through its registers
+the way Linux does, and a guest memory that records every access (:class:`RecordingMemory`).
 
-Like rust-vmm virtio-queue's ``mock.rs``: real descriptor tables, available rings and indirect
-tables in (fake) guest RAM, written the way a driver writes them, so device code is tested without
-a VMM. Also a tiny driver (:class:`MmioDriver`) that brings an :class:`MmioDevice` up through its
-registers the way Linux does.
+The ring builder itself is :mod:`viowire.virtio.mock`'s; it is imported from here too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import struct
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from viowire.server.mmio import MmioDevice
-from viowire.server.virtqueue import align_up
-from viowire.virtio.constants import (
-    DESC_SIZE,
-    PAGE_SIZE,
-    USED_ELEM_SIZE,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
-    Feature,
-    Reg,
-    Status,
-)
+from viowire.virtio.constants import PAGE_SIZE, Feature, Reg, Status
 from viowire.virtio.memory import MappedGuestMemory
+from viowire.virtio.mock import RAM_GPA, Chain, GuestRam, RingBuilder
 
-RAM_GPA = 0x4000_0000  # not 0, so that an address/offset mix-up cannot pass unnoticed
-_DESC = struct.Struct("<QIHH")
-
-
-class GuestRam:
-    """One region of guest RAM with a bump allocator for rings, tables and buffers."""
-
-    def __init__(self, size: int = 1 << 20, gpa: int = RAM_GPA) -> None:
-        self.gpa = gpa
-        self.size = size
-        self.buffer = bytearray(size)
-        self.memory = MappedGuestMemory()
-        self.memory.add_region(gpa, self.buffer)
-        self._next = gpa
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
-
-    def alloc(self, size: int, align: int = 16) -> int:
-        gpa = align_up(self._next, align)
-        if gpa + size > self.end:
-            raise MemoryError(f"test RAM exhausted allocating {size} bytes")
-        self._next = gpa + size
-        return gpa
-
-    def write(self, gpa: int, data: bytes) -> None:
-        self.memory.write_sync(gpa, data)
-
-    def read(self, gpa: int, length: int) -> bytes:
-        return self.memory.read_sync(gpa, length)
-
-    def u16(self, gpa: int) -> int:
-        return self.memory.load_u16(gpa)
-
-    def set_u16(self, gpa: int, value: int) -> None:
-        self.memory.store_u16(gpa, value)
-
-
-@dataclass
-class Chain:
-    """A chain the test published: its head and where each buffer lives."""
-
-    head: int
-    readable: list[tuple[int, int]] = field(default_factory=list)
-    writable: list[tuple[int, int]] = field(default_factory=list)
-
-
-class RingBuilder:
-    """A split ring of ``num`` entries as a driver lays it out and fills it."""
-
-    def __init__(
-        self,
-        ram: GuestRam,
-        num: int,
-        *,
-        desc: int | None = None,
-        avail: int | None = None,
-        used: int | None = None,
-    ) -> None:
-        self.ram = ram
-        self.num = num
-        self.desc = ram.alloc(DESC_SIZE * num, 16) if desc is None else desc
-        self.avail = ram.alloc(6 + 2 * num, 2) if avail is None else avail
-        self.used = ram.alloc(6 + USED_ELEM_SIZE * num, 4) if used is None else used
-        self.pfn = 0
-        self._next_desc = 0
-        self._avail_idx = 0
-
-    @classmethod
-    def legacy(
-        cls, ram: GuestRam, num: int, page_size: int = PAGE_SIZE, align: int = PAGE_SIZE
-    ) -> RingBuilder:
-        """The contiguous Version 1 layout at a page boundary (reference §4.3)."""
-        size = align_up(DESC_SIZE * num + 2 * (3 + num), align) + 6 + USED_ELEM_SIZE * num
-        base = ram.alloc(size, page_size)
-        avail = base + DESC_SIZE * num
-        used = align_up(avail + 4 + 2 * num + 2, align)
-        ring = cls(ram, num, desc=base, avail=avail, used=used)
-        ring.pfn = base // page_size
-        return ring
-
-    # -- descriptors ----------------------------------------------------------------------------
-    def set_desc(self, index: int, addr: int, length: int, flags: int = 0, next: int = 0) -> None:
-        self.ram.write(self.desc + DESC_SIZE * index, _DESC.pack(addr, length, flags, next))
-
-    def buffers(
-        self, readable: Sequence[bytes], writable: Sequence[int]
-    ) -> list[tuple[int, int, bool]]:
-        """Allocate and fill buffers: ``(gpa, len, device_writable)`` in chain order."""
-        out = []
-        for data in readable:
-            gpa = self.ram.alloc(len(data))
-            self.ram.write(gpa, data)
-            out.append((gpa, len(data), False))
-        for length in writable:
-            gpa = self.ram.alloc(length)
-            self.ram.write(gpa, b"\xee" * length)  # poison: tests see what the device wrote
-            out.append((gpa, length, True))
-        return out
-
-    def add_chain(
-        self,
-        readable: Sequence[bytes] = (),
-        writable: Sequence[int] = (),
-        *,
-        indirect_from: int | None = None,
-        publish: bool = True,
-    ) -> Chain:
-        """Build a chain of fresh buffers; segments from ``indirect_from`` on go into an
-        indirect table that the last direct descriptor points to."""
-        segments = self.buffers(readable, writable)
-        direct = segments if indirect_from is None else segments[:indirect_from]
-        indices = [self._take_desc() for _ in range(len(direct) + (indirect_from is not None))]
-        for i, (gpa, length, is_writable) in enumerate(direct):
-            flags = (VIRTQ_DESC_F_WRITE if is_writable else 0) | (
-                VIRTQ_DESC_F_NEXT if i + 1 < len(indices) else 0
-            )
-            self.set_desc(
-                indices[i], gpa, length, flags, indices[i + 1] if i + 1 < len(indices) else 0
-            )
-        if indirect_from is not None:
-            table = self.indirect_table(segments[indirect_from:])
-            self.set_desc(
-                indices[-1],
-                table,
-                DESC_SIZE * (len(segments) - indirect_from),
-                VIRTQ_DESC_F_INDIRECT,
-            )
-        chain = Chain(
-            indices[0],
-            [(g, n) for g, n, w in segments if not w],
-            [(g, n) for g, n, w in segments if w],
-        )
-        if publish:
-            self.publish(chain.head)
-        return chain
-
-    def indirect_table(self, segments: list[tuple[int, int, bool]]) -> int:
-        """Write an indirect table whose entries chain 0 → 1 → … and return its address."""
-        table = self.ram.alloc(DESC_SIZE * len(segments), 16)
-        for i, (gpa, length, is_writable) in enumerate(segments):
-            last = i + 1 == len(segments)
-            flags = (VIRTQ_DESC_F_WRITE if is_writable else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
-            self.ram.write(
-                table + DESC_SIZE * i, _DESC.pack(gpa, length, flags, 0 if last else i + 1)
-            )
-        return table
-
-    def _take_desc(self) -> int:
-        index = self._next_desc
-        self._next_desc = (self._next_desc + 1) % self.num
-        return index
-
-    # -- available ring -------------------------------------------------------------------------
-    def publish(self, *heads: int) -> None:
-        """Ring slots first, then avail.idx, as §2.7.13 orders it."""
-        for head in heads:
-            self.ram.set_u16(self.avail + 4 + 2 * (self._avail_idx % self.num), head)
-            self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        self.ram.set_u16(self.avail + 2, self._avail_idx)
-
-    @property
-    def avail_idx(self) -> int:
-        return self._avail_idx
-
-    @avail_idx.setter
-    def avail_idx(self, value: int) -> None:
-        self._avail_idx = value & 0xFFFF
-        self.ram.set_u16(self.avail + 2, self._avail_idx)
-
-    def set_avail_flags(self, flags: int) -> None:
-        self.ram.set_u16(self.avail, flags)
-
-    def set_used_event(self, value: int) -> None:
-        self.ram.set_u16(self.avail + 4 + 2 * self.num, value & 0xFFFF)
-
-    # -- used ring ------------------------------------------------------------------------------
-    @property
-    def used_idx(self) -> int:
-        return self.ram.u16(self.used + 2)
-
-    @property
-    def avail_event(self) -> int:
-        return self.ram.u16(self.used + 4 + USED_ELEM_SIZE * self.num)
-
-    def used_elem(self, i: int) -> tuple[int, int]:
-        """(id, len) of the used element with free-running index ``i``."""
-        gpa = self.used + 4 + USED_ELEM_SIZE * (i % self.num)
-        return struct.unpack("<II", self.ram.read(gpa, USED_ELEM_SIZE))
+__all__ = [
+    "NO_RING_FEATURES",
+    "RAM_GPA",
+    "Chain",
+    "GuestRam",
+    "MmioDriver",
+    "RecordingMemory",
+    "RingBuilder",
+    "make_device",
+]
 
 
 class MmioDriver:

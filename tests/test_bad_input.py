@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from ringbuilder import RingBuilder
+from ringbuilder import GuestRam, RingBuilder
 from servers import small_platform, url_of
 
 import viowire.server.memory as server_memory
@@ -55,6 +55,7 @@ from viowire.virtio.constants import (
     Reg,
     Status,
 )
+from viowire.virtio.ring import DESC as DESCRIPTOR
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -399,30 +400,16 @@ async def healthy(server: Server, scheme: str) -> None:
 
 
 # -- a hand-written driver and rings in the client's guest RAM -----------------------------------
-class SharedRam:
-    """tests/ringbuilder's RAM interface over a Connection's GuestRAM, so RingBuilder lays real
-    rings out in memory the server maps."""
+class SharedRam(GuestRam):
+    """The mock's GuestRam over a Connection's GuestRAM (its memory and its allocator), so
+    RingBuilder lays real rings out in memory the server maps."""
 
     def __init__(self, ram: GuestRAM) -> None:
-        self.ram = ram
-        self.memory = ram.memory
-        self.gpa = ram.base
-        self.end = ram.base + ram.size
+        # the memory exists already: GuestRam.__init__ would map RAM of its own
+        self.ram, self.memory, self.gpa, self.size = ram, ram.memory, ram.base, ram.size
 
     def alloc(self, size: int, align: int = 16) -> int:
         return self.ram.alloc(size, align)
-
-    def write(self, gpa: int, data: bytes) -> None:
-        self.memory.write_sync(gpa, data)
-
-    def read(self, gpa: int, length: int) -> bytes:
-        return self.memory.read_sync(gpa, length)
-
-    def u16(self, gpa: int) -> int:
-        return self.memory.load_u16(gpa)
-
-    def set_u16(self, gpa: int, value: int) -> None:
-        self.memory.store_u16(gpa, value)
 
 
 class HandDriver:
@@ -1422,7 +1409,7 @@ def _loop(ring: RingBuilder, buf: int) -> None:
 def _indirect(ring: RingBuilder, buf: int, entries: list[tuple[int, int, int, int]], **kw) -> None:
     table = ring.ram.alloc(DESC_SIZE * max(len(entries), 1), 16)
     for i, entry in enumerate(entries):
-        ring.ram.write(table + DESC_SIZE * i, struct.pack("<QIHH", *entry))
+        ring.ram.write(table + DESC_SIZE * i, DESCRIPTOR.pack(*entry))
     ring.set_desc(0, kw.get("addr", table), kw.get("length", DESC_SIZE * len(entries)),
                   VIRTQ_DESC_F_INDIRECT | kw.get("flags", 0))  # fmt: skip
     ring.publish(0)

@@ -36,7 +36,6 @@ from viowire.client.errors import (
     WrongMagicError,
 )
 from viowire.client.mmio import VirtioMmioDevice
-from viowire.client.virtqueue import legacy_addresses
 from viowire.virtio.constants import (
     MAGIC_VALUE,
     BlkFeature,
@@ -48,6 +47,7 @@ from viowire.virtio.constants import (
     Reg,
     Status,
 )
+from viowire.virtio.ring import RingLayout
 
 BASE = 0x1000_1000
 IRQ = 7
@@ -172,7 +172,7 @@ class FakeMmio:
             q.align = value
         elif off == Reg.QUEUE_PFN:
             q.pfn = value
-            a = legacy_addresses(value * self.page_size, q.num, q.align)
+            a = RingLayout.legacy(value * self.page_size, q.num, q.align)
             q.ring = DeviceRing(self.ram.memory, q.num, a.desc, a.avail, a.used) if value else None
         elif off == Reg.QUEUE_READY:
             q.ready = 1 if self.sticky_ready else value

@@ -7,34 +7,32 @@ Guest RAM is a bytearray behind MappedGuestMemory with a tiny first-fit allocato
 from __future__ import annotations
 
 import asyncio
-import struct
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from viowire.client.errors import DeviceBrokenError, QueueDeletedError, QueueFullError
-from viowire.client.virtqueue import (
-    Virtqueue,
-    legacy_addresses,
-    vring_need_event,
-    vring_size,
-)
-from viowire.virtio.constants import (
+from viowire.client.virtqueue import Virtqueue
+from viowire.virtio.memory import GuestMemory, MappedGuestMemory, Region
+from viowire.virtio.ring import (
+    DESC,
+    DESC_SIZE,
+    USED_ELEM,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
+    RingLayout,
+    align_up,
+    avail_ring_size,
+    used_ring_size,
+    vring_need_event,
+    vring_size,
 )
-from viowire.virtio.memory import GuestMemory, MappedGuestMemory, Region
 
 TIMEOUT = 2.0
-DESC = struct.Struct("<QIHH")
-
-
-def align_up(value: int, align: int) -> int:
-    return (value + align - 1) & ~(align - 1)
 
 
 class RemoteMemory(GuestMemory):
@@ -98,6 +96,7 @@ class DeviceRing:
 
     def __init__(self, mem: MappedGuestMemory, num: int, desc: int, avail: int, used: int) -> None:
         self.mem, self.num = mem, num
+        self.layout = RingLayout(num, desc, avail, used)
         self.desc, self.avail, self.used = desc, avail, used
         self.last_avail = 0
         self.used_idx = 0
@@ -111,26 +110,30 @@ class DeviceRing:
     def start_at(self, index: int) -> None:
         """Both sides as if ``index`` chains had already gone round (white-box wraparound)."""
         self.last_avail = self.used_idx = index
-        self.mem.store_u16(self.used + 2, index)
+        self.mem.store_u16(self.layout.used_idx, index)
+
+    def avail_idx(self) -> int:
+        return self.mem.load_u16(self.layout.avail_idx)
 
     def pending(self) -> int:
-        return (self.mem.load_u16(self.avail + 2) - self.last_avail) & 0xFFFF
+        return (self.avail_idx() - self.last_avail) & 0xFFFF
 
     def pop(self) -> tuple[int, list[tuple[int, int, bool]]] | None:
         """The next available head and its chain as (addr, len, device-writable)."""
         if not self.pending():
             return None
-        head = self.mem.load_u16(self.avail + 4 + 2 * (self.last_avail % self.num))
+        head = self.mem.load_u16(self.layout.avail_slot_addr(self.last_avail))
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return head, self.walk(self.desc, head, self.num)
 
     def walk(self, table: int, index: int, size: int) -> list[tuple[int, int, bool]]:
         chain = []
         for _ in range(size):
-            addr, length, flags, nxt = DESC.unpack(self.mem.read_sync(table + 16 * index, 16))
+            desc = self.mem.read_sync(table + DESC_SIZE * index, DESC_SIZE)
+            addr, length, flags, nxt = DESC.unpack(desc)
             if flags & VIRTQ_DESC_F_INDIRECT:
-                assert not flags & VIRTQ_DESC_F_NEXT and length % 16 == 0
-                return chain + self.walk(addr, 0, length // 16)
+                assert not flags & VIRTQ_DESC_F_NEXT and length % DESC_SIZE == 0
+                return chain + self.walk(addr, 0, length // DESC_SIZE)
             chain.append((addr, length, bool(flags & VIRTQ_DESC_F_WRITE)))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
@@ -139,19 +142,21 @@ class DeviceRing:
 
     def push(self, head: int, length: int) -> None:
         """Used element first, then used.idx, as the device must."""
-        slot = self.used + 4 + 8 * (self.used_idx % self.num)
-        self.mem.write_sync(slot, struct.pack("<II", head, length))
+        self.mem.write_sync(self.layout.used_elem_addr(self.used_idx), USED_ELEM.pack(head, length))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.mem.store_u16(self.used + 2, self.used_idx)
+        self.mem.store_u16(self.layout.used_idx, self.used_idx)
 
     def avail_flags(self) -> int:
-        return self.mem.load_u16(self.avail)
+        return self.mem.load_u16(self.layout.avail_flags)
 
     def used_event(self) -> int:
-        return self.mem.load_u16(self.avail + 4 + 2 * self.num)
+        return self.mem.load_u16(self.layout.used_event)
 
     def set_avail_event(self, value: int) -> None:
-        self.mem.store_u16(self.used + 4 + 8 * self.num, value)
+        self.mem.store_u16(self.layout.avail_event, value)
+
+    def set_used_flags(self, value: int) -> None:
+        self.mem.store_u16(self.layout.used_flags, value)
 
 
 class Kicks:
@@ -190,26 +195,11 @@ def remote(request) -> bool:
 # -- layout -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("num", "avail_off", "used_off", "size"),
-    [
-        (1, 16, 4096, 4110),
-        (128, 2048, 4096, 5126),
-        (256, 4096, 8192, 10246),
-        (512, 8192, 12288, 16390),
-        (1024, 16384, 20480, 28678),
-    ],
-)
-def test_legacy_layout_matches_reference_table(num, avail_off, used_off, size):
-    a = legacy_addresses(0x10000, num)
-    assert (a.avail - a.desc, a.used - a.desc, vring_size(num)) == (avail_off, used_off, size)
-
-
 async def test_legacy_ring_is_one_page_aligned_zeroed_block():
     ram = FakeRAM()
     ram.buffer[:] = b"\xaa" * len(ram.buffer)
     vq, _, _ = await make_vq(ram, 256, "legacy")
-    assert vq.addresses.desc % 4096 == 0 and vq.addresses.blocks == (vq.addresses.desc,)
+    assert vq.addresses.desc % 4096 == 0 and vq.blocks == (vq.addresses.desc,)
     assert ram.blocks[vq.addresses.desc] == vring_size(256)
     assert ram.memory.read_sync(vq.addresses.desc, vring_size(256)) == bytes(vring_size(256))
 
@@ -219,9 +209,9 @@ async def test_modern_rings_are_three_aligned_zeroed_areas():
     ram.buffer[:] = b"\xaa" * len(ram.buffer)
     vq, _, _ = await make_vq(ram, 16)
     a = vq.addresses
-    assert len(a.blocks) == 3 and a.desc % 16 == 0 and a.avail % 2 == 0 and a.used % 4 == 0
-    assert ram.memory.read_sync(a.avail, 6 + 2 * 16) == bytes(38)
-    assert ram.memory.read_sync(a.used, 6 + 8 * 16) == bytes(134)
+    assert len(vq.blocks) == 3 and a.desc % 16 == 0 and a.avail % 2 == 0 and a.used % 4 == 0
+    assert ram.memory.read_sync(a.avail, avail_ring_size(16)) == bytes(38)
+    assert ram.memory.read_sync(a.used, used_ring_size(16)) == bytes(134)
     vq.free_rings()
     assert not ram.blocks
 
@@ -240,7 +230,7 @@ async def test_add_publishes_descriptors_slot_then_index(remote):
     ram = FakeRAM(remote=remote)
     vq, dev, kicks = await make_vq(ram)
     await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 512), (0x4008_2000, 1)], "req")
-    assert dev.mem.load_u16(dev.avail + 2) == 1
+    assert dev.avail_idx() == 1
     head, chain = dev.pop()
     assert chain == [(0x4008_0000, 16, False), (0x4008_1000, 512, True), (0x4008_2000, 1, True)]
     assert vq.num_free == 5 and kicks.count == 0
@@ -257,7 +247,7 @@ async def test_a_chain_that_fits_goes_direct_even_with_indirect(remote):
     blocks = len(ram.blocks)
     await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 8), (0x4008_2000, 1)], "direct")
     assert vq.num_free == 5 and len(ram.blocks) == blocks  # no table allocated
-    assert not DESC.unpack(ram.mapped.read_sync(dev.desc, 16))[2] & VIRTQ_DESC_F_INDIRECT
+    assert not DESC.unpack(ram.mapped.read_sync(dev.desc, DESC_SIZE))[2] & VIRTQ_DESC_F_INDIRECT
     _, chain = dev.pop()
     assert chain == [(0x4008_0000, 16, False), (0x4008_1000, 8, True), (0x4008_2000, 1, True)]
 
@@ -275,8 +265,8 @@ async def test_a_chain_that_does_not_fit_takes_one_slot_and_a_table_freed_on_ret
     blocks = len(ram.blocks)
     await vq.add([(0x4008_0000, 16)], [(0x4008_1000, 8), (0x4008_2000, 1)], "ind")
     assert vq.num_free == 1 and len(ram.blocks) == blocks + 1
-    head_id = ram.mapped.load_u16(dev.avail + 4 + 2 * 6)
-    flags = DESC.unpack(ram.mapped.read_sync(dev.desc + 16 * head_id, 16))[2]
+    head_id = ram.mapped.load_u16(dev.layout.avail_slot_addr(6))
+    flags = DESC.unpack(ram.mapped.read_sync(dev.layout.desc_addr(head_id), DESC_SIZE))[2]
     assert flags == VIRTQ_DESC_F_INDIRECT
     for _ in range(6):
         dev.pop()
@@ -291,7 +281,7 @@ async def test_single_buffer_goes_direct_and_no_memory_for_a_table_means_no_room
     ram = FakeRAM()
     vq, dev, _ = await make_vq(ram, indirect=True)
     await vq.add([], [(0x4008_0000, 64)], "one")
-    assert DESC.unpack(ram.mapped.read_sync(dev.desc, 16))[2] == VIRTQ_DESC_F_WRITE
+    assert DESC.unpack(ram.mapped.read_sync(dev.desc, DESC_SIZE))[2] == VIRTQ_DESC_F_WRITE
     await fill(vq, 1)
     ram.limit = 16  # the 32-byte table does not fit, and neither do two ring descriptors
     with pytest.raises(QueueFullError):
@@ -362,7 +352,7 @@ async def test_submit_waits_for_a_free_slot_when_full(remote):
     dev.push(head, 8)
     await vq.interrupt()
     await settle()
-    assert dev.mem.load_u16(dev.avail + 2) == 3  # the third went out once a slot came back
+    assert dev.avail_idx() == 3  # the third went out once a slot came back
     await complete_all(dev, vq, {})
     assert await wait(asyncio.gather(*tasks)) == [8, 0, 0]
 
@@ -392,7 +382,7 @@ async def test_indexes_wrap_past_65535(start, remote):
     ram = FakeRAM(remote=remote)
     vq, dev, kicks = await make_vq(ram, 4, event_idx=True)
     vq._avail_idx = vq._last_used = start
-    ram.mapped.store_u16(dev.avail + 2, start)
+    ram.mapped.store_u16(dev.layout.avail_idx, start)
     dev.start_at(start)
     dev.set_avail_event(start)
     for round_ in range(6):
@@ -402,7 +392,7 @@ async def test_indexes_wrap_past_65535(start, remote):
         assert await wait(asyncio.gather(*tasks)) == [round_ + i for i in range(4)]
         dev.set_avail_event(dev.last_avail)
     end = (start + 24) & 0xFFFF
-    assert ram.mapped.load_u16(dev.avail + 2) == end and vq._last_used == end
+    assert dev.avail_idx() == end and vq._last_used == end
     assert dev.used_event() == end
     assert kicks.count == 6  # one kick per round: avail_event named each round's first entry
 
@@ -416,7 +406,7 @@ async def test_many_rounds_through_the_real_wrap():
         head, _ = dev.pop()
         dev.push(head, 0)
         assert await vq.get_buf() == (i, 0)
-    assert ram.memory.load_u16(dev.avail + 2) == 4 and ram.memory.load_u16(dev.used + 2) == 4
+    assert dev.avail_idx() == 4 and ram.memory.load_u16(dev.layout.used_idx) == 4
 
 
 # -- notification suppression -------------------------------------------------------------------
@@ -447,7 +437,7 @@ async def test_event_idx_crossing_at_the_wrap():
     ram = FakeRAM()
     vq, dev, _ = await make_vq(ram, 8, event_idx=True)
     vq._avail_idx = 65534
-    ram.memory.store_u16(dev.avail + 2, 65534)
+    ram.memory.store_u16(dev.layout.avail_idx, 65534)
     dev.start_at(65534)
     dev.set_avail_event(0)
     await vq.add([(0x4008_0000, 4)], [], "a")
@@ -460,10 +450,10 @@ async def test_event_idx_crossing_at_the_wrap():
 async def test_used_no_notify_flag_suppresses_kicks_without_event_idx():
     ram = FakeRAM()
     vq, dev, kicks = await make_vq(ram)
-    ram.memory.store_u16(dev.used, VIRTQ_USED_F_NO_NOTIFY)
+    dev.set_used_flags(VIRTQ_USED_F_NO_NOTIFY)
     await vq.add([(0x4008_0000, 4)], [], 1)
     assert not await vq.kick()
-    ram.memory.store_u16(dev.used, 0)
+    dev.set_used_flags(0)
     await vq.add([(0x4008_0000, 4)], [], 2)
     assert await vq.kick() and kicks.count == 1
 

@@ -87,11 +87,11 @@ async def test_device_needs_reset_is_reported_and_recovered(server):
         blk = await attach(conn, 1)
         vq = blk.vq
         memory = conn.ram.memory
-        avail = vq.addresses.avail
+        a = vq.addresses
         # Publish a head that does not exist, as a buggy driver would.
-        idx = await memory.read_u16(avail + 2)
-        await memory.write_u16(avail + 4 + 2 * (idx % vq.num), vq.num + 7)
-        await memory.write_u16(avail + 2, idx + 1)
+        idx = await memory.read_u16(a.avail_idx)
+        await memory.write_u16(a.avail_slot_addr(idx), vq.num + 7)
+        await memory.write_u16(a.avail_idx, idx + 1)
         await conn.mmio_write(blk.dev.base + 0x50, 4, vq.index)
         await wait_until(lambda: blk.needs_reset)
         assert await blk.dev.get_status() & Status.DEVICE_NEEDS_RESET

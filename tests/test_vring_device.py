@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
-import struct
 
 import pytest
 from hypothesis import given, settings
@@ -41,6 +40,7 @@ from viowire.virtio.constants import (
     Status,
 )
 from viowire.virtio.memory import GuestMemoryError, MappedGuestMemory
+from viowire.virtio.ring import DESC
 
 TIMEOUT = 2.0
 
@@ -75,11 +75,7 @@ class PatternBackend(VirtioBackend):
 
 
 def queue_on(ring: RingBuilder, *, indirect: bool = True, event_idx: bool = False):
-    queue = SplitVirtqueue(0, ring.num)
-    queue.desc_addr, queue.avail_addr, queue.used_addr = ring.desc, ring.avail, ring.used
-    queue.indirect, queue.event_idx = indirect, event_idx
-    queue.ready = True
-    return queue
+    return ring.device_queue(indirect=indirect, event_idx=event_idx)
 
 
 @pytest.fixture
@@ -551,7 +547,7 @@ def _writable_then_readable(ring):
 
 
 def _raw(addr, length, flags=0, next=0):
-    return struct.pack("<QIHH", addr, length, flags, next)
+    return DESC.pack(addr, length, flags, next)
 
 
 MALFORMED = {
@@ -677,7 +673,7 @@ def _fuzz_descriptor():
         st.one_of(st.integers(1, 64), st.sampled_from([0, 16, 24, 48, 0xFFFF_FFFF])),  # len
         st.sampled_from([0, 1, 2, 3, 1, 3, 4, 5, 6, 7]),  # NEXT, WRITE, INDIRECT
         st.one_of(st.integers(0, FUZZ_NUM - 1), st.integers(0, FUZZ_NUM + 1)),  # next
-    ).map(lambda d: struct.pack("<QIHH", *d))
+    ).map(lambda d: DESC.pack(*d))
 
 
 def _sometimes_bad(good_max: int, bad_max: int):
@@ -700,7 +696,7 @@ def test_random_rings_never_hang_or_escape(table, slots, avail_idx, noise):
     ring = RingBuilder(ram, FUZZ_NUM)
     ram.write(ring.desc, b"".join(table))
     for i, head in enumerate(slots):
-        ram.set_u16(ring.avail + 4 + 2 * i, head)
+        ram.set_u16(ring.layout.avail_slot_addr(i), head)
     ring.avail_idx = avail_idx
     queue = queue_on(ring)
 
@@ -765,7 +761,7 @@ def _plausible_descriptor(entries: int):
         st.sampled_from([4, 4, 4, 5, 6]),
         st.integers(0, entries - 1),
     )
-    return st.one_of(plain, plain, plain, indirect).map(lambda d: struct.pack("<QIHH", *d))
+    return st.one_of(plain, plain, plain, indirect).map(lambda d: DESC.pack(*d))
 
 
 @settings(max_examples=600, deadline=None)
@@ -792,7 +788,7 @@ def test_shared_memory_pop_is_the_general_pop(
         ram.write(ITABLE, b"".join(itable))
         ring_slots = [slots[(last + k) % FUZZ_NUM] for k in range(FUZZ_NUM)]
         for i, head in enumerate(ring_slots):
-            ram.set_u16(ring.avail + 4 + 2 * i, head)
+            ram.set_u16(ring.layout.avail_slot_addr(i), head)
         ring.avail_idx = last + pending
         queue = queue_on(ring, indirect=indirect, event_idx=event_idx)
         queue.last_avail_idx = queue.used_idx = last
@@ -842,7 +838,7 @@ async def test_a_kept_ring_error_does_not_pin_the_shared_mapping():
     queue = queue_on(ring)
     ring.add_chain([], [1])  # descriptor 0
     table = ram.alloc(DESC_SIZE * 2, 16)
-    ram.write(table, struct.pack("<QIHH", RAM_GPA, 1, VIRTQ_DESC_F_INDIRECT, 0) * 2)
+    ram.write(table, DESC.pack(RAM_GPA, 1, VIRTQ_DESC_F_INDIRECT, 0) * 2)
     ring.set_desc(1, table, DESC_SIZE * 2, VIRTQ_DESC_F_INDIRECT)
     ring.publish(1)
     assert (await queue.pop(memory)).head == 0
@@ -865,8 +861,7 @@ async def test_indirect_prefetch_cap_splits_batches_alike():
         ring = RingBuilder(ram, 8)
         buffer = ram.alloc(1)
         table = b"".join(
-            struct.pack(
-                "<QIHH",
+            DESC.pack(
                 buffer,
                 1,
                 VIRTQ_DESC_F_WRITE | (VIRTQ_DESC_F_NEXT if i + 1 < entries else 0),

@@ -17,30 +17,32 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from viowire.client.errors import DeviceBrokenError, QueueDeletedError, QueueFullError
-from viowire.virtio.constants import (
+from viowire.virtio.constants import PAGE_SIZE
+from viowire.virtio.memory import GuestMemory, MappedGuestMemory, full_barrier
+from viowire.virtio.ring import (
+    DESC,
     DESC_SIZE,
-    MAX_QUEUE_SIZE,
-    PAGE_SIZE,
+    USED_ELEM,
     USED_ELEM_SIZE,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
-    VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
+    RingLayout,
+    area_sizes,
+    indirect_descriptor,
+    valid_queue_size,
+    vring_need_event,
+    vring_size,
 )
-from viowire.virtio.memory import GuestMemory, MappedGuestMemory, full_barrier
 
 log = logging.getLogger(__name__)
-
-_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-_USED_ELEM = struct.Struct("<II")  # id, len
 
 Layout = Literal["legacy", "modern"]
 Buffers = Sequence[tuple[int, int]]  # (gpa, length)
@@ -53,40 +55,6 @@ class Allocator(Protocol):
     def alloc(self, size: int, align: int = 16) -> int: ...
 
     def free(self, gpa: int) -> None: ...
-
-
-def vring_need_event(event: int, new: int, old: int) -> bool:
-    """Linux's crossing test, mod 2^16: did moving an index from ``old`` to ``new`` pass it?"""
-    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
-
-
-def align_up(value: int, align: int) -> int:
-    return (value + align - 1) & ~(align - 1)
-
-
-def vring_size(num: int, align: int = PAGE_SIZE) -> int:
-    """Bytes of the legacy contiguous ring (Linux ``vring_size``, reference §4.3)."""
-    return align_up(DESC_SIZE * num + 2 * (3 + num), align) + 2 * 3 + USED_ELEM_SIZE * num
-
-
-@dataclass(frozen=True)
-class VringAddresses:
-    """Where the three parts of a ring live, and the blocks to free when it goes."""
-
-    desc: int
-    avail: int
-    used: int
-    blocks: tuple[int, ...]
-
-
-def legacy_addresses(base: int, num: int, align: int = PAGE_SIZE) -> VringAddresses:
-    """The legacy layout at ``base``: desc, avail right after, used at the next ``align``.
-
-    The +2 before aligning is the used_event slot, which Linux always reserves (reference §4.3).
-    """
-    avail = base + DESC_SIZE * num
-    used = align_up(avail + 4 + 2 * num + 2, align)
-    return VringAddresses(base, avail, used, (base,))
 
 
 async def maybe_await(value: object) -> None:
@@ -131,7 +99,7 @@ class Virtqueue:
         on_publish: Callable[[Virtqueue], None] | None = None,
     ) -> None:
         """Allocate the rings; raises ``MemoryError`` if they do not fit (the caller shrinks)."""
-        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
+        if not valid_queue_size(num):
             raise ValueError(f"split virtqueue size {num} is not a power of two in 1..32768")
         self.index = index
         self.num = num
@@ -144,7 +112,9 @@ class Virtqueue:
         self.device = device
         self.name = name
         self._notify = notify
-        self.addresses = self._allocate()
+        self.addresses, self.blocks = self._allocate()
+        """Where the ring's areas are (a :class:`RingLayout`), and the allocated blocks that
+        hold them (freed by :meth:`free_rings`; empty once freed)."""
         self.broken: Exception | None = None
         self._mapped = memory if isinstance(memory, MappedGuestMemory) else None
         self._loop: asyncio.AbstractEventLoop | None = None  # get_running_loop() is a syscall
@@ -175,50 +145,33 @@ class Virtqueue:
 
     # -- memory ---------------------------------------------------------------------------------
 
-    def _allocate(self) -> VringAddresses:
+    def _allocate(self) -> tuple[RingLayout, tuple[int, ...]]:
         if self.layout == "legacy":
             base = self.allocator.alloc(vring_size(self.num), PAGE_SIZE)
-            return legacy_addresses(base, self.num)
+            return RingLayout.legacy(base, self.num), (base,)
         blocks: list[int] = []
         try:
-            for size, align in (
-                (DESC_SIZE * self.num, 16),
-                (6 + 2 * self.num, 2),
-                (6 + USED_ELEM_SIZE * self.num, 4),
-            ):
+            for size, align in area_sizes(self.num):
                 blocks.append(self.allocator.alloc(size, align))
         except BaseException:
             for gpa in blocks:
                 self.allocator.free(gpa)
             raise
-        return VringAddresses(blocks[0], blocks[1], blocks[2], tuple(blocks))
+        return RingLayout(self.num, *blocks), tuple(blocks)
 
     async def _zero_rings(self) -> None:
         a = self.addresses
         if self.layout == "legacy":
             await self.memory.write(a.desc, bytes(vring_size(self.num)))
             return
-        await self.memory.writev(
-            [
-                (a.desc, bytes(DESC_SIZE * self.num)),
-                (a.avail, bytes(6 + 2 * self.num)),
-                (a.used, bytes(6 + USED_ELEM_SIZE * self.num)),
-            ]
-        )
+        await self.memory.writev([(addr, bytes(size)) for _, addr, size, _ in a.areas()])
 
     def free_rings(self) -> None:
         """Give the ring memory back. Only once the device has stopped using the queue."""
-        for gpa in self.addresses.blocks:
+        for gpa in self.blocks:
             self.allocator.free(gpa)
-        self.addresses = VringAddresses(0, 0, 0, ())
-
-    @property
-    def _used_event(self) -> int:
-        return self.addresses.avail + 4 + 2 * self.num
-
-    @property
-    def _avail_event(self) -> int:
-        return self.addresses.used + 4 + USED_ELEM_SIZE * self.num
+        self.blocks = ()
+        self.addresses = RingLayout(self.num, 0, 0, 0)
 
     @property
     def num_free(self) -> int:
@@ -325,7 +278,8 @@ class Virtqueue:
     ) -> None:
         """Publish a chain in mapped memory: descriptors, then the ring slot, then avail.idx."""
         mem = self._mapped
-        descs = mem.view(self.addresses.desc, DESC_SIZE * self.num)
+        a = self.addresses
+        descs = mem.view(a.desc, DESC_SIZE * self.num)
         if table is None:  # packed straight into the descriptor table
             ids, _ = self._take(out_bufs, in_bufs, count, token, release, table, descs)
             head = ids[0]
@@ -333,12 +287,11 @@ class Virtqueue:
             ids, packed = self._take(out_bufs, in_bufs, count, token, release, table)
             head = ids[0]
             mem.write_sync(table, packed)
-            descs[DESC_SIZE * head : DESC_SIZE * (head + 1)] = _indirect_desc(table, count)
-        avail = self.addresses.avail
+            descs[DESC_SIZE * head : DESC_SIZE * (head + 1)] = indirect_descriptor(table, count)
         idx = self._avail_idx
-        mem.store_u16(avail + 4 + 2 * (idx & (self.num - 1)), head)
+        mem.store_u16(a.avail_ring + 2 * (idx & (self.num - 1)), head)
         self._avail_idx = idx = (idx + 1) & 0xFFFF
-        mem.store_u16(avail + 2, idx)
+        mem.store_u16(a.avail_idx, idx)
         self._num_added += 1
 
     async def _add(
@@ -356,28 +309,27 @@ class Virtqueue:
             return
         ids, packed = self._take(out_bufs, in_bufs, count, token, release, table)
         head = ids[0]
-        desc = self.addresses.desc
+        a = self.addresses
         if table is None:
             writes = [
-                (desc + DESC_SIZE * d, bytes(packed[DESC_SIZE * i : DESC_SIZE * (i + 1)]))
+                (a.desc_addr(d), bytes(packed[DESC_SIZE * i : DESC_SIZE * (i + 1)]))
                 for i, d in enumerate(ids)
             ]
         else:
             writes = [
                 (table, bytes(packed)),
-                (desc + DESC_SIZE * head, _indirect_desc(table, count)),
+                (a.desc_addr(head), indirect_descriptor(table, count)),
             ]
-        avail = self.addresses.avail
         try:
             await self.memory.writev(writes)
-            await self.memory.write_u16(avail + 4 + 2 * (self._avail_idx & (self.num - 1)), head)
+            await self.memory.write_u16(a.avail_slot_addr(self._avail_idx), head)
         except BaseException:
             self._untake(head)
             raise
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
         self._num_added += 1
         # From here on the chain counts as published: a cancellation must not stop the store.
-        await asyncio.shield(self.memory.write_u16(avail + 2, self._avail_idx))
+        await asyncio.shield(self.memory.write_u16(a.avail_idx, self._avail_idx))
 
     async def kick(self) -> bool:
         """Notify the device of published chains unless it asked not to be; True if notified."""
@@ -408,7 +360,8 @@ class Virtqueue:
         span = self._kick_range()
         if span is None:
             return False
-        where = self._avail_event if self.event_idx else self.addresses.used
+        a = self.addresses
+        where = a.avail_event if self.event_idx else a.used_flags
         return self._kick_needed(*span, self._mapped.load_u16(where))
 
     async def _kick_prepare(self) -> bool:
@@ -417,7 +370,8 @@ class Virtqueue:
         span = self._kick_range()
         if span is None:
             return False
-        where = self._avail_event if self.event_idx else self.addresses.used
+        a = self.addresses
+        where = a.avail_event if self.event_idx else a.used_flags
         return self._kick_needed(*span, await self.memory.read_u16(where))
 
     async def submit(
@@ -537,7 +491,7 @@ class Virtqueue:
     def _check_usable(self) -> None:
         if self.broken is not None:
             raise self.broken
-        if not self.addresses.blocks:
+        if not self.blocks:
             raise QueueDeletedError(self.device, self.index)
 
     # -- consuming (virtqueue_get_buf_ctx_split) ------------------------------------------------
@@ -552,9 +506,9 @@ class Virtqueue:
             return item
 
     async def _more_used(self) -> bool:
-        if self.broken is not None or not self.addresses.blocks:
+        if self.broken is not None or not self.blocks:
             return False
-        return await self.memory.read_u16(self.addresses.used + 2) != self._last_used
+        return await self.memory.read_u16(self.addresses.used_idx) != self._last_used
 
     def _pending(self, used_idx: int) -> int:
         """Entries used since the last one taken; 0 if the device broke the ring by moving
@@ -586,19 +540,19 @@ class Virtqueue:
         return head
 
     async def _get_buf_locked(self) -> tuple[object, int] | None:
-        if self.broken is not None or not self.addresses.blocks:
+        a = self.addresses
+        if self.broken is not None or not self.blocks:
             return None
-        if not self._pending(await self.memory.read_u16(self.addresses.used + 2)):
+        if not self._pending(await self.memory.read_u16(a.used_idx)):
             return None
-        slot = self._last_used & (self.num - 1)
-        elem = self.addresses.used + 4 + USED_ELEM_SIZE * slot
-        head_id, length = _USED_ELEM.unpack(await self.memory.read(elem, USED_ELEM_SIZE))
+        elem = a.used_elem_addr(self._last_used)
+        head_id, length = USED_ELEM.unpack(await self.memory.read(elem, USED_ELEM_SIZE))
         head = self._take_used(head_id, length)
         if head is None:
             return None
         if self.event_idx and not self._cb_disabled:
             # Ask for an interrupt when the next entry is used (Linux does this on every get).
-            await self.memory.write_u16(self._used_event, self._last_used)
+            await self.memory.write_u16(a.used_event, self._last_used)
         return head.token, length
 
     def _detach(self, head_id: int, head: _Head) -> None:
@@ -643,16 +597,16 @@ class Virtqueue:
         the device broke the queue). With EVENT_IDX, used_event is moved once per batch and
         used.idx read again after it, so a chain used meanwhile is not left without interrupt.
         """
-        if self.broken is not None or not self.addresses.blocks:
+        if self.broken is not None or not self.blocks:
             return False
         mem = self._mapped
-        used = self.addresses.used
+        a = self.addresses
         mask = self.num - 1
-        unpack = _USED_ELEM.unpack_from
+        unpack = USED_ELEM.unpack_from
         found = False
-        while pending := self._pending(mem.load_u16(used + 2)):
+        while pending := self._pending(mem.load_u16(a.used_idx)):
             found = True
-            elems = mem.view(used + 4, USED_ELEM_SIZE * self.num)
+            elems = mem.view(a.used_ring, USED_ELEM_SIZE * self.num)
             for _ in range(pending):
                 head_id, length = unpack(elems, USED_ELEM_SIZE * (self._last_used & mask))
                 head = self._take_used(head_id, length)
@@ -661,7 +615,7 @@ class Virtqueue:
                 self._deliver(head, length)
             if not self.event_idx or self._cb_disabled or self.polling:
                 continue
-            mem.store_u16(self._used_event, self._last_used)
+            mem.store_u16(a.used_event, self._last_used)
             full_barrier()
         return found or self.broken is not None
 
@@ -672,30 +626,30 @@ class Virtqueue:
         if self._cb_disabled or self._mapped is None:
             return  # off already, at the caller's request
         if self.event_idx:
-            self._mapped.store_u16(self._used_event, (self._last_used - 1) & 0xFFFF)
+            self._mapped.store_u16(self.addresses.used_event, (self._last_used - 1) & 0xFFFF)
         else:
-            self._mapped.store_u16(self.addresses.avail, VIRTQ_AVAIL_F_NO_INTERRUPT)
+            self._mapped.store_u16(self.addresses.avail_flags, VIRTQ_AVAIL_F_NO_INTERRUPT)
 
     def allow_interrupts(self) -> bool:
         """Polling is over: notifications on again. True if chains were used meanwhile, whose
         notification the device may have skipped: collect them."""
         self.polling = False
         mem = self._mapped
-        if self._cb_disabled or mem is None or not self.addresses.blocks:
+        if self._cb_disabled or mem is None or not self.blocks:
             return False
         if self.event_idx:
-            mem.store_u16(self._used_event, self._last_used)
+            mem.store_u16(self.addresses.used_event, self._last_used)
         else:
-            mem.store_u16(self.addresses.avail, 0)
+            mem.store_u16(self.addresses.avail_flags, 0)
         full_barrier()
-        return bool(self._pending(mem.load_u16(self.addresses.used + 2)))
+        return bool(self._pending(mem.load_u16(self.addresses.used_idx)))
 
     def used_pending(self) -> bool:
         """Mapped memory: the device has returned chains not taken yet."""
         mem = self._mapped
-        if mem is None or self.broken is not None or not self.addresses.blocks:
+        if mem is None or self.broken is not None or not self.blocks:
             return False
-        return bool(self._pending(mem.load_u16(self.addresses.used + 2)))
+        return bool(self._pending(mem.load_u16(self.addresses.used_idx)))
 
     def can_collect_now(self) -> bool:
         """Whether :meth:`collect_now` can do :meth:`interrupt`'s work without awaiting: mapped
@@ -765,18 +719,20 @@ class Virtqueue:
             self._cb_disabled = True
             if self.event_idx:
                 # used.flags must stay 0 with EVENT_IDX: put used_event as far behind as possible.
-                await self.memory.write_u16(self._used_event, (self._last_used - 1) & 0xFFFF)
+                await self.memory.write_u16(
+                    self.addresses.used_event, (self._last_used - 1) & 0xFFFF
+                )
             else:
-                await self.memory.write_u16(self.addresses.avail, VIRTQ_AVAIL_F_NO_INTERRUPT)
+                await self.memory.write_u16(self.addresses.avail_flags, VIRTQ_AVAIL_F_NO_INTERRUPT)
 
     async def enable_cb(self) -> bool:
         """Re-enable interrupts; False if chains were used meanwhile (poll them, or miss them)."""
         async with self._lock:
             self._cb_disabled = False
             if self.event_idx:
-                await self.memory.write_u16(self._used_event, self._last_used)
+                await self.memory.write_u16(self.addresses.used_event, self._last_used)
             else:
-                await self.memory.write_u16(self.addresses.avail, 0)
+                await self.memory.write_u16(self.addresses.avail_flags, 0)
             # The re-check after the store: a chain used before it would raise no interrupt.
             full_barrier()
             return not await self._more_used()
@@ -789,8 +745,7 @@ class Virtqueue:
 
 
 _NO_ROOM = -1  # _placement: the chain cannot go out now
-_F_INDIRECT = VIRTQ_DESC_F_INDIRECT
-_F_NEXT = VIRTQ_DESC_F_NEXT
+_F_NEXT = VIRTQ_DESC_F_NEXT  # short names for _pack_chain's lines
 _F_WRITE = VIRTQ_DESC_F_WRITE
 
 
@@ -806,10 +761,6 @@ def _check_buffers(out_bufs: Buffers, in_bufs: Buffers) -> int:
     return count
 
 
-def _indirect_desc(table: int, count: int) -> bytes:
-    return _DESC.pack(table, DESC_SIZE * count, _F_INDIRECT, 0)
-
-
 def _pack_chain(
     out_bufs: Buffers,
     in_bufs: Buffers,
@@ -820,7 +771,7 @@ def _pack_chain(
     """Pack the chain's descriptors, readable then writable, into ``into``: the i-th at
     descriptor ``slots[i]``, linked to ``links[i + 1]`` (ring descriptors; for an indirect
     table ``range(n)``). Returns its device-writable bytes."""
-    pack_into = _DESC.pack_into
+    pack_into = DESC.pack_into
     last = len(out_bufs) + len(in_bufs) - 1
     i = 0
     for gpa, length in out_bufs:

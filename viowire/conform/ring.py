@@ -1,25 +1,34 @@
 """Split rings laid out by hand in guest memory (§2.7): v2 as three areas, v1 (legacy) as one
-QueuePFN block, programmed through the queue registers and driven index by index."""
+QueuePFN block, programmed through the queue registers and driven index by index.
+
+The layout is :class:`~viowire.virtio.ring.RingLayout`'s, as everywhere. The writing is this
+module's own: every access goes through the :class:`Dut` (remote memory, each access bounded in
+time, driver-only areas guarded), where :mod:`viowire.virtio.mock`'s ``RingBuilder`` writes an
+in-process memory synchronously for unit tests.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import struct
 from typing import TYPE_CHECKING
 
-from viowire.client.virtqueue import align_up
-from viowire.virtio.constants import DESC_SIZE, PAGE_SIZE, USED_ELEM_SIZE, Reg, Status
+from viowire.virtio.constants import PAGE_SIZE, Reg, Status
+from viowire.virtio.ring import (
+    DESC,
+    USED_ELEM,
+    USED_ELEM_SIZE,
+    RingLayout,
+    area_sizes,
+    avail_ring_size,
+    desc_table_size,
+    ring_areas,
+    vring_size,
+)
 
 if TYPE_CHECKING:
     from viowire.conform.dut import Dut
 
-DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-USED_ELEM = struct.Struct("<II")  # id, len
-
-
-def legacy_ring_size(num: int, align: int) -> int:
-    """Bytes of the legacy contiguous ring (§2.7.2, Linux ``vring_size``)."""
-    return align_up(DESC_SIZE * num + 2 * (3 + num), align) + 6 + USED_ELEM_SIZE * num
+__all__ = ["DESC", "Ring"]  # DESC: checks/chains.py packs its tables with it
 
 
 class Ring:
@@ -47,36 +56,46 @@ class Ring:
         self.legacy = dut.version == 1
         self.page_size = page_size
         self.align = align
-        self.desc = self.avail = self.used = self.pfn = 0
+        self.layout = RingLayout(num, 0, 0, 0)
+        """Where the ring is, once :meth:`allocate` has placed it."""
+        self.pfn = 0
         self.avail_idx = 0  # what the driver has published
         self.last_used = 0  # what the driver has consumed
         self.notified_at = 0.0
 
+    @property
+    def desc(self) -> int:
+        return self.layout.desc
+
+    @property
+    def avail(self) -> int:
+        return self.layout.avail
+
+    @property
+    def used(self) -> int:
+        return self.layout.used
+
     async def allocate(self) -> None:
         dut, cap = self.dut, self.capacity
         if self.legacy:
-            base = await dut.alloc(legacy_ring_size(cap, self.align), self.page_size)
-            self.desc, self.avail = base, base + DESC_SIZE * self.num
-            self.used = align_up(self.avail + 6 + 2 * self.num, self.align)
+            base = await dut.alloc(vring_size(cap, self.align), self.page_size)
+            self.layout = RingLayout.legacy(base, self.num, self.align)
             self.pfn = base // self.page_size
         else:
-            self.desc = await dut.alloc(DESC_SIZE * cap, 16)
-            self.avail = await dut.alloc(6 + 2 * cap, 2)
-            self.used = await dut.alloc(6 + USED_ELEM_SIZE * cap, 4)
+            desc, avail, used = [await dut.alloc(size, align) for size, align in area_sizes(cap)]
+            self.layout = RingLayout(self.num, desc, avail, used)
         guarded = self.num if self.legacy else cap  # legacy: the used ring follows at once
-        await dut.guard(self.desc, DESC_SIZE * guarded, "the descriptor table")
-        await dut.guard(self.avail, 6 + 2 * guarded, "the available ring")
+        await dut.guard(self.desc, desc_table_size(guarded), "the descriptor table")
+        await dut.guard(self.avail, avail_ring_size(guarded), "the available ring")
 
     async def rezero(self) -> None:
         """Zero all three parts again and forget the indices, as for a fresh ring."""
         cap = self.capacity
         if self.legacy:
-            size = legacy_ring_size(cap, self.align)
-            await self.dut.poke(self.desc, bytes(size))
+            await self.dut.poke(self.desc, bytes(vring_size(cap, self.align)))
         else:
-            await self.dut.poke(self.desc, bytes(DESC_SIZE * cap))
-            await self.dut.poke(self.avail, bytes(6 + 2 * cap))
-            await self.dut.poke(self.used, bytes(6 + USED_ELEM_SIZE * cap))
+            for _, addr, size, _ in ring_areas(cap, self.desc, self.avail, self.used):
+                await self.dut.poke(addr, bytes(size))
         self.avail_idx = self.last_used = 0
 
     async def program(self, *, ready: bool = True) -> None:
@@ -104,17 +123,17 @@ class Ring:
     async def set_desc(
         self, index: int, addr: int, length: int, flags: int = 0, next_index: int = 0
     ) -> None:
-        await self.dut.poke(
-            self.desc + DESC_SIZE * index, DESC.pack(addr, length & 0xFFFF_FFFF, flags, next_index)
-        )
+        desc = DESC.pack(addr, length & 0xFFFF_FFFF, flags, next_index)
+        await self.dut.poke(self.layout.desc_addr(index), desc)
 
     async def put(self, slot: int, head: int) -> None:
-        """avail.ring[slot] = head, without publishing it."""
-        await self.dut.poke_u16(self.avail + 4 + 2 * slot, head)
+        """avail.ring[slot] = head, without publishing it; ``slot`` may lie past ``num`` (in
+        the ``capacity``), for a device that takes another queue size."""
+        await self.dut.poke_u16(self.layout.avail_ring + 2 * slot, head)
 
     async def set_avail_idx(self, value: int) -> None:
         self.avail_idx = value & 0xFFFF
-        await self.dut.poke_u16(self.avail + 2, self.avail_idx)
+        await self.dut.poke_u16(self.layout.avail_idx, self.avail_idx)
 
     async def publish(self, *heads: int) -> None:
         """Ring slots first, then avail.idx (§2.7.13)."""
@@ -125,23 +144,23 @@ class Ring:
         await self.set_avail_idx(idx)
 
     async def set_used_event(self, value: int) -> None:
-        await self.dut.poke_u16(self.avail + 4 + 2 * self.num, value)
+        await self.dut.poke_u16(self.layout.used_event, value)
 
     async def notify(self) -> None:
         self.notified_at = asyncio.get_running_loop().time()
         await self.dut.write(Reg.QUEUE_NOTIFY, self.index)
 
     async def used_idx(self) -> int:
-        return await self.dut.memory.read_u16(self.used + 2)
+        return await self.dut.memory.read_u16(self.layout.used_idx)
 
     async def used_elem(self, position: int) -> tuple[int, int]:
         """(id, len) of the used element at free-running index ``position``."""
-        gpa = self.used + 4 + USED_ELEM_SIZE * (position % self.num)
+        gpa = self.layout.used_elem_addr(position)
         return USED_ELEM.unpack(await self.dut.memory.read(gpa, USED_ELEM_SIZE))
 
     async def used_slot(self, slot: int) -> tuple[int, int]:
         """(id, len) in used ring slot ``slot``, whatever the queue size."""
-        gpa = self.used + 4 + USED_ELEM_SIZE * slot
+        gpa = self.layout.used_ring + USED_ELEM_SIZE * slot
         return USED_ELEM.unpack(await self.dut.memory.read(gpa, USED_ELEM_SIZE))
 
     async def pending_used(self) -> int:

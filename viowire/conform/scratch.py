@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from viowire.client.virtqueue import Allocator, align_up
+from viowire.client.virtqueue import Allocator
 from viowire.virtio.memory import GuestMemory
+from viowire.virtio.ring import align_up
 
 CANARY = b"\xca\xfe\xf0\x0d" * 4
 POISON = 0xEE  # what device-writable buffers hold before the device writes them

@@ -27,26 +27,39 @@ import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-from viowire.virtio.constants import (
-    DESC_SIZE,
-    MAX_QUEUE_SIZE,
-    PAGE_SIZE,
-    USED_ELEM_SIZE,
-    VIRTQ_AVAIL_F_NO_INTERRUPT,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
-    VIRTQ_USED_F_NO_NOTIFY,
-)
+from viowire.virtio.constants import PAGE_SIZE
 from viowire.virtio.memory import (
     GuestMemory,
     GuestMemoryError,
     MappedGuestMemory,
     full_barrier,
 )
+from viowire.virtio.ring import (
+    AVAIL_FLAGS,
+    AVAIL_IDX,
+    AVAIL_RING,
+    DESC,
+    DESC_SIZE,
+    MAX_QUEUE_SIZE,
+    USED_ELEM,
+    USED_ELEM_SIZE,
+    USED_FLAGS,
+    USED_IDX,
+    USED_RING,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    RingLayout,
+    avail_event_offset,
+    ring_areas,
+    used_event_offset,
+    valid_queue_size,
+    vring_need_event,
+)
+from viowire.virtio.ring import is_power_of_2 as is_power_of_2  # server/mmio.py's QueueAlign
 
-_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-_USED_ELEM = struct.Struct("<II")  # id, len
 INDIRECT_MAX_ENTRIES = MAX_QUEUE_SIZE
 """Largest indirect table accepted (512 KiB): next is a u16, Linux never comes near it."""
 INDIRECT_PREFETCH_BYTES = 256 * 1024
@@ -174,19 +187,6 @@ def scatter(segments: Sequence[tuple[int, int]], data: bytes) -> list[tuple[int,
     return out
 
 
-def vring_need_event(event: int, new: int, old: int) -> bool:
-    """True when moving an index from ``old`` to ``new`` passes ``event`` (mod 2^16, §2.7.10)."""
-    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-
-
-def align_up(value: int, align: int) -> int:
-    return (value + align - 1) & ~(align - 1)
-
-
-def is_power_of_2(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0
-
-
 class SplitVirtqueue:
     """State of one split virtqueue as the device keeps it, and the operations on its rings.
 
@@ -196,7 +196,7 @@ class SplitVirtqueue:
     """
 
     def __init__(self, index: int, num_max: int) -> None:
-        if not is_power_of_2(num_max) or num_max > MAX_QUEUE_SIZE:
+        if not valid_queue_size(num_max):
             raise ValueError(f"queue_num_max {num_max} must be a power of 2 <= {MAX_QUEUE_SIZE}")
         self.index = index
         self.num_max = num_max
@@ -237,25 +237,18 @@ class SplitVirtqueue:
         """Version 1 QueuePFN: one contiguous block, used ring aligned to QueueAlign (§4.3)."""
         self.pfn = pfn
         self.align = align
-        base = pfn * page_size
-        self.desc_addr = base
-        self.avail_addr = base + DESC_SIZE * self.num
-        self.used_addr = align_up(self.avail_addr + 4 + 2 * self.num + 2, align)
+        layout = RingLayout.legacy(pfn * page_size, self.num, align)
+        self.desc_addr, self.avail_addr, self.used_addr = layout.desc, layout.avail, layout.used
 
     def check_size(self) -> None:
-        if not is_power_of_2(self.num) or self.num > self.num_max:
+        if not valid_queue_size(self.num, self.num_max):
             raise RingError(f"queue size {self.num} is not a power of 2 <= {self.num_max}")
 
     def check_layout(self, memory: GuestMemory) -> None:
         """Raise :class:`RingError` unless the size is valid and all three areas, with their
         event-index fields, are aligned (§2.7 table) and inside guest memory."""
         self.check_size()
-        n = self.num
-        areas = (
-            ("desc", self.desc_addr, DESC_SIZE * n, 16),
-            ("avail", self.avail_addr, 6 + 2 * n, 2),
-            ("used", self.used_addr, 6 + USED_ELEM_SIZE * n, 4),
-        )
+        areas = ring_areas(self.num, self.desc_addr, self.avail_addr, self.used_addr)
         for name, addr, size, alignment in areas:
             if addr % alignment:
                 raise RingError(f"Cannot map {name}: {addr:#x} is not {alignment}-byte aligned")
@@ -295,7 +288,7 @@ class SplitVirtqueue:
         if self.event_idx and self._avail_event != self.last_avail_idx:
             # Ask for a kick at the next new buffer; the avail.idx read below comes after this
             # write, so a buffer published in between is seen by that read (§2.7.10).
-            await memory.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * n, self.last_avail_idx)
+            await memory.write_u16(self.used_addr + avail_event_offset(n), self.last_avail_idx)
             self._check_epoch(epoch)
             self._avail_event = self.last_avail_idx
             if isinstance(memory, MappedGuestMemory):
@@ -305,8 +298,8 @@ class SplitVirtqueue:
         # the index, and the client answers the read as a whole.
         index, ring, table = await memory.readv(
             [
-                (self.avail_addr + 2, 2),
-                (self.avail_addr + 4, 2 * n),
+                (self.avail_addr + AVAIL_IDX, 2),
+                (self.avail_addr + AVAIL_RING, 2 * n),
                 (self.desc_addr, DESC_SIZE * n),
             ]
         )
@@ -354,17 +347,17 @@ class SplitVirtqueue:
         n = self.num
         last = self.last_avail_idx
         if self.event_idx and self._avail_event != last:
-            memory.store_u16(self.used_addr + 4 + USED_ELEM_SIZE * n, last)
+            memory.store_u16(self.used_addr + avail_event_offset(n), last)
             self._avail_event = last
             full_barrier()  # the avail.idx load below must not pass that store (§2.7.10)
-        avail_idx = memory.load_u16(self.avail_addr + 2)
+        avail_idx = memory.load_u16(self.avail_addr + AVAIL_IDX)
         pending = (avail_idx - last) & 0xFFFF
         if pending > n:
             raise RingError(f"Guest moved used index from {last} to {avail_idx}")
         if not pending:
             return
         lo, hi, region = memory.single_region()
-        ring = self.avail_addr + 4
+        ring = self.avail_addr + AVAIL_RING
         for addr, size in ((ring, 2 * n), (self.desc_addr, DESC_SIZE * n)):
             if not (lo <= addr and addr + size <= hi):
                 memory.check(addr, size)  # raises, as the general path's readv would
@@ -381,7 +374,7 @@ class SplitVirtqueue:
     # -- polling (shared memory only) -------------------------------------------------------------
     def avail_pending(self, memory: MappedGuestMemory) -> bool:
         """The driver has made buffers available that were not popped yet."""
-        return memory.load_u16(self.avail_addr + 2) != self.last_avail_idx
+        return memory.load_u16(self.avail_addr + AVAIL_IDX) != self.last_avail_idx
 
     def suppress_kicks(self, memory: MappedGuestMemory) -> None:
         """Ask the driver not to notify: the device polls the ring meanwhile (§2.7.10). With
@@ -389,20 +382,20 @@ class SplitVirtqueue:
         no index until it is moved; without it, VIRTQ_USED_F_NO_NOTIFY."""
         if self.event_idx:
             behind = (self.last_avail_idx - 1) & 0xFFFF
-            memory.store_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.num, behind)
+            memory.store_u16(self.used_addr + avail_event_offset(self.num), behind)
             self._avail_event = behind
         else:
-            memory.store_u16(self.used_addr, VIRTQ_USED_F_NO_NOTIFY)
+            memory.store_u16(self.used_addr + USED_FLAGS, VIRTQ_USED_F_NO_NOTIFY)
 
     def allow_kicks(self, memory: MappedGuestMemory) -> bool:
         """Ask for notifications again; True if buffers came meanwhile (serve them: the driver
         may have skipped their notification)."""
         if self.event_idx:
             last = self.last_avail_idx
-            memory.store_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.num, last)
+            memory.store_u16(self.used_addr + avail_event_offset(self.num), last)
             self._avail_event = last
         else:
-            memory.store_u16(self.used_addr, 0)
+            memory.store_u16(self.used_addr + USED_FLAGS, 0)
         full_barrier()
         return self.avail_pending(memory)
 
@@ -420,7 +413,7 @@ class SplitVirtqueue:
         """
         n = self.num
         lo, hi, region = memory.single_region()
-        unpack_from = _DESC.unpack_from
+        unpack_from = DESC.unpack_from
         indirect_ok = self.indirect
         budget = n  # descriptors in flight can never exceed the table ("Virtqueue size exceeded")
         indirect_bytes = 0
@@ -553,7 +546,7 @@ class SplitVirtqueue:
         segments to ``chain``. Returns the (addr, len) of an indirect table that ends the chain,
         if any, and the number of descriptors visited. At most ``size`` steps: a longer walk is a
         loop."""
-        unpack_from = _DESC.unpack_from
+        unpack_from = DESC.unpack_from
         check = memory.check
         readable, writable = chain.readable, chain.writable
         index = start
@@ -621,8 +614,8 @@ class SplitVirtqueue:
         idx = self.used_idx
         segments: list[tuple[int, bytes]] = []
         for head, length in used:
-            gpa = self.used_addr + 4 + USED_ELEM_SIZE * (idx % n)
-            elem = _USED_ELEM.pack(head, length)
+            gpa = self.used_addr + USED_RING + USED_ELEM_SIZE * (idx % n)
+            elem = USED_ELEM.pack(head, length)
             if segments and segments[-1][0] + len(segments[-1][1]) == gpa:
                 segments[-1] = (segments[-1][0], segments[-1][1] + elem)
             else:
@@ -630,7 +623,7 @@ class SplitVirtqueue:
             idx = (idx + 1) & 0xFFFF
         await memory.writev(segments)
         self._check_epoch(epoch)
-        await memory.write_u16(self.used_addr + 2, idx)
+        await memory.write_u16(self.used_addr + USED_IDX, idx)
         self._check_epoch(epoch)
         self.used_idx = idx
 
@@ -638,12 +631,12 @@ class SplitVirtqueue:
         """:meth:`push_many` in place: elements packed into the used ring, then used.idx."""
         n = self.num
         idx = self.used_idx
-        pack_into = _USED_ELEM.pack_into
-        with memory.view(self.used_addr + 4, USED_ELEM_SIZE * n) as ring:
+        pack_into = USED_ELEM.pack_into
+        with memory.view(self.used_addr + USED_RING, USED_ELEM_SIZE * n) as ring:
             for head, length in used:
                 pack_into(ring, USED_ELEM_SIZE * (idx % n), head, length)
                 idx = (idx + 1) & 0xFFFF
-        memory.store_u16(self.used_addr + 2, idx)
+        memory.store_u16(self.used_addr + USED_IDX, idx)
         self.used_idx = idx
 
     async def needs_notification(self, memory: GuestMemory, old_used_idx: int) -> bool:
@@ -660,7 +653,7 @@ class SplitVirtqueue:
             full_barrier()  # the used.idx store above must not pass the load below (§2.7.10)
         mapped = type(memory) is MappedGuestMemory  # in place (a subclass may interpose)
         if self.event_idx:
-            used_event_addr = self.avail_addr + 4 + 2 * self.num
+            used_event_addr = self.avail_addr + used_event_offset(self.num)
             if mapped:
                 used_event = memory.load_u16(used_event_addr)
             else:
@@ -670,9 +663,8 @@ class SplitVirtqueue:
             self.signalled_used_valid = True
             self.signalled_used = new
             return first or vring_need_event(used_event, new, old_used_idx)
-        flags = (
-            memory.load_u16(self.avail_addr) if mapped else await memory.read_u16(self.avail_addr)
-        )
+        flags_addr = self.avail_addr + AVAIL_FLAGS
+        flags = memory.load_u16(flags_addr) if mapped else await memory.read_u16(flags_addr)
         self._check_epoch(epoch)
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 

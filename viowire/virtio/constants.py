@@ -180,7 +180,7 @@ BLK_SECTOR_SIZE = 512
 BLK_ID_BYTES = 20
 BLK_REQ_HEADER_SIZE = 16  # type u32, reserved (ioprio) u32, sector u64
 
-# Split virtqueue (§2.7)
+# Split virtqueue (§2.7): the numbers; the layout built from them is viowire/virtio/ring.py
 VIRTQ_DESC_F_NEXT = 0x1
 VIRTQ_DESC_F_WRITE = 0x2
 VIRTQ_DESC_F_INDIRECT = 0x4
