@@ -1,6 +1,6 @@
 """Drive examples/loopback.py's device from Python with the generic driver: no transport code.
 
-    python examples/loopback_client.py unix:///tmp/loopback.sock
+python examples/loopback_client.py unix:///tmp/loopback.sock
 """
 
 import asyncio
