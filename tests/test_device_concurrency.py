@@ -9,6 +9,7 @@ from its side by :class:`WatchedBlock`. Every wait is bounded; nothing is timed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import struct
@@ -94,33 +95,49 @@ def watch(monkeypatch) -> Watch:
 
 
 class DiskGate:
-    """Holds the preads of one image file in their I/O threads until :meth:`open` (only those
-    at the offsets ``holds`` picks): a disk that stalls. The reads themselves are real."""
+    """A disk that stalls at the offsets ``holds`` picks: the page cache does not have them
+    (a read that must not wait is refused, EAGAIN), and their preads wait in their I/O threads
+    until :meth:`open`. The reads themselves are real; ``preads`` counts every pread of the
+    image (the reads done on a thread)."""
 
     def __init__(self, image: Path, holds: Callable[[int], bool] = lambda offset: True) -> None:
         self.inode = os.stat(image).st_ino
         self.holds = holds
+        self.preads = 0
         self.entered = 0  # preads held (or passing through) now or before
         self.left = 0  # of those, returned
         self._opened = threading.Event()
         self._lock = threading.Lock()
 
     def install(self, monkeypatch) -> None:
-        real = os.pread
+        real_pread, real_preadv = os.pread, os.preadv
+
+        def preadv(fd: int, buffers, offset: int, flags: int = 0) -> int:
+            if flags & os.RWF_NOWAIT and self._ours(fd) and self.holds(offset):
+                raise BlockingIOError(errno.EAGAIN, "not in the page cache")
+            return real_preadv(fd, buffers, offset, flags)
 
         def pread(fd: int, length: int, offset: int) -> bytes:
-            if os.fstat(fd).st_ino != self.inode or not self.holds(offset):
-                return real(fd, length, offset)
+            if not self._ours(fd):
+                return real_pread(fd, length, offset)
+            with self._lock:
+                self.preads += 1
+            if not self.holds(offset):
+                return real_pread(fd, length, offset)
             with self._lock:
                 self.entered += 1
             try:
                 self._opened.wait(WAIT)
-                return real(fd, length, offset)
+                return real_pread(fd, length, offset)
             finally:
                 with self._lock:
                     self.left += 1
 
+        monkeypatch.setattr(os, "preadv", preadv)
         monkeypatch.setattr(os, "pread", pread)
+
+    def _ours(self, fd: int) -> bool:
+        return os.fstat(fd).st_ino == self.inode
 
     def open(self) -> None:
         self._opened.set()
@@ -305,6 +322,36 @@ async def test_a_stalled_disk_does_not_stall_other_sessions(tmp_path, monkeypatc
             gate.open()
             async with asyncio.timeout(WAIT):
                 await asyncio.gather(*stuck)
+
+
+async def test_cached_reads_are_inline_and_the_others_go_to_a_thread(tmp_path, monkeypatch):
+    """Sectors the page cache holds are read at once on the loop; sectors it does not (dropped
+    with POSIX_FADV_DONTNEED) are read on a thread, with the same result."""
+    image = tmp_path / "disk.img"
+    contents = fill(image, 8192)  # 4 MiB: sector 6000 is far past any readahead from 0
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            # (a refused read may start readahead: this probe looks far from sector 6000)
+            os.preadv(fd, [bytearray(SECTOR)], 3000 * SECTOR, os.RWF_NOWAIT)
+            pytest.skip(f"the file system of {tmp_path} keeps every page cached")
+        except BlockingIOError:
+            pass
+        os.pread(fd, 4 * SECTOR, 0)  # these are cached again
+    finally:
+        os.close(fd)
+    gate = DiskGate(image, holds=lambda offset: False)  # it only counts
+    gate.install(monkeypatch)
+    spec = PlatformSpec([DeviceSpec("blk", 2, {"path": str(image)})])
+    async with running_server(tmp_path, spec) as server:
+        conn, blk = await open_disk(url_of(server, "unix"))
+        async with conn, asyncio.timeout(WAIT):
+            assert await blk.read(SECTOR, 2 * SECTOR) == contents[1] + contents[2]
+            assert gate.preads == 0
+            assert await blk.read(6000 * SECTOR, SECTOR) == contents[6000]
+            assert gate.preads == 1
 
 
 async def test_file_backed_data_is_on_the_disk_after_flush(tmp_path):
