@@ -295,7 +295,6 @@ class BlockBackend(Device):
         """``latency``: seconds (or a duration such as ``10ms``) by which every request's
         completion is delayed; 0 serves RAM disk requests inline, as fast as they come."""
         super().__init__()
-        self.latency = parse_duration(latency)
         self._file: _FileImage | None = None
         if path is None:
             if size is None or size < 0:
@@ -306,8 +305,20 @@ class BlockBackend(Device):
                 raise ValueError(f"size {size} is negative")
             self._image = self._file = _FileImage(path, size, readonly)
             self._budget = _DataBudget(max(FILE_BYTES_IN_FLIGHT, self.max_data_bytes))
+        self.latency = latency
         self.readonly = readonly
         self.serial = serial.encode()[:BLK_ID_BYTES]
+
+    @property
+    def latency(self) -> float:
+        """Seconds by which every request's completion is delayed (null_blk's
+        completion_nsec); it may be changed at any time, for the requests that come next."""
+        return self._latency
+
+    @latency.setter
+    def latency(self, value: float | str) -> None:
+        self._latency = parse_duration(value)
+        self._waits = bool(self._latency) or self._file is not None
 
     @property
     def capacity(self) -> int:
@@ -344,13 +355,19 @@ class BlockBackend(Device):
         self._image.close()
 
     async def handle(self, queue: int, chain: DescriptorChain, memory: GuestMemory) -> int:
-        payload_len = self._payload_len(chain)
-        if self.latency:
-            # Before any work: a request holds no data while it waits, and one that a reset
-            # cancels meanwhile has done nothing.
-            await asyncio.sleep(self.latency)
-        if self._file is not None:
-            return await self._handle_file(chain, memory, payload_len)
+        readable, writable = chain.readable, chain.writable
+        if not readable or not writable:
+            raise ChainError("virtio-blk missing headers")
+        if chain.readable_len < BLK_REQ_HEADER_SIZE:
+            raise ChainError("virtio-blk request outhdr too short")
+        payload_len = chain.readable_len - BLK_REQ_HEADER_SIZE
+        if self._waits:  # latency, or a file image; a plain RAM disk goes straight on
+            if self.latency:
+                # Before any work: a request holds no data while it waits, and one that a
+                # reset cancels meanwhile has done nothing.
+                await asyncio.sleep(self.latency)
+            if self._file is not None:
+                return await self._handle_file(chain, memory, payload_len)
         # a payload that no valid write could carry is never read: the header says what to do
         whole = payload_len <= min(self.max_data_bytes, self._image.size)
         out = chain.readable_data  # proxied mode reads it ahead, for the whole batch
@@ -370,7 +387,15 @@ class BlockBackend(Device):
                 status, data = self._write(sector, memoryview(out)[BLK_REQ_HEADER_SIZE:])
         else:
             status, data = await self._execute(type_, data_len)
-        await memory.writev(self._reply(chain, status, data))
+        # What _reply() does, inline: a call is a measurable part of a RAM disk's request.
+        last_gpa, last_len = writable[-1]
+        if len(writable) == 2 and last_len == 1 and writable[0][1] == len(data):
+            # the usual layout, data then status: no slicing needed
+            segments = [(writable[0][0], data), (last_gpa, _STATUS_BYTES[status])]
+        else:
+            segments = scatter(slice_segments(writable, 0, data_len), data)
+            segments.append((last_gpa + last_len - 1, _STATUS_BYTES[status]))
+        await memory.writev(segments)
         # used.len promises bytes written from the start of the writable area (2.7.8.2): the
         # status byte counts only when the data before it was written in full.
         return len(data) + 1 if len(data) == data_len else len(data)
@@ -413,16 +438,6 @@ class BlockBackend(Device):
         finally:
             self._budget.give(held)
         return len(data) + 1 if len(data) == data_len else len(data)
-
-    @staticmethod
-    def _payload_len(chain: DescriptorChain) -> int:
-        """Bytes after the header in the readable part; ChainError for a chain that is no
-        virtio-blk request."""
-        if not chain.readable or not chain.writable:
-            raise ChainError("virtio-blk missing headers")
-        if chain.readable_len < BLK_REQ_HEADER_SIZE:
-            raise ChainError("virtio-blk request outhdr too short")
-        return chain.readable_len - BLK_REQ_HEADER_SIZE
 
     @staticmethod
     def _reply(chain: DescriptorChain, status: int, data: bytes) -> list[tuple[int, bytes]]:
@@ -489,7 +504,7 @@ class BlockBackend(Device):
         )
 
     def _read(self, sector: int, length: int) -> tuple[int, bytes]:
-        if not self._readable(sector, length):
+        if self._oversized("read", sector, length) or not self._in_range(sector, length):
             return _IOERR, b""
         try:
             return _OK, self._image.pread(sector * BLK_SECTOR_SIZE, length)
