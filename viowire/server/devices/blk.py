@@ -411,23 +411,26 @@ class BlockBackend(Device):
         type_, _ioprio, sector = _HEADER.unpack_from(out)
         type_ &= ~_BARRIER
         data_len = chain.writable_len - 1
+        cached = None
         if type_ == _IN:
-            valid, held = self._readable(sector, data_len), data_len
+            valid = self._readable(sector, data_len)
+            if valid:  # what the page cache holds is read now, and held only until replied
+                cached = self._file.pread_cached(sector * BLK_SECTOR_SIZE, data_len)
+            held = data_len if cached is None else 0
         elif type_ == _OUT:
             valid, held = self._writable_by(sector, payload_len), payload_len
         else:
             valid, held = True, 0  # FLUSH, GET_ID (20 bytes at most), unsupported types
         held = held if valid else 0
-        await self._budget.take(held)
+        if held:
+            await self._budget.take(held)
         try:
             if not valid:
                 status, data = _IOERR, b""
+            elif cached is not None:
+                status, data = _OK, cached
             elif type_ == _IN:
-                data = self._file.pread_cached(sector * BLK_SECTOR_SIZE, data_len)
-                if data is not None:
-                    status = _OK
-                else:
-                    status, data = await self._file_read(sector, data_len)
+                status, data = await self._file_read(sector, data_len)
             elif type_ == _OUT:
                 if len(out) < chain.readable_len:
                     out = await self._read_out(chain, memory, whole=True)
@@ -436,7 +439,8 @@ class BlockBackend(Device):
                 status, data = await self._execute(type_, data_len)
             await memory.writev(self._reply(chain, status, data))
         finally:
-            self._budget.give(held)
+            if held:
+                self._budget.give(held)
         return len(data) + 1 if len(data) == data_len else len(data)
 
     @staticmethod
