@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from ringbuilder import GuestRam, MmioDriver, RingBuilder, make_device
 
 from viowire.device import Device
@@ -36,10 +35,6 @@ class Refilled(Device):
         return await chain.write(b"\x01")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service.py: a pass yields to the loop every queue.num chains (256), not per batch",
-)
 async def test_a_refilled_queue_lets_other_sessions_in_between_batches():
     ram = GuestRam(1 << 21)
     ring = RingBuilder(ram, 256)

@@ -331,6 +331,7 @@ class QueueService:
         if memory is None:
             raise RingError("no guest memory registered")
         self._prepare(queue, memory)
+        mapped = type(memory) is MappedGuestMemory
         guarded = _GuardedMemory(memory, queue, epoch)
         handle = self.backend.handle
         index = queue.index
@@ -359,9 +360,15 @@ class QueueService:
             self._check_epoch(queue, epoch)
             if written is not None:
                 done.append((chain.head, self._used_len(queue, written, chain.writable_len)))
-            if not queue.has_cached and done:  # the batch one avail.idx read exposed is done
-                await self._complete(queue, memory, done, epoch)
-                done = []
+            if not queue.has_cached:  # the batch one avail.idx read exposed is done
+                if done:
+                    await self._complete(queue, memory, done, epoch)
+                    done = []
+                if mapped and queue.avail_pending(memory):
+                    # The driver refilled the ring while we served it: the other sessions of
+                    # this process get their turn before the next batch, not after the stream.
+                    await asyncio.sleep(0)
+                    self._check_epoch(queue, epoch)
 
     def _prepare(self, queue: SplitVirtqueue, memory: GuestMemory | None) -> None:
         if memory is None:
