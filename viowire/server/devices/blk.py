@@ -21,7 +21,7 @@ import mmap
 import os
 import struct
 
-from viowire.device import Device, Option
+from viowire.device import Device, Option, SampleRequest
 from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
 from viowire.virtio.config import BLK_CONFIG
 from viowire.virtio.constants import (
@@ -149,6 +149,11 @@ class BlockBackend(Device):
     num_queues = 1
     config_layout = BLK_CONFIG
     driver = "viowire.client.drivers.blk:BlockDriver"
+    # a read of sector 0 in the classic layout (header, data, status), which even a legacy device
+    # without ANY_LAYOUT takes
+    sample_request = SampleRequest(
+        readable=_HEADER.pack(_IN, 0, 0), writable=(BLK_SECTOR_SIZE, 1), status=_OK
+    )
     options = {
         "size": Option.size(None, "disk size (64M, 1G); a RAM disk needs it, a file grows to it"),
         "path": Option.string(None, "a disk image file, shared by every session"),

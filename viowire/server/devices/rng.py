@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from viowire.device import Device
+from viowire.device import Device, SampleRequest
 from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
 from viowire.virtio.constants import DeviceId
 from viowire.virtio.memory import GuestMemory
@@ -21,6 +21,7 @@ class RngBackend(Device):
     type_name = "rng"
     num_queues = 1
     driver = "viowire.client.drivers.rng:EntropyDriver"
+    sample_request = SampleRequest(writable=64, min_written=1)  # §5.4.6.2: one byte or more
 
     def device_features(self, version: int) -> int:
         return 0
