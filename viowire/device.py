@@ -146,9 +146,13 @@ class SampleRequest:
         virtio-blk's), or None.
     ``receive_queue``
         A receive queue the request needs buffers on (its answer or its message lands there):
-        tools keep 4 KiB device-writable buffers posted on it. Chains on a receive queue stay
-        with the device until it has data for them, so no tool waits for one to come back.
+        tools keep device-writable buffers of :attr:`receive_size` bytes posted on it. Chains on
+        a receive queue stay with the device until it has data for them, so no tool waits for
+        one to come back.
     """
+
+    receive_size: ClassVar[int] = 4096
+    """Bytes of each buffer tools post on ``receive_queue``."""
 
     queue: int = 0
     readable: bytes | tuple[bytes, ...] = ()
