@@ -501,7 +501,9 @@ class LoadRun:
                 moved = await workload.run(dev.driver, self.rng)
         except Exception as exc:
             kind, leaves = failure(exc)
-            what = "no completion within the timeout" if kind == "timeout" else repr(exc)
+            what = f"{type(exc).__name__}: {exc}"
+            if kind == "timeout":
+                what = "no completion within the timeout"
             self.stats.failed(op, dev.index, kind, f"{dev.name}: {what}")
             if leaves and not dev.out:
                 dev.out = f"left the workload after {kind}"
