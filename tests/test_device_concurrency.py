@@ -24,9 +24,10 @@ from viowire.client.connection import Connection, connect
 from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.client.errors import RequestError
-from viowire.server.devices import BACKENDS, BlockBackend, RngBackend
 from viowire.server.devices import blk as blk_module
+from viowire.server.devices.blk import BlockBackend
 from viowire.server.devices.blocking import MAX_THREADS
+from viowire.server.devices.rng import RngBackend
 from viowire.server.mmio import MmioDevice
 from viowire.server.platform import DeviceSpec, PlatformSpec
 from viowire.virtio.constants import BlkStatus, BlkType, Reg
@@ -85,10 +86,13 @@ class WatchedRng(Watched, RngBackend):
     pass
 
 
+# the device types, as --device names a user's class (this module is on the tests' sys.path)
+WATCHED_BLK = f"{__name__}:WatchedBlock"
+WATCHED_RNG = f"{__name__}:WatchedRng"
+
+
 @pytest.fixture
 def watch(monkeypatch) -> Watch:
-    monkeypatch.setitem(BACKENDS, "watched-blk", WatchedBlock)
-    monkeypatch.setitem(BACKENDS, "watched-rng", WatchedRng)
     fresh = Watch()
     monkeypatch.setattr(Watched, "watch", fresh)
     return fresh
@@ -229,7 +233,7 @@ async def test_latency_requests_are_in_flight_together_and_all_complete(tmp_path
     """QD32 on one queue of a disk with latency: the device holds all 32 at once (a device that
     served them one after another would never hold more than one), then each completes with
     its own data."""
-    spec = PlatformSpec([DeviceSpec("watched-blk", 2, {"size": 1 << 20, "latency": 0.5})])
+    spec = PlatformSpec([DeviceSpec(WATCHED_BLK, 2, {"size": 1 << 20, "latency": 0.5})])
     async with running_server(tmp_path, spec) as server:
         conn, blk = await open_disk(url_of(server, "unix"))
         async with conn:
@@ -243,7 +247,7 @@ async def test_latency_requests_are_in_flight_together_and_all_complete(tmp_path
 
 
 async def test_rng_latency_requests_are_in_flight_together(tmp_path, watch):
-    spec = PlatformSpec([DeviceSpec("watched-rng", 2, {"latency": 0.5})])
+    spec = PlatformSpec([DeviceSpec(WATCHED_RNG, 2, {"latency": 0.5})])
     async with (
         running_server(tmp_path, spec) as server,
         await connect(url_of(server, "unix")) as conn,
@@ -415,7 +419,7 @@ async def test_file_io_errors_are_ioerr(tmp_path):
 # -- reset with requests in flight ----------------------------------------------------------------
 @pytest.mark.parametrize("memory", ["shared", "proxied"])
 async def test_reset_during_latency_requests_writes_nothing(tmp_path, watch, memory):
-    spec = PlatformSpec([DeviceSpec("watched-blk", 2, {"size": 1 << 20, "latency": FOREVER})])
+    spec = PlatformSpec([DeviceSpec(WATCHED_BLK, 2, {"size": 1 << 20, "latency": FOREVER})])
     async with running_server(tmp_path, spec) as server:
         conn, blk = await open_disk(url_of(server, "unix"), memory=memory)
         async with conn:
@@ -444,7 +448,7 @@ async def test_reset_during_file_requests_writes_nothing_and_frees_the_threads(
     contents = fill(image, 128)
     gate = DiskGate(image)
     gate.install(monkeypatch)
-    spec = PlatformSpec([DeviceSpec("watched-blk", 2, {"path": str(image)})])
+    spec = PlatformSpec([DeviceSpec(WATCHED_BLK, 2, {"path": str(image)})])
     count = MAX_THREADS + 8
     async with running_server(tmp_path, spec) as server:
         url = url_of(server, "unix")
@@ -481,7 +485,7 @@ async def test_closing_a_session_waits_for_its_threads_before_closing_the_image(
     fill(image, 8)
     gate = DiskGate(image)
     gate.install(monkeypatch)
-    spec = PlatformSpec([DeviceSpec("watched-blk", 2, {"path": str(image)})])
+    spec = PlatformSpec([DeviceSpec(WATCHED_BLK, 2, {"path": str(image)})])
     async with running_server(tmp_path, spec) as server:
         conn, blk = await open_disk(url_of(server, "unix"))
         read = asyncio.create_task(blk.read(0, SECTOR))
@@ -505,7 +509,7 @@ async def test_a_file_disk_holds_a_bounded_amount_of_request_data(tmp_path, monk
     contents = fill(image, 512)
     gate = DiskGate(image)
     gate.install(monkeypatch)
-    spec = PlatformSpec([DeviceSpec("watched-blk", 2, {"path": str(image)})])
+    spec = PlatformSpec([DeviceSpec(WATCHED_BLK, 2, {"path": str(image)})])
     async with running_server(tmp_path, spec) as server:
         conn, blk = await open_disk(url_of(server, "unix"))
         async with conn:

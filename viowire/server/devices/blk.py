@@ -126,11 +126,11 @@ class _FileImage:
 
     Its I/O runs on the process's I/O threads and is awaited (:meth:`pread`, :meth:`pwrite`,
     :meth:`flush` return futures), but for :meth:`pread_cached`, which reads on the event loop
-    only what it can read without waiting. Each call on a thread holds the file descriptor open while it runs:
-    :meth:`close` (the session ended, maybe with calls still in the threads) closes it once the
-    last call is done, so a thread never reads or writes through a number that the process
-    has meanwhile given to another file. A call cancelled before it started releases its hold
-    too, so a reset never leaves the descriptor open."""
+    only what it can read without waiting. Each call on a thread holds the file descriptor open
+    while it runs: :meth:`close` (the session ended, maybe with calls still in the threads)
+    closes it once the last call is done, so a thread never reads or writes through a number
+    that the process has meanwhile given to another file. A call cancelled before it started
+    releases its hold too, so a reset never leaves the descriptor open."""
 
     def __init__(self, path: str, size: int | None, readonly: bool) -> None:
         flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
