@@ -14,6 +14,10 @@ Phases, in order:
    every read is checked against it.
 4. *read-back*: every block ever written is read again and checked.
 
+With ``--workload`` the mix gives way to the user's function (:mod:`viowire.load.workload`):
+the devices it drives are brought up with their type's driver, each call is one operation,
+and there is nothing to read back.
+
 A request that fails or times out leaves its block *uncertain*: it may hold the old or the new
 generation, and either is accepted afterwards. A device whose request timed out (or whose
 session broke) leaves the workload: its state is unknown, and one hung device must not stall
