@@ -8,7 +8,15 @@ needs one; a message waits for a buffer as long as the driver posts none.
 import asyncio
 import struct
 
-from viowire.device import ConfigField, DescriptorChain, Device, GuestMemory, Option, Queue
+from viowire.device import (
+    ConfigField,
+    DescriptorChain,
+    Device,
+    GuestMemory,
+    Option,
+    Queue,
+    SampleRequest,
+)
 
 RECEIVEQ, TRANSMITQ = 0, 1
 
@@ -22,6 +30,8 @@ class Loopback(Device):
         "mtu": Option.size(4096, "the longest message; longer ones are cut"),
     }
     config_layout = (ConfigField("mtu", 0, 4, None),)
+    # what viowire conform sends to test it: a message, which needs a receive buffer
+    sample_request = SampleRequest(TRANSMITQ, readable=b"ping", receive_queue=RECEIVEQ)
 
     def __init__(self, latency: float = 0.0, mtu: int = 4096) -> None:
         super().__init__()

@@ -124,6 +124,72 @@ class Option:
         return cls(_parse_str, default, help)
 
 
+@dataclass(frozen=True)
+class SampleRequest:
+    """One correct request of a device type, so that tools that do not know the type can drive
+    it: ``viowire conform`` builds it by hand in its rings for its I/O checks (rounds that wrap
+    the ring, indirect tables, interrupts, malformed chains made from its buffers, resets with it
+    in flight) and ``viowire load`` keeps buffers posted on its ``receive_queue``. A type that
+    declares none gets only the checks that need no I/O; the others report SKIP, with the reason.
+
+    ``queue``
+        The virtqueue it goes to: a request/response queue, where every chain made available
+        comes back on its own (once ``receive_queue`` has buffers).
+    ``readable`` / ``writable``
+        The device-readable bytes (``bytes``, or a tuple of them: one descriptor each) and the
+        sizes of the device-writable buffers (an ``int`` or a tuple), laid out in that order.
+    ``min_written``
+        The fewest bytes the device may report written (used.len, §2.7.8); the most is every
+        writable byte.
+    ``status``
+        What the last writable byte must hold once the request is back (a status byte, as
+        virtio-blk's), or None.
+    ``receive_queue``
+        A receive queue the request needs buffers on (its answer or its message lands there):
+        tools keep device-writable buffers of :attr:`receive_size` bytes posted on it. Chains on
+        a receive queue stay with the device until it has data for them, so no tool waits for
+        one to come back.
+    """
+
+    receive_size: ClassVar[int] = 4096
+    """Bytes of each buffer tools post on ``receive_queue``."""
+
+    queue: int = 0
+    readable: bytes | tuple[bytes, ...] = ()
+    writable: int | tuple[int, ...] = ()
+    min_written: int = 0
+    status: int | None = None
+    receive_queue: int | None = None
+
+    def __post_init__(self) -> None:
+        writable = sum(self.writable_sizes)
+        if any(n < 0 for n in self.writable_sizes):
+            raise ValueError(f"SampleRequest: writable sizes {self.writable} cannot be negative")
+        if not self.readable_buffers and not writable:
+            raise ValueError("SampleRequest: give readable= bytes or writable= sizes (or both)")
+        if self.status is not None and not writable:
+            raise ValueError("SampleRequest: a status byte needs a writable buffer to land in")
+        if not 0 <= self.min_written <= writable:
+            raise ValueError(
+                f"SampleRequest: min_written {self.min_written} is not within the {writable} "
+                "writable bytes"
+            )
+        if self.receive_queue == self.queue:
+            raise ValueError("SampleRequest: receive_queue must be another queue than queue")
+
+    @property
+    def readable_buffers(self) -> tuple[bytes, ...]:
+        """The device-readable buffers, one descriptor each (empty ones left out)."""
+        parts = (self.readable,) if isinstance(self.readable, bytes) else self.readable
+        return tuple(bytes(part) for part in parts if part)
+
+    @property
+    def writable_sizes(self) -> tuple[int, ...]:
+        """The device-writable buffers' sizes, one descriptor each (empty ones left out)."""
+        sizes = (self.writable,) if isinstance(self.writable, int) else self.writable
+        return tuple(size for size in sizes if size)
+
+
 class DeviceOptionError(ValueError):
     """Options that do not fit the device type; the message names the device and the option."""
 
@@ -153,6 +219,9 @@ class Device:
     ``driver``
         The client driver class for this type, if it has one (``"package.module:Class"`` or the
         class); ``viowire demo``, ``conform`` and ``load`` use it.
+    ``sample_request``
+        One correct request (:class:`SampleRequest`), so that ``viowire conform`` can run its
+        I/O checks on the type; without one they are skipped as not applicable.
 
     Override :meth:`device_features`, :meth:`config_space` (and :meth:`config_write` for
     writable fields), then either :meth:`handle` or :meth:`queue_notify`. Call
@@ -166,6 +235,7 @@ class Device:
     options: ClassVar[Mapping[str, Option]] = {}
     config_layout: ClassVar[tuple[ConfigField, ...]] = ()
     driver: ClassVar[Any] = None
+    sample_request: ClassVar[SampleRequest | None] = None
 
     def __init__(self) -> None:
         self.on_config_change: Callable[[], None] = _no_config_change
@@ -288,6 +358,7 @@ __all__ = [
     "Option",
     "Queue",
     "RingError",
+    "SampleRequest",
     "StaleQueueError",
     "parse_bool",
     "parse_options",

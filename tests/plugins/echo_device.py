@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 
 from viowire.client.drivers.base import VirtioDriver
-from viowire.device import ConfigField, DescriptorChain, Device, GuestMemory, Option
+from viowire.device import ConfigField, DescriptorChain, Device, GuestMemory, Option, SampleRequest
 
 ECHO_ID = 0x7F01
 _CONFIG = struct.Struct("<I")
@@ -27,6 +27,7 @@ class EchoDevice(Device):
     }
     config_layout = (ConfigField("max_request", 0, 4, None),)
     driver = "echo_device:EchoDriver"
+    sample_request = SampleRequest(readable=b"ping", writable=64, min_written=4)
 
     def __init__(self, prefix: str = "", max_request: int = 4096) -> None:
         super().__init__()

@@ -20,7 +20,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="check a server's virtio-mmio devices against the spec",
         description="Drive each device through the correct flows and through deliberate "
         "violations; verdicts PASS, REJECT (violation refused, device healthy), WEDGED "
-        "(DEVICE_NEEDS_RESET), FAIL, SKIP. Exit status 1 if anything FAILs.",
+        "(DEVICE_NEEDS_RESET), FAIL, SKIP (not applicable: a device whose type declares no "
+        "sample request gets the checks that need no I/O). Exit status 1 if anything FAILs.",
     )
     add_target_options(parser, url_optional=True)
     parser.add_argument(

@@ -7,25 +7,26 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from viowire import registry
 from viowire.client.connection import DeviceInfo
 from viowire.client.errors import register_name
 from viowire.conform.model import CheckFailed, Options, Target
+from viowire.conform.receive import ReceiveBuffers
 from viowire.conform.ring import Ring
 from viowire.conform.scratch import GuestScratch
 from viowire.conform.timed import TimedBus, TimedMemory
+from viowire.device import Device, SampleRequest
 from viowire.virtio.constants import (
     CONFIG_OFFSET,
+    DEVICE_NAMES,
     MAGIC_VALUE,
     PAGE_SIZE,
-    DeviceId,
     Feature,
     Reg,
     Status,
     device_name,
 )
 
-IO_DEVICES = (DeviceId.BLOCK, DeviceId.ENTROPY)
-"""Device types the suite can make do I/O: blk and rng. Others get the register checks."""
 MAX_QUEUES = 64
 DEFAULT_NUM = 16  # ring size for the checks: small, so wrap-around happens quickly
 BASE_FEATURES = 1 << Feature.VERSION_1 | 1 << Feature.ACCESS_PLATFORM | 1 << Feature.ORDER_PLATFORM
@@ -44,7 +45,13 @@ def reg_name(offset: int) -> str:
 
 class Dut(GuestScratch):
     """One device window as the checks drive it: registers, guest memory (allocations and
-    guards, from :class:`GuestScratch`), flows, interrupts, waiting."""
+    guards, from :class:`GuestScratch`), flows, interrupts, waiting.
+
+    Its type is looked up by device ID in :mod:`viowire.registry`: the type's
+    :class:`~viowire.device.SampleRequest` is the correct request the I/O checks send (see
+    :mod:`viowire.conform.requests`); a type with none, or an ID no class here declares, gets
+    the checks that need no I/O.
+    """
 
     def __init__(self, target: Target, info: DeviceInfo, index: int, options: Options) -> None:
         super().__init__(TimedMemory(target.memory, options.access_timeout), target.allocator)
@@ -61,7 +68,9 @@ class Dut(GuestScratch):
         self.queue_max: list[int] = []
         self.offered = 0  # 64 feature bits (legacy: word 0 only)
         self.negotiated = 0
-        self.capacity = 0  # virtio-blk, in sectors
+        self.device_type: type[Device] | None = None
+        self.sample: SampleRequest | None = None
+        self._find_type()
         self.settle = 0.05  # how long "nothing happens" is watched; calibrated by I/O
         self.latency = 0.0  # of the last correct request
         self.irq_level = False
@@ -69,12 +78,56 @@ class Dut(GuestScratch):
 
     @property
     def label(self) -> str:
-        return f"{device_name(self.info.device_id)}@{self.info.base:#x} v{self.info.version}"
+        """``virtio-blk@0x10001000 v2``."""
+        return f"{self.type_name}@{self.info.base:#x} v{self.info.version}"
+
+    @property
+    def type_name(self) -> str:
+        """``virtio-blk``; a type the spec does not name goes by its class's name."""
+        cls = self.device_type
+        if self.info.device_id not in DEVICE_NAMES and cls is not None:
+            return cls.type_name or cls.__qualname__
+        return device_name(self.info.device_id)
+
+    def _find_type(self) -> None:
+        self.device_type = registry.by_device_id(self.device_id) if self.device_id else None
+        self.sample = None if self.device_type is None else self.device_type.sample_request
+
+    @property
+    def no_io(self) -> str:
+        """Why the suite cannot make this device do I/O, as a check's SKIP detail ("" if it
+        can): it needs a correct request, the type's sample request."""
+        sample, cls = self.sample, self.device_type
+        if not self.queue_max:
+            return "the device has no queues"
+        if cls is None:
+            return (
+                f"not applicable: no device type known here has ID {self.device_id:#x}, so no "
+                "correct request is known (a viowire.device.Device class declares one as its "
+                "sample_request)"
+            )
+        name = f"{cls.__module__}:{cls.__qualname__}"
+        if sample is None:
+            return (
+                f"not applicable: {name} declares no sample_request, so no correct request is known"
+            )
+        for queue in (sample.queue, sample.receive_queue):
+            if queue is not None and queue >= self.num_queues:
+                return (
+                    f"not applicable: the sample_request of {name} uses queue {queue}, but the "
+                    f"device has {self.num_queues} queue(s)"
+                )
+        return ""
 
     @property
     def io(self) -> bool:
-        """Whether the suite can make this device do I/O (blk, rng)."""
-        return self.device_id in IO_DEVICES and bool(self.queue_max)
+        """Whether the suite can make this device do I/O (its type declares a sample request)."""
+        return not self.no_io
+
+    @property
+    def io_queue(self) -> int:
+        """The queue the sample request goes to."""
+        return self.sample.queue if self.sample is not None else 0
 
     @property
     def num_queues(self) -> int:
@@ -132,7 +185,7 @@ class Dut(GuestScratch):
     # -- identification ---------------------------------------------------------------------------
     async def identify(self) -> None:
         """Probe as a driver does (§4.2.3.1.1): MagicValue, Version, DeviceID first, and
-        nothing else unless they are valid; then queues, features and (blk) capacity."""
+        nothing else unless they are valid; then queues and features."""
         magic = await self.read(Reg.MAGIC_VALUE)
         if magic != MAGIC_VALUE:
             self.unusable = f"MagicValue reads {magic:#010x}, not a virtio-mmio device"
@@ -143,6 +196,7 @@ class Dut(GuestScratch):
             return
         self.version = version
         self.device_id = await self.read(Reg.DEVICE_ID)
+        self._find_type()
         if self.device_id == 0:
             self.unusable = "DeviceID 0: a placeholder slot (touch nothing else, 4.2.3.1.1)"
             return
@@ -158,8 +212,6 @@ class Dut(GuestScratch):
                 break
             self.queue_max.append(num_max)
         await self.select(0)
-        if self.device_id == DeviceId.BLOCK:
-            self.capacity = int.from_bytes(await self.config_bytes(0, 8), "little")
 
     async def feature_word(self, sel: int) -> int:
         await self.write(Reg.DEVICE_FEATURES_SEL, sel)
@@ -229,10 +281,26 @@ class Dut(GuestScratch):
         await ring.allocate()
         return ring
 
+    async def io_ring(self, num: int | None = None, **layout: Any) -> Ring:
+        """A zeroed ring for the sample request's queue, allocated but not yet programmed; with
+        the buffers of its receive queue, if it names one (programmed with it)."""
+        assert self.sample is not None, "an I/O check on a device without a sample request"
+        receive_queue = self.sample.receive_queue
+        receiver = None
+        if receive_queue is not None:
+            page = {k: v for k, v in layout.items() if k in ("page_size", "align")}
+            receiver = ReceiveBuffers(await self.ring(receive_queue, **page))
+            # never more requests out than buffers to take their answers
+            num = num or min(self.default_num(self.io_queue), receiver.ring.num)
+        ring = await self.ring(self.io_queue, num, **layout)
+        ring.receiver = receiver
+        return ring
+
     async def up(self, extra: int = 0, **ring_options: Any) -> Ring:
-        """The whole correct flow for queue 0, ending at DRIVER_OK."""
+        """The whole correct flow for the sample request's queue (and its receive queue),
+        ending at DRIVER_OK."""
         await self.begin(extra)
-        ring = await self.ring(**ring_options)
+        ring = await self.io_ring(**ring_options)
         await ring.program()
         await self.driver_ok()
         return ring

@@ -24,7 +24,8 @@ class Verdict(enum.StrEnum):
     REJECT = "REJECT"  # the violation was refused and the device stayed healthy
     WEDGED = "WEDGED"  # the device set DEVICE_NEEDS_RESET
     FAIL = "FAIL"  # wrong value, crash, hang, corruption, broken ring used, link lost
-    SKIP = "SKIP"  # the check does not apply to this device
+    SKIP = "SKIP"  # the check does not apply to this device (the detail says why): its version,
+    # a feature it does not offer, or, for a check that needs I/O, no known correct request
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Check:
     expect: tuple[Verdict, ...] | Mapping[int, tuple[Verdict, ...]]  # also per version
     versions: tuple[int, ...] = (1, 2)
     devices: tuple[int, ...] | None = None  # device IDs, None = any
+    io: bool = False  # makes the device do I/O: needs its type's sample request (Dut.no_io)
     feature: int | None = None  # a feature bit the device must offer
     violation: bool = False  # a correct I/O round must work after it (after a reset)
     identification: bool = False  # runs even on a slot that is not a usable device
@@ -89,6 +91,8 @@ class Check:
             return f"applies to version {' and '.join(map(str, self.versions))} devices"
         if self.devices is not None and dut.device_id not in self.devices:
             return f"applies to {', '.join(device_name(d) for d in self.devices)} only"
+        if self.io and dut.no_io:
+            return dut.no_io
         if self.feature is not None and not dut.offered >> self.feature & 1:
             return f"needs feature bit {self.feature}, which the device does not offer"
         if self.devices is not None and not dut.queue_max:

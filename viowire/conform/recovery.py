@@ -1,5 +1,6 @@
 """What the runner does after every check: verify that a reset took (§2.4.1, §4.2.2.1), and
-after a violation prove that the correct flow, with one request for blk and rng, still works."""
+after a violation prove that the correct flow, with one request if the type declares one, still
+works."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from viowire.conform.requests import io_round
 
 
 async def health_round(dut: Dut) -> None:
-    """The correct flow from reset; for blk/rng also one request. Then reset again."""
+    """The correct flow from reset, with one sample request if the device does I/O. Then reset
+    again."""
     if dut.io:
         ring = await dut.up()
         await io_round(dut, ring)

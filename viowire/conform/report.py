@@ -140,6 +140,8 @@ def _applies(check: Check) -> str:
         parts.append("v" + "/".join(map(str, check.versions)))
     if check.devices is not None:
         parts.append("/".join(device_name(d).removeprefix("virtio-") for d in check.devices))
+    elif check.io:
+        parts.append("I/O")  # any type that declares a sample request
     if check.feature is not None:
         parts.append(f"bit {check.feature}")
     return " ".join(parts) or "all"

@@ -1,54 +1,80 @@
-"""One correct request per device type (virtio-blk, virtio-rng), built on a hand-laid ring, and
-the checks every used element must pass when it comes back (§2.7.8, §5.2.6, §5.4.6.2)."""
+"""The correct request of a device type (its :class:`~viowire.device.SampleRequest`), built on a
+hand-laid ring, and the checks every used element must pass when it comes back (§2.7.8).
+
+The sample request names the queue, the device-readable bytes, the device-writable sizes, and
+how to judge the answer (the fewest bytes written, a status byte); virtio-blk's is a read of
+sector 0, virtio-rng's a 64-byte buffer. The checks of one device type's own section build
+their own requests with :func:`chain` (virtio-blk's in :mod:`viowire.conform.checks.devices`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from viowire.conform.dut import Dut
 from viowire.conform.model import CheckFailed
 from viowire.conform.ring import Ring
-from viowire.virtio.constants import (
-    BLK_REQ_HEADER_SIZE,
-    BLK_SECTOR_SIZE,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
-    BlkStatus,
-    BlkType,
-    DeviceId,
-)
+from viowire.virtio.constants import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
-BLK_HEADER = struct.Struct("<IIQ")  # type, ioprio, sector
+Segment = tuple[int, int, bool]
+"""One buffer of a chain: guest address, length, device-writable."""
 
 
 @dataclass
 class Request:
-    """A chain the driver built: its head, its descriptors, what the device may write."""
+    """A chain the driver built: its head, its descriptors, what the device may write, and how
+    to judge what comes back."""
 
     head: int
     descs: tuple[int, ...]
     writable: list[tuple[int, int]]
-    status: int | None = None  # virtio-blk: the status byte's address
+    status: int | None = None  # the address of the status byte, if the request has one
     want_status: int | None = None
-    data: tuple[int, int] | None = None  # virtio-blk IN: where the data lands
+    min_written: int = 0  # the fewest bytes used.len may report
+    data: tuple[int, int] | None = None  # the first writable buffer (virtio-blk IN: the data)
 
     @property
     def writable_len(self) -> int:
         return sum(n for _, n in self.writable)
 
 
-async def chain(
-    ring: Ring, head: int, segments: Sequence[tuple[int, int, bool]]
-) -> tuple[int, ...]:
+def per_request(dut: Dut) -> int:
+    """Descriptors in one sample request, as :func:`request` lays it out."""
+    assert dut.sample is not None
+    return len(dut.sample.readable_buffers) + len(dut.sample.writable_sizes)
+
+
+async def segments(dut: Dut) -> list[Segment]:
+    """Fresh buffers for one sample request: its readable ones holding their bytes, then its
+    writable ones, guarded (see :meth:`~viowire.conform.scratch.GuestScratch.buffer`)."""
+    sample = dut.sample
+    assert sample is not None, "an I/O check on a device without a sample request"
+    out = [(await dut.buffer(data=data), len(data), False) for data in sample.readable_buffers]
+    out += [(await dut.buffer(size), size, True) for size in sample.writable_sizes]
+    return out
+
+
+def as_request(dut: Dut, head: int, descs: tuple[int, ...], segs: Sequence[Segment]) -> Request:
+    """The sample request in ``segs`` (laid out however a check likes), judged as declared."""
+    sample = dut.sample
+    assert sample is not None
+    writable = [(gpa, n) for gpa, n, w in segs if w]
+    status = None
+    if sample.status is not None and writable:
+        gpa, n = writable[-1]
+        status = gpa + n - 1
+    first = writable[0] if writable else None
+    return Request(head, descs, writable, status, sample.status, sample.min_written, first)
+
+
+async def chain(ring: Ring, head: int, segs: Sequence[Segment]) -> tuple[int, ...]:
     """Descriptors head, head+1, … (mod num) for ``(gpa, len, writable)`` segments."""
-    descs = tuple((head + i) % ring.num for i in range(len(segments)))
-    for i, (gpa, length, writable) in enumerate(segments):
+    descs = tuple((head + i) % ring.num for i in range(len(segs)))
+    for i, (gpa, length, writable) in enumerate(segs):
         flags = VIRTQ_DESC_F_WRITE if writable else 0
-        last = i + 1 == len(segments)
+        last = i + 1 == len(segs)
         await ring.set_desc(
             descs[i],
             gpa,
@@ -59,50 +85,17 @@ async def chain(
     return descs
 
 
-async def request(dut: Dut, ring: Ring, head: int = 0, **blk: Any) -> Request:
-    """A correct request for the device type in descriptors from ``head`` (not published):
-    virtio-rng, a 64-byte buffer; virtio-blk, see :func:`blk_request` (default: read sector 0)."""
-    if dut.device_id == DeviceId.BLOCK:
-        return await blk_request(dut, ring, head, **blk)
-    gpa = await dut.buffer(64)
-    return Request(head, await chain(ring, head, [(gpa, 64, True)]), [(gpa, 64)])
-
-
-async def blk_request(
-    dut: Dut,
-    ring: Ring,
-    head: int = 0,
-    *,
-    kind: int = BlkType.IN,
-    sector: int = 0,
-    data: bytes = b"",
-    in_len: int = BLK_SECTOR_SIZE,
-    want: int = BlkStatus.OK,
-) -> Request:
-    """header (readable) [+ data] + status (writable): the classic three-descriptor layout,
-    which even a legacy device without ANY_LAYOUT accepts."""
-    header = await dut.buffer(data=BLK_HEADER.pack(kind, 0, sector))
-    segments = [(header, BLK_REQ_HEADER_SIZE, False)]
-    writable = []
-    landing = None
-    if kind == BlkType.OUT:
-        segments.append((await dut.buffer(data=data), len(data), False))
-    elif kind != BlkType.FLUSH and in_len:
-        gpa = await dut.buffer(in_len)
-        segments.append((gpa, in_len, True))
-        writable.append((gpa, in_len))
-        landing = (gpa, in_len)
-    status = await dut.buffer(1, fill=0xFF)
-    segments.append((status, 1, True))
-    writable.append((status, 1))
-    descs = await chain(ring, head, segments)
-    return Request(head, descs, writable, status, want, landing)
+async def request(dut: Dut, ring: Ring, head: int = 0) -> Request:
+    """The sample request in descriptors from ``head``, one per buffer (not published)."""
+    segs = await segments(dut)
+    return as_request(dut, head, await chain(ring, head, segs), segs)
 
 
 async def finish(dut: Dut, ring: Ring, requests: Sequence[Request]) -> dict[int, int]:
     """Wait for ``requests`` (published, notified) to come back and check each used element
-    (§2.7.8): every head exactly once, used.len no larger than the writable bytes, blk status
-    as wanted, rng at least one byte (§5.4.6.2). Returns ``{head: used len}``."""
+    (§2.7.8): every head exactly once, used.len no larger than the writable bytes and no
+    smaller than the request's ``min_written``, its status byte as wanted. Returns
+    ``{head: used len}``."""
     state = await ring.wait_used(len(requests))
     if state == "needs-reset":
         raise CheckFailed(
@@ -136,24 +129,25 @@ async def finish(dut: Dut, ring: Ring, requests: Sequence[Request]) -> dict[int,
 
 
 async def _check_payload(dut: Dut, req: Request, length: int) -> None:
+    if length < req.min_written:
+        raise CheckFailed(
+            f"used.len {length} for head {req.head}: a correct {dut.type_name} request gets at "
+            f"least {req.min_written} byte(s) written (its type's sample request says so)"
+        )
     if req.status is not None:
         status = (await dut.memory.read(req.status, 1))[0]
         if status != req.want_status:
             raise CheckFailed(
-                f"virtio-blk status byte {status:#x}, expected {req.want_status} "
-                f"({BlkStatus(req.want_status).name}) (5.2.6)"
+                f"status byte {status:#x} for head {req.head}, expected {req.want_status:#x} "
+                f"(the last device-writable byte of a correct {dut.type_name} request)"
             )
-    elif dut.version == 2 and length == 0:
-        raise CheckFailed(
-            "virtio-rng used.len 0: the device MUST place at least one byte (5.4.6.2)"
-        )
 
 
-async def io_round(dut: Dut, ring: Ring, count: int = 1, **blk: Any) -> dict[int, int]:
-    """``count`` correct requests on a live ring, published together, one notify."""
-    per = 1 if dut.device_id == DeviceId.ENTROPY else 3
+async def io_round(dut: Dut, ring: Ring, count: int = 1) -> dict[int, int]:
+    """``count`` sample requests on a live ring, published together, one notify."""
+    per = per_request(dut)
     first = ring.avail_idx * per
-    reqs = [await request(dut, ring, (first + k * per) % ring.num, **blk) for k in range(count)]
+    reqs = [await request(dut, ring, (first + k * per) % ring.num) for k in range(count)]
     await ring.publish(*(r.head for r in reqs))
     await ring.notify()
     return await finish(dut, ring, reqs)

@@ -27,6 +27,7 @@ from viowire.virtio.ring import (
 
 if TYPE_CHECKING:
     from viowire.conform.dut import Dut
+    from viowire.conform.receive import ReceiveBuffers
 
 __all__ = ["DESC", "Ring"]  # DESC: checks/chains.py packs its tables with it
 
@@ -37,6 +38,10 @@ class Ring:
     ``capacity`` (v2) sizes the areas for more entries than ``num``, so that a device which
     takes another queue size than the driver's still stays inside the allocation. The
     descriptor table and the available ring are guarded: only the driver writes them.
+
+    ``receiver``: the buffers of the receive queue this ring's requests need (a sample request's
+    ``receive_queue``), set up by :meth:`program` before this ring and posted again by
+    :meth:`notify` before each notification.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class Ring:
         self.avail_idx = 0  # what the driver has published
         self.last_used = 0  # what the driver has consumed
         self.notified_at = 0.0
+        self.receiver: ReceiveBuffers | None = None
 
     @property
     def desc(self) -> int:
@@ -99,8 +105,11 @@ class Ring:
         self.avail_idx = self.last_used = 0
 
     async def program(self, *, ready: bool = True) -> None:
-        """The queue registers, in the order §4.2.3.2 (v2) or §4.2.4 (legacy) gives."""
+        """The queue registers, in the order §4.2.3.2 (v2) or §4.2.4 (legacy) gives; the
+        receive queue's first, so that this queue is the one selected afterwards."""
         dut = self.dut
+        if self.receiver is not None:
+            await self.receiver.program()
         await dut.select(self.index)
         await dut.write(Reg.QUEUE_NUM, self.num)
         if self.legacy:
@@ -147,6 +156,8 @@ class Ring:
         await self.dut.poke_u16(self.layout.used_event, value)
 
     async def notify(self) -> None:
+        if self.receiver is not None:
+            await self.receiver.kick()
         self.notified_at = asyncio.get_running_loop().time()
         await self.dut.write(Reg.QUEUE_NOTIFY, self.index)
 

@@ -7,6 +7,10 @@ device), then reads back every block it wrote. Every written block carries a ver
 and every read is checked. The exit status is 0 only if every request completed without error,
 nothing failed verification and every written block was read back.
 
+Any other device type is driven by a function of your own instead of the mix: ``--workload
+package.module:function``, ``async def function(driver, rng) -> int`` called once per operation
+with the device's driver, returning the bytes it moved (:mod:`viowire.load.workload`).
+
 Wiring into ``viowire.cli``::
 
     from viowire import load
@@ -15,7 +19,8 @@ Wiring into ``viowire.cli``::
 
 Modules: :mod:`~viowire.load.config` (options), :mod:`~viowire.load.runner` (the phases),
 :mod:`~viowire.load.pool` (fair scheduling), :mod:`~viowire.load.pattern` (block contents and
-verification), :mod:`~viowire.load.histogram`, :mod:`~viowire.load.stats`,
+verification), :mod:`~viowire.load.workload` (a user's function), :mod:`~viowire.load.histogram`,
+:mod:`~viowire.load.stats`,
 :mod:`~viowire.load.progress`, :mod:`~viowire.load.report`.
 """
 
@@ -50,7 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="devices to bring up in total, spread over the sessions (default: every blk/rng "
-        "device the mix uses in every session's platform)",
+        "device the mix uses, or every device --workload drives, in every session's platform)",
     )
     stop = parser.add_mutually_exclusive_group()
     stop.add_argument(
@@ -59,9 +64,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     stop.add_argument("--requests", type=int, metavar="N", help="requests of workload")
     parser.add_argument(
         "--mix",
-        default=DEFAULT_MIX,
         metavar="OP=W,...",
         help=f"operation weights, of {', '.join(OPS)} (default {DEFAULT_MIX})",
+    )
+    parser.add_argument(
+        "--workload",
+        metavar="MODULE:FUNCTION",
+        help="drive the devices with a function of your own instead of the mix: async def "
+        "FUNCTION(driver, rng) -> bytes moved, one call per operation; it drives the devices "
+        "of its device_type attribute, or every device (see viowire/load/workload.py)",
     )
     parser.add_argument(
         "--block-size", default="4K", metavar="SIZE", help="bytes per request (default 4K)"

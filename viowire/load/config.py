@@ -6,6 +6,7 @@ import argparse
 import secrets
 from dataclasses import dataclass
 
+from viowire.options import UsageError
 from viowire.units import format_size, parse_size
 from viowire.virtio.constants import BLK_SECTOR_SIZE
 
@@ -53,6 +54,7 @@ class LoadConfig:
     timeout: float = 10.0
     progress: bool = True
     json: bool = False
+    workload: str | None = None  # package.module:function instead of the mix (load/workload.py)
 
     def __post_init__(self) -> None:
         positive = {
@@ -100,13 +102,19 @@ class LoadConfig:
         duration = args.duration
         if duration is None and args.requests is None:
             duration = cls.duration
+        workload = getattr(args, "workload", None)
+        if workload and args.mix is not None:
+            raise UsageError(
+                "--mix weighs the built-in blk and rng operations, --workload replaces them: "
+                "give one of the two"
+            )
         return cls(
             url=args.url,
             sessions=args.sessions,
             devices=args.devices,
             duration=duration,
             requests=args.requests,
-            mix=tuple(parse_mix(args.mix).items()),
+            mix=tuple(parse_mix(args.mix or DEFAULT_MIX).items()),
             block_size=parse_size(args.block_size),
             span=parse_size(args.span),
             depth=args.depth,
@@ -117,4 +125,5 @@ class LoadConfig:
             timeout=args.timeout,
             progress=not args.no_progress,
             json=args.json,
+            workload=workload,
         )

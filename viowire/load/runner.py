@@ -14,6 +14,10 @@ Phases, in order:
    every read is checked against it.
 4. *read-back*: every block ever written is read again and checked.
 
+With ``--workload`` the mix gives way to the user's function (:mod:`viowire.load.workload`):
+the devices it drives are brought up with their type's driver, each call is one operation,
+and there is nothing to read back.
+
 A request that fails or times out leaves its block *uncertain*: it may hold the old or the new
 generation, and either is accepted afterwards. A device whose request timed out (or whose
 session broke) leaves the workload: its state is unknown, and one hung device must not stall
@@ -32,6 +36,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, TextIO
@@ -46,6 +51,7 @@ from viowire.load.pattern import BlockPattern
 from viowire.load.pool import DevicePool
 from viowire.load.progress import Progress
 from viowire.load.stats import MAX_SAMPLES, Stats, error_kind, fairness
+from viowire.load.workload import Workload, failure
 from viowire.runtime import loop_name
 
 PROBE_RAM = 1 << 20  # the planning session only reads the platform table
@@ -72,7 +78,7 @@ class LoadDevice:
     index: int
     session: int
     info: DeviceInfo
-    kind: str  # "blk" or "rng"
+    kind: str  # "blk" or "rng", or the kind of device a --workload drives
     driver: Any = None
     blocks: int = 0  # blocks the workload uses, from offset 0
     generation: int = 0  # last generation handed out on this device
@@ -96,10 +102,20 @@ def device_id(kind: str) -> int:
     return registry.lookup(kind).device_id
 
 
-def select_devices(platform: list[DeviceInfo], kinds: tuple[str, ...], n: int) -> list[DeviceInfo]:
+Matches = Callable[[str, DeviceInfo], bool]
+"""Whether a device of the platform is of a kind (by default: of the type the kind names)."""
+
+
+def of_kind(kind: str, info: DeviceInfo) -> bool:
+    return info.device_id == device_id(kind)
+
+
+def select_devices(
+    platform: list[DeviceInfo], kinds: tuple[str, ...], n: int, matches: Matches = of_kind
+) -> list[DeviceInfo]:
     """``n`` devices of ``kinds`` with each kind's share of the platform, at least one of each
     kind when ``n`` allows, spread evenly over the platform's slots."""
-    pools = {k: [d for d in platform if d.device_id == device_id(k)] for k in kinds}
+    pools = {k: [d for d in platform if matches(k, d)] for k in kinds}
     ranked = sorted(
         (rank / len(pool), kind, rank) for kind, pool in pools.items() for rank in range(len(pool))
     )
@@ -133,8 +149,15 @@ class LoadRun:
         self.cfg = config
         self.rng = random.Random(config.seed)
         self.pattern = BlockPattern(config.seed, config.block_size)
-        self.ops = [op for op, weight in config.mix if weight]
-        self.cum_weights = list(accumulate(weight for _, weight in config.mix if weight))
+        self.workload = Workload.load(config.workload) if config.workload else None
+        mix = config.mix if self.workload is None else ((self.workload.op, 1),)
+        self.mix = dict(mix)
+        self.ops = [op for op, weight in mix if weight]
+        self.cum_weights = list(accumulate(weight for _, weight in mix if weight))
+        self.op_kind = (
+            dict(OP_KIND) if self.workload is None else {self.workload.op: self.workload.kind}
+        )
+        self.kinds = config.kinds if self.workload is None else (self.workload.kind,)
         self.conns: list[Connection | None] = []
         self.devices: list[LoadDevice] = []
         self.platform_size = 0
@@ -198,14 +221,10 @@ class LoadRun:
             raise ConnectionError(
                 f"{cfg.url} did not answer within --timeout {cfg.timeout:g} s"
             ) from None
-        for kind in cfg.kinds:
-            if not any(d.device_id == device_id(kind) for d in platform):
-                ops = ", ".join(op for op in self.ops if OP_KIND[op] == kind)
-                raise ValueError(
-                    f"--mix asks for {ops}, but the server's platform has no {kind} device: "
-                    f"serve some (--device {kind},count=N) or set their weight to 0 in --mix"
-                )
-        usable = [d for d in platform if d.device_id in {device_id(k) for k in cfg.kinds}]
+        for kind in self.kinds:
+            if not any(self._matches(kind, d) for d in platform):
+                raise ValueError(self._none_of(kind))
+        usable = [d for d in platform if any(self._matches(k, d) for k in self.kinds)]
         self.platform_size = len(usable)
         wanted = cfg.devices if cfg.devices is not None else len(usable) * cfg.sessions
         if wanted > len(usable) * cfg.sessions:
@@ -213,11 +232,31 @@ class LoadRun:
             raise ValueError(
                 f"--devices {wanted} over --sessions {cfg.sessions} needs "
                 f"{-(-wanted // cfg.sessions)} devices per session, but each session's platform "
-                f"has {len(usable)} ({'/'.join(cfg.kinds)}): use --sessions {need} or more, or "
+                f"has {len(usable)} ({'/'.join(self.kinds)}): use --sessions {need} or more, or "
                 f"serve more devices (viowire serve --device blk,size=1M,count=N)"
             )
         counts = [n for n in share(wanted, cfg.sessions) if n]
-        return [select_devices(usable, cfg.kinds, n) for n in counts]
+        return [select_devices(usable, self.kinds, n, self._matches) for n in counts]
+
+    def _matches(self, kind: str, info: DeviceInfo) -> bool:
+        if self.workload is not None:
+            return self.workload.drives(info)
+        return of_kind(kind, info)
+
+    def _none_of(self, kind: str) -> str:
+        """The error for a platform without a device of ``kind``."""
+        if self.workload is None:
+            ops = ", ".join(op for op in self.ops if self.op_kind[op] == kind)
+            return (
+                f"--mix asks for {ops}, but the server's platform has no {kind} device: "
+                f"serve some (--device {kind},count=N) or set their weight to 0 in --mix"
+            )
+        if self.workload.device_type is None:
+            return "the server's platform has no device for --workload to drive"
+        return (
+            f"--workload {self.workload.reference} drives {kind} devices (its device_type), but "
+            f"the server's platform has none: serve some (--device TYPE,count=N)"
+        )
 
     async def _connect(self, per_session: list[list[DeviceInfo]]) -> None:
         self.phase, self.phase_start = "connect", time.monotonic()
@@ -246,15 +285,13 @@ class LoadRun:
     async def _bring_up(self, per_session: list[list[DeviceInfo]]) -> None:
         """Every device to DRIVER_OK, interleaved across sessions so all progress together."""
         self.phase, self.phase_start = "bring-up", time.monotonic()
-        kind_of = {device_id(kind): kind for kind in self.cfg.kinds}
         longest = max(len(infos) for infos in per_session)
         for k in range(longest):
             for s, infos in enumerate(per_session):
                 if k < len(infos):
                     info = infos[k]
-                    self.devices.append(
-                        LoadDevice(len(self.devices), s, info, kind_of[info.device_id])
-                    )
+                    kind = next(kind for kind in self.kinds if self._matches(kind, info))
+                    self.devices.append(LoadDevice(len(self.devices), s, info, kind))
         self.stats = Stats(len(self.devices), tuple(self.ops))
         self.readback = Stats(len(self.devices), ("blk-read",))
         todo = iter(self.devices)
@@ -278,7 +315,9 @@ class LoadRun:
         try:
             async with asyncio.timeout(cfg.timeout):
                 mmio = await conn.attach(dev.info)
-                if dev.kind == "blk":
+                if self.workload is not None:
+                    dev.driver = await self.workload.attach(mmio, dev.info, cfg.depth)
+                elif dev.kind == "blk":
                     dev.driver = await BlockDriver.attach(mmio, queue_depth=cfg.depth)
                 else:
                     dev.driver = await EntropyDriver.attach(mmio)
@@ -286,7 +325,7 @@ class LoadRun:
             dev.out = "bring-up failed"
             self._setup_error("bringup", exc, dev.name)
             return
-        if dev.kind == "blk":
+        if self.workload is None and dev.kind == "blk":
             span = min(cfg.span or dev.driver.size, dev.driver.size)
             dev.blocks = span // cfg.block_size
             if dev.blocks < cfg.depth:
@@ -342,7 +381,7 @@ class LoadRun:
         cfg = self.cfg
         self.phase, self.phase_start = "workload", time.monotonic()
         self._last = (0.0, 0)
-        self.pools = {kind: DevicePool() for kind in cfg.kinds}
+        self.pools = {kind: DevicePool() for kind in self.kinds}
         live = [dev for dev in self.devices if not dev.out]
         for _ in range(cfg.depth):
             for dev in live:
@@ -379,7 +418,7 @@ class LoadRun:
             op = self._pick_op()
             if op is None:
                 return
-            pool = self.pools[OP_KIND[op]]
+            pool = self.pools[self.op_kind[op]]
             stats.issued += 1  # a ticket, taken before waiting so --requests is exact
             dev = await pool.take()
             if dev is None or self._stopping:
@@ -404,9 +443,11 @@ class LoadRun:
 
     def _retire(self, op: str) -> None:
         """Every device of ``op``'s kind left the workload: the rest of the mix goes on."""
-        kind = OP_KIND[op]
+        kind = self.op_kind[op]
         keep = [
-            (o, w) for o, w in zip(self.ops, self._weights(), strict=True) if OP_KIND[o] != kind
+            (o, w)
+            for o, w in zip(self.ops, self._weights(), strict=True)
+            if self.op_kind[o] != kind
         ]
         self.ops = [o for o, _ in keep]
         self.cum_weights = list(accumulate(w for _, w in keep))
@@ -415,6 +456,9 @@ class LoadRun:
         return [b - a for a, b in zip([0, *self.cum_weights], self.cum_weights, strict=False)]
 
     async def _request(self, op: str, dev: LoadDevice) -> None:
+        if self.workload is not None:
+            await self._custom(op, dev, self.workload)
+            return
         if op == "rng":
             await self._rng_read(dev)
             return
@@ -452,6 +496,23 @@ class LoadRun:
         self.stats.ok("rng", dev.index, (time.perf_counter_ns() - start) // NS_PER_US, size)
         if len(data) != size or data == self.pattern.zeroes:
             self.stats.error("verify:rng", f"{dev.name}: {len(data)} bytes, all zero")
+
+    async def _custom(self, op: str, dev: LoadDevice, workload: Workload) -> None:
+        """One call of the user's workload function: one operation."""
+        start = time.perf_counter_ns()
+        try:
+            async with asyncio.timeout(self.cfg.timeout):
+                moved = await workload.run(dev.driver, self.rng)
+        except Exception as exc:
+            kind, leaves = failure(exc)
+            what = f"{type(exc).__name__}: {exc}"
+            if kind == "timeout":
+                what = "no completion within the timeout"
+            self.stats.failed(op, dev.index, kind, f"{dev.name}: {what}")
+            if leaves and not dev.out:
+                dev.out = f"left the workload after {kind}"
+            return
+        self.stats.ok(op, dev.index, (time.perf_counter_ns() - start) // NS_PER_US, moved)
 
     async def _blk_write(self, dev: LoadDevice, block: int) -> None:
         size = self.cfg.block_size
@@ -584,7 +645,8 @@ class LoadRun:
             "loop": loop_name(),
             "memory": "/".join(sorted({c.memory_mode for c in self.conns if c})) or cfg.memory,
             "seed": cfg.seed,
-            "mix": dict(cfg.mix),
+            "workload": cfg.workload,
+            "mix": self.mix,
             "block_size": cfg.block_size,
             "depth": cfg.depth,
             "concurrency": self.workers or cfg.concurrency,
@@ -623,7 +685,7 @@ class LoadRun:
             },
             "fairness": {
                 kind: fairness(stats, names, [d.index for d in self.devices if d.kind == kind])
-                for kind in cfg.kinds
+                for kind in self.kinds
             },
             "written_blocks": written,
             "readback": {

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from viowire.conform.checks.common import RING_EXPECT, check, fail, isr_with, silence
-from viowire.conform.dut import IO_DEVICES, Dut
+from viowire.conform.dut import Dut
 from viowire.conform.model import Check, Outcome, passed, rejected, wedged
 from viowire.conform.ring import Ring
 from viowire.virtio.constants import Interrupt, Status
@@ -71,8 +71,6 @@ def ring_check(id: str, section: str, title: str, **kw: Any) -> Callable[[Builde
             return await broken_chain(dut, build, extra=extra, allow_use=allow_use)
 
         run.__name__ = run.__qualname__ = build.__name__
-        return check(id, section, title, devices=IO_DEVICES, expect=expect, violation=True, **kw)(
-            run
-        )
+        return check(id, section, title, io=True, expect=expect, violation=True, **kw)(run)
 
     return make

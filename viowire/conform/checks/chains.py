@@ -1,31 +1,19 @@
-"""Descriptor chains built by hand: the buffers of one correct request, chained descriptors, and
-indirect tables (§2.7.5), for the checks that lay out their own chains."""
+"""Descriptor chains built by hand: chained descriptors and indirect tables (§2.7.5), for the
+checks that lay out their own chains from the buffers of a correct request
+(:func:`viowire.conform.requests.segments`)."""
 
 from __future__ import annotations
 
 from viowire.conform.checks.common import N, W
 from viowire.conform.dut import Dut
-from viowire.conform.requests import BLK_HEADER
+from viowire.conform.requests import Segment
 from viowire.conform.ring import DESC
-from viowire.virtio.constants import DESC_SIZE, BlkType, DeviceId
-
-
-async def segments(dut: Dut) -> list[tuple[int, int, bool]]:
-    """The buffers of one correct request: rng one writable; blk header, data, status."""
-    if dut.device_id == DeviceId.ENTROPY:
-        return [(await dut.buffer(64), 64, True)]
-    header = await dut.buffer(data=BLK_HEADER.pack(BlkType.IN, 0, 0))
-    return [
-        (header, 16, False),
-        (await dut.buffer(512), 512, True),
-        (await dut.buffer(1, fill=0xFF), 1, True),
-    ]
-
+from viowire.virtio.constants import DESC_SIZE
 
 Desc = tuple[int, int, int, int]  # addr, len, flags, next
 
 
-def chained(segs: list[tuple[int, int, bool]]) -> list[Desc]:
+def chained(segs: list[Segment]) -> list[Desc]:
     """Descriptors 0 → 1 → … for ``(gpa, len, writable)`` segments."""
     out = []
     for i, (gpa, n, writable) in enumerate(segs):
@@ -43,5 +31,5 @@ async def raw_table(dut: Dut, entries: list[Desc]) -> tuple[int, int]:
     return table, DESC_SIZE * len(entries)
 
 
-async def indirect_table(dut: Dut, segs: list[tuple[int, int, bool]]) -> tuple[int, int]:
+async def indirect_table(dut: Dut, segs: list[Segment]) -> tuple[int, int]:
     return await raw_table(dut, chained(segs))

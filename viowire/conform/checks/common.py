@@ -34,7 +34,7 @@ RING_EXPECT = {1: (WEDGED, REJECT), 2: (WEDGED,)}
 TOLERANT_EXPECT = {1: (WEDGED, REJECT, PASS), 2: (WEDGED, PASS)}  # see checks.registry
 INDIRECT = 1 << Feature.RING_INDIRECT_DESC
 EVENT_IDX = 1 << Feature.RING_EVENT_IDX
-BLK, RNG = (DeviceId.BLOCK,), (DeviceId.ENTROPY,)
+BLK, RNG = (DeviceId.BLOCK,), (DeviceId.ENTROPY,)  # the checks of their own spec sections
 W, N = VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT
 ACK_DRIVER = Status.ACKNOWLEDGE | Status.DRIVER
 
@@ -96,17 +96,24 @@ async def try_write(dut: Dut, offset: int, value: int, width: int) -> None:
 
 
 async def live_device(dut: Dut) -> list[Ring]:
-    """The device at DRIVER_OK with every queue live; for blk/rng, queue 0 has served one
-    request whose interrupt is left pending."""
+    """The device at DRIVER_OK with every queue live, their rings in queue order; a device
+    that does I/O has served one sample request, whose interrupt is left pending."""
     await dut.begin()
-    rings = [await dut.ring(queue) for queue in range(dut.num_queues)]
-    for ring in rings:
-        await ring.program()
+    io = await dut.io_ring() if dut.io else None
+    rings = {} if io is None else {io.index: io}
+    if io is not None and io.receiver is not None:
+        rings[io.receiver.ring.index] = io.receiver.ring  # programmed with io
+    for queue in range(dut.num_queues):
+        if queue not in rings:
+            rings[queue] = await dut.ring(queue)
+            await rings[queue].program()
+    if io is not None:
+        await io.program()
     await dut.driver_ok()
-    if dut.io:
-        await io_round(dut, rings[0])
+    if io is not None:
+        await io_round(dut, io)
         await isr_with(dut, Interrupt.VRING)
-    return rings
+    return [rings[queue] for queue in sorted(rings)]
 
 
 async def kick_and_watch(dut: Dut, ring: Ring, head: int = 0) -> tuple[Request, int]:
@@ -140,8 +147,9 @@ async def after_stray_notify(
 
 
 async def still_works(dut: Dut, rings: list[Ring]) -> str:
-    """One more request on the live queue 0, without a reset in between."""
+    """One more sample request on the live queue (of :func:`live_device`), without a reset in
+    between."""
     if not dut.io:
         return ""
-    await io_round(dut, rings[0])
+    await io_round(dut, rings[dut.io_queue])
     return "; the live queue still works"

@@ -4,14 +4,60 @@ virtio-rng's random bytes (§5.4.6.2)."""
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any
 
 from viowire.conform.checks.common import BLK, RNG, check, fail
 from viowire.conform.dut import Dut
 from viowire.conform.model import Outcome, passed, skipped
-from viowire.conform.requests import Request, blk_request, finish, request
+from viowire.conform.requests import Request, chain, finish, request
 from viowire.conform.ring import Ring
-from viowire.virtio.constants import BLK_SECTOR_SIZE, BlkFeature, BlkStatus, BlkType
+from viowire.virtio.constants import (
+    BLK_REQ_HEADER_SIZE,
+    BLK_SECTOR_SIZE,
+    BlkFeature,
+    BlkStatus,
+    BlkType,
+)
+
+BLK_HEADER = struct.Struct("<IIQ")  # type, ioprio, sector
+
+
+async def blk_request(
+    dut: Dut,
+    ring: Ring,
+    head: int = 0,
+    *,
+    kind: int = BlkType.IN,
+    sector: int = 0,
+    data: bytes = b"",
+    in_len: int = BLK_SECTOR_SIZE,
+    want: int = BlkStatus.OK,
+) -> Request:
+    """A virtio-blk request in descriptors from ``head`` (not published): header (readable)
+    [+ data] + status (writable), the classic three-descriptor layout, which even a legacy
+    device without ANY_LAYOUT accepts."""
+    header = await dut.buffer(data=BLK_HEADER.pack(kind, 0, sector))
+    segments = [(header, BLK_REQ_HEADER_SIZE, False)]
+    writable = []
+    landing = None
+    if kind == BlkType.OUT:
+        segments.append((await dut.buffer(data=data), len(data), False))
+    elif kind != BlkType.FLUSH and in_len:
+        gpa = await dut.buffer(in_len)
+        segments.append((gpa, in_len, True))
+        writable.append((gpa, in_len))
+        landing = (gpa, in_len)
+    status = await dut.buffer(1, fill=0xFF)
+    segments.append((status, 1, True))
+    writable.append((status, 1))
+    descs = await chain(ring, head, segments)
+    return Request(head, descs, writable, status, want, data=landing)
+
+
+async def capacity(dut: Dut) -> int:
+    """The disk's size in 512-byte sectors (§5.2.4)."""
+    return int.from_bytes(await dut.config_bytes(0, 8), "little")
 
 
 async def blk(dut: Dut, ring: Ring, **kw: Any) -> Request:
@@ -34,12 +80,13 @@ async def _read_sector(dut: Dut, ring: Ring, sector: int) -> bytes:
     "5.2.6",
     "virtio-blk: a written sector reads back (then is restored); FLUSH completes",
     devices=BLK,
+    io=True,
 )
 async def io_blk_read_write(dut: Dut) -> Outcome:
-    if not dut.capacity:
+    if not (sectors := await capacity(dut)):
         return skipped("capacity 0: no sector to write")
     ring = await dut.up(extra=1 << BlkFeature.FLUSH)
-    sector = dut.capacity - 1
+    sector = sectors - 1
     original = await _read_sector(dut, ring, sector)
     pattern = os.urandom(BLK_SECTOR_SIZE)
     if dut.offered >> BlkFeature.RO & 1:
@@ -63,12 +110,14 @@ async def io_blk_read_write(dut: Dut) -> Outcome:
     "5.2.6",
     "virtio-blk: an unknown request type gets UNSUPP, a read past the end IOERR",
     devices=BLK,
+    io=True,
 )
 async def io_blk_status(dut: Dut) -> Outcome:
+    sectors = await capacity(dut)
     ring = await dut.up()
     await blk(dut, ring, kind=0xFF, in_len=0, want=BlkStatus.UNSUPP)
-    await blk(dut, ring, sector=dut.capacity, want=BlkStatus.IOERR)
-    return passed(f"type 0xff → UNSUPP, sector {dut.capacity} (the end) → IOERR")
+    await blk(dut, ring, sector=sectors, want=BlkStatus.IOERR)
+    return passed(f"type 0xff → UNSUPP, sector {sectors} (the end) → IOERR")
 
 
 @check(
@@ -76,6 +125,7 @@ async def io_blk_status(dut: Dut) -> Outcome:
     "5.4.6.2",
     "virtio-rng: each buffer gets at least one byte, used.len of them, and they differ",
     devices=RNG,
+    io=True,
 )
 async def io_rng(dut: Dut) -> Outcome:
     ring = await dut.up()

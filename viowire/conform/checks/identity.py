@@ -6,7 +6,7 @@ from __future__ import annotations
 from viowire.conform.checks.common import check, fail
 from viowire.conform.dut import Dut
 from viowire.conform.model import Outcome, passed, skipped
-from viowire.virtio.constants import MAGIC_VALUE, Reg, device_name
+from viowire.virtio.constants import MAGIC_VALUE, Reg
 
 
 @check("mmio.magic", "4.2.2.1", "MagicValue reads 0x74726976 ('virt')", identification=True)
@@ -52,7 +52,7 @@ async def device_id(dut: Dut) -> Outcome:
         raise fail(f"DeviceID reads {value} but the platform table says {dut.info.device_id}")
     if value == 0:
         return passed("DeviceID 0: a placeholder slot; no other register is touched")
-    return passed(f"DeviceID = {value} ({device_name(value)})")
+    return passed(f"DeviceID = {value} ({dut.type_name})")
 
 
 @check(

@@ -4,7 +4,7 @@ suppression."""
 from __future__ import annotations
 
 from viowire.conform.checks.common import EVENT_IDX, check, fail, isr_with
-from viowire.conform.dut import IO_DEVICES, Dut
+from viowire.conform.dut import Dut
 from viowire.conform.model import Outcome, passed
 from viowire.conform.requests import io_round
 from viowire.virtio.constants import Feature, Interrupt
@@ -15,7 +15,7 @@ from viowire.virtio.constants import Feature, Interrupt
     "4.2.2.1",
     "InterruptStatus shows a used-buffer event, asserts the line, and clears exactly the "
     "acknowledged bits",
-    devices=IO_DEVICES,
+    io=True,
 )
 async def irq_ack_exact(dut: Dut) -> Outcome:
     ring = await dut.up()
@@ -51,7 +51,7 @@ async def irq_ack_exact(dut: Dut) -> Outcome:
     "irq.event-idx",
     "2.7.7.2",
     "with EVENT_IDX, using the buffer at index used_event raises a notification",
-    devices=IO_DEVICES,
+    io=True,
     feature=Feature.RING_EVENT_IDX,
 )
 async def irq_event_idx(dut: Dut) -> Outcome:

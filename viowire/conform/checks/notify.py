@@ -12,7 +12,7 @@ from viowire.conform.checks.common import (
     fail,
     kick_and_watch,
 )
-from viowire.conform.dut import IO_DEVICES, Dut
+from viowire.conform.dut import Dut
 from viowire.conform.model import Outcome, rejected, wedged
 from viowire.conform.requests import finish
 from viowire.virtio.constants import Interrupt, Reg, Status
@@ -23,13 +23,13 @@ from viowire.virtio.constants import Interrupt, Reg, Status
     "2.1.2",
     "buffers notified before DRIVER_OK are not consumed; once live they are",
     versions=(2,),
-    devices=IO_DEVICES,
+    io=True,
     expect=(REJECT, WEDGED),
     violation=True,
 )
 async def notify_before_driver_ok(dut: Dut) -> Outcome:
     await dut.begin()
-    ring = await dut.ring()
+    ring = await dut.io_ring()
     await ring.program()
     req, used = await kick_and_watch(dut, ring)
     if used:
@@ -48,7 +48,7 @@ async def notify_before_driver_ok(dut: Dut) -> Outcome:
     "notify.nonexistent-queue",
     "4.2.3.3",
     "a notification for a queue that does not exist is ignored (or taken as spurious)",
-    devices=IO_DEVICES,
+    io=True,
     expect=(REJECT, PASS),
     violation=True,
 )
@@ -61,6 +61,6 @@ async def notify_nonexistent_queue(dut: Dut) -> Outcome:
         dut,
         stray,
         wedge="DEVICE_NEEDS_RESET for a notification of a non-existent queue",
-        early="served queue 0 on it: a spurious notification is allowed (2.7.10)",
+        early=f"served queue {dut.io_queue} on it: a spurious notification is allowed (2.7.10)",
         ignored=f"notifications for queues {dut.num_queues} and 0xffff ignored",
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from viowire.conform.checks.common import REJECT, WEDGED, check, fail
-from viowire.conform.dut import IO_DEVICES, Dut
+from viowire.conform.dut import Dut
 from viowire.conform.model import Check, Outcome, rejected, skipped, wedged
 from viowire.conform.requests import finish, request
 from viowire.virtio.constants import USED_ELEM_SIZE, Reg, Status
@@ -17,8 +17,11 @@ async def size_probe(dut: Dut, valid: int, bad: int) -> Outcome:
     until slot positions under ``bad`` and ``valid`` differ: the used element's slot tells
     which size the device runs (v2). Legacy: the ring is laid out for ``valid`` only."""
     await dut.begin()
-    ring = await dut.ring(num=valid, capacity=max(valid, bad))
-    await dut.select(0)
+    ring = await dut.io_ring(valid, capacity=max(valid, bad))
+    if ring.receiver is not None:
+        await ring.receiver.program()
+    queue = ring.index
+    await dut.select(queue)
     await dut.write(Reg.QUEUE_NUM, valid)
     await dut.write(Reg.QUEUE_NUM, bad)
     if ring.legacy:
@@ -29,7 +32,7 @@ async def size_probe(dut: Dut, valid: int, bad: int) -> Outcome:
         await dut.write(Reg.QUEUE_READY, 1)
     if await dut.status() & Status.DEVICE_NEEDS_RESET:
         return wedged(f"QueueNum {bad}: DEVICE_NEEDS_RESET when the queue was enabled")
-    if not await dut.queue_in_use(0):
+    if not await dut.queue_in_use(queue):
         return rejected(f"QueueNum {bad}: the device would not enable the queue")
     if (await dut.add_status(Status.DRIVER_OK)) & Status.DEVICE_NEEDS_RESET:
         return wedged(f"QueueNum {bad}: DEVICE_NEEDS_RESET at DRIVER_OK")
@@ -52,7 +55,7 @@ async def size_probe(dut: Dut, valid: int, bad: int) -> Outcome:
             )
         moved = bad and not ring.legacy and k % bad != k % valid
         if moved and (await ring.used_slot(k % bad))[0] == 0:
-            why = "" if bad < valid else f" above QueueNumMax {dut.queue_max[0]}"
+            why = "" if bad < valid else f" above QueueNumMax {dut.queue_max[queue]}"
             if bad & (bad - 1):
                 why = f": 65536 is not a multiple of {bad}, so the ring breaks at the index wrap"
             raise fail(
@@ -67,7 +70,7 @@ async def size_probe(dut: Dut, valid: int, bad: int) -> Outcome:
 
 def _probe_sizes(dut: Dut) -> int | None:
     """The valid size the probes start from; None when the queue is too small for them."""
-    return 4 if dut.queue_max and dut.queue_max[0] >= 4 else None
+    return 4 if dut.queue_max[dut.io_queue] >= 4 else None
 
 
 def size_check(id: str, section: str, title: str, bad: Callable[[Dut], int]) -> Check:
@@ -79,14 +82,14 @@ def size_check(id: str, section: str, title: str, bad: Callable[[Dut], int]) -> 
         return await size_probe(dut, valid, bad(dut))
 
     expect = (REJECT, WEDGED)
-    return check(id, section, title, devices=IO_DEVICES, expect=expect, violation=True)(run)
+    return check(id, section, title, io=True, expect=expect, violation=True)(run)
 
 
 queue_num_above_max = size_check(
     "queue.num-above-max",
     "4.2.2.2",
     "QueueNum above QueueNumMax is refused (ignored or DEVICE_NEEDS_RESET), never used",
-    lambda dut: 2 * dut.queue_max[0],
+    lambda dut: 2 * dut.queue_max[dut.io_queue],
 )
 queue_num_not_pow2 = size_check(
     "queue.num-not-pow2",

@@ -14,7 +14,7 @@ from viowire.conform.checks.common import (
     live_device,
     still_works,
 )
-from viowire.conform.dut import IO_DEVICES, Dut, reg_name
+from viowire.conform.dut import Dut, reg_name
 from viowire.conform.model import Outcome, passed, rejected, wedged
 from viowire.conform.requests import finish, io_round, request
 from viowire.conform.ring import Ring
@@ -27,14 +27,14 @@ from viowire.virtio.constants import USED_ELEM_SIZE, Reg, Status
     "QueueReady reads 0, then 1 after writing 1, then 0 at once after writing 0; a stopped "
     "queue is not used",
     versions=(2,),
-    devices=IO_DEVICES,
+    io=True,
 )
 async def queue_ready_readback(dut: Dut) -> Outcome:
     await dut.begin()
-    await dut.select(0)
+    await dut.select(dut.io_queue)
     if value := await dut.read(Reg.QUEUE_READY):
         raise fail(f"QueueReady reads {value:#x} before setup")
-    ring = await dut.ring()
+    ring = await dut.io_ring()
     await ring.program(ready=False)
     await dut.write(Reg.QUEUE_READY, 1)
     if (value := await dut.read(Reg.QUEUE_READY)) != 1:
@@ -61,20 +61,20 @@ async def queue_ready_readback(dut: Dut) -> Outcome:
     "4.2.4",
     "QueuePFN reads back the page number; writing 0 stops the queue",
     versions=(1,),
-    devices=IO_DEVICES,
+    io=True,
 )
 async def queue_legacy_pfn(dut: Dut) -> Outcome:
     await dut.begin()
-    await dut.select(0)
+    await dut.select(dut.io_queue)
     if value := await dut.read(Reg.QUEUE_PFN):
         raise fail(f"QueuePFN reads {value:#x} before setup")
-    ring = await dut.ring()
+    ring = await dut.io_ring()
     await ring.program()
     if (value := await dut.read(Reg.QUEUE_PFN)) != ring.pfn:
         raise fail(f"QueuePFN reads {value:#x}, {ring.pfn:#x} was written")
     await dut.driver_ok()
     await io_round(dut, ring)
-    await dut.select(0)
+    await dut.select(dut.io_queue)
     await dut.write(Reg.QUEUE_PFN, 0)
     if value := await dut.read(Reg.QUEUE_PFN):
         raise fail(f"QueuePFN reads {value:#x} after writing 0")
@@ -90,14 +90,14 @@ async def queue_legacy_pfn(dut: Dut) -> Outcome:
     "legacy rings are found at QueuePFN * GuestPageSize with the used ring aligned to "
     "QueueAlign after used_event",
     versions=(1,),
-    devices=IO_DEVICES,
+    io=True,
 )
 async def queue_legacy_layout(dut: Dut) -> Outcome:
     done = []
     for page, align in ((4096, 4096), (65536, 65536), (4096, 4)):
         await dut.begin()
         await dut.write(Reg.GUEST_PAGE_SIZE, page)
-        ring = await dut.ring(page_size=page, align=align)
+        ring = await dut.io_ring(page_size=page, align=align)
         await ring.program()
         await dut.driver_ok()
         req = await request(dut, ring)
@@ -169,14 +169,14 @@ async def queue_nonexistent_sel(dut: Dut) -> Outcome:
     "a queue set up before FEATURES_OK is never served before DRIVER_OK; it is refused, "
     "wedged, or served once live",
     versions=(2,),
-    devices=IO_DEVICES,
+    io=True,
     expect=(PASS, REJECT, WEDGED),
     violation=True,
 )
 async def queue_before_features_ok(dut: Dut) -> Outcome:
     await dut.set_status(Status.ACKNOWLEDGE)
     await dut.set_status(ACK_DRIVER)
-    ring = await dut.ring()
+    ring = await dut.io_ring()
     await ring.program()
     ready = await dut.read(Reg.QUEUE_READY)
     req, used = await kick_and_watch(dut, ring)
@@ -214,16 +214,16 @@ async def queue_before_features_ok(dut: Dut) -> Outcome:
     "4.2.2.2",
     "queue addresses written while QueueReady is 1 are not taken",
     versions=(2,),
-    devices=IO_DEVICES,
+    io=True,
     expect=(REJECT, WEDGED),
     violation=True,
 )
 async def queue_write_while_ready(dut: Dut) -> Outcome:
     ring = await dut.up()
-    other = await dut.ring()
+    other = await dut.ring(dut.io_queue)
     req_b = await request(dut, other)
     await other.publish(req_b.head)
-    await dut.select(0)
+    await dut.select(dut.io_queue)
     await ring.write_addresses(other.desc, other.avail, other.used)
     req = await request(dut, ring)
     await ring.publish(req.head)

@@ -7,12 +7,12 @@ import random
 from collections.abc import Awaitable, Callable
 
 from viowire.conform.checks.common import ACK_DRIVER, check, fail, live_device
-from viowire.conform.dut import IO_DEVICES, Dut
+from viowire.conform.dut import Dut
 from viowire.conform.model import CheckFailed, Outcome, passed
 from viowire.conform.recovery import verify_reset
-from viowire.conform.requests import io_round, request
+from viowire.conform.requests import io_round, per_request, request
 from viowire.conform.ring import Ring
-from viowire.virtio.constants import USED_ELEM_SIZE, DeviceId, Reg, Status
+from viowire.virtio.constants import USED_ELEM_SIZE, Reg, Status
 
 
 @check(
@@ -35,11 +35,11 @@ async def reset_clears_state(dut: Dut) -> Outcome:
     "reset.ring-indices",
     "2.4.1",
     "after a reset the device starts the rings from index 0 again",
-    devices=IO_DEVICES,
+    io=True,
 )
 async def reset_ring_indices(dut: Dut) -> Outcome:
     ring = await dut.up()
-    await io_round(dut, ring, 3 if dut.device_id == DeviceId.ENTROPY else 2)
+    await io_round(dut, ring, 2)
     await dut.begin()
     await ring.rezero()
     await ring.program()
@@ -57,21 +57,20 @@ async def reset_ring_indices(dut: Dut) -> Outcome:
     "reset.in-flight",
     "2.4.1",
     "after the reset completes the device writes no guest memory and raises no interrupt",
-    devices=IO_DEVICES,
+    io=True,
 )
 async def reset_in_flight(dut: Dut) -> Outcome:
     ring = await dut.up()
-    per = 1 if dut.device_id == DeviceId.ENTROPY else 3
-    reqs = [
-        await request(dut, ring, k * per, in_len=4096) if per == 3 else await request(dut, ring, k)
-        for k in range(ring.num // per)
-    ]
+    per = per_request(dut)
+    reqs = [await request(dut, ring, k * per) for k in range(ring.num // per)]
     await ring.publish(*(r.head for r in reqs))
     await ring.notify()
     await dut.write(Reg.STATUS, 0)
     await dut.reset()
     events = len(dut.irq_events)
     regions = [(ring.used, 6 + USED_ELEM_SIZE * ring.num)] + [w for r in reqs for w in r.writable]
+    if ring.receiver is not None:
+        regions += ring.receiver.regions
     snapshot = [await dut.memory.read(g, n) for g, n in regions]
     await dut.quiet()
     await dut.quiet()
@@ -93,7 +92,7 @@ async def reset_in_flight(dut: Dut) -> Outcome:
 )
 async def reset_storm(dut: Dut) -> Outcome:
     rand = random.Random(dut.options.seed + dut.index)
-    ring = await dut.ring() if dut.queue_max else None
+    ring = await dut.io_ring() if dut.io else await dut.ring() if dut.queue_max else None
     stages = _storm_stages(dut, ring)
     depths = []
     for i in range(40):
@@ -140,7 +139,7 @@ def _storm_stages(dut: Dut, ring: Ring | None) -> list[Callable[[], Awaitable[No
 
     async def kick() -> None:
         if ring is not None and dut.io:
-            req = await request(dut, ring, (ring.avail_idx * 3) % ring.num)
+            req = await request(dut, ring, (ring.avail_idx * per_request(dut)) % ring.num)
             await ring.publish(req.head)
             await ring.notify()
 

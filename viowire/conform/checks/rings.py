@@ -7,49 +7,70 @@ from viowire.conform.checks.broken import ring_check
 from viowire.conform.checks.chains import Desc, chained, indirect_table, raw_table
 from viowire.conform.checks.common import INDIRECT, TOLERANT_EXPECT, N, W
 from viowire.conform.dut import Dut
-from viowire.conform.requests import BLK_HEADER
+from viowire.conform.requests import Segment, segments
 from viowire.conform.ring import Ring
-from viowire.virtio.constants import VIRTQ_DESC_F_INDIRECT, BlkType, DeviceId, Feature
+from viowire.virtio.constants import VIRTQ_DESC_F_INDIRECT, Feature
 
 
 class Parts:
-    """The buffers of one request: rng ``data`` (64 writable bytes); blk ``header`` (a read of
-    sector 0), ``data`` (512 writable) and ``status`` (1 writable). ``extra`` is 16 writable
-    bytes, for chains that need one more buffer."""
+    """The buffers of one correct request (the device type's sample request), around the one a
+    malformed chain replaces: its ``data`` buffer, the first writable one (the last buffer when
+    none is writable). ``extra`` is 16 writable bytes, for chains that need one more buffer."""
 
     def __init__(self, dut: Dut) -> None:
         self.dut = dut
-        self.rng = dut.device_id == DeviceId.ENTROPY
-        self.header = self.data = self.status = self.extra = 0
+        self.segments: list[Segment] = []
+        self.at = 0  # the index of the data buffer in segments
+        self.extra = 0
 
     async def make(self) -> Parts:
-        dut = self.dut
-        if not self.rng:
-            self.header = await dut.buffer(data=BLK_HEADER.pack(BlkType.IN, 0, 0))
-            self.status = await dut.buffer(1, fill=0xFF)
-            self.data = await dut.buffer(512)
-        else:
-            self.data = await dut.buffer(64)
-        self.extra = await dut.buffer(16)
+        self.segments = await segments(self.dut)
+        writable = [i for i, (_, _, w) in enumerate(self.segments) if w]
+        self.at = writable[0] if writable else len(self.segments) - 1
+        self.extra = await self.dut.buffer(16)
         return self
 
-    def around(self, body: list[Desc]) -> list[Desc]:
-        """blk: header, then ``body`` (indices from 1), then status; rng: ``body`` alone.
-        In ``body`` a next of -1 means "the descriptor after me"."""
-        if self.rng:
-            return [(a, n, f, i + 1 if nx == -1 else nx) for i, (a, n, f, nx) in enumerate(body)]
-        out = [(self.header, 16, N, 1)]
-        for i, (a, n, f, nx) in enumerate(body, start=1):
-            out.append((a, n, f, i + 1 if nx == -1 else nx))
-        out.append((self.status, 1, W, 0))
-        last = len(out) - 2
-        a, n, f, nx = out[last]
-        out[last] = (a, n, f | N, last + 1) if not f & N else (a, n, f, nx)
-        return out
+    @property
+    def data(self) -> int:
+        return self.segments[self.at][0]
 
     @property
     def size(self) -> int:
-        return 64 if self.rng else 512
+        return self.segments[self.at][1]
+
+    @property
+    def flags(self) -> int:
+        """The data buffer's descriptor flags: W if it is device-writable."""
+        return W if self.segments[self.at][2] else 0
+
+    @property
+    def writable(self) -> int:
+        """Device-writable bytes of the correct request: all a served chain may report."""
+        return sum(n for _, n, w in self.segments if w)
+
+    def around(self, body: list[Desc]) -> list[Desc]:
+        """The request's buffers with ``body`` in place of the data buffer. In ``body`` a next
+        of -1 means "the descriptor after me"; its last descriptor is chained on to the
+        request's buffers after it, if any."""
+        before, after = self.segments[: self.at], self.segments[self.at + 1 :]
+        out = [(a, n, (W if w else 0) | N, i + 1) for i, (a, n, w) in enumerate(before)]
+        for a, n, f, nx in body:
+            out.append((a, n, f, len(out) + 1 if nx == -1 else nx))
+        if after:
+            a, n, f, _ = out[-1]
+            if not f & N:
+                out[-1] = (a, n, f | N, len(out))
+            for a, n, w in after:
+                out.append((a, n, (W if w else 0) | N, len(out) + 1))
+            a, n, f, _ = out[-1]
+            out[-1] = (a, n, f & ~N, 0)
+        return out
+
+    def with_extra(self) -> list[Segment]:
+        """The request's buffers, and ``extra`` after them when the request has but one."""
+        if len(self.segments) > 1:
+            return list(self.segments)
+        return [*self.segments, (self.extra, 16, True)]
 
 
 async def _lay(ring: Ring, descs: list[Desc]) -> None:
@@ -61,12 +82,12 @@ async def _lay(ring: Ring, descs: list[Desc]) -> None:
 
 @ring_check("ring.desc-loop", "2.7.5.2", "descriptors whose next fields form a loop")
 async def ring_desc_loop(dut: Dut, ring: Ring) -> tuple[str, int]:
-    p = await Parts(dut).make()
-    if p.rng:
-        await _lay(ring, [(p.data, 64, W | N, 1), (p.extra, 16, W | N, 0)])
-        return "descriptors 0 → 1 → 0", 0
-    await _lay(ring, [(p.header, 16, N, 1), (p.data, 512, W | N, 2), (p.status, 1, W | N, 1)])
-    return "descriptors 1 → 2 → 1", 0
+    descs = chained((await Parts(dut).make()).with_extra())
+    back = len(descs) - 2
+    a, n, f, _ = descs[-1]
+    descs[-1] = (a, n, f | N, back)
+    await _lay(ring, descs)
+    return f"descriptors {back} → {back + 1} → {back}", 0
 
 
 @ring_check(
@@ -76,17 +97,11 @@ async def ring_desc_loop(dut: Dut, ring: Ring) -> tuple[str, int]:
 )
 async def ring_next_out_of_range(dut: Dut, ring: Ring) -> tuple[str, int]:
     p = await Parts(dut).make()
-    descs = chained(_segments_of(p))
+    descs = chained(p.segments)
     a, n, f, _ = descs[-1]
     descs[-1] = (a, n, f | N, ring.num)
     await _lay(ring, descs)
     return f"next = {ring.num} in a table of {ring.num}", 0
-
-
-def _segments_of(p: Parts) -> list[tuple[int, int, bool]]:
-    if p.rng:
-        return [(p.data, 64, True)]
-    return [(p.header, 16, False), (p.data, 512, True), (p.status, 1, True)]
 
 
 @ring_check(
@@ -94,7 +109,7 @@ def _segments_of(p: Parts) -> list[tuple[int, int, bool]]:
 )
 async def ring_head_out_of_range(dut: Dut, ring: Ring) -> tuple[str, int]:
     p = await Parts(dut).make()
-    for i, desc in enumerate(chained(_segments_of(p))):
+    for i, desc in enumerate(chained(p.segments)):
         await ring.set_desc(i, *desc)
     await ring.publish(ring.num)
     return f"head {ring.num} in a table of {ring.num}", 0
@@ -110,8 +125,8 @@ async def ring_head_out_of_range(dut: Dut, ring: Ring) -> tuple[str, int]:
 async def ring_addr_outside_ram(dut: Dut, ring: Ring) -> tuple[str, int]:
     p = await Parts(dut).make()
     outside = dut.outside_ram()
-    await _lay(ring, p.around([(outside, p.size, W, -1)]))
-    return f"a {p.size}-byte buffer at {outside:#x}, outside guest RAM", p.size + (not p.rng)
+    await _lay(ring, p.around([(outside, p.size, p.flags, -1)]))
+    return f"a {p.size}-byte buffer at {outside:#x}, outside guest RAM", p.writable
 
 
 @ring_check(
@@ -123,8 +138,9 @@ async def ring_addr_outside_ram(dut: Dut, ring: Ring) -> tuple[str, int]:
 )
 async def ring_zero_length(dut: Dut, ring: Ring) -> tuple[str, int]:
     p = await Parts(dut).make()
-    await _lay(ring, p.around([(p.extra, 0, W | N, -1), (p.data, p.size, W, -1)]))
-    return "a writable descriptor of length 0 in the chain", p.size + (0 if p.rng else 1)
+    await _lay(ring, p.around([(p.extra, 0, p.flags | N, -1), (p.data, p.size, p.flags, -1)]))
+    kind = "writable" if p.flags else "readable"
+    return f"a {kind} descriptor of length 0 in the chain", p.writable
 
 
 @ring_check(
@@ -135,7 +151,8 @@ async def ring_zero_length(dut: Dut, ring: Ring) -> tuple[str, int]:
 async def ring_readable_after_writable(dut: Dut, ring: Ring) -> tuple[str, int]:
     p = await Parts(dut).make()
     readable = await dut.buffer(data=bytes(16))
-    descs = chained(_segments_of(p))
+    segs = p.segments if p.writable else [*p.segments, (p.extra, 16, True)]
+    descs = chained(segs)
     a, n, f, _ = descs[-1]
     descs[-1] = (a, n, f | N, len(descs))
     descs.append((readable, 16, 0, 0))
@@ -151,7 +168,7 @@ async def ring_readable_after_writable(dut: Dut, ring: Ring) -> tuple[str, int]:
     extra=INDIRECT,
 )
 async def ring_indirect_nested(dut: Dut, ring: Ring) -> tuple[str, int]:
-    inner, inner_len = await indirect_table(dut, _segments_of(await Parts(dut).make()))
+    inner, inner_len = await indirect_table(dut, (await Parts(dut).make()).segments)
     outer, outer_len = await raw_table(dut, [(inner, inner_len, VIRTQ_DESC_F_INDIRECT, 0)])
     await _lay(ring, [(outer, outer_len, VIRTQ_DESC_F_INDIRECT, 0)])
     return "an INDIRECT entry inside an indirect table", 0
@@ -165,7 +182,7 @@ async def ring_indirect_nested(dut: Dut, ring: Ring) -> tuple[str, int]:
     extra=INDIRECT,
 )
 async def ring_indirect_bad_len(dut: Dut, ring: Ring) -> tuple[str, int]:
-    table, length = await indirect_table(dut, _segments_of(await Parts(dut).make()))
+    table, length = await indirect_table(dut, (await Parts(dut).make()).segments)
     await _lay(ring, [(table, length - 8, VIRTQ_DESC_F_INDIRECT, 0)])
     return f"an indirect table of len {length - 8}", 0
 
@@ -181,9 +198,9 @@ async def ring_indirect_bad_len(dut: Dut, ring: Ring) -> tuple[str, int]:
 )
 async def ring_indirect_with_next(dut: Dut, ring: Ring) -> tuple[str, int]:
     p = await Parts(dut).make()
-    table, length = await indirect_table(dut, _segments_of(p))
+    table, length = await indirect_table(dut, p.segments)
     await _lay(ring, [(table, length, VIRTQ_DESC_F_INDIRECT | N, 1), (p.extra, 16, W, 0)])
-    return "INDIRECT | NEXT on one descriptor", p.size + (not p.rng)
+    return "INDIRECT | NEXT on one descriptor", p.writable
 
 
 @ring_check(
@@ -195,14 +212,14 @@ async def ring_indirect_with_next(dut: Dut, ring: Ring) -> tuple[str, int]:
 )
 async def ring_indirect_not_negotiated(dut: Dut, ring: Ring) -> tuple[str, int]:
     p = await Parts(dut).make()
-    table, length = await indirect_table(dut, _segments_of(p))
+    table, length = await indirect_table(dut, p.segments)
     await _lay(ring, [(table, length, VIRTQ_DESC_F_INDIRECT, 0)])
-    return "INDIRECT without the feature", p.size + (not p.rng)
+    return "INDIRECT without the feature", p.writable
 
 
 @ring_check("ring.avail-idx-jump", "2.7.13", "avail.idx moved ahead by more than the queue size")
 async def ring_avail_idx_jump(dut: Dut, ring: Ring) -> tuple[str, int]:
-    for i, desc in enumerate(chained(_segments_of(await Parts(dut).make()))):
+    for i, desc in enumerate(chained((await Parts(dut).make()).segments)):
         await ring.set_desc(i, *desc)
     await ring.put(0, 0)
     await ring.set_avail_idx(ring.num + 1)

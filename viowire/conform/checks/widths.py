@@ -13,7 +13,7 @@ from viowire.conform.checks.common import (
     try_read,
     try_write,
 )
-from viowire.conform.dut import IO_DEVICES, Dut, reg_name
+from viowire.conform.dut import Dut, reg_name
 from viowire.conform.model import Outcome, rejected, skipped
 from viowire.virtio.constants import Reg, Status
 
@@ -150,14 +150,14 @@ async def width_reads(dut: Dut) -> Outcome:
     "mmio.width.notify",
     "4.2.2.2",
     "1-, 2- and 8-byte QueueNotify writes are ignored or taken as a spurious notification",
-    devices=IO_DEVICES,
+    io=True,
     expect=(REJECT, PASS),
     violation=True,
 )
 async def width_notify(dut: Dut) -> Outcome:
     async def stray() -> None:
         for width in (1, 2, 8):
-            await try_write(dut, Reg.QUEUE_NOTIFY, 0, width)
+            await try_write(dut, Reg.QUEUE_NOTIFY, dut.io_queue, width)
 
     return await after_stray_notify(
         dut,

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from viowire.device import Device, Option
+from viowire.device import Device, Option, SampleRequest
 from viowire.server.devices import blocking
 from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
 from viowire.units import parse_duration
@@ -273,6 +273,11 @@ class BlockBackend(Device):
     num_queues = 1
     config_layout = BLK_CONFIG
     driver = "viowire.client.drivers.blk:BlockDriver"
+    # a read of sector 0 in the classic layout (header, data, status), which even a legacy device
+    # without ANY_LAYOUT takes
+    sample_request = SampleRequest(
+        readable=_HEADER.pack(_IN, 0, 0), writable=(BLK_SECTOR_SIZE, 1), status=_OK
+    )
     options = {
         "size": Option.size(None, "disk size (64M, 1G); a RAM disk needs it, a file grows to it"),
         "path": Option.string(None, "a disk image file, shared by every session"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from viowire.device import Device, Option
+from viowire.device import Device, Option, SampleRequest
 from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
 from viowire.units import parse_duration
 from viowire.virtio.constants import DeviceId
@@ -27,6 +27,7 @@ class RngBackend(Device):
     type_name = "rng"
     num_queues = 1
     driver = "viowire.client.drivers.rng:EntropyDriver"
+    sample_request = SampleRequest(writable=64, min_written=1)  # §5.4.6.2: one byte or more
     options = {
         "latency": Option.duration(0.0, "complete every request this long after it arrives"),
     }
