@@ -239,7 +239,7 @@ def _import(ref: str, what: str) -> Any:
     """The object ``module:attr.path`` names; DeviceTypeError says what went wrong."""
     module_name, _, attr_path = ref.partition(":")
     try:
-        module = _import_module(module_name)
+        module = import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = exc.name or module_name
         if not (module_name == missing or module_name.startswith(f"{missing}.")):
@@ -266,7 +266,7 @@ def _import(ref: str, what: str) -> Any:
     return obj
 
 
-def _import_module(name: str) -> Any:
+def import_module(name: str) -> Any:
     """Import ``name``; a module not found on sys.path is looked for in the current directory
     too (after everything installed), as ``python -m`` and uvicorn's ``module:app`` find a
     project's own modules: ``viowire serve --device examples.loopback:Loopback`` from a

@@ -143,7 +143,7 @@ def _import(reference: str) -> Any:
         raise UsageError(f"--workload {reference!r}: give package.module:function")
     try:
         # as --device finds package.module:Class: sys.path, then the current directory
-        module = registry._import_module(module_name)
+        module = registry.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise UsageError(
             f"--workload {reference}: no module named {exc.name or module_name!r} (set "
