@@ -43,13 +43,12 @@ from viowire.protocol.framing import Frame, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.server.app import Server
 from viowire.server.session import MAX_QUEUED_FDS, MAX_REGIONS, ServerSession
+from viowire.virtio.blk import BlkStatus, BlkType
 from viowire.virtio.constants import (
     DESC_SIZE,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
-    BlkStatus,
-    BlkType,
     Feature,
     Interrupt,
     Reg,

@@ -33,11 +33,9 @@ from viowire.client.errors import VirtioError
 from viowire.server.app import Server
 from viowire.server.devices.blk import SIZE_MAX, BlockBackend
 from viowire.server.platform import DeviceSpec, PlatformSpec
+from viowire.virtio.blk import BlkFeature, BlkStatus, BlkType
 from viowire.virtio.constants import (
     VIRTQ_DESC_F_INDIRECT,
-    BlkFeature,
-    BlkStatus,
-    BlkType,
     Feature,
     Reg,
     Status,

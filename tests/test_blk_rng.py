@@ -12,7 +12,8 @@ from ringbuilder import GuestRam, MmioDriver, RecordingMemory, RingBuilder, make
 
 from viowire.server.devices import BlockBackend, RngBackend
 from viowire.server.devices.rng import MAX_FILL
-from viowire.virtio.constants import BlkFeature, BlkStatus, BlkType, Status
+from viowire.virtio.blk import BlkFeature, BlkStatus, BlkType
+from viowire.virtio.constants import Status
 
 TIMEOUT = 2.0
 SECTOR = 512

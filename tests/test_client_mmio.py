@@ -36,11 +36,9 @@ from viowire.client.errors import (
     WrongMagicError,
 )
 from viowire.client.mmio import VirtioMmioDevice
+from viowire.virtio.blk import BlkFeature, BlkStatus, BlkType
 from viowire.virtio.constants import (
     MAGIC_VALUE,
-    BlkFeature,
-    BlkStatus,
-    BlkType,
     DeviceId,
     Feature,
     Interrupt,

@@ -30,7 +30,8 @@ from viowire.server.devices.blocking import MAX_THREADS
 from viowire.server.devices.rng import RngBackend
 from viowire.server.mmio import MmioDevice
 from viowire.server.platform import DeviceSpec, PlatformSpec
-from viowire.virtio.constants import BlkStatus, BlkType, Reg
+from viowire.virtio.blk import BlkStatus, BlkType
+from viowire.virtio.constants import Reg
 
 pytestmark = pytest.mark.timeout(60)
 WAIT = 10.0  # seconds: the bound of every wait for something that must happen

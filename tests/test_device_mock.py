@@ -9,7 +9,7 @@ import pytest
 
 from viowire.device import ChainError, Device
 from viowire.server.devices.blk import BlockBackend
-from viowire.virtio.constants import BLK_ID_BYTES, BlkStatus, BlkType
+from viowire.virtio.blk import BLK_ID_BYTES, BlkStatus, BlkType
 from viowire.virtio.mock import POISON, GuestRam, RingBuilder, serve
 
 SECTOR = 512

@@ -37,8 +37,9 @@ from viowire.device import ChainError, DescriptorChain, Device, Queue, StaleQueu
 from viowire.server.app import Server
 from viowire.server.mmio import MmioDevice
 from viowire.server.platform import Platform, PlatformSpec, Slot
-from viowire.virtio.config import BLK_CONFIG, ConfigField
-from viowire.virtio.constants import BlkStatus, BlkType, DeviceId, Feature
+from viowire.virtio.blk import BLK_CONFIG, BlkStatus, BlkType
+from viowire.virtio.config import ConfigField
+from viowire.virtio.constants import DeviceId, Feature
 
 TIMEOUT = 5.0
 SECTOR = 512

@@ -12,10 +12,10 @@ from ringbuilder import GuestRam, MmioDriver, RingBuilder, make_device
 from viowire.server.devices import BlockBackend, RngBackend
 from viowire.server.devices.base import VirtioBackend
 from viowire.server.mmio import MmioDevice
+from viowire.virtio.blk import BlkFeature
 from viowire.virtio.constants import (
     MAGIC_VALUE,
     VENDOR_ID_VIOWIRE,
-    BlkFeature,
     DeviceId,
     Feature,
     Interrupt,

@@ -27,11 +27,9 @@ from viowire.client.connection import DeviceInfo, connect
 from viowire.client.qtest import connect_qtest
 from viowire.client.virtqueue import Virtqueue
 from viowire.server.platform import DeviceSpec, PlatformSpec
+from viowire.virtio.blk import BlkFeature, BlkStatus, BlkType
 from viowire.virtio.constants import (
     PAGE_SIZE,
-    BlkFeature,
-    BlkStatus,
-    BlkType,
     DeviceId,
     Feature,
     Interrupt,

@@ -67,7 +67,8 @@ async def _drive(conn: Connection, info: DeviceInfo) -> bool:
     dev = await conn.attach(info, bus=bus)
     say("-- probe, reset, ACKNOWLEDGE, DRIVER, features, queues, DRIVER_OK")
     driver = await driver_class.attach(dev)
-    say(f"   negotiated: {' '.join(feature_names(driver.negotiated_features, info.device_id))}")
+    names = feature_names(driver.negotiated_features, registry.feature_bits(info.device_id))
+    say(f"   negotiated: {' '.join(names)}")
     bus.enabled = False
     interrupts = _count_interrupts(dev)
     try:

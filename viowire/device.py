@@ -41,6 +41,7 @@ A minimal device (the tutorial in docs/devices.md grows it)::
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -216,6 +217,8 @@ class Device:
     ``config_layout``
         The config space's fields (:class:`~viowire.virtio.config.ConfigField`), so that
         ``viowire probe`` decodes them.
+    ``feature_bits``
+        An IntEnum naming the device-type feature bits (0 to 23), for log lines and probe.
     ``driver``
         The client driver class for this type, if it has one (``"package.module:Class"`` or the
         class); ``viowire demo``, ``conform`` and ``load`` use it.
@@ -234,6 +237,7 @@ class Device:
     queue_num_max: ClassVar[int] = 256  # a power of 2: Linux split rings need one
     options: ClassVar[Mapping[str, Option]] = {}
     config_layout: ClassVar[tuple[ConfigField, ...]] = ()
+    feature_bits: ClassVar[type[enum.IntEnum] | None] = None
     driver: ClassVar[Any] = None
     sample_request: ClassVar[SampleRequest | None] = None
 

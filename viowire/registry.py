@@ -23,6 +23,7 @@ write instead.
 
 from __future__ import annotations
 
+import enum
 import importlib
 import importlib.metadata
 import logging
@@ -126,6 +127,12 @@ def by_device_id(device_id: int) -> type[Device] | None:
         if device_class.device_id == device_id:
             return device_class
     return None
+
+
+def feature_bits(device_id: int) -> type[enum.IntEnum] | None:
+    """The names of ``device_id``'s feature bits (its type's ``feature_bits``), if known."""
+    device_type = by_device_id(device_id)
+    return device_type.feature_bits if device_type is not None else None
 
 
 def driver_for(device_id: int) -> type[Any] | None:

@@ -7,7 +7,8 @@ same conditions as bare errno values (-ENODEV, -ENOENT, -EINVAL); here they are 
 
 from __future__ import annotations
 
-from viowire.virtio.constants import BlkStatus, BlkType, Reg, device_name
+from viowire.virtio.blk import BlkStatus, BlkType
+from viowire.virtio.constants import Reg, device_name
 
 _ACRONYMS = {"ID", "PFN", "ACK", "SHM"}
 

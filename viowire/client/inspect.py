@@ -41,7 +41,7 @@ async def describe_device(dev: VirtioMmioDevice, info: DeviceInfo) -> dict[str, 
     features = await dev.get_features()
     entry["version"] = dev.version
     entry["feature_bits"] = features
-    entry["features"] = feature_names(features, dev.device_id)
+    entry["features"] = feature_names(features, registry.feature_bits(dev.device_id))
     entry["queues"] = await _queues(dev)
     device_class = registry.by_device_id(dev.device_id)  # a user's type: its own layout
     layout = None if device_class is None else device_class.config_layout

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from viowire.options import UsageError
 from viowire.units import format_size, parse_size
-from viowire.virtio.constants import BLK_SECTOR_SIZE
+from viowire.virtio.blk import BLK_SECTOR_SIZE
 
 OPS = ("blk-read", "blk-write", "rng")
 OP_KIND = {"blk-read": "blk", "blk-write": "blk", "rng": "rng"}

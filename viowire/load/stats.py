@@ -14,7 +14,7 @@ from viowire.client.connection import ProtocolError
 from viowire.client.errors import RequestError
 from viowire.load.histogram import LogHistogram
 from viowire.protocol.messages import ErrorCode
-from viowire.virtio.constants import BlkStatus
+from viowire.virtio.blk import BlkStatus
 
 MAX_SAMPLES = 10  # error messages kept verbatim for the summary
 

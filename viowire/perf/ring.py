@@ -34,11 +34,12 @@ import time
 from collections.abc import Sequence
 
 from viowire.runtime import run as run_loop
+from viowire.virtio.blk import REQUEST_HEADER
 
 NUM = 256  # ring size, as viowire's devices offer
 SLOTS = NUM // 3  # in-flight requests: three descriptors each
 DESC = struct.Struct("<QIHH")
-HDR = struct.Struct("<IIQ")  # type, reserved, sector
+HDR = REQUEST_HEADER  # type, reserved, sector
 USED_ELEM = struct.Struct("<II")
 F_NEXT, F_WRITE = 1, 2
 OP_READ, OP_WRITE, OP_STAMP = 0, 1, 2

@@ -226,14 +226,14 @@ class MmioDevice(QueueService):
             return
         unoffered = value & ~self.device_features
         if unoffered:
-            names = feature_names(unoffered, self.backend.device_id)
+            names = feature_names(unoffered, self.backend.feature_bits)
             self._guest_error(f"GUEST_FEATURES accepts bits not offered ({names}): dropped")
         self._driver_features = value & self.device_features
 
     def _feature_problem(self) -> str | None:
         unoffered = self._driver_features & ~self.device_features
         if unoffered:
-            names = feature_names(unoffered, self.backend.device_id)
+            names = feature_names(unoffered, self.backend.feature_bits)
             return f"driver accepted features that were not offered: {names}"
         if not self._driver_features >> Feature.VERSION_1 & 1:
             return "driver did not accept VERSION_1"

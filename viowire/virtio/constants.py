@@ -133,53 +133,6 @@ class Feature(enum.IntEnum):
     RING_RESET = 40
 
 
-class BlkFeature(enum.IntEnum):
-    """virtio-blk feature bits (§5.2.3)."""
-
-    BARRIER = 0
-    SIZE_MAX = 1
-    SEG_MAX = 2
-    GEOMETRY = 4
-    RO = 5
-    BLK_SIZE = 6
-    SCSI = 7
-    FLUSH = 9
-    TOPOLOGY = 10
-    CONFIG_WCE = 11
-    MQ = 12
-    DISCARD = 13
-    WRITE_ZEROES = 14
-    LIFETIME = 15
-    SECURE_ERASE = 16
-    ZONED = 17
-
-
-class BlkType(enum.IntEnum):
-    """virtio-blk request types (§5.2.6)."""
-
-    IN = 0
-    OUT = 1
-    FLUSH = 4
-    FLUSH_OUT = 5  # legacy alias of FLUSH
-    GET_ID = 8
-    GET_LIFETIME = 10
-    DISCARD = 11
-    WRITE_ZEROES = 13
-    SECURE_ERASE = 14
-
-
-class BlkStatus(enum.IntEnum):
-    """virtio-blk request status byte (§5.2.6)."""
-
-    OK = 0
-    IOERR = 1
-    UNSUPP = 2
-
-
-BLK_SECTOR_SIZE = 512
-BLK_ID_BYTES = 20
-BLK_REQ_HEADER_SIZE = 16  # type u32, reserved (ioprio) u32, sector u64
-
 # Split virtqueue (§2.7): the numbers; the layout built from them is viowire/virtio/ring.py
 VIRTQ_DESC_F_NEXT = 0x1
 VIRTQ_DESC_F_WRITE = 0x2
@@ -191,9 +144,10 @@ USED_ELEM_SIZE = 8
 MAX_QUEUE_SIZE = 32768
 
 
-def feature_names(bits: int, device_id: int = 0) -> list[str]:
-    """Names of the set feature bits, device-specific ones first; unknown bits as ``bit N``."""
-    device_enum = {DeviceId.BLOCK: BlkFeature}.get(device_id)
+def feature_names(bits: int, device_bits: type[enum.IntEnum] | None = None) -> list[str]:
+    """Names of the set feature bits; ``device_bits`` names the device type's bits (0 to 23,
+    a Device class's ``feature_bits``); unknown bits as ``bit N``."""
+    device_enum = device_bits
     names = []
     for bit in range(64):
         if not bits >> bit & 1:

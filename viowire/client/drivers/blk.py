@@ -15,7 +15,6 @@ is split, as qemu-io's ``read`` and ``write`` of any length just work.
 from __future__ import annotations
 
 import asyncio
-import struct
 from functools import partial
 
 from viowire.client.drivers.base import bits
@@ -24,14 +23,17 @@ from viowire.client.errors import ReadOnlyError, RequestError, VirtioError
 from viowire.client.guest import DmaPool
 from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.slots import Slots
-from viowire.virtio.config import BLK_CONFIG
-from viowire.virtio.constants import (
+from viowire.virtio.blk import (
+    BLK_CONFIG,
     BLK_ID_BYTES,
     BLK_REQ_HEADER_SIZE,
     BLK_SECTOR_SIZE,
+    REQUEST_HEADER,
     BlkFeature,
     BlkStatus,
     BlkType,
+)
+from viowire.virtio.constants import (
     DeviceId,
 )
 from viowire.virtio.memory import MappedGuestMemory
@@ -39,7 +41,7 @@ from viowire.virtio.memory import MappedGuestMemory
 MAX_REQUEST = 128 * 1024  # bytes of data per request, before the device's own limits
 QUEUE_DEPTH = 32  # requests in flight; bounds the DMA buffers taken from guest RAM
 
-_HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
+_HEADER = REQUEST_HEADER
 _STATUS_UNSET = 0xFF  # a device that never writes the status byte is caught, not read as OK
 _STATUS_BYTE = bytes([_STATUS_UNSET])
 

@@ -4,7 +4,6 @@ virtio-rng's random bytes (§5.4.6.2)."""
 from __future__ import annotations
 
 import os
-import struct
 from typing import Any
 
 from viowire.conform.checks.common import BLK, RNG, check, fail
@@ -12,15 +11,14 @@ from viowire.conform.dut import Dut
 from viowire.conform.model import Outcome, passed, skipped
 from viowire.conform.requests import Request, chain, finish, request
 from viowire.conform.ring import Ring
-from viowire.virtio.constants import (
+from viowire.virtio.blk import (
     BLK_REQ_HEADER_SIZE,
     BLK_SECTOR_SIZE,
     BlkFeature,
     BlkStatus,
     BlkType,
+    request_header,
 )
-
-BLK_HEADER = struct.Struct("<IIQ")  # type, ioprio, sector
 
 
 async def blk_request(
@@ -37,7 +35,7 @@ async def blk_request(
     """A virtio-blk request in descriptors from ``head`` (not published): header (readable)
     [+ data] + status (writable), the classic three-descriptor layout, which even a legacy
     device without ANY_LAYOUT accepts."""
-    header = await dut.buffer(data=BLK_HEADER.pack(kind, 0, sector))
+    header = await dut.buffer(data=request_header(kind, sector))
     segments = [(header, BLK_REQ_HEADER_SIZE, False)]
     writable = []
     landing = None

@@ -33,7 +33,6 @@ import errno
 import logging
 import mmap
 import os
-import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -43,23 +42,26 @@ from viowire.device import Device, Option, SampleRequest
 from viowire.server.devices import blocking
 from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
 from viowire.units import parse_duration
-from viowire.virtio.config import BLK_CONFIG
-from viowire.virtio.constants import (
+from viowire.virtio.blk import (
+    BLK_CONFIG,
     BLK_ID_BYTES,
     BLK_REQ_HEADER_SIZE,
     BLK_SECTOR_SIZE,
+    CONFIG_PREFIX,
+    REQUEST_HEADER,
     BlkFeature,
     BlkStatus,
     BlkType,
+)
+from viowire.virtio.constants import (
     DeviceId,
 )
 from viowire.virtio.memory import GuestMemory
 
 log = logging.getLogger("viowire.device")
 
-_HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
-# capacity, size_max, seg_max, geometry (cylinders u16, heads u8, sectors u8), blk_size
-_CONFIG = struct.Struct("<QIIHBBI")
+_HEADER = REQUEST_HEADER
+_CONFIG = CONFIG_PREFIX
 _BARRIER = 0x8000_0000  # legacy flag OR-ed into the type; never offered, so ignored
 # plain ints on the per-request path (IntEnum comparisons and conversions cost more)
 _IN, _OUT = int(BlkType.IN), int(BlkType.OUT)
@@ -272,6 +274,7 @@ class BlockBackend(Device):
     type_name = "blk"
     num_queues = 1
     config_layout = BLK_CONFIG
+    feature_bits = BlkFeature
     driver = "viowire.client.drivers.blk:BlockDriver"
     # a read of sector 0 in the classic layout (header, data, status), which even a legacy device
     # without ANY_LAYOUT takes
