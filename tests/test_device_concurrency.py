@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from servers import running_server, url_of
 
+from viowire.blocking import MAX_THREADS
 from viowire.client.connection import Connection, connect
 from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.client.errors import RequestError
 from viowire.server.devices import blk as blk_module
 from viowire.server.devices.blk import BlockBackend
-from viowire.server.devices.blocking import MAX_THREADS
 from viowire.server.devices.rng import RngBackend
 from viowire.server.mmio import MmioDevice
 from viowire.server.platform import DeviceSpec, PlatformSpec

@@ -47,6 +47,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from viowire.blocking import run as run_blocking
 from viowire.server.virtqueue import ChainError, DescriptorChain, RingError, StaleQueueError
 from viowire.units import parse_duration, parse_size
 from viowire.virtio.config import ConfigField
@@ -366,6 +367,7 @@ __all__ = [
     "StaleQueueError",
     "parse_bool",
     "parse_options",
+    "run_blocking",
 ]
 
 

@@ -38,8 +38,8 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
+from viowire import blocking
 from viowire.device import Device, Option, SampleRequest
-from viowire.server.devices import blocking
 from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
 from viowire.units import parse_duration
 from viowire.virtio.blk import (
