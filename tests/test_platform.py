@@ -132,6 +132,7 @@ def test_toml_strings_for_numbers(tmp_path):
     [
         ("[platform\n", "config"),  # TOML syntax error
         ("[[device]]\nsize = 1\n", '[[device]] #0 needs a type: type = "NAME" (blk, rng'),
+        ("[[device]]\ntype = 5\n", "[[device]] #0: type = 5 is not a string"),
         ('[[device]]\ntype = "tape"\n', "[[device]] #0: unknown type 'tape'"),
         ('[[device]]\ntype = "blk"\nsize = "big"\n', "size 'big' is not a number"),
         ('[[device]]\ntype = "blk"\nsize = 1.5\n', "size 1.5 is not a number"),

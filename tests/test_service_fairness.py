@@ -23,6 +23,7 @@ class Refilled(Device):
     more chain available meanwhile, until ``limit``."""
 
     device_id = 0x7F10
+    handle_inline = True  # served inside the pass, as blk and rng are
 
     def __init__(self, ring: RingBuilder, limit: int) -> None:
         super().__init__()

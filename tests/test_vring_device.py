@@ -49,6 +49,7 @@ class PatternBackend(VirtioBackend):
     """Fills every writable byte with 0xAB; optionally waits on ``gate`` first."""
 
     device_id = 42
+    handle_inline = True  # the transport's batching, as blk and rng use it
     num_queues = 2
     queue_num_max = 16
 

@@ -13,10 +13,11 @@ publishes completions, honouring NO_INTERRUPT and EVENT_IDX.
 Two ways to serve a queue:
 
 * **Request/response** (blk, rng, most users' first device): override :meth:`Device.handle`.
-  The transport pops every available chain and calls it; a request that finishes without
-  waiting completes in the same batch, and one that waits (a thread, a timer, another socket)
-  runs on as its own task while the next chains are served, completing whenever it is done, in
-  any order. Return the number of bytes written into the chain's writable part.
+  The transport pops every available chain and runs each request as a task of its own, so one
+  that waits (a thread, a timer, another socket) holds back neither the chains behind it nor
+  their completion; requests complete whenever they are done, in any order (``handle_inline``
+  trades the task for speed where a request seldom waits). Return the number of bytes written
+  into the chain's writable part.
 * **Held buffers** (receive queues: net's receiveq, console input, vsock events): override
   :meth:`Device.queue_notify` and take chains from the :class:`Queue` handle when data arrives
   (``await queue.get()``), keep them as long as needed, then ``queue.complete(chain, written)``
@@ -218,6 +219,12 @@ class Device:
     ``config_layout``
         The config space's fields (:class:`~viowire.virtio.config.ConfigField`), so that
         ``viowire probe`` decodes them.
+    ``handle_inline``
+        False (the default): each request runs as a task of its own from its first step, so
+        ``handle()`` may use anything a task can (``asyncio.timeout``, ``TaskGroup``,
+        ``current_task``). True: the transport runs ``handle()`` inline until it first waits,
+        and a request that never waits costs no task (viowire's blk and rng, on the hot path);
+        set it only if ``handle()`` needs no current task before its first ``await``.
     ``feature_bits``
         An IntEnum naming the device-type feature bits (0 to 23), for log lines and probe.
     ``driver``
@@ -239,6 +246,7 @@ class Device:
     options: ClassVar[Mapping[str, Option]] = {}
     config_layout: ClassVar[tuple[ConfigField, ...]] = ()
     feature_bits: ClassVar[type[enum.IntEnum] | None] = None
+    handle_inline: ClassVar[bool] = False
     driver: ClassVar[Any] = None
     sample_request: ClassVar[SampleRequest | None] = None
 
@@ -247,8 +255,14 @@ class Device:
         """Set by the transport; call it after every change of the config space."""
         self.name = device_name(self.device_id)
         """For log lines; the transport replaces it with the device's own name."""
-        self.queue: Callable[[int], Queue] = _no_transport
-        """``self.queue(i)``: the handle of virtqueue ``i``, set by the transport."""
+        self.transport: Any = None
+        """What serves the device (set by the transport): :meth:`queue` asks it for handles."""
+
+    def queue(self, index: int) -> Queue:
+        """The :class:`Queue` handle of virtqueue ``index``."""
+        if self.transport is None:
+            raise RuntimeError(f"{self.name} is not served by a transport yet: no queue handles")
+        return self.transport.queue_handle(index)
 
     @classmethod
     def from_options(cls, values: Mapping[str, Any], where: str = "") -> Device:
@@ -319,10 +333,6 @@ class Device:
 
     def close(self) -> None:
         """The session is over: release files, sockets and tasks."""
-
-
-def _no_transport(index: int) -> Queue:
-    raise RuntimeError("the device is not attached to a transport yet: no queue handles")
 
 
 def option_table(cls: type[Device]) -> Mapping[str, Option]:

@@ -104,7 +104,7 @@ class MmioDevice(QueueService):
         self._readers, self._writers = _REGISTER_TABLES[version]
         backend.on_config_change = self.config_changed
         backend.name = self.name
-        backend.queue = self.queue_handle
+        backend.transport = self
         self._clear_state()
 
     # -- introspection --------------------------------------------------------------------------

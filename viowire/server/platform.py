@@ -190,6 +190,11 @@ class PlatformSpec:
                 # users expect, not wherever the server happens to be started.
                 entry["path"] = str(Path(path).parent / entry["path"])
             kind = entry.pop("type", None) or entry.pop("kind", None)
+            if not isinstance(kind, str | None):
+                raise PlatformError(
+                    f"config {path}: [[device]] #{i}: type = {kind!r} is not a string "
+                    '(write type = "blk" or type = "package.module:Class")'
+                )
             if kind is None:
                 raise PlatformError(
                     f"config {path}: [[device]] #{i} needs a type: "

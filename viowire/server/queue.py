@@ -57,12 +57,15 @@ class Queue:
         """Wait for the next available chain: the driver's next notification (or a ring that
         becomes ready) wakes it. It waits across resets, and is cancelled like any task."""
         while True:
+            # The waiter exists before the look, so a notification that comes while pop()
+            # awaits guest memory (proxied) wakes the next wait instead of being lost.
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
             chain = await self.pop()
             if chain is not None:
                 return chain
-            if self._waiter is None or self._waiter.done():
-                self._waiter = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._waiter)
+            await asyncio.shield(waiter)
 
     def complete(self, chain: DescriptorChain, written: int) -> None:
         """Give ``chain`` back to the driver with ``written`` bytes of its writable part filled

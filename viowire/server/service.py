@@ -12,6 +12,7 @@ after a pass with the driver's notifications off, as vhost's busy-polling does.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 import logging
 import time
@@ -33,13 +34,17 @@ _polling = [0]  # queues polling now, in this process
 
 class _GuardedMemory(GuestMemory):
     """Guest memory as a backend sees it while serving one queue: every access first checks
-    that the queue has not been reset or stopped since the chain was popped."""
+    that the queue has not been reset or stopped since the chain was popped, and that the
+    device has not entered DEVICE_NEEDS_RESET."""
 
-    __slots__ = ("_memory", "_queue", "epoch")
+    __slots__ = ("_memory", "_queue", "_service", "epoch")
 
-    def __init__(self, memory: GuestMemory, queue: SplitVirtqueue, epoch: int) -> None:
+    def __init__(
+        self, memory: GuestMemory, queue: SplitVirtqueue, epoch: int, service: QueueService
+    ) -> None:
         self._memory = memory
         self._queue = queue
+        self._service = service
         self.epoch = epoch
 
     @property
@@ -49,6 +54,8 @@ class _GuardedMemory(GuestMemory):
     def _check_epoch(self) -> None:
         if self._queue.epoch != self.epoch:
             raise StaleQueueError(f"queue {self._queue.index} was reset during a request")
+        if self._service._broken:
+            raise StaleQueueError(f"queue {self._queue.index}: the device needs a reset")
 
     async def readv(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         self._check_epoch()
@@ -59,6 +66,22 @@ class _GuardedMemory(GuestMemory):
     async def writev(self, segments: Sequence[tuple[int, bytes]]) -> None:
         self._check_epoch()
         await self._memory.writev(segments)
+
+
+class _Returned(GuestMemory):
+    """The memory of a chain given back to the driver: its buffers are not the device's any
+    more, so every access is refused."""
+
+    regions: Sequence[Region] = ()
+
+    async def readv(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        raise StaleQueueError("this chain was completed: its buffers are the driver's again")
+
+    async def writev(self, segments: Sequence[tuple[int, bytes]]) -> None:
+        raise StaleQueueError("this chain was completed: its buffers are the driver's again")
+
+
+RETURNED = _Returned()
 
 
 class PollState:
@@ -153,14 +176,17 @@ class QueueService:
                 self._fail(f"queue {queue.index}: {exc}")
             return None
         if chain is not None:
-            chain.memory = _GuardedMemory(memory, queue, epoch)
+            chain.memory = _GuardedMemory(memory, queue, epoch, self)
         return chain
 
     def _complete_held(self, queue: SplitVirtqueue, chain: DescriptorChain, written: int) -> None:
         """:meth:`Queue.complete`."""
         guarded = chain.memory
+        if guarded is RETURNED:
+            raise ValueError(f"{chain!r} was completed already: a chain is completed once")
         if not isinstance(guarded, _GuardedMemory) or guarded._queue is not queue:
             raise ValueError(f"{chain!r} was not taken from queue {queue.index} of {self.name}")
+        chain.memory = RETURNED
         if guarded.epoch != queue.epoch or self._broken:
             return  # the ring it came from is gone: nothing more is written to it
         self._add_completion(queue, guarded.epoch, chain.head, written, chain.writable_len)
@@ -195,7 +221,7 @@ class QueueService:
         except StopIteration:
             return
         run.task = self._loop.create_task(
-            _finish(coro, waiting_on), name=f"{self.name} q{queue.index}"
+            _Started(coro, waiting_on), name=f"{self.name} q{queue.index}"
         )
 
     async def _queue_task(self, queue: SplitVirtqueue, run: QueuePass) -> None:
@@ -332,8 +358,9 @@ class QueueService:
             raise RingError("no guest memory registered")
         self._prepare(queue, memory)
         mapped = type(memory) is MappedGuestMemory
-        guarded = _GuardedMemory(memory, queue, epoch)
+        guarded = _GuardedMemory(memory, queue, epoch, self)
         handle = self.backend.handle
+        inline = self.backend.handle_inline
         index = queue.index
         done: list[tuple[int, int]] = []
         served = 0
@@ -347,18 +374,23 @@ class QueueService:
             # goes on as a task of its own, so it holds back neither the chains behind it nor
             # their completion.
             request = handle(index, chain, guarded)
-            try:
-                waiting_on = request.send(None)
-            except StopIteration as finished:
-                written = finished.value
-            except RingError:
-                await self._complete_quietly(queue, memory, done, epoch)
-                raise
-            else:
-                self._start_request(queue, epoch, chain, request, waiting_on)
+            if not inline:  # its own task from the first step: asyncio.timeout, TaskGroup work
+                self._start_request(queue, epoch, chain, request)
                 written = None
+            else:
+                try:
+                    waiting_on = request.send(None)
+                except StopIteration as finished:
+                    written = finished.value
+                except RingError:
+                    await self._complete_quietly(queue, memory, done, epoch)
+                    raise
+                else:
+                    self._start_request(queue, epoch, chain, _Started(request, waiting_on))
+                    written = None
             self._check_epoch(queue, epoch)
-            if written is not None:
+            if written is not None and chain.memory is guarded:
+                chain.memory = RETURNED
                 done.append((chain.head, self._used_len(queue, written, chain.writable_len)))
             if not queue.has_cached:  # the batch one avail.idx read exposed is done
                 if done:
@@ -379,17 +411,12 @@ class QueueService:
 
     # -- requests that wait, and completions out of order ---------------------------------------
     def _start_request(
-        self,
-        queue: SplitVirtqueue,
-        epoch: int,
-        chain: DescriptorChain,
-        request: Coroutine,
-        waiting_on: object,
+        self, queue: SplitVirtqueue, epoch: int, chain: DescriptorChain, request: Coroutine
     ) -> None:
-        """Run a request that had to wait as a task of its own; it completes when it ends."""
-        task = self._loop.create_task(
-            _finish(request, waiting_on), name=f"{self.name} q{queue.index} #{chain.head}"
-        )
+        """Run a request as a task of its own; it completes when it ends."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        task = self._loop.create_task(request, name=f"{self.name} q{queue.index} #{chain.head}")
         requests = self._requests
         if requests is None:
             requests = self._requests = {}
@@ -406,6 +433,16 @@ class QueueService:
             return  # reset, stopped or broken meanwhile: the chain is not ours to complete
         exc = task.exception()
         if exc is None:
+            if chain.memory is RETURNED:
+                log.error(
+                    "%s: queue %d: handle() completed chain %d itself and returned too: "
+                    "completed once",
+                    self.name,
+                    queue.index,
+                    chain.head,
+                )
+                return
+            chain.memory = RETURNED
             self._add_completion(queue, epoch, chain.head, task.result(), chain.writable_len)
         elif isinstance(exc, (RingError, GuestMemoryError)):
             self._fail(f"queue {queue.index}: {exc}")
@@ -442,7 +479,7 @@ class QueueService:
             waiting_on = publish.send(None)
         except StopIteration:
             return
-        task = self._loop.create_task(_finish(publish, waiting_on))
+        task = self._loop.create_task(_Started(publish, waiting_on))
         requests = self._requests
         if requests is None:
             requests = self._requests = {}
@@ -557,32 +594,33 @@ class QueuePass:
         self.task: asyncio.Task[None] | None = None
 
 
-class _Started:
-    """A coroutine that was started by hand and yielded ``waiting_on``, as an awaitable: the
-    task awaiting it sees that yield (a future, or None for a bare yield) as its own, and
-    whatever the task sends or throws goes on to the coroutine."""
+class _Started(collections.abc.Coroutine):
+    """A coroutine that was started by hand and yielded ``waiting_on``, as a coroutine a task
+    runs: the task's first step gets that yield (a future, or None for a bare yield), and what
+    the task sends or throws afterwards goes on to the coroutine. A task cancelled before its
+    first step throws CancelledError into the coroutine, so its ``except`` and ``finally``
+    blocks run, as in a task of its own."""
 
-    __slots__ = ("coro", "waiting_on")
+    __slots__ = ("coro", "first")
 
     def __init__(self, coro: Coroutine, waiting_on: object) -> None:
-        self.coro, self.waiting_on = coro, waiting_on
+        self.coro = coro
+        self.first: tuple[object] | None = (waiting_on,)
+
+    def send(self, value: object) -> object:
+        first = self.first
+        if first is not None:
+            self.first = None
+            return first[0]
+        return self.coro.send(value)
+
+    def throw(self, *exc: object) -> object:
+        self.first = None
+        return self.coro.throw(*exc)
+
+    def close(self) -> None:
+        self.first = None
+        self.coro.close()
 
     def __await__(self) -> Generator[object, object, object]:
-        coro, value = self.coro, self.waiting_on
-        while True:
-            try:
-                sent = yield value
-            except BaseException as exc:  # cancellation included: the coroutine handles it
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-
-async def _finish(coro: Coroutine, waiting_on: object) -> object:
-    return await _Started(coro, waiting_on)
+        raise TypeError("a started coroutine is run by a task (loop.create_task), not awaited")

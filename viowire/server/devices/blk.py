@@ -247,8 +247,8 @@ class _DataBudget:
         self._waiters.append(entry)
         try:
             await entry[1]
-        except asyncio.CancelledError:
-            if not entry[1].cancelled():
+        except BaseException:  # cancelled, or the coroutine closed (GeneratorExit)
+            if entry[1].done() and not entry[1].cancelled():
                 self.give(size)  # granted just as the request was cancelled
             elif entry in self._waiters:
                 self._waiters.remove(entry)
@@ -272,6 +272,7 @@ class BlockBackend(Device):
 
     device_id = DeviceId.BLOCK
     type_name = "blk"
+    handle_inline = True  # no current task needed before its first await
     num_queues = 1
     config_layout = BLK_CONFIG
     feature_bits = BlkFeature

@@ -25,6 +25,7 @@ class RngBackend(Device):
 
     device_id = DeviceId.ENTROPY
     type_name = "rng"
+    handle_inline = True  # no current task needed before its first await
     num_queues = 1
     driver = "viowire.client.drivers.rng:EntropyDriver"
     sample_request = SampleRequest(writable=64, min_written=1)  # §5.4.6.2: one byte or more
