@@ -17,6 +17,7 @@ runs of scripts/mutation-test do, since they run a few tests per mutant).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import fnmatch
@@ -26,8 +27,11 @@ import signal
 import subprocess
 import tempfile
 import time
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -71,6 +75,39 @@ def skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
     if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (path, line, "Skipped: why")
         return str(longrepr[2]).removeprefix("Skipped: ")
     return str(longrepr)
+
+
+# -- a hang, explained ------------------------------------------------------------------------
+def _timed_out(exc: BaseException) -> bool:
+    return "from pytest-timeout" in str(exc)
+
+
+def _asyncio_stacks(item: pytest.Item) -> str:
+    """Where each task of the test's event loop waits: pytest-timeout's traceback of an async
+    test ends in the loop's select(), which says nothing of the await that hung."""
+    funcargs = getattr(item, "funcargs", {})
+    loops = {
+        runner.get_loop()
+        for runner in funcargs.values()
+        if isinstance(runner, asyncio.Runner) and not runner.get_loop().is_closed()
+    }
+    out = []
+    for loop in loops:
+        for task in asyncio.all_tasks(loop):
+            frames = traceback.StackSummary.extract((f, f.f_lineno) for f in _awaiting(task))
+            out.append(f"{task!r}, awaiting:\n{''.join(frames.format())}")
+    return "\n".join(out)
+
+
+def _awaiting(task: asyncio.Task) -> Iterator[FrameType]:
+    """The frames of a suspended task, outermost first, down the chain of awaits."""
+    coro = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            return
+        yield frame
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
 
 
 # -- what a run can leave behind --------------------------------------------------------------
@@ -222,6 +259,10 @@ class SuiteGuards:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
         report = yield
+        if report.failed and call.excinfo is not None and _timed_out(call.excinfo.value):
+            stacks = _asyncio_stacks(item)
+            if stacks:
+                report.sections.append(("asyncio tasks when the timeout struck", stacks))
         self._judge_skip(report)
         return report
 
