@@ -202,6 +202,7 @@ class SuiteGuards:
     allowlist_path: Path
     allowlist: list[AllowedSkip]
     tmpdir: Path | None = None  # the run's TMPDIR, made when the session starts
+    old_tmpdir: str | None = None
     pid: int = field(default_factory=os.getpid)
     known_pids: set[int] = field(default_factory=set)
     baseline: set[tuple[str, str]] = field(default_factory=set)
@@ -243,6 +244,7 @@ class SuiteGuards:
 
     # -- hooks ------------------------------------------------------------------------------
     def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.old_tmpdir = os.environ.get("TMPDIR")
         self.tmpdir = _own_tmpdir(session.config)
         self.baseline = self.snapshot()
         self.containers = _containers()
@@ -349,6 +351,12 @@ class SuiteGuards:
         _reap()
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+            # as it was: pytest.main may run again in this process (mutmut does)
+            if self.old_tmpdir is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = self.old_tmpdir
+            tempfile.tempdir = None
 
 
 def _reap() -> None:
