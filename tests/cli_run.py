@@ -49,10 +49,9 @@ def run(command: list[str], timeout: float = RUN_TIMEOUT, **kw) -> subprocess.Co
 
 
 def end_group(proc: subprocess.Popen) -> None:
-    """Kill every process of ``proc``'s group (it leads one: start_new_session) and reap it.
-
-    Children the group leader forked become this process's own when it dies (the test run is a
-    child subreaper: suite_guards), so they are reaped here too; elsewhere init reaps them."""
+    """Kill every process of ``proc``'s group (it leads one: start_new_session) and wait until
+    they are gone. Those the leader forked become this process's children when it dies (the test
+    run is a child subreaper: suite_guards) and are reaped here; elsewhere init reaps them."""
     members = _group_members(proc.pid) - {proc.pid}
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -63,9 +62,18 @@ def end_group(proc: subprocess.Popen) -> None:
             try:
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     members.discard(pid)
-            except ChildProcessError:  # not ours to reap
-                members.discard(pid)
+            except ChildProcessError:  # not ours to reap: gone, or a zombie for init to reap
+                if _state(pid) in (None, "Z"):
+                    members.discard(pid)
         time.sleep(0.01)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
 
 
 def _group_members(pgid: int) -> set[int]:
