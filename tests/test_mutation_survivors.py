@@ -1,0 +1,83 @@
+"""Tests for mutants of the core modules that the rest of the suite let survive.
+
+``scripts/mutation-test`` (docs/mutation.md) plants small bugs one at a time; each test here is
+named after what it holds, and its comment names the mutants it catches. Survivors that no test
+can catch (equivalent mutants) are listed, with the reason, in docs/mutation.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_blk_rng import Disk
+from test_framing import wire
+
+from viowire.protocol import messages as m
+from viowire.protocol.framing import Frame, FrameError, FrameReader
+from viowire.server.devices import RngBackend
+
+
+# -- protocol/framing.py -----------------------------------------------------------------------
+def refused(reader: FrameReader, data: bytes) -> FrameError:
+    with pytest.raises(FrameError) as info:
+        reader.feed(data)
+    return info.value
+
+
+def test_framing_errors_say_what_was_wrong():
+    """The message goes to the peer in its ERROR frame (FrameError __init__, _check_length's
+    messages, the whole frame's size in it)."""
+    short = refused(FrameReader(), (3).to_bytes(4, "little"))
+    assert str(short) == "frame length 3 is less than the 8 header bytes it counts"
+    large = refused(FrameReader(max_frame=64), (61).to_bytes(4, "little"))
+    assert str(large) == "frame of 65 bytes exceeds max_frame 64"
+
+
+def test_a_broken_reader_repeats_its_first_error():
+    """(feed: the error raised again after the first keeps its code and message)"""
+    reader = FrameReader(max_frame=64)
+    first = refused(reader, (61).to_bytes(4, "little"))
+    again = refused(reader, wire(Frame(1, 0, 1, b"")))
+    expected = (m.ErrorCode.FRAME_TOO_LARGE, "frame of 65 bytes exceeds max_frame 64")
+    assert (again.code, str(again)) == (first.code, str(first)) == expected
+
+
+def test_a_frame_of_exactly_max_frame_is_accepted_whatever_the_reads():
+    """A length field that arrives alone is checked at once (_check_length): max_frame is the
+    largest frame allowed, not the first refused."""
+    frame = wire(Frame(1, 0, 1, b"z" * 52))  # 4 + 8 + 52 = 64
+    for cut in range(len(frame) + 1):
+        reader = FrameReader(max_frame=64)
+        assert reader.feed(frame[:cut]) + reader.feed(frame[cut:]) == [Frame(1, 0, 1, b"z" * 52)]
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_any_buffer_type_gives_frames_with_bytes_bodies(kind):
+    """bytes are sliced, other buffers viewed and copied (feed's branch on the type): the same
+    frames either way, bodies that are bytes, and nothing kept that the caller may reuse."""
+    frames = [Frame(2, 0, n, bytes([n]) * n) for n in range(1, 6)]
+    stream = b"".join(wire(f) for f in frames)
+    reader = FrameReader()
+    got = []
+    for start in range(0, len(stream), 7):
+        buffer = bytearray(stream[start : start + 7])
+        got += reader.feed(kind(buffer))
+        buffer[:] = b"\xff" * len(buffer)  # the caller reuses its buffer
+    assert got == frames
+    assert all(type(frame.body) is bytes for frame in got)
+
+
+# -- server/devices/rng.py ---------------------------------------------------------------------
+async def test_rng_fills_every_byte_of_its_buffers():
+    """(handle: the random bytes start at the buffer's first byte) A random byte equals the
+    poison once in 256: over eight requests none should keep it in every one."""
+    disk = Disk(RngBackend())
+    kept = None
+    for _ in range(8):
+        chain = disk.ring.add_chain([], [48, 16])
+        for gpa, n in chain.writable:
+            disk.ram.write(gpa, b"\xee" * n)
+        await disk.driver.kick()
+        data = b"".join(disk.ram.read(gpa, n) for gpa, n in chain.writable)
+        poisoned = {i for i, byte in enumerate(data) if byte == 0xEE}
+        kept = poisoned if kept is None else kept & poisoned
+    assert not kept, f"bytes {sorted(kept)} were never written"
