@@ -12,6 +12,7 @@ from test_blk_rng import Disk
 from test_framing import wire
 
 from viowire.protocol import messages as m
+from viowire.protocol.codec import HEADER
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.server.devices import RngBackend
 
@@ -30,6 +31,12 @@ def test_framing_errors_say_what_was_wrong():
     assert str(short) == "frame length 3 is less than the 8 header bytes it counts"
     large = refused(FrameReader(max_frame=64), (61).to_bytes(4, "little"))
     assert str(large) == "frame of 65 bytes exceeds max_frame 64"
+
+
+def test_a_reserved_field_error_names_its_value():
+    """(_cut: the message of a non-zero reserved byte)"""
+    error = refused(FrameReader(), HEADER.pack(8, 4, 0, 7, 5))
+    assert (error.code, str(error)) == (m.ErrorCode.MALFORMED_FRAME, "reserved header field is 7")
 
 
 def test_a_broken_reader_repeats_its_first_error():
