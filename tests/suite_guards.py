@@ -4,6 +4,8 @@
   fails instead, unless the allow-list (``tests/skip-allowlist.txt``) lists it with a reason.
   Outside CI a skip stays a skip (a machine without QEMU still runs the rest), with its reason
   in the summary.
+- **No error lost in the event loop.** An exception in a callback, or in a task nobody awaits,
+  only reaches asyncio's logger: a test during which it logs an error fails (at teardown).
 - **Nothing left behind.** After the last test, the run fails if a test left a process (the
   pytest process is made a child subreaper, so a server's orphaned workers count too), a
   temporary file or directory outside pytest's ``tmp_path``, a ``/dev/shm/viowire-*`` segment,
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import ctypes
 import fnmatch
+import logging
 import os
 import shutil
 import signal
@@ -75,6 +78,23 @@ def skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
     if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (path, line, "Skipped: why")
         return str(longrepr[2]).removeprefix("Skipped: ")
     return str(longrepr)
+
+
+# -- errors only asyncio's logger sees --------------------------------------------------------
+class AsyncioErrors(logging.Handler):
+    """Collects what asyncio logs at ERROR: exceptions in callbacks, unretrieved task errors."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def take(self) -> str:
+        text = "\n".join(logging.Formatter().format(record) for record in self.records)
+        self.records.clear()
+        return text
 
 
 # -- a hang, explained ------------------------------------------------------------------------
@@ -209,6 +229,7 @@ class SuiteGuards:
     containers: set[str] | None = None
     first_seen: dict[tuple[str, str], str] = field(default_factory=dict)
     leftovers: list[Leftover] = field(default_factory=list)
+    asyncio_errors: AsyncioErrors = field(default_factory=AsyncioErrors)
     unexpected_skips: list[str] = field(default_factory=list)
 
     # -- snapshots --------------------------------------------------------------------------
@@ -248,6 +269,7 @@ class SuiteGuards:
         self.tmpdir = _own_tmpdir(session.config)
         self.baseline = self.snapshot()
         self.containers = _containers()
+        logging.getLogger("asyncio").addHandler(self.asyncio_errors)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
@@ -265,6 +287,12 @@ class SuiteGuards:
             stacks = _asyncio_stacks(item)
             if stacks:
                 report.sections.append(("asyncio tasks when the timeout struck", stacks))
+        if call.when == "teardown" and self.asyncio_errors.records and report.passed:
+            report.outcome = "failed"
+            report.longrepr = (
+                "asyncio logged errors during this test; nothing else would have seen them:\n"
+                + self.asyncio_errors.take()
+            )
         self._judge_skip(report)
         return report
 
@@ -292,6 +320,7 @@ class SuiteGuards:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        logging.getLogger("asyncio").removeHandler(self.asyncio_errors)
         self.leftovers = self._collect_leftovers()
         self._clean_up()
         if self.leftovers and session.exitstatus == pytest.ExitCode.OK:

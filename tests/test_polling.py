@@ -205,6 +205,17 @@ async def test_a_driver_gone_mid_window_leaves_nothing_running(polling_server):
         await blk.detach()
 
 
+async def test_closing_the_connection_ends_the_drivers_window(server):
+    """Guest RAM goes with the connection: a driver still polling its used ring must stop, not
+    read unmapped memory in a callback whose exception only asyncio's log would see."""
+    conn = await connect(url_of(server, "unix"))
+    blk = await polled_disk(conn, BLK, poll_us=FOREVER_US)
+    await asyncio.wait_for(blk.write(0, b"c" * 4096), 5)
+    assert blk.dev._poll_deadline is not None  # the window is open
+    await conn.close()
+    await until(lambda: blk.dev._poll_deadline is None, "the driver's window to end")
+
+
 def test_serve_refuses_a_negative_poll_window():
     result = viowire("serve", "--poll-us", "-1", "--listen", "tcp://127.0.0.1:0")
     assert result.returncode == 1

@@ -32,7 +32,10 @@ def run_pytest(
     """pytest on a project of one test file, with this suite's conftest guards."""
     project = tmp_path / "project"
     (project / "tests").mkdir(parents=True)
-    (project / "pyproject.toml").write_text('[tool.pytest.ini_options]\nasyncio_mode = "auto"\n')
+    (project / "pyproject.toml").write_text(
+        '[tool.pytest.ini_options]\nasyncio_mode = "auto"\n'
+        'asyncio_default_fixture_loop_scope = "function"\n'
+    )
     (project / "tests" / "conftest.py").write_text(CONFTEST)
     (project / "tests" / "skip-allowlist.txt").write_text(allowlist)
     (project / "tests" / "test_it.py").write_text(textwrap.dedent(tests))
@@ -176,6 +179,26 @@ def test_a_clean_run_passes(tmp_path):
     result = run_pytest(tmp_path, LEAKS, "-k", "clean", ci=True)
     assert result.returncode == 0, result.stdout
     assert "left behind" not in result.stdout
+
+
+LOST = """
+import asyncio
+
+async def test_a_callback_fails():
+    asyncio.get_running_loop().call_soon(lambda: 1 / 0)
+    await asyncio.sleep(0.01)
+
+async def test_quiet():
+    await asyncio.sleep(0)
+"""
+
+
+def test_an_error_only_asyncio_logged_fails_its_test(tmp_path):
+    result = run_pytest(tmp_path, LOST, ci=False)
+    assert result.returncode == 1, result.stdout
+    assert "2 passed, 1 error" in result.stdout  # the callback's test, at its teardown
+    assert "ERROR at teardown of test_a_callback_fails" in result.stdout
+    assert "ZeroDivisionError" in result.stdout
 
 
 # -- pytest-timeout ------------------------------------------------------------------------------
