@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import pytest
 from test_blk_rng import Disk
+from test_client_vring import FakeRAM, make_vq
 from test_framing import wire
 
 from viowire.protocol import messages as m
 from viowire.protocol.codec import HEADER
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.server.devices import RngBackend
+from viowire.virtio.constants import VIRTQ_AVAIL_F_NO_INTERRUPT
 
 
 # -- protocol/framing.py -----------------------------------------------------------------------
@@ -88,3 +90,35 @@ async def test_rng_fills_every_byte_of_its_buffers():
         poisoned = {i for i, byte in enumerate(data) if byte == 0xEE}
         kept = poisoned if kept is None else kept & poisoned
     assert not kept, f"bytes {sorted(kept)} were never written"
+
+
+# -- client/virtqueue.py: the notifications of a polling driver ----------------------------------
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "flags"])
+async def test_a_window_that_ends_looks_at_what_came_meanwhile(event_idx):
+    """(allow_interrupts' answer) A chain used while notifications were off may have had its
+    notification skipped: ending the window says so, and the driver collects it."""
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram, event_idx=event_idx)
+    vq.suppress_interrupts()
+    await vq.add([(0x4008_0000, 4)], [], "x")
+    head, _ = dev.pop()
+    dev.push(head, 0)  # used while the driver was not to be told
+    assert vq.allow_interrupts() is True
+    assert (dev.used_event() if event_idx else dev.avail_flags()) == 0  # notifications on
+    assert await vq.get_buf() == ("x", 0)
+    vq.suppress_interrupts()
+    assert vq.allow_interrupts() is False  # nothing new this time
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "flags"])
+async def test_a_window_that_ends_leaves_callbacks_the_driver_disabled_off(event_idx):
+    """(allow_interrupts' early return) disable_cb is the driver's choice; polling must not
+    turn notifications back on behind it."""
+    ram = FakeRAM()
+    vq, dev, _ = await make_vq(ram, event_idx=event_idx)
+    await vq.disable_cb()
+    off = dev.used_event() if event_idx else dev.avail_flags()
+    vq.suppress_interrupts()
+    assert vq.allow_interrupts() is False
+    assert (dev.used_event() if event_idx else dev.avail_flags()) == off
+    assert event_idx or off == VIRTQ_AVAIL_F_NO_INTERRUPT

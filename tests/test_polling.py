@@ -140,6 +140,35 @@ async def test_a_polling_device_serves_what_nobody_kicked(tmp_path, base, exclud
         assert not device.polling  # the reset ended the window
 
 
+@rings_of(RNG, RNG_V1)
+async def test_a_polling_device_tells_the_driver_not_to_kick(tmp_path, base, exclude):
+    """While its window is open the device holds avail_event one behind the last index it has
+    seen (VIRTQ_USED_F_NO_NOTIFY without EVENT_IDX), so a driver that makes two requests
+    available and asks whether to kick sends nothing; the device finds them all the same."""
+    async with (
+        polling_at(tmp_path, FOREVER_US) as server,
+        await connect(url_of(server, "unix")) as conn,
+    ):
+        info = next(d for d in await conn.platform() if d.base == base)
+        rng = await EntropyDriver.attach(await conn.attach(info), exclude_features=exclude)
+        await rng.read(16)  # kicked: served, and the device polls from then on
+        device = device_of(server, conn, base)
+        channel = rng.dev._channel
+        buffers = [conn.ram.alloc(16) for _ in range(2)]
+        for _ in range(5):
+            await until(lambda: device.polling, "the device to poll after serving its queue")
+            kicks = channel.kicks
+            done = [asyncio.get_running_loop().create_future() for _ in buffers]
+            for buffer, future in zip(buffers, done, strict=True):
+                await rng.vq.add([], [(buffer, 16)], token=future)
+            await rng.vq.kick()  # the driver's own test of avail_event / the flags
+            assert channel.kicks == kicks
+            assert await asyncio.wait_for(asyncio.gather(*done), 5) == [16, 16]
+        for buffer in buffers:
+            conn.ram.free(buffer)
+        await rng.detach()
+
+
 @rings_of(BLK, BLK_V1)
 async def test_a_polling_driver_is_not_notified(server, base, exclude):
     """While its window is open the driver watches the used ring and has told the device not to
