@@ -7,16 +7,19 @@ can catch (equivalent mutants) are listed, with the reason, in docs/mutation.md.
 
 from __future__ import annotations
 
+import errno
+import logging
+
 import pytest
-from test_blk_rng import Disk
+from test_blk_rng import SECTOR, Disk
 from test_client_vring import FakeRAM, make_vq
 from test_framing import wire
 
 from viowire.protocol import messages as m
 from viowire.protocol.codec import HEADER
 from viowire.protocol.framing import Frame, FrameError, FrameReader
-from viowire.server.devices import RngBackend
-from viowire.virtio.constants import VIRTQ_AVAIL_F_NO_INTERRUPT
+from viowire.server.devices import BlockBackend, RngBackend
+from viowire.virtio.constants import VIRTQ_AVAIL_F_NO_INTERRUPT, BlkStatus
 
 
 # -- protocol/framing.py -----------------------------------------------------------------------
@@ -73,6 +76,46 @@ def test_any_buffer_type_gives_frames_with_bytes_bodies(kind):
         buffer[:] = b"\xff" * len(buffer)  # the caller reuses its buffer
     assert got == frames
     assert all(type(frame.body) is bytes for frame in got)
+
+
+# -- server/devices/blk.py ---------------------------------------------------------------------
+def failing(*args: object) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+async def test_a_disk_that_fails_is_ioerr_with_one_line_that_says_where(
+    tmp_path, monkeypatch, caplog
+):
+    """(_read and _write on an OSError: the status, nothing written into the driver's buffer,
+    and the log line's every part)"""
+    backend = BlockBackend(path=str(tmp_path / "disk.img"), size=64 * SECTOR)
+    disk = Disk(backend)
+    try:
+        monkeypatch.setattr(backend._image, "pread", failing)
+        monkeypatch.setattr(backend._image, "pwrite", failing)
+        caplog.set_level(logging.ERROR, logger="viowire")
+        assert await disk.read(3, SECTOR) == (BlkStatus.IOERR, b"\xee" * SECTOR)  # untouched
+        assert await disk.write(5, b"w" * SECTOR) == BlkStatus.IOERR  # used.len 1
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+            f"{backend.name}: read of sector 3 failed: [Errno 5] Input/output error",
+            f"{backend.name}: write of sector 5 failed: [Errno 5] Input/output error",
+        ]
+    finally:
+        backend.close()
+
+
+async def test_a_disk_of_a_partial_sector_ends_before_it(tmp_path):
+    """(_in_range: the size is rounded down to whole sectors) 1000 bytes hold one sector."""
+    image = tmp_path / "odd.img"
+    image.write_bytes(b"d" * 1000)
+    backend = BlockBackend(path=str(image))
+    disk = Disk(backend)
+    try:
+        assert await disk.read(0, SECTOR) == (BlkStatus.OK, b"d" * SECTOR)
+        assert (await disk.read(1, SECTOR))[0] == BlkStatus.IOERR
+        assert await disk.write(1, b"w" * SECTOR) == BlkStatus.IOERR
+    finally:
+        backend.close()
 
 
 # -- server/devices/rng.py ---------------------------------------------------------------------
