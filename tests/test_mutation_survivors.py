@@ -68,6 +68,8 @@ def test_any_buffer_type_gives_frames_with_bytes_bodies(kind):
     frames either way, bodies that are bytes, and nothing kept that the caller may reuse."""
     frames = [Frame(2, 0, n, bytes([n]) * n) for n in range(1, 6)]
     stream = b"".join(wire(f) for f in frames)
+    whole = FrameReader().feed(kind(bytearray(stream)))  # complete frames, nothing buffered
+    assert whole == frames and all(type(frame.body) is bytes for frame in whole)
     reader = FrameReader()
     got = []
     for start in range(0, len(stream), 7):
