@@ -11,6 +11,7 @@ import errno
 import logging
 
 import pytest
+from ringbuilder import GuestRam, MmioDriver, RingBuilder, make_device
 from test_blk_rng import SECTOR, Disk
 from test_client_vring import FakeRAM, make_vq
 from test_framing import wire
@@ -19,7 +20,7 @@ from viowire.protocol import messages as m
 from viowire.protocol.codec import HEADER
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.server.devices import BlockBackend, RngBackend
-from viowire.virtio.constants import VIRTQ_AVAIL_F_NO_INTERRUPT, BlkStatus
+from viowire.virtio.constants import VIRTQ_AVAIL_F_NO_INTERRUPT, BlkStatus, Reg, Status
 
 
 # -- protocol/framing.py -----------------------------------------------------------------------
@@ -78,6 +79,42 @@ def test_any_buffer_type_gives_frames_with_bytes_bodies(kind):
         buffer[:] = b"\xff" * len(buffer)  # the caller reuses its buffer
     assert got == frames
     assert all(type(frame.body) is bytes for frame in got)
+
+
+# -- server/mmio.py -----------------------------------------------------------------------------
+@pytest.mark.parametrize("version", [1, 2])
+def test_driver_ok_without_features_ok_is_reported_once(version, caplog):
+    """(_write_status) A modern driver that skips FEATURES_OK gets a warning when DRIVER_OK
+    rises, not on every later status write; a legacy device has no FEATURES_OK to skip."""
+    caplog.set_level(logging.WARNING, logger="viowire")
+    driver = MmioDriver(make_device(RngBackend(), version))
+    expected = "test-dev: DRIVER_OK without FEATURES_OK: queues will not be processed"
+    driver.add_status(Status.ACKNOWLEDGE | Status.DRIVER)
+    driver.add_status(Status.DRIVER_OK)
+    assert [r.getMessage() for r in caplog.records] == ([expected] if version == 2 else [])
+    caplog.clear()
+    driver.add_status(Status.DRIVER_OK)  # again: nothing new
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("which", ["one", "queue_num_max"])
+async def test_any_power_of_two_queue_size_up_to_queue_num_max_works(which, caplog):
+    """(_write_queue_num's bounds) 1 and QueueNumMax itself are sizes a driver may choose: taken
+    without a word, and the ring works."""
+    caplog.set_level(logging.WARNING, logger="viowire")
+    ram = GuestRam(1 << 21)
+    device = make_device(RngBackend(), 2, ram)
+    driver = MmioDriver(device)
+    driver.write(Reg.QUEUE_SEL, 0)
+    num = 1 if which == "one" else driver.read(Reg.QUEUE_NUM_MAX)
+    ring = RingBuilder(ram, num)
+    driver.bring_up([ring])
+    for i in range(3):  # round the ring, whatever its size
+        chain = ring.add_chain([], [16])
+        await driver.kick()
+        assert ring.used_elem(i) == (chain.head, 16)
+    assert not device.read(Reg.STATUS, 4) & Status.DEVICE_NEEDS_RESET
+    assert not caplog.records
 
 
 # -- server/devices/blk.py ---------------------------------------------------------------------
