@@ -143,6 +143,25 @@ async def test_a_disk_that_fails_is_ioerr_with_one_line_that_says_where(
         backend.close()
 
 
+async def test_an_oversized_request_is_ioerr_with_a_line_that_says_what(caplog):
+    """(_oversized's log line, and the direction _read and the write path give it)"""
+    backend = BlockBackend(size=1 << 20)
+    backend.size_max = SECTOR  # seg_max * size_max: a little under 128 KiB
+    disk = Disk(backend)
+    too_big = backend.max_data_bytes + SECTOR
+    caplog.set_level(logging.WARNING, logger="viowire")
+    try:
+        assert (await disk.read(2, too_big))[0] == BlkStatus.IOERR
+        assert await disk.write(4, b"w" * too_big) == BlkStatus.IOERR
+    finally:
+        backend.close()
+    limit = f"exceeds seg_max * size_max = {backend.max_data_bytes} bytes: IOERR"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{backend.name}: {too_big}-byte read at sector 2 {limit}",
+        f"{backend.name}: {too_big}-byte write at sector 4 {limit}",
+    ]
+
+
 async def test_a_disk_of_a_partial_sector_ends_before_it(tmp_path):
     """(_in_range: the size is rounded down to whole sectors) 1000 bytes hold one sector."""
     image = tmp_path / "odd.img"
