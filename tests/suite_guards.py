@@ -6,6 +6,8 @@
   in the summary.
 - **No error lost in the event loop.** An exception in a callback, or in a task nobody awaits,
   only reaches asyncio's logger: a test during which it logs an error fails (at teardown).
+- **A hang, explained.** pytest-timeout's traceback of a hung async test ends in the event
+  loop's select(); the report adds where each of the loop's tasks was waiting.
 - **Nothing left behind.** After the last test, the run fails if a test left a process (the
   pytest process is made a child subreaper, so a server's orphaned workers count too), a
   temporary file or directory outside pytest's ``tmp_path``, a ``/dev/shm/viowire-*`` segment,
@@ -13,8 +15,7 @@
   with the test during which it appeared; processes are then killed and temporary files removed.
   To tell its temporary files apart from other programs', the run gets a ``TMPDIR`` of its own.
 
-conftest.py installs it (:func:`install`); ``-p no:viowire_guards`` turns it off (the mutation
-runs of scripts/mutation-test do, since they run a few tests per mutant).
+conftest.py installs it (:func:`install`); ``-p no:viowire_guards`` turns it off.
 """
 
 from __future__ import annotations
