@@ -1,4 +1,8 @@
-"""The ``viowire`` command as a user runs it: real subprocesses, every wait bounded."""
+"""The ``viowire`` command as a user runs it: real subprocesses, every wait bounded.
+
+Each command runs in a process group of its own (``start_new_session``), and the whole group is
+ended on the way out: ``serve --workers N`` forks workers that outlive a killed supervisor.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import contextlib
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -22,10 +27,64 @@ _LISTENING = re.compile(r"^listening on (\S+)$")
 
 
 def viowire(*args: str, timeout: float = RUN_TIMEOUT, **kw) -> subprocess.CompletedProcess[str]:
-    """Run ``viowire ARGS`` to completion."""
-    return subprocess.run(
-        [*VIOWIRE, *args], capture_output=True, text=True, timeout=timeout, check=False, **kw
-    )
+    """Run ``viowire ARGS`` to completion; on timeout its whole process group is killed."""
+    return run([*VIOWIRE, *args], timeout=timeout, **kw)
+
+
+def run(command: list[str], timeout: float = RUN_TIMEOUT, **kw) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(command)``, text captured, in a process group that is ended with it."""
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        finally:
+            end_group(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def end_group(proc: subprocess.Popen) -> None:
+    """Kill every process of ``proc``'s group (it leads one: start_new_session) and wait until
+    they are gone. Those the leader forked become this process's children when it dies (the test
+    run is a child subreaper: suite_guards) and are reaped here; elsewhere init reaps them."""
+    members = _group_members(proc.pid) - {proc.pid}
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=5)
+    deadline = time.monotonic() + 5
+    while members and time.monotonic() < deadline:
+        for pid in list(members):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    members.discard(pid)
+            except ChildProcessError:  # not ours to reap: gone, or a zombie for init to reap
+                if _state(pid) in (None, "Z"):
+                    members.discard(pid)
+        time.sleep(0.01)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+
+
+def _group_members(pgid: int) -> set[int]:
+    members = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            if fields and int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ...
+                members.add(int(entry))
+    return members
 
 
 @dataclass
@@ -51,7 +110,7 @@ def _pump(stream, out: queue.Queue[str | None]) -> None:
 def serve(*args: str, cwd: str | os.PathLike[str] | None = None) -> Iterator[Served]:
     """Start ``viowire serve ARGS`` and wait until it prints a 'listening on' line per --listen.
 
-    The server is killed on the way out if it is still running.
+    The server and every process it started are killed on the way out.
     """
     expected = sum(arg == "--listen" or arg.startswith("--listen=") for arg in args)
     assert expected, "give --listen: the default tcp://127.0.0.1:7000 may be taken"
@@ -61,6 +120,7 @@ def serve(*args: str, cwd: str | os.PathLike[str] | None = None) -> Iterator[Ser
         stderr=subprocess.PIPE,
         text=True,
         cwd=cwd,
+        start_new_session=True,
     )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
@@ -87,7 +147,5 @@ def serve(*args: str, cwd: str | os.PathLike[str] | None = None) -> Iterator[Ser
                 served.endpoints.append(match.group(1))
         yield served
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=5)
+        end_group(proc)
         proc.stderr.close()

@@ -26,7 +26,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -1060,29 +1060,30 @@ async def test_sealable_memfd_is_sealed_against_shrinking(open_peer):
         os.close(fd)
 
 
+# The scenario runs in a process of its own, which SIGBUS may kill: its socket goes in the test's
+# tmp_path (argv[3]), not in a temporary directory only a clean exit would remove.
 SHRINK_SCRIPT = """
-import asyncio, os, sys, tempfile
+import asyncio, os, sys
 sys.path.insert(0, sys.argv[1])
 from servers import running_server, url_of
 from viowire.client.connection import connect
 
 async def main():
-    with tempfile.TemporaryDirectory() as tmp:
-        async with running_server(tmp) as server:
-            conn = await connect(url_of(server, sys.argv[2]), memory="shared", ram_size=1 << 20)
-            base, ram = 0x10004000, conn.ram.base
-            for reg, value in ((0x70, 0), (0x70, 3), (0x24, 1), (0x20, 1), (0x24, 0), (0x20, 0),
-                               (0x70, 11), (0x30, 0), (0x38, 8), (0x80, ram), (0x84, 0),
-                               (0x90, ram + 0x1000), (0x94, 0), (0xa0, ram + 0x2000), (0xa4, 0),
-                               (0x44, 1), (0x70, 15)):
-                await conn.mmio_write(base + reg, 4, value)
-            try:
-                os.ftruncate(conn.ram.fd, 0)
-            except PermissionError:  # sealed (F_SEAL_SHRINK): the server is safe
-                pass
-            await conn.mmio_write(base + 0x50, 4, 0)
-            print(hex(await conn.mmio_read(base + 0x70, 4)))
-            await conn.close()
+    async with running_server(sys.argv[3]) as server:
+        conn = await connect(url_of(server, sys.argv[2]), memory="shared", ram_size=1 << 20)
+        base, ram = 0x10004000, conn.ram.base
+        for reg, value in ((0x70, 0), (0x70, 3), (0x24, 1), (0x20, 1), (0x24, 0), (0x20, 0),
+                           (0x70, 11), (0x30, 0), (0x38, 8), (0x80, ram), (0x84, 0),
+                           (0x90, ram + 0x1000), (0x94, 0), (0xa0, ram + 0x2000), (0xa4, 0),
+                           (0x44, 1), (0x70, 15)):
+            await conn.mmio_write(base + reg, 4, value)
+        try:
+            os.ftruncate(conn.ram.fd, 0)
+        except PermissionError:  # sealed (F_SEAL_SHRINK): the server is safe
+            pass
+        await conn.mmio_write(base + 0x50, 4, 0)
+        print(hex(await conn.mmio_read(base + 0x70, 4)))
+        await conn.close()
 
 asyncio.run(main())
 """
@@ -1097,10 +1098,10 @@ SHM_CANNOT_BE_SEALED = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize("scheme", [pytest.param("tcp", marks=SHM_CANNOT_BE_SEALED), "unix"])
-async def test_shrinking_shared_memory_does_not_kill_the_server(scheme):
+async def test_shrinking_shared_memory_does_not_kill_the_server(scheme, tmp_path):
     """A memfd is sealed against shrinking: the client's ftruncate fails, the server lives."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SHRINK_SCRIPT, str(Path(__file__).parent), scheme,
+        sys.executable, "-c", SHRINK_SCRIPT, str(Path(__file__).parent), scheme, str(tmp_path),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -1358,17 +1359,28 @@ async def test_bad_answers_to_memory_reads_break_only_the_device(open_peer, sche
 
 
 @SCHEMES
-async def test_memory_read_never_answered_times_out_without_blocking(
-    open_peer, scheme, monkeypatch
-):
-    monkeypatch.setattr(server_memory, "PROXY_TIMEOUT", 1.0)
+async def test_registers_are_answered_while_a_memory_read_waits(open_peer, scheme, monkeypatch):
+    """The device waits for guest memory; its session does not: every register read is
+    answered while the MEM_READ stays unanswered (it cannot time out during this test)."""
+    monkeypatch.setattr(server_memory, "PROXY_TIMEOUT", 3600.0)
     peer = await open_peer(scheme)
     driver, request = await proxied_rng_waiting_for_memory(peer)
-    started = time.monotonic()
-    for _ in range(10):  # the session answers registers while the device waits
+    for _ in range(10):
         assert await driver.status() == RUNNING
         assert await peer.mmio_read(BLK + Reg.DEVICE_ID) == 2
-    assert time.monotonic() - started < 1.0
+    # Only now does the memory read end (refused), and it was the one still waiting.
+    await peer.send(
+        encode(m.Error(code=m.ErrorCode.MEMORY_FAULT, message="no"), request.request_id, 1)
+    )
+    await assert_needs_reset(peer, driver)
+    assert await peer.mmio_read(BLK + Reg.MAGIC_VALUE) == 0x74726976
+
+
+@SCHEMES
+async def test_memory_read_never_answered_times_out(open_peer, scheme, monkeypatch):
+    monkeypatch.setattr(server_memory, "PROXY_TIMEOUT", 0.2)
+    peer = await open_peer(scheme)
+    driver, request = await proxied_rng_waiting_for_memory(peer)
     await assert_needs_reset(peer, driver)
     # the answer, far too late, is dropped quietly
     await peer.send(reply_frame(m.MsgType.MEM_READ_REPLY, b"\0\0", request.request_id))
@@ -1558,8 +1570,12 @@ async def test_bad_queue_layout_needs_reset_at_queue_ready(open_conn, scheme, nu
 
 
 # == isolation ====================================================================================
-async def attack(server: Server, scheme: str, conn: Connection) -> None:
-    """Everything at once from one client and a few raw connections."""
+async def attack(
+    server: Server, scheme: str, conn: Connection, meanwhile: Callable[[], Awaitable[None]]
+) -> None:
+    """Everything at once from one client and a few raw connections; ``meanwhile`` is awaited
+    after each step, while what that step did (a looping ring, a half-sent frame, connections
+    holding garbage) is still in place."""
     driver = HandDriver(conn, BLK)
     ram = SharedRam(conn.ram)
     ring = RingBuilder(ram, 8)
@@ -1567,11 +1583,13 @@ async def attack(server: Server, scheme: str, conn: Connection) -> None:
     await blk_write(driver, ring, 5, b"A" * SECTOR)  # the attacker's own disk
     _loop(ring, ram.alloc(64))
     await driver.notify()
+    await meanwhile()
     for addr in (0, RNG + WINDOW, 2**64 - 1):
         with pytest.raises(ProtocolError):
             await conn.mmio_read(addr, 4)
     await conn.mmio_write(BLK + Reg.STATUS, 3, 0)  # posted, bad width
     await conn.mmio_write(RNG + Reg.QUEUE_NOTIFY, 4, 0)  # queue not ready
+    await meanwhile()
     peers = [await RawPeer.connect(server, scheme) for _ in range(3)]
     try:
         await peers[0].send(b"\xff" * 100)
@@ -1585,10 +1603,12 @@ async def attack(server: Server, scheme: str, conn: Connection) -> None:
             await peers[2].send(encode(m.PlatformQuery(first=0, max_count=64), 1), fds=fds)
             for fd in fds:
                 os.close(fd)
-        await peers[2].send(struct.pack("<I", 3))
+        await peers[2].send(struct.pack("<I", 3))  # a length field, and no frame
+        await meanwhile()
         await peers[0].expect_closed()
         await peers[1].expect_error(m.ErrorCode.UNKNOWN_TYPE, 1)
         await peers[2].expect_closed()
+        await meanwhile()
     finally:
         for peer in peers:
             await peer.aclose()
@@ -1606,27 +1626,34 @@ async def test_an_attacked_session_leaves_the_others_untouched(server, open_conn
     mine = os.urandom(SECTOR)
     await blk_write(blk, ring, 3, mine)
     attacker = await open_conn(scheme)
-    done = asyncio.Event()
+    done = False
     rounds = 0
+    progress = asyncio.Condition()
 
     async def victim_keeps_working() -> None:
         nonlocal rounds
-        while not done.is_set() or rounds < 3:
-            started = time.monotonic()
+        while not done:
             assert await rng.status() == Status.ACKNOWLEDGE | Status.DRIVER
             assert await blk.status() == RUNNING
             assert await blk_read(blk, ring, 3, SECTOR) == mine
-            assert time.monotonic() - started < 1.0
-            rounds += 1
+            async with progress:
+                rounds += 1
+                progress.notify_all()
 
-    async def attack_then_stop() -> None:
-        try:
-            await attack(server, scheme, attacker)
-        finally:
-            done.set()
+    async def two_victim_rounds() -> None:
+        """The victim is served while the attack is under way: two of its rounds complete (one
+        of them wholly) after the attack's latest step, before its next one."""
+        async with progress:
+            target = rounds + 2
+            await asyncio.wait_for(progress.wait_for(lambda: rounds >= target), TIMEOUT)
 
-    await asyncio.wait_for(asyncio.gather(victim_keeps_working(), attack_then_stop()), TIMEOUT)
-    assert rounds >= 3
+    working = asyncio.create_task(victim_keeps_working())
+    try:
+        await asyncio.wait_for(attack(server, scheme, attacker, two_victim_rounds), TIMEOUT)
+    finally:
+        done = True
+        await asyncio.wait_for(working, TIMEOUT)
+    assert rounds >= 8
     # the attacker broke its own blk device and nothing of the victim's
     attacker_blk = device_of(server, attacker, BLK)
     await until(lambda: attacker_blk.broken, "the attacker's device to break")
@@ -1696,6 +1723,22 @@ async def test_a_flood_of_hostile_connections(server, open_conn):
         assert await blk_read(driver, ring, 0, SECTOR) == payload
 
 
+def socket_buffers_max() -> int:
+    """The most a TCP connection's socket buffers can grow to (tcp_rmem and tcp_wmem maxima):
+    a flood larger than twice that cannot fit in the kernel on its way to a paused reader."""
+    return sum(
+        int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
+        for name in ("tcp_rmem", "tcp_wmem")
+    )
+
+
+async def flood(sock: socket.socket, chunk: bytes, size: int) -> None:
+    """Send ``chunk`` over and over until ``size`` bytes have gone."""
+    loop = asyncio.get_running_loop()
+    for _ in range(-(-size // len(chunk))):
+        await loop.sock_sendall(sock, chunk)
+
+
 @SCHEMES
 async def test_a_client_that_never_reads_its_replies(server, open_peer, open_conn, scheme):
     """Back-pressure: the server stops reading a client whose replies pile up, and serves the
@@ -1707,12 +1750,16 @@ async def test_a_client_that_never_reads_its_replies(server, open_peer, open_con
     hog.stop_reading()
     other = await open_conn(scheme)
     reads = encode(m.MmioRead(addr=BLK + Reg.MAGIC_VALUE, width=4), 1) * 20000
-    sender = asyncio.create_task(asyncio.get_running_loop().sock_sendall(hog.sock, reads * 20))
+    sender = asyncio.create_task(flood(hog.sock, reads, 2 * socket_buffers_max()))
     try:
+        # The other client's reads are answered while the hog's flood is still being sent: it
+        # can never all go (the hog reads nothing, and the server stops reading it once its
+        # replies pile up), and a server that served the hog first would answer the other
+        # client only after the whole flood.
+        await until(lambda: hog_session.transport.get_write_buffer_size() > 0, "the hog's replies")
         for _ in range(50):
-            started = time.monotonic()
             assert await other.mmio_read(BLK + Reg.MAGIC_VALUE, 4) == 0x74726976
-            assert time.monotonic() - started < 1.0
+            assert not sender.done(), "the hog's flood ended: nothing was left to compete with"
             await asyncio.sleep(0.005)
         await until(lambda: not hog_session.transport.is_reading(), "the hog to be paused")
         assert hog_session.transport.get_write_buffer_size() < 4 << 20

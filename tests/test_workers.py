@@ -18,6 +18,10 @@ def read(path: str) -> str:
         return f.read()
 
 
+def alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}") and read(f"/proc/{pid}/stat").split()[2] != "Z"
+
+
 def worker_pids(served) -> list[int]:
     line = next(line for line in served.lines if line.startswith("workers: "))
     return [int(pid) for pid in line.split()[1:]]
@@ -53,6 +57,8 @@ async def test_connections_spread_over_the_workers(tmp_path):
             if seen == pids:
                 break
         assert seen == pids
+    # The supervisor was killed on the way out, with its process group: no worker outlives it.
+    assert not any(alive(pid) for pid in pids)
 
 
 async def test_a_dead_worker_is_replaced_and_sigterm_stops_all(tmp_path):
@@ -73,5 +79,4 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_all(tmp_path):
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(10) == 0
     assert not sock.exists()
-    for pid in children:
-        assert not os.path.exists(f"/proc/{pid}") or read(f"/proc/{pid}/stat").split()[2] == "Z"
+    assert not any(alive(pid) for pid in children)

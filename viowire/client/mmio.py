@@ -613,6 +613,9 @@ class VirtioMmioDevice:
     def _poll_used(self) -> None:
         if self._poll_deadline is None:
             return
+        if getattr(self.bus, "closed", False):  # guest RAM went with the connection
+            self._poll_deadline = None
+            return
         polled = [vq for vq in self.vqs.values() if vq.polling]
         now = time.perf_counter()
         if self._collect_polled(polled):
