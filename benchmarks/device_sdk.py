@@ -57,6 +57,7 @@ from viowire.client.connection import Connection, connect
 from viowire.client.drivers.blk import BlockDriver
 from viowire.perf.ring import closed_loop
 from viowire.perf.stats import Target, percentile, summarise, table
+from viowire.perf.suite import terminate
 from viowire.runtime import run as run_loop
 from viowire.virtio.constants import Reg
 
@@ -132,13 +133,7 @@ class Children:
 
     def stop(self, proc: subprocess.Popen) -> str:
         """SIGTERM, then wait; the process's last stdout line (its report)."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
         last = ""
         with contextlib.suppress(AttributeError, queue.Empty):
             while (line := proc.lines.get(timeout=5)) != "":  # type: ignore[attr-defined]

@@ -135,6 +135,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --- child processes ---------------------------------------------------------------------------
 
 
+def terminate(proc: subprocess.Popen, grace: float = 15) -> None:
+    """SIGTERM (the process reports and cleans up), then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Children:
     """Processes this run started; each is stopped by its pid at the end."""
 
@@ -198,13 +209,7 @@ class Children:
         return self.start(["viowire.perf.bare", "--loop", loop, "--listen", url], "bare-server")
 
     def stop(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
 
     def close(self) -> None:
         for proc in reversed(self.procs):
