@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ringbuilder import GuestRam, MmioDriver, RingBuilder, make_device
 
+from viowire.device import Device
 from viowire.server.devices import BlockBackend, RngBackend
-from viowire.server.devices.base import VirtioBackend
 from viowire.server.mmio import MmioDevice
 from viowire.virtio.blk import BlkFeature
 from viowire.virtio.constants import (
@@ -30,7 +30,7 @@ RING_RESET = 1 << Feature.RING_RESET
 ANY_LAYOUT = 1 << Feature.ANY_LAYOUT
 
 
-class TwoQueues(VirtioBackend):
+class TwoQueues(Device):
     device_id = 42
     num_queues = 2
     queue_num_max = 64
@@ -42,7 +42,7 @@ class TwoQueues(VirtioBackend):
         return 0
 
 
-def device(version: int = 2, backend: VirtioBackend | None = None) -> tuple[MmioDevice, MmioDriver]:
+def device(version: int = 2, backend: Device | None = None) -> tuple[MmioDevice, MmioDriver]:
     dev = make_device(backend or TwoQueues(), version)
     return dev, MmioDriver(dev)
 

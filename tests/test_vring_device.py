@@ -19,7 +19,7 @@ from ringbuilder import (
     make_device,
 )
 
-from viowire.server.devices.base import VirtioBackend
+from viowire.device import Device
 from viowire.server.virtqueue import (
     INDIRECT_MAX_ENTRIES,
     READABLE_PREFETCH_BYTES,
@@ -45,7 +45,7 @@ from viowire.virtio.ring import DESC
 TIMEOUT = 2.0
 
 
-class PatternBackend(VirtioBackend):
+class PatternBackend(Device):
     """Fills every writable byte with 0xAB; optionally waits on ``gate`` first."""
 
     device_id = 42

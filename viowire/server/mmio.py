@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from viowire.server.devices.base import VirtioBackend
+from viowire.device import Device
 from viowire.server.service import QueuePass, QueueService
 from viowire.server.virtqueue import (
     RingError,
@@ -69,7 +69,7 @@ class MmioDevice(QueueService):
 
     def __init__(
         self,
-        backend: VirtioBackend,
+        backend: Device,
         version: int,
         *,
         vendor_id: int = VENDOR_ID_VIOWIRE,

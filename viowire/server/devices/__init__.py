@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from viowire.server.devices.base import VirtioBackend
 from viowire.server.devices.blk import BlockBackend
 from viowire.server.devices.rng import RngBackend
 
-__all__ = ["BlockBackend", "RngBackend", "VirtioBackend"]
+__all__ = ["BlockBackend", "RngBackend"]
