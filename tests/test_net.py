@@ -7,7 +7,22 @@ VERSION_1), written out here rather than taken from viowire.virtio.net, as an in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+import pytest
+from servers import running_server, url_of
+
+from viowire.client.connection import connect
+from viowire.client.drivers.net import NetDriver
+from viowire.client.errors import DeviceNeedsResetError
 from viowire.server.link import Link
+from viowire.server.platform import DeviceSpec, PlatformSpec
+from viowire.virtio.constants import Status
+
+TIMEOUT = 5.0
+NET = 1  # §5: virtio-net's device ID
+LAN, LAN_LEGACY, OTHER = 0, 1, 2  # slots of the platform below
 
 A, B, C = (
     bytes.fromhex("020000000001"),
@@ -101,3 +116,150 @@ def test_switch_drops_runt_frames():
     _, ports, got = switch()
     ports["a"].send(BROADCAST + A)  # 12 bytes: no ethertype
     assert got == {"a": [], "b": [], "c": []}
+
+
+# -- end to end: sessions of one real server on a Unix socket ----------------------------------
+
+
+def net_platform() -> PlatformSpec:
+    return PlatformSpec(
+        [
+            DeviceSpec.parse("net,link=lan"),
+            DeviceSpec.parse("net,link=lan,version=1"),
+            DeviceSpec.parse("net,link=other"),
+        ]
+    )
+
+
+@pytest.fixture
+async def server(tmp_path):
+    async with running_server(tmp_path, net_platform()) as srv:
+        yield srv
+
+
+class Session:
+    """One client connection: its own net devices, attached by slot."""
+
+    def __init__(self, server, stack: contextlib.AsyncExitStack) -> None:
+        self.server, self.stack = server, stack
+        self.conn = None
+
+    async def open(self) -> Session:
+        self.conn = await self.stack.enter_async_context(await connect(url_of(self.server, "unix")))
+        return self
+
+    async def attach(self, slot: int, **opts) -> NetDriver:
+        infos = [d for d in await self.conn.platform() if d.device_id == NET]
+        drv = await NetDriver.attach(await self.conn.attach(infos[slot]), **opts)
+        await drv.config()  # a round trip: the server has seen the driver's kick by now
+        return drv
+
+    def device(self, slot: int):
+        """The server-side device in this session's slot."""
+        session = next(s for s in self.server.sessions if s.session_id == self.conn.session_id)
+        return session.platform.slots[slot].device.backend
+
+
+@pytest.fixture
+async def sessions(server):
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def new() -> Session:
+            return await Session(server, stack).open()
+
+        yield new
+
+
+async def next_frame(drv: NetDriver) -> bytes:
+    async with asyncio.timeout(TIMEOUT):
+        return await anext(drv.frames())
+
+
+async def wait_until(predicate) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+async def test_config_offers_mac_link_up_and_mtu(sessions):
+    a, b = await (await sessions()).attach(LAN), await (await sessions()).attach(LAN)
+    assert a.link_up and a.mtu == 1500
+    assert a.mac[0] & 0x03 == 0x02  # locally administered, unicast
+    assert a.mac != b.mac
+
+
+async def test_broadcast_reply_isolation_and_flood(sessions):
+    sa, sb, sc = await sessions(), await sessions(), await sessions()
+    a, b, c = await sa.attach(LAN), await sb.attach(LAN), await sc.attach(LAN)
+    far = await sc.attach(OTHER)  # the same session, another link
+    hello = frame(BROADCAST, a.mac, b"who is there?")
+    await a.send(hello)
+    assert await next_frame(b) == hello
+    assert await next_frame(c) == hello
+    reply = frame(a.mac, b.mac, b"b is")
+    await b.send(reply)
+    assert await next_frame(a) == reply
+    # c's next frame is the flood below, not b's reply: the reply went to a alone
+    unknown = frame(bytes.fromhex("02aaaaaaaaaa"), a.mac, b"anyone?")
+    await a.send(unknown)
+    assert await next_frame(b) == unknown
+    assert await next_frame(c) == unknown
+    assert sc.device(OTHER).rx_frames == 0 and sc.device(OTHER).rx_dropped == 0
+    assert far.link_up
+
+
+@pytest.mark.parametrize("version, header", [(1, 10), (2, 12)])
+async def test_headers_round_trip(sessions, version, header):
+    """§5.1.6: 10 bytes for legacy without MRG_RXBUF, 12 (num_buffers) with VERSION_1."""
+    sa, sb = await sessions(), await sessions()
+    a = await sa.attach(LAN_LEGACY if version == 1 else LAN)
+    b = await sb.attach(LAN)  # modern on the other side: the frame itself is what crosses
+    assert a.header_size == header
+    out = frame(BROADCAST, a.mac, b"x" * 100)
+    await a.request(1, out=[bytes(header), out])  # a raw chain: our header, then the frame
+    assert await next_frame(b) == out
+    back = frame(a.mac, b.mac, b"y" * 60)
+    await b.send(back)
+    async with asyncio.timeout(TIMEOUT):
+        raw = await anext(a.receive(0))
+    assert len(raw) == header + len(back)
+    assert raw[header:] == back
+    num_buffers = b"\x01\x00" if header == 12 else b""
+    assert raw[:header] == bytes(10) + num_buffers
+
+
+async def test_malformed_transmit_breaks_that_device_only(sessions):
+    s = await sessions()
+    broken, other = await s.attach(LAN), await s.attach(OTHER)
+    with pytest.raises(DeviceNeedsResetError):
+        async with asyncio.timeout(TIMEOUT):
+            await broken.request(1, out=bytes(11))  # shorter than the 12-byte header
+    assert s.device(LAN).transport.status & Status.DEVICE_NEEDS_RESET
+    async with asyncio.timeout(TIMEOUT):
+        await other.send(frame(BROADCAST, other.mac))
+    assert not s.device(OTHER).transport.status & Status.DEVICE_NEEDS_RESET
+    assert s.device(OTHER).tx_frames == 1
+
+
+async def test_frames_without_a_receive_buffer_are_dropped_and_counted(sessions):
+    sa, sb = await sessions(), await sessions()
+    a, b = await sa.attach(LAN), await sb.attach(LAN, rx_buffers=1)
+    sent = [frame(BROADCAST, a.mac, bytes([i]) * 20) for i in range(3)]
+    for f in sent:
+        await a.send(f)
+    dev = sb.device(LAN)
+    await wait_until(lambda: dev.rx_frames + dev.rx_dropped == 3)
+    assert (dev.rx_frames, dev.rx_dropped) == (1, 2)
+    assert await next_frame(b) == sent[0]
+
+
+async def test_detach_unplugs_the_port(sessions):
+    sa, sb = await sessions(), await sessions()
+    a, b = await sa.attach(LAN), await sb.attach(LAN)
+    await b.send(frame(BROADCAST, b.mac))
+    assert await next_frame(a) == frame(BROADCAST, b.mac)
+    await b.detach()
+    dev = sb.device(LAN)
+    assert dev.port is None
+    await a.send(frame(b.mac, a.mac))
+    assert dev.rx_frames == 0 and dev.rx_dropped == 0

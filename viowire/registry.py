@@ -43,6 +43,7 @@ GROUP = "viowire.devices"
 BUILTIN: Mapping[str, str] = {
     "blk": "viowire.server.devices.blk:BlockBackend",
     "rng": "viowire.server.devices.rng:RngBackend",
+    "net": "viowire.server.devices.net:NetDevice",
 }
 
 _REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
