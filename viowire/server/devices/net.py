@@ -18,10 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 
-from viowire.device import ChainError, DescriptorChain, Device, GuestMemory, Option, Queue
+from viowire.device import (
+    ChainError,
+    DescriptorChain,
+    Device,
+    GuestMemory,
+    Option,
+    Queue,
+    StaleQueueError,
+)
 from viowire.server import link as links
 from viowire.virtio.net import (
     CONFIG,
@@ -148,7 +157,11 @@ class NetDevice(Device):
 
     async def _write_frames(self) -> None:
         """Put waiting frames into receive buffers, in order; one with no buffer is dropped."""
-        receiveq = self.queue(RECEIVEQ)
+        # a reset takes the buffers back (StaleQueueError); _stop() has emptied the inbox then
+        with contextlib.suppress(StaleQueueError):
+            await self._fill_buffers(self.queue(RECEIVEQ))
+
+    async def _fill_buffers(self, receiveq: Queue) -> None:
         while self._inbox:
             frame = self._inbox.popleft()
             chain = await receiveq.pop()
