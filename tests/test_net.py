@@ -263,3 +263,13 @@ async def test_detach_unplugs_the_port(sessions):
     assert dev.port is None
     await a.send(frame(b.mac, a.mac))
     assert dev.rx_frames == 0 and dev.rx_dropped == 0
+
+
+@pytest.mark.parametrize("spec", ["net", "net,version=1"])
+async def test_conform_drives_a_net_device_io_included(tmp_path, spec):
+    from test_any_device import conform, fails
+
+    (results,) = (await conform(tmp_path, spec)).values()
+    assert not fails(results), fails(results)
+    for id_ in ("io.requests", "io.indirect", "driver.linux-flow", "config.widths"):
+        assert results[id_].verdict.name == "PASS", results[id_]

@@ -84,6 +84,14 @@ class NetDriver(GenericDriver):
         count = min(self.rx_buffers, self.vqs[RECEIVEQ].num)
         await self.post(RECEIVEQ, size, count)
 
+    async def post(self, queue: int, size: int, count: int) -> None:
+        """The receive queue's buffers are this driver's own (posted when the device went
+        live, sized for the MTU): posting there again changes nothing, so tools that post on
+        any type's receive queue (``viowire conform``) drive a net device too."""
+        if queue == RECEIVEQ and RECEIVEQ in self._receivers:
+            return
+        await super().post(queue, size, count)
+
     async def send(self, frame: bytes | Sequence[bytes]) -> None:
         """Transmit one Ethernet frame (destination, source, ethertype, payload); returns once
         the device has taken it. The header goes in a descriptor of its own, as a legacy device

@@ -29,10 +29,12 @@ from viowire.device import (
     GuestMemory,
     Option,
     Queue,
+    SampleRequest,
     StaleQueueError,
 )
 from viowire.server import link as links
 from viowire.virtio.net import (
+    BROADCAST,
     CONFIG,
     DEVICE_ID,
     ETH_HEADER,
@@ -81,6 +83,13 @@ class NetDevice(Device):
         "mac": Option(parse_mac, None, "the MAC address (default: 02:76:77:xx:xx:xx, counted)"),
         "mtu": Option(_parse_mtu, 1500, "the largest payload of a frame (68..65535)"),
     }
+    # what viowire conform sends: a 12-byte header and a broadcast frame (to a legacy device
+    # the header is 10 bytes and the frame starts 2 bytes early: still a frame to switch)
+    sample_request = SampleRequest(
+        TRANSMITQ,
+        readable=(bytes(12), BROADCAST + MAC_PREFIX + b"\x00\x00\xff\x88\xb5" + b"conform"),
+        receive_queue=RECEIVEQ,
+    )
 
     def __init__(self, link: str = "default", mac: bytes | str | None = None, mtu: int = 1500):
         super().__init__()
