@@ -273,3 +273,31 @@ async def test_conform_drives_a_net_device_io_included(tmp_path, spec):
     assert not fails(results), fails(results)
     for id_ in ("io.requests", "io.indirect", "driver.linux-flow", "config.widths"):
         assert results[id_].verdict.name == "PASS", results[id_]
+
+
+async def test_runt_and_oversize_frames_are_dropped_not_fatal(sessions):
+    s = await sessions()
+    drv = await s.attach(LAN)
+    async with asyncio.timeout(TIMEOUT):
+        await drv.request(1, out=[bytes(12), BROADCAST + drv.mac])  # 12 bytes: no ethertype
+        await drv.request(1, out=[bytes(12), frame(BROADCAST, drv.mac, bytes(1501 + 4))])
+        await drv.send(frame(BROADCAST, drv.mac, bytes(1500)))  # the largest that fits
+    dev = s.device(LAN)
+    assert (dev.tx_dropped, dev.tx_frames) == (2, 1)
+    assert not dev.transport.status & Status.DEVICE_NEEDS_RESET
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("net,mac=01:00:00:00:00:01", "multicast"),
+        ("net,mac=02:00:00:00:01", "six hex octets"),
+        ("net,mtu=67", "68..65535"),
+        ("net,speed=10", "unknown option 'speed'"),
+    ],
+)
+def test_bad_options_say_what_to_write(text, words):
+    from viowire.server.platform import PlatformError
+
+    with pytest.raises(PlatformError, match=words):
+        DeviceSpec.parse(text)

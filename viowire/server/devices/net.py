@@ -80,7 +80,9 @@ class NetDevice(Device):
     driver = "viowire.client.drivers.net:NetDriver"
     options = {
         "link": Option.string("default", "the in-server link (switch) to plug into"),
-        "mac": Option(parse_mac, None, "the MAC address (default: 02:76:77:xx:xx:xx, counted)"),
+        "mac": Option(
+            parse_mac, None, "the MAC address; none: 02:76:77:xx:xx:xx, a new one per device"
+        ),
         "mtu": Option(_parse_mtu, 1500, "the largest payload of a frame (68..65535)"),
     }
     # what viowire conform sends: a 12-byte header and a broadcast frame (to a legacy device
