@@ -370,9 +370,9 @@ class QueueService:
                 await asyncio.sleep(0)
                 self._check_epoch(queue, epoch)
             chain.memory = guarded
-            # A request that finishes without waiting completes with its batch; one that waits
-            # goes on as a task of its own, so it holds back neither the chains behind it nor
-            # their completion.
+            # Each request is a task of its own, so one that waits holds back neither the
+            # chains behind it nor their completion. An inline device's request runs here until
+            # it first waits: one that never waits completes with its batch, with no task.
             request = handle(index, chain, guarded)
             if not inline:  # its own task from the first step: asyncio.timeout, TaskGroup work
                 self._start_request(queue, epoch, chain, request)
