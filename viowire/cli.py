@@ -21,6 +21,7 @@ from viowire.options import (
     names_device_type,
 )
 from viowire.runtime import LOOPS, run, until_signalled
+from viowire.vhost_user import cli as vhost_user_cli
 
 MAX_LISTED = 32  # devices serve prints at startup
 DEFAULT_LISTEN = ("tcp://127.0.0.1:7000", "unix:///tmp/viowire.sock")
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     conform_cli.add_parser(sub)
     bench.add_parser(sub)
     load.add_parser(sub)
+    vhost_user_cli.add_parser(sub)
     return parser
 
 
@@ -358,6 +360,7 @@ COMMANDS: dict[str, Command] = {
     "conform": _on_own_server(conform_cli.run, needs_url=False),
     "bench": bench.run,
     "load": _on_own_server(load.run),
+    "vhost-user": vhost_user_cli.run,
 }
 
 

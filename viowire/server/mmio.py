@@ -336,9 +336,11 @@ class MmioDevice(QueueService):
                 except Exception:
                     log.exception("%s: on_irq(True) failed", self.name)
 
-    def _notify_used(self) -> None:
-        """A used-buffer notification (§2.7.7 decided one is due): on the notification channel
-        if there is one, which needs no edge and no ACK to signal again, else the line."""
+    def _notify_used(self, index: int) -> None:
+        """A used-buffer notification for queue ``index`` (§2.7.7 decided one is due): on the
+        notification channel if there is one, which needs no edge and no ACK to signal again,
+        else the line. virtio-mmio has one line for every queue; vhost-user has one eventfd
+        per queue, hence the index."""
         notifier = self.used_notifier
         if notifier is None:
             self._raise_interrupt(_VRING_IRQ)

@@ -541,7 +541,7 @@ class QueueService:
         old_used_idx = queue.used_idx
         await queue.push_many(memory, done)
         if await queue.needs_notification(memory, old_used_idx):
-            self._notify_used()
+            self._notify_used(queue.index)
 
     async def _complete_quietly(
         self, queue: SplitVirtqueue, memory: GuestMemory, done: list[tuple[int, int]], epoch: int
