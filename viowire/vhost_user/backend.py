@@ -98,6 +98,10 @@ class VhostUserDevice(QueueService):
         )
         self.acked_features = 0
         self.protocol_features = 0
+        # CONFIG only for a device with a config space: QEMU warns of it for one without (rng)
+        self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        if not backend.config_space():
+            self.offered_protocol_features &= ~(1 << p.ProtocolFeature.CONFIG)
         self.owner = False
         self._tasks = {}
         self._rerun = {}
@@ -213,11 +217,11 @@ class VhostUserDevice(QueueService):
             self._refresh(index)  # without PROTOCOL_FEATURES rings are enabled as they start
 
     def _get_protocol_features(self, message: p.Message) -> bytes:
-        return p.reply_u64(message, OFFERED_PROTOCOL_FEATURES)
+        return p.reply_u64(message, self.offered_protocol_features)
 
     def _set_protocol_features(self, message: p.Message) -> None:
         value = self._parse(message).value
-        unoffered = value & ~OFFERED_PROTOCOL_FEATURES
+        unoffered = value & ~self.offered_protocol_features
         if unoffered:
             raise RequestError(f"protocol features not offered: {unoffered:#x}")
         self.protocol_features = value
