@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import struct
@@ -449,3 +450,42 @@ def test_decoder_random_bytes_raise_protocol_errors_only(blob):
                 message.parse()
     except p.ProtocolError:
         pass
+
+
+# -- the command ------------------------------------------------------------------------------
+def test_print_capabilities_as_vhost_user_daemons_do():
+    from cli_run import viowire
+
+    result = viowire("vhost-user", "--device", "blk,size=1M", "--print-capabilities")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"type": "block", "features": []}
+    result = viowire("vhost-user", "--device", "rng", "--print-capabilities")
+    assert json.loads(result.stdout)["type"] == "rng"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--socket-path", "a.sock"], "give --device"),
+        (["--device", "rng"], "1 --device"),
+        (["--device", "rng,version=1", "--socket-path", "a.sock"], "vhost-user device is modern"),
+        (["--device", "nosuch", "--socket-path", "a.sock"], "nosuch"),
+    ],
+)
+def test_command_line_errors_say_what_to_do(args, message):
+    from cli_run import viowire
+
+    result = viowire("vhost-user", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_a_socket_path_that_is_not_a_socket_is_refused(tmp_path):
+    from cli_run import viowire
+
+    taken = tmp_path / "file"
+    taken.write_text("mine")
+    result = viowire("vhost-user", "--socket-path", str(taken), "--device", "rng")
+    assert result.returncode == 1
+    assert "is not a socket" in result.stderr
+    assert taken.read_text() == "mine"

@@ -116,7 +116,7 @@ async def run(args: argparse.Namespace) -> int:
             listener = Listener(path, device)
             listeners.append(listener)
             await listener.start()
-        logs.install()
+        logs.install(("viowire.vhost_user", "viowire.device"))  # a hostile front-end
         for listener in listeners:
             print(f"vhost-user {listener.name}: listening on {listener.path}", flush=True)
         await until_signalled()
