@@ -99,7 +99,12 @@ class Listener:
                 conn.close()
                 continue
             conn.setblocking(False)
-            device = VhostUserDevice(self.device, self.name)
+            try:
+                device = VhostUserDevice(self.device, self.name)
+            except Exception:
+                log.exception("%s: cannot serve the device: connection closed", self.name)
+                conn.close()
+                continue
             self.connection = device
             task = loop.create_task(self._serve(conn, device), name=f"{self.name} connection")
             self._connections.add(task)
