@@ -199,6 +199,55 @@ async def test_reset_device_stops_rings_and_keeps_serving(tmp_path):
         assert (status, got) == (BlkStatus.OK, b"y" * 512)  # storage outlives the reset
 
 
+async def call_pending(ring) -> bool:
+    try:
+        os.eventfd_read(ring.call)
+    except BlockingIOError:
+        return False
+    return True
+
+
+async def used(ring, count: int) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while ring.ring.used_idx != count:
+            await asyncio.sleep(0.005)
+
+
+async def test_no_interrupt_without_event_idx(tmp_path):
+    async with serving(tmp_path, RngBackend()) as listener, frontend(listener) as fe:
+        offered = await fe.get_u64(p.Request.GET_FEATURES)
+        await fe.handshake(offered & ~(1 << Feature.RING_EVENT_IDX))
+        ring = await fe.start_ring(0, 16)
+        ring.ring.set_avail_flags(1)  # VIRTQ_AVAIL_F_NO_INTERRUPT
+        ring.ring.add_chain([], [8])
+        os.eventfd_write(ring.kick, 1)
+        await used(ring, 1)
+        assert not await call_pending(ring)
+        ring.ring.set_avail_flags(0)
+        ring.ring.add_chain([], [8])
+        os.eventfd_write(ring.kick, 1)
+        await ring.wait_call()
+
+
+async def test_event_idx_calls_when_used_event_is_crossed(tmp_path):
+    async with serving(tmp_path, RngBackend()) as listener, frontend(listener) as fe:
+        await fe.handshake()
+        assert fe.features >> Feature.RING_EVENT_IDX & 1
+        ring = await fe.start_ring(0, 16)
+        ring.ring.add_chain([], [8])
+        ring.kick_now()  # used_event 0: the first used buffer
+        await ring.wait_call()
+        ring.ring.set_used_event(2)  # not before the third used buffer (index 2)
+        ring.ring.add_chain([], [8])
+        os.eventfd_write(ring.kick, 1)
+        await used(ring, 2)
+        assert not await call_pending(ring)
+        ring.ring.add_chain([], [8])
+        os.eventfd_write(ring.kick, 1)
+        await ring.wait_call()
+        assert ring.ring.used_idx == 3
+
+
 # -- bad input --------------------------------------------------------------------------------
 async def assert_still_serves(listener: Listener) -> None:
     """A fresh front-end gets rng data through the same socket."""
