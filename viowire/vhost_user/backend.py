@@ -76,11 +76,8 @@ class Vring:
 
 
 class VhostUserDevice(QueueService):
-    """One device served to one vhost-user front-end connection.
-
-    ``send_reply`` is not needed: :meth:`handle` returns the reply bytes (or None) and the I/O
-    layer writes them.
-    """
+    """One device served to one vhost-user front-end connection: :meth:`handle` applies a
+    message and returns the reply's bytes (or None); the I/O layer sends them."""
 
     def __init__(self, backend: Device, name: str = "") -> None:
         self.backend = backend
@@ -194,9 +191,6 @@ class VhostUserDevice(QueueService):
             return p.reply_u64(message, 0 if ok else 1)
         return None
 
-    def _parse(self, message: p.Message):
-        return message.parse()
-
     def _vring(self, index: int) -> Vring:
         if not 0 <= index < len(self.vrings):
             raise RequestError(f"ring {index} does not exist ({self.name} has {len(self.vrings)})")
@@ -207,7 +201,7 @@ class VhostUserDevice(QueueService):
         return p.reply_u64(message, self.device_features)
 
     def _set_features(self, message: p.Message) -> None:
-        value = self._parse(message).value
+        value = message.parse().value
         unoffered = value & ~self.device_features
         if unoffered:
             names = feature_names(unoffered, self.backend.feature_bits)
@@ -220,7 +214,7 @@ class VhostUserDevice(QueueService):
         return p.reply_u64(message, self.offered_protocol_features)
 
     def _set_protocol_features(self, message: p.Message) -> None:
-        value = self._parse(message).value
+        value = message.parse().value
         unoffered = value & ~self.offered_protocol_features
         if unoffered:
             raise RequestError(f"protocol features not offered: {unoffered:#x}")
@@ -245,7 +239,7 @@ class VhostUserDevice(QueueService):
         nregions = int.from_bytes(message.payload[:4], "little")
         if nregions > p.MAX_REGIONS:
             raise RequestError(f"{nregions} regions (at most {p.MAX_REGIONS})")
-        table = self._parse(message)
+        table = message.parse()
         specs = [_region(region) for region in table.regions]
         try:
             self.table.replace(specs, message.fds)
@@ -254,7 +248,7 @@ class VhostUserDevice(QueueService):
         self._memory_changed()
 
     def _add_mem_reg(self, message: p.Message) -> None:
-        spec = _region(self._parse(message).region)
+        spec = _region(message.parse().region)
         if len(message.fds) != 1:
             raise RequestError(f"came with {len(message.fds)} descriptors, not 1")
         try:
@@ -264,7 +258,7 @@ class VhostUserDevice(QueueService):
         self._memory_changed()
 
     def _rem_mem_reg(self, message: p.Message) -> None:
-        spec = _region(self._parse(message).region)
+        spec = _region(message.parse().region)
         try:
             self.table.remove(spec)
         except GuestMemoryError as exc:
@@ -286,7 +280,7 @@ class VhostUserDevice(QueueService):
 
     # rings
     def _set_vring_num(self, message: p.Message) -> None:
-        state = self._parse(message)
+        state = message.parse()
         vring = self._vring(state.index)
         if vring.started:
             raise RequestError(f"ring {state.index} is started: stop it first (GET_VRING_BASE)")
@@ -295,14 +289,14 @@ class VhostUserDevice(QueueService):
         self.queues[state.index].num = state.num
 
     def _set_vring_addr(self, message: p.Message) -> None:
-        addr = self._parse(message)
+        addr = message.parse()
         vring = self._vring(addr.index)
         vring.addr = addr
         if vring.started:  # on the fly (the front-end turned logging on or off)
             self._translate(addr.index)
 
     def _set_vring_base(self, message: p.Message) -> None:
-        state = self._parse(message)
+        state = message.parse()
         vring = self._vring(state.index)
         if vring.started:
             raise RequestError(f"ring {state.index} is started: stop it first (GET_VRING_BASE)")
@@ -311,7 +305,7 @@ class VhostUserDevice(QueueService):
         vring.base = state.num
 
     async def _get_vring_base(self, message: p.Message) -> bytes:
-        state = self._parse(message)
+        state = message.parse()
         vring = self._vring(state.index)
         queue = self.queues[state.index]
         if vring.started:
@@ -327,7 +321,7 @@ class VhostUserDevice(QueueService):
 
     def _vring_fd(self, message: p.Message) -> tuple[int, int | None]:
         """SET_VRING_KICK/CALL/ERR: the ring and the descriptor (taken from the message)."""
-        value = self._parse(message).value
+        value = message.parse().value
         index = value & p.VRING_INDEX_MASK
         self._vring(index)
         if value & ~(p.VRING_INDEX_MASK | p.VRING_NOFD_MASK):
@@ -383,7 +377,7 @@ class VhostUserDevice(QueueService):
         vring.err = fd
 
     def _set_vring_enable(self, message: p.Message) -> None:
-        state = self._parse(message)
+        state = message.parse()
         vring = self._vring(state.index)
         if state.num not in (0, 1):
             raise RequestError(f"ring {state.index}: enable {state.num} is not 0 or 1")
@@ -473,7 +467,7 @@ class VhostUserDevice(QueueService):
             raise RequestError("the CONFIG protocol feature was not negotiated")
 
     def _get_config(self, message: p.Message) -> bytes:
-        config = self._parse(message)
+        config = message.parse()
         try:
             self._config_allowed()
             if config.size > p.MAX_CONFIG_SIZE:
@@ -489,7 +483,7 @@ class VhostUserDevice(QueueService):
         return p.reply(message, p.Config.build({**answer, "payload": window}))
 
     def _set_config(self, message: p.Message) -> None:
-        config = self._parse(message)
+        config = message.parse()
         self._config_allowed()
         if not 0 < config.size <= 8:
             raise RequestError(f"a {config.size}-byte write (config fields are 1 to 8 bytes)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import mmap
 import os
@@ -40,8 +41,6 @@ class MemfdRam(GuestRam):
         self.size = size
         self.fd = os.memfd_create("viowire-frontend-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
-        import fcntl
-
         fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.buffer = mmap.mmap(self.fd, size)
         self.memory = MappedGuestMemory()
