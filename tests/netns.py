@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import re
 import shutil
 import signal
 import subprocess
+import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -159,6 +164,33 @@ class Topology(contextlib.AbstractContextManager):
         self._procs.append(proc)
         return proc
 
+    def start(
+        self, name: str, argv: Sequence[str], expect: str, timeout: float = 10.0
+    ) -> tuple[subprocess.Popen, re.Match[str]]:
+        """Start ``argv`` in namespace ``name`` and wait (bounded) for a line of its stdout that
+        matches ``expect``; its stderr goes to a file (read by :func:`stderr_of`)."""
+        err = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed with the topology)
+        proc = self.popen(name, argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc.stderr_file = err
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        seen = []
+        while True:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError(
+                    f"{' '.join(argv)} in {name}: no line matching {expect!r} in {timeout} s; "
+                    f"printed {seen}, stderr: {stderr_of(proc)[-2000:]}"
+                )
+            seen.append(line)
+            match = re.search(expect, line)
+            if match:
+                return proc, match
+
     def ip(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return ip("-n", self.ns[name], *args, check=check)
 
@@ -166,6 +198,9 @@ class Topology(contextlib.AbstractContextManager):
     def close(self) -> None:
         for proc in self._procs:
             stop(proc)
+            err = getattr(proc, "stderr_file", None)
+            if err is not None:
+                err.close()
         for ns in self.ns.values():
             pids = ip("netns", "pids", ns, check=False).stdout.split()
             for pid in pids:
@@ -183,6 +218,20 @@ class Topology(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pump(stream, out: queue.Queue[str | None]) -> None:
+    with contextlib.suppress(ValueError, OSError):
+        for line in stream:
+            out.put(line.rstrip("\n"))
+    out.put(None)
+
+
+def stderr_of(proc: subprocess.Popen) -> str:
+    """What a process :meth:`Topology.start` started wrote to stderr so far."""
+    err = proc.stderr_file
+    err.seek(0)
+    return err.read()
 
 
 def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:

@@ -17,6 +17,7 @@ from viowire.options import (
     OWN_SERVER_HELP,
     UsageError,
     add_device_types_option,
+    add_memory_option,
     add_target_options,
     names_device_type,
 )
@@ -128,10 +129,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="'write -P PATTERN OFFSET LENGTH', 'read -P PATTERN OFFSET LENGTH', "
         "'flush' (repeatable, run in order)",
     )
+    _add_net_attach(sub)
     conform_cli.add_parser(sub)
     bench.add_parser(sub)
     load.add_parser(sub)
     return parser
+
+
+def _add_net_attach(sub) -> None:
+    attach = sub.add_parser(
+        "net-attach", help="a server's virtio-net device as a local TAP interface"
+    )
+    attach.add_argument("url", help="a viowire server, tcp://HOST:PORT or unix:///PATH")
+    attach.add_argument(
+        "--device", type=int, metavar="N", help="index of the device (default: the first net one)"
+    )
+    attach.add_argument(
+        "--tap", required=True, metavar="IFNAME", help="the TAP to create (needs CAP_NET_ADMIN)"
+    )
+    add_memory_option(attach)
+
+
+async def _net_attach(args: argparse.Namespace) -> int:
+    from viowire.client.netattach import net_attach
+
+    def ready(line: str) -> None:
+        print(line, flush=True)
+
+    await net_attach(
+        args.url, args.tap, index=args.device, memory=args.memory or "auto", ready=ready
+    )
+    return 0
 
 
 def _list_devices() -> str:
@@ -358,6 +386,7 @@ COMMANDS: dict[str, Command] = {
     "conform": _on_own_server(conform_cli.run, needs_url=False),
     "bench": bench.run,
     "load": _on_own_server(load.run),
+    "net-attach": _net_attach,
 }
 
 
@@ -395,11 +424,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bad_input(exc: Exception) -> bool:
     """Input the user must change: a device spec, a platform description, a usage error."""
+    from viowire.client.netattach import NetAttachError
     from viowire.device import DeviceOptionError
     from viowire.registry import DeviceTypeError
     from viowire.server.platform import PlatformError
 
-    return isinstance(exc, UsageError | PlatformError | DeviceTypeError | DeviceOptionError)
+    return isinstance(
+        exc, UsageError | PlatformError | DeviceTypeError | DeviceOptionError | NetAttachError
+    )
 
 
 if __name__ == "__main__":
