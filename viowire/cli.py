@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         "; every device also takes version=1|2, base=, irq=, count=",
     )
     serve.add_argument(
+        "--link",
+        action="append",
+        default=[],
+        metavar="NAME,listen=URL|NAME,connect=URL",
+        help="join in-server link NAME with another server's (or a QEMU -netdev stream) over "
+        "tcp://HOST:PORT or unix:///PATH, with QEMU's stream framing; connect= retries "
+        "(repeatable)",
+    )
+    serve.add_argument(
         "--list-devices",
         action="store_true",
         help="list the device types --device knows, with their options, and exit",
@@ -222,6 +231,17 @@ def _platform_spec(args: argparse.Namespace):
     return spec
 
 
+def _link_specs(args: argparse.Namespace):
+    """--link options, after the [[link]] tables of --config."""
+    from viowire.server.linkpeer import LinkSpec, from_toml
+
+    try:
+        found = from_toml(args.config) if args.config else []
+        return found + [LinkSpec.parse(text) for text in args.link]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _print_layout(spec) -> None:
     layout = spec.layout()
     for base, irq, dev in layout[:MAX_LISTED]:
@@ -235,6 +255,11 @@ def _serve_workers(args: argparse.Namespace) -> int:
     from viowire.server.app import bind
     from viowire.server.workers import Supervisor
 
+    if _link_specs(args):
+        raise UsageError(
+            "--link joins one process's links: serve with --workers 1 (each worker has "
+            "links of its own)"
+        )
     spec = _platform_spec(args)
     spec.validate()
     listeners = [bind(url) for url in args.listen or DEFAULT_LISTEN]
@@ -260,7 +285,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from viowire.server.app import Server
 
     spec = _platform_spec(args)
-    server = Server(spec, allow_shm=not args.no_shm, poll_us=args.poll_us)
+    server = Server(spec, allow_shm=not args.no_shm, poll_us=args.poll_us, links=_link_specs(args))
     endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
     logs.install()  # once it serves: a description that fails leaves the loggers as they were
     _print_layout(spec)

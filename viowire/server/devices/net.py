@@ -21,6 +21,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import os
 
 from viowire.device import (
     ChainError,
@@ -53,12 +54,14 @@ from viowire.virtio.net import (
 
 log = logging.getLogger("viowire.net")
 
-_macs = itertools.count(1)
+# from a random start, so that servers whose links are joined (--link) do not hand out the same
+# MACs; in order after it, so that one server's are distinct for 2**24 devices
+_macs = itertools.count(int.from_bytes(os.urandom(3), "big"))
 MAC_PREFIX = b"\x02\x76\x77"  # locally administered, unicast ("vw"); QEMU's 52:54:00 is not ours
 
 
 def next_mac() -> bytes:
-    """A fresh locally administered unicast MAC for this process: 02:76:77:00:00:01, ..."""
+    """A fresh locally administered unicast MAC for this process: 02:76:77:xx:xx:xx."""
     return MAC_PREFIX + (next(_macs) & 0xFFFFFF).to_bytes(3, "big")
 
 
