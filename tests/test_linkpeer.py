@@ -14,6 +14,7 @@ import struct
 
 import pytest
 from cli_run import serve, viowire
+from qemu import QEMU, needs_qemu
 
 from viowire.client.connection import connect
 from viowire.client.drivers.net import NetDriver
@@ -244,3 +245,50 @@ def test_links_from_the_config_file(tmp_path):
 
 def test_a_frame_length_field_is_big_endian():
     assert encode(b"\x01" * 258)[:4] == struct.pack(">I", 258) == b"\x00\x00\x01\x02"
+
+
+@needs_qemu
+async def test_a_qemu_netdev_stream_joins_a_viowire_link(tmp_path):
+    """QEMU's own stream netdev (server=off, a Unix socket) as the peer of a viowire link. With
+    no guest, its hub joins the stream to a datagram netdev whose other end is this test: a
+    frame the viowire device sends comes out of QEMU's datagram socket, and one sent into that
+    socket comes back through QEMU's stream framing to the device."""
+    peer = f"{tmp_path}/peer.sock"
+    here, qemu_end = f"{tmp_path}/here.sock", f"{tmp_path}/qemu.sock"
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dgram.bind(here)
+    dgram.setblocking(False)
+    loop = asyncio.get_running_loop()
+    with (
+        dgram,
+        serve("--listen", f"unix://{tmp_path}/s.sock", "--device", "net,link=lan",
+              "--link", f"lan,listen=unix://{peer}") as served,
+    ):  # fmt: skip
+        qemu = await asyncio.create_subprocess_exec(
+            QEMU, "-machine", "none", "-nodefaults", "-display", "none",
+            "-netdev", f"stream,id=s0,server=off,addr.type=unix,addr.path={peer}",
+            "-netdev", f"dgram,id=d0,local.type=unix,local.path={qemu_end},"
+            f"remote.type=unix,remote.path={here}",
+            "-netdev", "hubport,id=p0,hubid=0,netdev=s0",
+            "-netdev", "hubport,id=p1,hubid=0,netdev=d0",
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                drv = await attach_net(served.url("unix"), stack)
+                hello = frame(BROADCAST, drv.mac, b"to qemu")
+                async with asyncio.timeout(TIMEOUT):  # until QEMU has connected
+                    while True:
+                        await drv.send(hello)
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.2):
+                                got = await loop.sock_recv(dgram, 2048)
+                                break
+                assert got == hello
+                back = frame(drv.mac, A, b"from qemu")
+                await loop.sock_sendto(dgram, back, qemu_end)
+                assert await next_frame(drv) == back
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                qemu.kill()
+            await qemu.wait()
