@@ -165,14 +165,16 @@ class Topology(contextlib.AbstractContextManager):
         return proc
 
     def start(
-        self, name: str, argv: Sequence[str], expect: str, timeout: float = 10.0
+        self, name: str, argv: Sequence[str], expect: str, timeout: float = 10.0, **kw
     ) -> tuple[subprocess.Popen, re.Match[str]]:
         """Start ``argv`` in namespace ``name`` and wait (bounded) for a line of its stdout that
-        matches ``expect``; its stderr goes to a file (read by :func:`stderr_of`)."""
+        matches ``expect``; its stderr goes to a file (read by :func:`stderr_of`), the lines
+        of its stdout after that one to :func:`stdout_of`."""
         err = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed with the topology)
-        proc = self.popen(name, argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = self.popen(name, argv, stdout=subprocess.PIPE, stderr=err, text=True, **kw)
         proc.stderr_file = err
         lines: queue.Queue[str | None] = queue.Queue()
+        proc.stdout_lines = lines
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         deadline = time.monotonic() + timeout
         seen = []
@@ -201,6 +203,10 @@ class Topology(contextlib.AbstractContextManager):
             err = getattr(proc, "stderr_file", None)
             if err is not None:
                 err.close()
+        for i in range(len(self.ns) * bool(self.bridge)):
+            # the root namespace's end, now: a namespace is destroyed (and its veth end with
+            # it) only once the kernel's cleanup has run, some time after `ip netns del`
+            ip("link", "del", f"{self.bridge}h{i}", check=False)
         for ns in self.ns.values():
             pids = ip("netns", "pids", ns, check=False).stdout.split()
             for pid in pids:
@@ -225,6 +231,15 @@ def _pump(stream, out: queue.Queue[str | None]) -> None:
         for line in stream:
             out.put(line.rstrip("\n"))
     out.put(None)
+
+
+def stdout_of(proc: subprocess.Popen) -> str:
+    """The lines a process :meth:`Topology.start` started printed since, so far."""
+    out = []
+    with contextlib.suppress(queue.Empty):
+        while (line := proc.stdout_lines.get_nowait()) is not None:
+            out.append(line)
+    return "\n".join(out)
 
 
 def stderr_of(proc: subprocess.Popen) -> str:
