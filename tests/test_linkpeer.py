@@ -114,7 +114,7 @@ async def test_a_peer_is_one_port_of_the_switch_both_ways(tmp_path):
             length = int.from_bytes(await reader.readexactly(4), "big")
             assert await reader.readexactly(length) == frame(A, B, b"to the peer")
         writer.close()
-        await wait_until(lambda: not peer.stats.peers)
+        await wait_until(lambda: not peer.peers)
         assert peer.stats.frames_in == 1 and peer.stats.frames_out == 1
 
 
@@ -147,7 +147,7 @@ async def test_a_peer_that_does_not_read_costs_drops_not_memory(tmp_path):
                 await asyncio.sleep(0)
             assert peer.stats.dropped > 0
             assert peer.stats.frames_out + peer.stats.dropped == 2000
-            (conn,) = peer.stats.peers
+            (conn,) = peer.peers
             assert conn.transport.get_write_buffer_size() <= 4096 + 1100
         finally:
             sock.close()
@@ -173,7 +173,7 @@ async def test_connect_retries_until_the_peer_listens_and_after_it_restarts(tmp_
             writer.close()
             listener.close()
             await listener.wait_closed()
-            await wait_until(lambda: not peer.stats.peers)
+            await wait_until(lambda: not peer.peers)
         assert got == [frame(BROADCAST, A, b"\x00"), frame(BROADCAST, A, b"\x01")]
         assert peer.stats.connections == 2
     finally:

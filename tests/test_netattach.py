@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import sys
 
 import pytest
-from cli_run import viowire
+from cli_run import run, viowire
 from netns import Topology, require_netns, stderr_of, stop
 
 VIOWIRE = [sys.executable, "-m", "viowire"]
@@ -85,3 +86,15 @@ def test_a_device_that_is_not_net_is_refused_with_the_list(device, words, tmp_pa
         result = viowire("net-attach", s.url("unix"), "--device", device, "--tap", "vwnever0")
     assert result.returncode == 2, result.stderr
     assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_without_cap_net_admin_it_says_what_to_do_before_connecting():
+    if subprocess.run(["setpriv", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("util-linux's setpriv is not installed")
+    result = run(
+        ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-all", *VIOWIRE, "net-attach",
+         "unix:///nonexistent/viowire.sock", "--tap", "vwnocap0"],
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "tap vwnocap0: creating or opening a TAP needs CAP_NET_ADMIN" in result.stderr
+    assert "nonexistent" not in result.stderr  # the TAP first: the server was not tried

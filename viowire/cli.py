@@ -437,7 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"viowire {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
         # An OSError of connect() does not say where it went: name the URL.
-        where = f"{args.url}: " if isinstance(exc, OSError) and hasattr(args, "url") else ""
+        from viowire.tap import TapError  # its message names the interface instead
+
+        named = isinstance(exc, OSError) and not isinstance(exc, TapError)
+        where = f"{args.url}: " if named and hasattr(args, "url") else ""
         print(f"viowire {args.command}: {where}{exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # the client's precise errors: print them, not a traceback

@@ -40,6 +40,13 @@ NEEDS_CAP = (
 )
 
 
+class TapError(OSError):
+    """A TAP that cannot be had; the message names it and says what to do."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 def check_ifname(text: object) -> str:
     """An interface name Linux accepts (1..15 bytes, no '/', ':' or white space)."""
     name = str(text).strip()
@@ -85,14 +92,12 @@ class Tap:
         try:
             fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise FileNotFoundError(
+            raise TapError(
                 errno.ENOENT,
                 f"tap {name}: no {TUN_PATH} (modprobe tun; in a container: devices {TUN_PATH})",
             ) from None
         except PermissionError:
-            raise PermissionError(
-                errno.EPERM, f"tap {name}: " + NEEDS_CAP.format(name=name)
-            ) from None
+            raise TapError(errno.EPERM, f"tap {name}: " + NEEDS_CAP.format(name=name)) from None
         try:
             ifr = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI)
             fcntl.ioctl(fd, TUNSETIFF, ifr)
@@ -146,11 +151,11 @@ class Tap:
         return f"<Tap {self.name} fd={self.fd}{' created' if self.created else ''}>"
 
 
-def _explain(exc: OSError, name: str, existed: bool) -> OSError:
+def _explain(exc: OSError, name: str, existed: bool) -> TapError:
     if exc.errno == errno.EPERM:
-        return PermissionError(exc.errno, f"tap {name}: " + NEEDS_CAP.format(name=name))
+        return TapError(exc.errno, f"tap {name}: " + NEEDS_CAP.format(name=name))
     if exc.errno == errno.EBUSY:
-        return OSError(exc.errno, f"tap {name}: another process has it open (one at a time)")
+        return TapError(exc.errno, f"tap {name}: another process has it open (one at a time)")
     if exc.errno == errno.EINVAL and existed:
-        return OSError(exc.errno, f"tap {name}: an interface of that name exists and is not a TAP")
-    return OSError(exc.errno, f"tap {name}: {exc.strerror}")
+        return TapError(exc.errno, f"tap {name}: an interface of that name exists and is not a TAP")
+    return TapError(exc.errno, f"tap {name}: {exc.strerror}")

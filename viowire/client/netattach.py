@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from viowire.client.connection import DeviceInfo
@@ -131,23 +131,23 @@ async def net_attach(
     index: int | None = None,
     memory: str = "auto",
     ready: Callable[[str], None] = print,
-    until: Callable[[], asyncio.Future | asyncio.Task | object] = until_signalled,
+    until: Callable[[], Awaitable[object]] = until_signalled,
 ) -> Counters:
     """Attach device ``index`` (None: the first virtio-net device) of ``url`` as the local TAP
     ``ifname`` until ``until()`` returns (default: SIGINT or SIGTERM); ``ready`` gets one line
     once the interface is up."""
-    async with await open_target(url, memory=memory) as conn:
-        info = pick(await devices(conn), index, url)
-        drv = await _WatchedNetDriver.attach(await conn.attach(info))
-        try:
-            tap = Tap.open(ifname)
+    tap = Tap.open(ifname)  # first: a TAP this process cannot have ends it before it connects
+    try:
+        async with await open_target(url, memory=memory) as conn:
+            info = pick(await devices(conn), index, url)
+            drv = await _WatchedNetDriver.attach(await conn.attach(info))
             try:
                 return await _serve(drv, tap, url, info, ready, until)
             finally:
-                tap.close()
-        finally:
-            with contextlib.suppress(OSError, ConnectionError):
-                await drv.detach()
+                with contextlib.suppress(OSError, ConnectionError):
+                    await drv.detach()
+    finally:
+        tap.close()
 
 
 async def _serve(drv, tap: Tap, url: str, info: DeviceInfo, ready, until) -> Counters:

@@ -21,7 +21,7 @@ import logging
 import os
 import struct
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from viowire.server import link as links
 from viowire.urls import parse_endpoint
@@ -128,9 +128,8 @@ class PeerStats:
     frames_in: int = 0  # from peers, onto the link
     frames_out: int = 0  # from the link, to peers
     dropped: int = 0  # for a peer whose socket buffer was full
-    connections: int = 0
+    connections: int = 0  # made, in all
     bad_peers: int = 0  # connections dropped for bad framing
-    peers: set = field(default_factory=set)
 
 
 class PeerConnection(asyncio.Protocol):
@@ -149,7 +148,7 @@ class PeerConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or self.owner.spec.url
         self.port = links.attach_uplink(self.owner.spec.name, f"peer {peer}", self._deliver)
         self.owner.stats.connections += 1
-        self.owner.stats.peers.add(self)
+        self.owner.peers.add(self)
         log.info("link %s: peer %s connected", self.owner.spec.name, peer)
 
     def data_received(self, data: bytes) -> None:
@@ -186,7 +185,7 @@ class PeerConnection(asyncio.Protocol):
         if self.port is not None:
             links.release(self.port)
             self.port = None
-        self.owner.stats.peers.discard(self)
+        self.owner.peers.discard(self)
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -198,6 +197,7 @@ class LinkPeer:
         self.spec = spec
         self.send_limit = send_limit
         self.stats = PeerStats()
+        self.peers: set[PeerConnection] = set()  # open now
         self._server: asyncio.base_events.Server | None = None
         self._path: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -250,7 +250,7 @@ class LinkPeer:
                 await self._task
         if self._server is not None:
             self._server.close()
-        for conn in list(self.stats.peers):
+        for conn in list(self.peers):
             if conn.transport is not None:
                 conn.transport.abort()
         if self._server is not None:
