@@ -152,3 +152,29 @@ async def test_frames_longer_than_the_mtu_are_dropped_and_counted(tmp_path):
             assert topo.ip("host", "link", "show", ifname, check=False).returncode == 0
     finally:
         ip("link", "del", ifname, check=False)
+
+
+CARRIER = """
+import subprocess, sys
+from viowire.tap import Tap
+tap = Tap.open(sys.argv[1])
+tap.set_mac(bytes.fromhex("027677123456")); tap.set_mtu(1280); tap.set_up()
+for on in (False, True):
+    tap.set_carrier(on)
+    print(subprocess.run(["ip", "link", "show", tap.name], capture_output=True, text=True).stdout)
+tap.close()
+"""
+
+
+def test_a_tap_takes_mac_mtu_link_and_carrier():
+    """What net-attach sets on its TAP: the device's MAC and MTU, up, and the carrier following
+    the device's link status (TUNSETCARRIER)."""
+    require_netns()
+    with Topology(["host"], SUBNET, bridge=False) as topo:
+        result = topo.run("host", [sys.executable, "-c", CARRIER, "vwcarrier0"], check=True)
+        down, up = result.stdout.split("\n\n")[:2]
+        for shown in (down, up):
+            assert "link/ether 02:76:77:12:34:56" in shown and "mtu 1280" in shown
+        assert "NO-CARRIER" in down and "LOWER_UP" not in down
+        assert "NO-CARRIER" not in up and "LOWER_UP" in up
+        assert topo.ip("host", "link", "show", "vwcarrier0", check=False).returncode != 0
