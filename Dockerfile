@@ -19,6 +19,10 @@ COPY pyproject.toml README.md ./
 COPY viowire ./viowire
 RUN pip install . && rm -rf /src
 
+# ip and ping: for `viowire net-attach` users (the compose file's netpeer service).
+RUN apt-get update && apt-get install -y --no-install-recommends iproute2 iputils-ping \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN useradd --create-home --uid 10001 --user-group viowire
 USER viowire
 WORKDIR /home/viowire

@@ -5,6 +5,7 @@ every command in them run for real with the installed ``viowire`` on this host (
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 CLIENTS = ("conform", "load")
+NETPEER = "netpeer"  # runs docker/netpeer.sh (net-attach, then ping), not a viowire command
+NETPEER_SCRIPT = ROOT / "docker" / "netpeer.sh"
 SCALE = {"load": 2}  # as `docker compose up --scale load=2`
 HEALTH_INTERVAL = 0.2
 
@@ -271,7 +274,7 @@ def test_yaml_reader_agrees_with_pyyaml():
 
 def test_a_server_with_a_healthcheck_and_clients_that_wait_for_it():
     services = compose()["services"]
-    assert set(services) == {"server", *CLIENTS}
+    assert set(services) == {"server", *CLIENTS, NETPEER}
     server = services["server"]
     assert server["build"] == "."
     test = server["healthcheck"]["test"]
@@ -318,7 +321,8 @@ def test_guest_memory_is_proxied_across_containers():
 
 def test_every_command_is_one_the_viowire_cli_accepts():
     services = compose()["services"]
-    commands = [argv(service["command"]) for service in services.values()] + [
+    commands = [argv(services[name]["command"]) for name in ("server", *CLIENTS)] + [
+        netpeer_attach_command(),
         services["server"]["healthcheck"]["test"][2:],
         exec_form("CMD"),
     ]
@@ -421,6 +425,7 @@ def test_the_services_run_here(tmp_path):
         health = wait_healthy(services["server"]["healthcheck"]["test"], url)
         assert health.returncode == 0, health.stderr
         assert health.stdout.count("virtio-blk") == 2 and health.stdout.count("virtio-rng") == 2
+        assert health.stdout.count("virtio-net") == 1
 
         # As across containers: the server maps no client's /dev/shm segment, and a client that
         # insists on shared memory is told to proxy it.
@@ -456,8 +461,79 @@ def test_the_services_run_here(tmp_path):
     }
     for name, (code, stdout, stderr) in outputs.items():
         assert code == 0, f"{name} exited with {code}: {stderr}{stdout[-2000:]}"
-    assert re.search(r"^4 device\(s\), \d+ checks: .* 0 FAIL", outputs["conform-1"][1], re.M)
+    assert re.search(r"^5 device\(s\), \d+ checks: .* 0 FAIL", outputs["conform-1"][1], re.M)
     for replica in ("load-1", "load-2"):
         stdout = outputs[replica][1]
         assert ": proxied memory," in stdout.splitlines()[0], stdout
         assert re.search(r"^result +OK", stdout, re.M), stdout
+
+
+# The netpeer service: containers on one virtio-net link.
+
+
+def netpeer_attach_command() -> list[str]:
+    """The ``viowire net-attach`` line of docker/netpeer.sh, its shell variables filled in."""
+    (line,) = [ln for ln in NETPEER_SCRIPT.read_text().splitlines() if "viowire net-attach" in ln]
+    words = line.strip().rstrip("&").replace('"$target"', "tcp://server:7000").split()
+    return words[1:]
+
+
+def test_netpeers_attach_a_net_device_of_the_server_in_their_own_namespace():
+    services = compose()["services"]
+    peer = services[NETPEER]
+    assert peer["image"] == services["server"]["image"]
+    assert peer["depends_on"] == {"server": {"condition": "service_healthy"}}
+    assert "container_name" not in peer and "ports" not in peer  # scalable
+    # A TAP needs CAP_NET_ADMIN (in the container's own network namespace) and /dev/net/tun;
+    # the image's user has no capabilities, root in the container has the ones added.
+    assert peer["cap_add"] == ["NET_ADMIN"] and peer["devices"] == ["/dev/net/tun"]
+    assert peer["user"] == "0"
+    assert peer["sysctls"] == {"net.ipv4.icmp_echo_ignore_broadcasts": "0"}
+    (mount,) = peer["volumes"]
+    source, target, mode = mount.split(":")
+    assert (ROOT / source).resolve() == NETPEER_SCRIPT and mode == "ro"
+    assert peer["entrypoint"] == ["sh", target]
+    assert peer["environment"]["VIOWIRE_TARGET"] == f"tcp://server:{server_port()}"
+    assert compose({"VIOWIRE_TARGET": "tcp://h:1"})["services"][NETPEER]["environment"] == {
+        "VIOWIRE_TARGET": "tcp://h:1"
+    }
+    serve_args = argv(services["server"]["command"])
+    assert "net,link=lan" in serve_args
+    attach = build_parser().parse_args(netpeer_attach_command())
+    assert (attach.command, attach.tap, attach.memory) == ("net-attach", "vw0", "proxied")
+    # the image has what the script runs besides viowire
+    assert any("iproute2" in run and "iputils-ping" in run for run in instruction("RUN"))
+
+
+def test_netpeers_ping_each_other_here_in_network_namespaces():
+    """The server's command in namespace S, docker/netpeer.sh in C1 and C2 (as two replicas of
+    the netpeer service; their sysctls from the compose file): each finds the other on the
+    overlay and pings it, all 10 pings back. The overlay 10.204.0.0/16 is unreachable from the
+    root namespace."""
+    from netns import Topology, require_netns, stderr_of, stdout_of
+
+    require_netns("ping")
+    services = compose()["services"]
+    peer = services[NETPEER]
+    with Topology(["server", "c1", "c2"], "10.203.43", unreachable=["10.204.0.0/16"]) as topo:
+        topo.check_routes(["10.204.0.1", "10.204.255.254", "10.204.255.255"])
+        serve_command = [str(CONSOLE_SCRIPT), *argv(services["server"]["command"])]
+        topo.start("server", serve_command, r"^listening on tcp://0\.0\.0\.0:")
+        env = {
+            **os.environ,
+            "PATH": f"{CONSOLE_SCRIPT.parent}:{os.environ['PATH']}",
+            "VIOWIRE_TARGET": f"tcp://{topo.ips['server']}:{server_port()}",
+            "NETPEER_LINGER": "3",
+        }
+        procs = []
+        for name in ("c1", "c2"):
+            for key, value in peer["sysctls"].items():
+                topo.run(name, ["sysctl", "-qw", f"{key}={value}"], check=True)
+            proc, _ = topo.start(name, ["sh", str(NETPEER_SCRIPT)], r"^netpeer: vw0 ", env=env)
+            procs.append(proc)
+        for proc in procs:
+            code = proc.wait(timeout=40)
+            out = stdout_of(proc)
+            print(out)
+            assert code == 0, f"netpeer exited with {code}: {out}{stderr_of(proc)}"
+            assert re.search(r" 0% packet loss", out), out

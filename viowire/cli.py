@@ -17,6 +17,7 @@ from viowire.options import (
     OWN_SERVER_HELP,
     UsageError,
     add_device_types_option,
+    add_memory_option,
     add_target_options,
     names_device_type,
 )
@@ -92,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
         "; every device also takes version=1|2, base=, irq=, count=",
     )
     serve.add_argument(
+        "--link",
+        action="append",
+        default=[],
+        metavar="NAME,listen=URL|NAME,connect=URL",
+        help="join in-server link NAME with another server's (or a QEMU -netdev stream) over "
+        "tcp://HOST:PORT or unix:///PATH, with QEMU's stream framing; connect= retries "
+        "(repeatable)",
+    )
+    serve.add_argument(
         "--list-devices",
         action="store_true",
         help="list the device types --device knows, with their options, and exit",
@@ -129,11 +139,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="'write -P PATTERN OFFSET LENGTH', 'read -P PATTERN OFFSET LENGTH', "
         "'flush' (repeatable, run in order)",
     )
+    _add_net_attach(sub)
     conform_cli.add_parser(sub)
     bench.add_parser(sub)
     load.add_parser(sub)
     vhost_user_cli.add_parser(sub)
     return parser
+
+
+def _add_net_attach(sub) -> None:
+    attach = sub.add_parser(
+        "net-attach", help="a server's virtio-net device as a local TAP interface"
+    )
+    attach.add_argument("url", help="a viowire server, tcp://HOST:PORT or unix:///PATH")
+    attach.add_argument(
+        "--device", type=int, metavar="N", help="index of the device (default: the first net one)"
+    )
+    attach.add_argument(
+        "--tap", required=True, metavar="IFNAME", help="the TAP to create (needs CAP_NET_ADMIN)"
+    )
+    add_memory_option(attach)
+
+
+async def _net_attach(args: argparse.Namespace) -> int:
+    from viowire.client.netattach import net_attach
+
+    def ready(line: str) -> None:
+        print(line, flush=True)
+
+    await net_attach(
+        args.url, args.tap, index=args.device, memory=args.memory or "auto", ready=ready
+    )
+    return 0
 
 
 def _list_devices() -> str:
@@ -196,6 +233,17 @@ def _platform_spec(args: argparse.Namespace):
     return spec
 
 
+def _link_specs(args: argparse.Namespace):
+    """--link options, after the [[link]] tables of --config."""
+    from viowire.server.linkpeer import LinkSpec, from_toml
+
+    try:
+        found = from_toml(args.config) if args.config else []
+        return found + [LinkSpec.parse(text) for text in args.link]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _print_layout(spec) -> None:
     layout = spec.layout()
     for base, irq, dev in layout[:MAX_LISTED]:
@@ -209,6 +257,11 @@ def _serve_workers(args: argparse.Namespace) -> int:
     from viowire.server.app import bind
     from viowire.server.workers import Supervisor
 
+    if _link_specs(args):
+        raise UsageError(
+            "--link joins one process's links: serve with --workers 1 (each worker has "
+            "links of its own)"
+        )
     spec = _platform_spec(args)
     spec.validate()
     listeners = [bind(url) for url in args.listen or DEFAULT_LISTEN]
@@ -234,7 +287,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from viowire.server.app import Server
 
     spec = _platform_spec(args)
-    server = Server(spec, allow_shm=not args.no_shm, poll_us=args.poll_us)
+    server = Server(spec, allow_shm=not args.no_shm, poll_us=args.poll_us, links=_link_specs(args))
     endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
     logs.install()  # once it serves: a description that fails leaves the loggers as they were
     _print_layout(spec)
@@ -361,6 +414,7 @@ COMMANDS: dict[str, Command] = {
     "bench": bench.run,
     "load": _on_own_server(load.run),
     "vhost-user": vhost_user_cli.run,
+    "net-attach": _net_attach,
 }
 
 
@@ -386,7 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"viowire {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
         # An OSError of connect() does not say where it went: name the URL.
-        where = f"{args.url}: " if isinstance(exc, OSError) and hasattr(args, "url") else ""
+        from viowire.tap import TapError  # its message names the interface instead
+
+        named = isinstance(exc, OSError) and not isinstance(exc, TapError)
+        where = f"{args.url}: " if named and hasattr(args, "url") else ""
         print(f"viowire {args.command}: {where}{exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # the client's precise errors: print them, not a traceback
@@ -398,11 +455,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bad_input(exc: Exception) -> bool:
     """Input the user must change: a device spec, a platform description, a usage error."""
+    from viowire.client.netattach import NetAttachError
     from viowire.device import DeviceOptionError
     from viowire.registry import DeviceTypeError
     from viowire.server.platform import PlatformError
 
-    return isinstance(exc, UsageError | PlatformError | DeviceTypeError | DeviceOptionError)
+    return isinstance(
+        exc, UsageError | PlatformError | DeviceTypeError | DeviceOptionError | NetAttachError
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import socket
 import stat
 
 from viowire.fdsocket import FdSocketTransport
+from viowire.server.linkpeer import LinkPeer, LinkSpec
 from viowire.server.platform import PlatformSpec
 from viowire.server.session import ServerSession
 from viowire.urls import Endpoint, parse_endpoint
@@ -28,12 +29,14 @@ class Server:
         name: str = "viowire",
         allow_shm: bool = True,
         poll_us: int = 0,
+        links: list[LinkSpec] | None = None,
     ) -> None:
         """``allow_shm=False`` refuses named /dev/shm segments: a same-host peer could shrink
         its segment under the server (a SIGBUS); memfds over Unix sockets are sealed instead.
         ``poll_us``: after serving a queue in shared memory, poll it up to this long for more with
         the driver's notifications off (vhost's busy-polling: fewer wake-ups, more CPU); the
-        window adapts to the traffic (viowire.server.service)."""
+        window adapts to the traffic (viowire.server.service). ``links``: in-server links to
+        join with other servers' (viowire.server.linkpeer), once the server listens."""
         if poll_us < 0:
             raise ValueError(f"poll_us {poll_us}: 0 (off) or a number of microseconds")
         self.spec = spec or PlatformSpec.default()
@@ -45,13 +48,17 @@ class Server:
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._unix_socks: list[tuple[socket.socket, str]] = []
         self._own_paths: list[str] = []
+        self.link_peers = [LinkPeer(spec) for spec in links or ()]
 
     async def start(self, urls: list[str]) -> list[Endpoint]:
         """Listen on every URL; TCP port 0 picks a free port (the endpoint tells which)."""
         self.spec.validate()
         listeners = [bind(url) for url in urls]
         self._own_paths = [endpoint.path for endpoint, _ in listeners if endpoint.path]
-        return await self.serve(listeners)
+        endpoints = await self.serve(listeners)
+        for peer in self.link_peers:
+            await peer.start()
+        return endpoints
 
     async def serve(self, listeners: list[tuple[Endpoint, socket.socket]]) -> list[Endpoint]:
         """Accept on sockets bound already (by :func:`bind`, maybe in a parent process)."""
@@ -116,6 +123,8 @@ class Server:
     async def close(self) -> None:
         """Stop listening and close every session."""
         loop = asyncio.get_running_loop()
+        for peer in self.link_peers:
+            await peer.close()
         for server in self._tcp_servers:
             server.close()
         for sock, _path in self._unix_socks:

@@ -8,12 +8,18 @@ alone (or floods it while the destination is unknown), floods broadcast and mult
 sends a frame back to the port it came from. Learned entries age out (300 s, checked when looked
 at) and the table has a bound, so a flood of forged source MACs costs bounded memory; nothing is
 queued here: a port that cannot take a frame drops it (and counts it).
+
+Besides the devices' ports a link can have uplinks: ports to the world outside the server (a
+TAP interface, :mod:`viowire.server.tap`; a peer server, :mod:`viowire.server.linkpeer`). They
+switch like any port; an uplink with ``on_idle`` is told when the last device port leaves (a TAP
+closes then), one without stays as long as its owner keeps it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from viowire.virtio.net import ETH_HEADER, is_multicast
 
@@ -26,12 +32,22 @@ Deliver = Callable[[bytes], None]
 
 
 class Port:
-    """One device's connection to a link: ``deliver(frame)`` hands it a frame to receive."""
+    """One connection to a link: ``deliver(frame)`` hands it a frame to receive. ``uplink``:
+    not a device's; ``on_idle``: an uplink's callback for when no device port is left."""
 
-    __slots__ = ("deliver", "link", "name")
+    __slots__ = ("deliver", "link", "name", "on_idle", "uplink")
 
-    def __init__(self, link: Link, name: str, deliver: Deliver) -> None:
+    def __init__(
+        self,
+        link: Link,
+        name: str,
+        deliver: Deliver,
+        *,
+        uplink: bool = False,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
         self.link, self.name, self.deliver = link, name, deliver
+        self.uplink, self.on_idle = uplink, on_idle
 
     def send(self, frame: bytes) -> None:
         """Put ``frame`` (an Ethernet frame, no virtio header) on the link."""
@@ -62,11 +78,15 @@ class Link:
         self.table: dict[bytes, tuple[Port, float]] = {}  # MAC -> (port, last seen)
         self.forwarded = self.flooded = self.filtered = 0
 
-    def attach(self, name: str, deliver: Deliver) -> Port:
-        """A new port; frames for it arrive through ``deliver``."""
-        port = Port(self, name, deliver)
+    def attach(self, name: str, deliver: Deliver, **kind: Any) -> Port:
+        """A new port; frames for it arrive through ``deliver``; ``kind``: uplink=, on_idle=
+        (see :class:`Port`)."""
+        port = Port(self, name, deliver, **kind)
         self.ports.append(port)
         return port
+
+    def has_devices(self) -> bool:
+        return any(not port.uplink for port in self.ports)
 
     def detach(self, port: Port) -> None:
         if port in self.ports:
@@ -133,8 +153,20 @@ def attach(name: str, port_name: str, deliver: Deliver) -> Port:
     return link(name).attach(port_name, deliver)
 
 
+def attach_uplink(
+    name: str, port_name: str, deliver: Deliver, on_idle: Callable[[], None] | None = None
+) -> Port:
+    """Plug an uplink into link ``name``: ``on_idle()`` is called when the link's last device
+    port leaves (it should release the uplink); without it the uplink stays until released."""
+    return link(name).attach(port_name, deliver, uplink=True, on_idle=on_idle)
+
+
 def release(port: Port) -> None:
     """Unplug ``port``; a link with no ports left is forgotten (a new one starts empty)."""
     port.detach()
-    if not port.link.ports and _links.get(port.link.name) is port.link:
-        del _links[port.link.name]
+    here = port.link
+    if not port.uplink and not here.has_devices():
+        for uplink in [p for p in here.ports if p.on_idle is not None]:
+            uplink.on_idle()  # the last device left: a TAP closes
+    if not here.ports and _links.get(here.name) is here:
+        del _links[here.name]

@@ -166,11 +166,11 @@ class PlatformSpec:
             raise PlatformError(f"config {path}: {exc}") from None
         board = data.get("platform", {})
         entries = data.get("device", [])
-        unknown = set(data) - {"platform", "device"}
+        unknown = set(data) - {"platform", "device", "link"}  # [[link]]: server.linkpeer's
         if unknown:
             raise PlatformError(
                 f"config {path}: unknown table {sorted(unknown)[0]!r} "
-                "(use [platform] and [[device]])"
+                "(use [platform], [[device]] and [[link]])"
             )
         if not isinstance(board, dict) or not isinstance(entries, list):
             raise PlatformError(f"config {path}: use a [platform] table and [[device]] tables")

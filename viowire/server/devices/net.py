@@ -21,6 +21,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import os
 
 from viowire.device import (
     ChainError,
@@ -33,6 +34,7 @@ from viowire.device import (
     StaleQueueError,
 )
 from viowire.server import link as links
+from viowire.server import tap as taps
 from viowire.virtio.net import (
     BROADCAST,
     CONFIG,
@@ -52,12 +54,14 @@ from viowire.virtio.net import (
 
 log = logging.getLogger("viowire.net")
 
-_macs = itertools.count(1)
+# from a random start, so that servers whose links are joined (--link) do not hand out the same
+# MACs; in order after it, so that one server's are distinct for 2**24 devices
+_macs = itertools.count(int.from_bytes(os.urandom(3), "big"))
 MAC_PREFIX = b"\x02\x76\x77"  # locally administered, unicast ("vw"); QEMU's 52:54:00 is not ours
 
 
 def next_mac() -> bytes:
-    """A fresh locally administered unicast MAC for this process: 02:76:77:00:00:01, ..."""
+    """A fresh locally administered unicast MAC for this process: 02:76:77:xx:xx:xx."""
     return MAC_PREFIX + (next(_macs) & 0xFFFFFF).to_bytes(3, "big")
 
 
@@ -84,6 +88,12 @@ class NetDevice(Device):
             parse_mac, None, "the MAC address; none: 02:76:77:xx:xx:xx, a new one per device"
         ),
         "mtu": Option(_parse_mtu, 1500, "the largest payload of a frame (68..65535)"),
+        "tap": Option(
+            taps.parse_tap,
+            None,
+            "a TAP interface of the server's host (created if absent; needs CAP_NET_ADMIN): "
+            "the device plugs into link tap:IFNAME, to which the TAP is attached",
+        ),
     }
     # what viowire conform sends: a 12-byte header and a broadcast frame (to a legacy device
     # the header is 10 bytes and the frame starts 2 bytes early: still a frame to switch)
@@ -93,9 +103,16 @@ class NetDevice(Device):
         receive_queue=RECEIVEQ,
     )
 
-    def __init__(self, link: str = "default", mac: bytes | str | None = None, mtu: int = 1500):
+    def __init__(
+        self,
+        link: str = "default",
+        mac: bytes | str | None = None,
+        mtu: int = 1500,
+        tap: str | None = None,
+    ):
         super().__init__()
         self.link_name = link
+        self.tap = tap
         self.mac = next_mac() if mac is None else parse_mac(mac) if isinstance(mac, str) else mac
         self.mtu = _parse_mtu(mtu)
         self.port: links.Port | None = None
@@ -126,9 +143,8 @@ class NetDevice(Device):
 
     def _plug(self) -> links.Port:
         if self.port is None:
-            self.port = links.attach(
-                self.link_name, f"{self.name} {format_mac(self.mac)}", self._deliver
-            )
+            name = self.link_name if self.tap is None else taps.plug(self.tap, self.mtu)
+            self.port = links.attach(name, f"{self.name} {format_mac(self.mac)}", self._deliver)
         return self.port
 
     # -- transmit -------------------------------------------------------------------------------
