@@ -49,8 +49,10 @@ def format_summary(s: dict[str, Any]) -> str:
         lat = o["latency_us"]
         lines.append(
             f"  {op:<10} {o['requests']:>10,} req {format_bytes(o['bytes']):>11}  "
+            f"{o['per_s']:>9,.0f}/s {format_bytes(o['bytes_per_s']):>11}/s  "
             f"p50 {format_us(lat['p50']):>9}  p99 {format_us(lat['p99']):>9}  "
             f"max {format_us(lat['max']):>9}  errors {o['errors']}"
+            + (f"  lost {o['lost']}" if o["lost"] else "")
         )
     lines += _latency(s["latency_us"], s["histogram_us"])
     lines += _fairness(s["fairness"])
@@ -61,6 +63,7 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{rb['verify_failures']} verify failures, {rb['errors']} errors, "
             f"{rb['unverified']} not re-read ({rb['seconds']:.2f} s)"
         )
+    lines += _net(s["net"])
     errors = s["errors_by_kind"]
     lines.append(
         "errors     "
@@ -69,6 +72,10 @@ def format_summary(s: dict[str, Any]) -> str:
     lines += [f"           {sample}" for sample in s["error_samples"]]
     lines.append(f"verify     {s['verify_failures']} failures")
     verdict = "OK: every request completed, every written block read back intact"
+    if s["net"]["flows"]:
+        verdict += ", every frame arrived intact and in order"
+        if s["net"]["lost"]:
+            verdict = verdict.replace("every frame arrived", "every frame that arrived was")
     if workload:
         verdict = "OK: every operation completed without error"
     lines.append(f"result     {verdict if s['ok'] else 'FAILED'}")
@@ -119,3 +126,20 @@ def _fairness(per_kind: dict[str, dict[str, Any]]) -> list[str]:
                 f"{format_us(f['mean_latency_us_median'])}"
             )
     return out
+
+
+def _net(net: dict[str, Any]) -> list[str]:
+    if not net["flows"] and not net["unpaired"] and not net["twins"]:
+        return []
+    loss = "allowed (--allow-loss)" if net["allow_loss"] else "an error"
+    late = f" ({net['late']:,} of them late)" if net["late"] else ""
+    lines = [
+        f"net        {net['flows']:,} flows of {net['frame_size']:,}-byte frames: "
+        f"{net['sent']:,} sent, {net['received']:,} received, {net['lost']:,} lost{late} "
+        f"(loss is {loss}), {net['foreign']:,} foreign frames ignored"
+    ]
+    if net["unpaired"]:
+        lines.append(f"           {net['unpaired']:,} net devices without a partner on their link")
+    if net["twins"]:
+        lines.append(f"           {net['twins']:,} net devices left out: their MAC is another's")
+    return lines
