@@ -182,7 +182,8 @@ class NetTraffic:
         b = flow.receiver
         return (
             f"its frames did not reach {b.name} ({format_mac(b.driver.mac)}) within --timeout: "
-            "is it on another link?"
+            "is it on another link? (devices of one slot in two sessions are on one link: "
+            "--sessions 2 pairs them so)"
         )
 
     # -- the operation -----------------------------------------------------------------------
