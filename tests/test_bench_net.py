@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from servers import running_server, url_of
 from test_bench import TINY, check_shape, run_json
@@ -76,3 +79,28 @@ async def test_url_mode_measures_net_and_skips_it_without_net_devices(tmp_path, 
         )
         assert await bench.run(args) == 0
     assert json.loads(capsys.readouterr().out)["results"] == []
+
+
+def test_net_scale_script_reaches_every_device_and_reports_memory():
+    """benchmarks/net_scale.py, small: every device hears both broadcasts and stays healthy."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "net_scale.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--devices", "6", "--sessions", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)["results"]
+    check_shape(results)
+    by_name = {r["name"]: r for r in results}
+    assert list(by_name) == [
+        "broadcast",
+        "memory.idle_net_device",
+        "memory.live_net_device",
+        "memory.link",
+        "memory.port",
+    ]
+    assert by_name["broadcast"]["value"] == by_name["broadcast"]["baseline"] == 6
+    assert by_name["broadcast"]["healthy"] == 6
+    assert by_name["memory.link"]["value"] > 0 and by_name["memory.port"]["value"] > 0
