@@ -21,6 +21,7 @@ from viowire.virtio.net import BROADCAST, ETH_HEADER
 MAGIC = b"VWNET001"
 ETHERTYPE = b"\x88\xb5"  # IEEE 802 local experimental ethertype 1
 HEADER = struct.Struct("<8sQIIQH")  # magic, seed, sender, receiver, seq, frame length
+ANYONE = 0xFFFF_FFFF  # the receiver of a probe: a broadcast that asks who is on the link
 MIN_FRAME = 60  # Ethernet's minimum without the FCS; holds the Ethernet and load headers
 _DIGEST = 64
 
@@ -28,8 +29,9 @@ _DIGEST = 64
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """What a received frame is: ``kind`` is ``ok``, ``foreign`` (not for this check: ignore),
-    or an error (``misdirected``, ``length``, ``corrupt``); ``sender`` and ``seq`` are from the
-    frame's header (-1 where it has none)."""
+    ``probe`` (a broadcast asking who is on the link), or an error (``misdirected``,
+    ``length``, ``corrupt``); ``sender`` and ``seq`` are from the frame's header (-1 where it
+    has none)."""
 
     kind: str
     sender: int = -1
@@ -65,6 +67,8 @@ class FramePattern:
         dst = bytes(frame[:6])
         if magic != MAGIC or seed != self.seed or (dst != mac and dst != BROADCAST):
             return FOREIGN  # another run's, or flooded to every port for another MAC
+        if to == ANYONE and dst == BROADCAST:
+            return Verdict("probe", sender, seq)
         if to != receiver:
             return Verdict(
                 "misdirected", sender, seq, f"frame {seq} of device {sender} for device {to}"

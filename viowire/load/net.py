@@ -3,7 +3,9 @@
 Flows: the load's net devices form rings, each device sending to the next
 (:func:`ring_pairs`). Devices in the same platform slot of different sessions come from one
 device spec, so they are on one link: they ring first. The rest (one session, or a slot only
-one session uses) ring in the order of their sessions and slots, which a handshake checks.
+one session uses) ring in the order of their sessions and slots, which a handshake checks: a
+device whose partner is on another link broadcasts a probe, and is paired again with a device
+left without a sender that heard it (the client cannot see which link a device is on).
 
 Bring-up (:meth:`NetTraffic.start`), after every device is at DRIVER_OK:
 
@@ -11,8 +13,9 @@ Bring-up (:meth:`NetTraffic.start`), after every device is at DRIVER_OK:
 2. every device sends a frame to its own MAC (:func:`~viowire.load.frames.announce`): the
    switch learns where each MAC is and delivers the frame nowhere, so no unicast frame of the
    run is ever flooded to every port of the link;
-3. every flow sends its frame 0 and waits for it: a device whose frame does not arrive within
-   ``--timeout`` leaves the workload (its partner is on another link, or has its MAC).
+3. every flow sends its frame 0 and waits for it; a flow whose frame 0 does not arrive within
+   ``--timeout`` is paired again as above, and a device that finds no partner so leaves the
+   workload.
 
 The ``net`` operation (:meth:`NetTraffic.transmit` then :meth:`NetTraffic.receipt`) sends the
 flow's next frame and waits until its partner has it: the latency is one frame's trip from the
@@ -31,14 +34,15 @@ flow has at most that many frames on the way. Frames enter the transmit ring in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from viowire.load.frames import FramePattern, announce
+from viowire.load.frames import ANYONE, FramePattern, announce
 from viowire.load.stats import error_kind
-from viowire.virtio.net import format_mac
+from viowire.virtio.net import BROADCAST, format_mac
 
 T = TypeVar("T")
 LOST = -1  # the value of a receipt whose frame was dropped
@@ -128,6 +132,8 @@ class NetTraffic:
         self.unpaired = self.twins = 0
         self.deaf: set[int] = set()  # devices that stopped receiving
         self._twins: set[int] = set()
+        self.heard: dict[int, set[int]] = {}  # a probe's sender -> the devices that heard it
+        self._probed = asyncio.Event()
         self._readers: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -161,29 +167,96 @@ class NetTraffic:
                 except Exception as exc:
                     failed.append((dev, f"its first frame failed: {error_kind(exc)}: {exc}"))
 
-        async def shake(flow: Flow) -> None:
-            async with gate:
-                try:
-                    async with asyncio.timeout(self.timeout):
-                        seq, receipt = await self.transmit(flow)
-                except Exception as exc:
-                    failed.append((flow.sender, f"its frame 0 failed: {error_kind(exc)}: {exc}"))
-                    return
-                if await self.receipt(flow, seq, receipt) == LOST:
-                    failed.append((flow.sender, self._unreachable(flow)))
-
         await asyncio.gather(*(learn(dev) for dev in devices))
         broken = {id(dev) for dev, _ in failed}
-        await asyncio.gather(*(shake(f) for f in self.flows.values() if id(f.sender) not in broken))
+        for flow in [f for f in self.flows.values() if id(f.sender) in broken]:
+            self._drop(flow)
+        unreachable: list[Flow] = []
+        await asyncio.gather(
+            *(self._shake(f, gate, failed, unreachable) for f in list(self.flows.values()))
+        )
+        if unreachable:
+            await self._repair(unreachable, gate, failed)
         return failed
+
+    async def _shake(
+        self,
+        flow: Flow,
+        gate: asyncio.Semaphore,
+        failed: list[tuple[Any, str]],
+        unreachable: list[Flow],
+    ) -> None:
+        """Frame 0 of ``flow``: sent and received, or the flow is dropped (and why noted)."""
+        async with gate:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    seq, receipt = await self.transmit(flow)
+            except Exception as exc:
+                self._drop(flow)
+                failed.append((flow.sender, f"its frame 0 failed: {error_kind(exc)}: {exc}"))
+                return
+            if await self.receipt(flow, seq, receipt) == LOST:
+                self._drop(flow)
+                unreachable.append(flow)
+
+    async def _repair(
+        self, unreachable: list[Flow], gate: asyncio.Semaphore, failed: list[tuple[Any, str]]
+    ) -> None:
+        """Flows whose partners were on other links: each sender broadcasts a probe, and is
+        paired anew with a receiver left without a sender that heard it (so on its link)."""
+        idle = [f.receiver for f in unreachable]
+        for flow in unreachable:
+            probe = self.pattern.make(
+                BROADCAST, flow.sender.driver.mac, flow.sender.index, ANYONE, 0
+            )
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await flow.sender.driver.send(probe)
+            except Exception as exc:
+                failed.append((flow.sender, f"its probe failed: {error_kind(exc)}: {exc}"))
+        for flow in unreachable:
+            sender = flow.sender
+            receiver = await self._heard_by(sender, idle)
+            if receiver is None:
+                self.unpaired += 1  # alone on its link, as far as its probe tells
+                continue
+            idle.remove(receiver)
+            again = Flow(sender, receiver)
+            self.flows[sender.index] = self.incoming[receiver.index] = again
+            retried: list[Flow] = []
+            await self._shake(again, gate, failed, retried)
+            if retried:
+                failed.append((sender, self._unreachable(again)))
+
+    async def _heard_by(self, sender: Any, idle: list[Any]) -> Any | None:
+        """The first of ``idle`` (not ``sender``, nor of its MAC) that heard its probe."""
+
+        def found() -> Any | None:
+            heard = self.heard.get(sender.index, set())
+            for dev in idle:
+                if dev.index in heard and dev is not sender and dev.driver.mac != sender.driver.mac:
+                    return dev
+            return None
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.timeout):
+                while found() is None:
+                    self._probed.clear()
+                    await self._probed.wait()
+        return found()
+
+    def _drop(self, flow: Flow) -> None:
+        if self.flows.get(flow.sender.index) is flow:
+            del self.flows[flow.sender.index]
+        if self.incoming.get(flow.receiver.index) is flow:
+            del self.incoming[flow.receiver.index]
 
     @staticmethod
     def _unreachable(flow: Flow) -> str:
         b = flow.receiver
         return (
-            f"its frames did not reach {b.name} ({format_mac(b.driver.mac)}) within --timeout: "
-            "is it on another link? (devices of one slot in two sessions are on one link: "
-            "--sessions 2 pairs them so)"
+            f"its frames did not reach {b.name} ({format_mac(b.driver.mac)}), which heard its "
+            "broadcast, within --timeout"
         )
 
     # -- the operation -----------------------------------------------------------------------
@@ -243,6 +316,10 @@ class NetTraffic:
         verdict = self.pattern.check(frame, dev.driver.mac, dev.index)
         if verdict.kind == "foreign":
             self.foreign += 1
+            return
+        if verdict.kind == "probe":
+            self.heard.setdefault(verdict.sender, set()).add(dev.index)
+            self._probed.set()
             return
         flow = self.incoming.get(dev.index)
         if verdict.kind == "misdirected" or flow is None or flow.sender.index != verdict.sender:
