@@ -252,3 +252,39 @@ async def test_a_shared_mac_leaves_the_copies_out(tmp_path, capsys):
         "no partner on its link": 1,
         "its MAC is another net device's too (mac= in its spec)": 1,
     }
+
+
+async def test_a_partner_that_goes_away_ends_its_senders_flows(tmp_path, capsys):
+    """The run is asked for an hour: it ends once one session is dropped mid-workload, its
+    devices out after their errors and their partners' senders out with them, no request
+    left unaccounted for."""
+    async with running_server(tmp_path, platform("net,count=2")) as server:
+
+        def busiest() -> list:
+            return sorted(
+                (s for s in server.sessions if s.platform is not None),
+                key=lambda s: -sum(slot.device.backend.tx_frames for slot in s.platform.slots),
+            )
+
+        async def drop_one_session() -> None:
+            while (
+                not busiest()
+                or sum(slot.device.backend.tx_frames for slot in busiest()[-1].platform.slots) < 50
+            ):
+                await asyncio.sleep(0.01)
+            busiest()[0].transport.close()
+
+        dropper = asyncio.create_task(drop_one_session())
+        try:
+            status, s = await run_load(
+                capsys, url_of(server, "unix"), "--sessions", "2", "--duration", "3600",
+                "--timeout", "0.5", "--allow-loss", "--no-progress",
+            )  # fmt: skip
+        finally:
+            dropper.cancel()
+        assert dropper.done() and not dropper.cancelled()
+    assert status == 1
+    assert s["requests"] == s["completed"] > 0 and s["lost"] == 0
+    assert "ConnectionClosed" in s["errors_by_kind"]
+    assert s["devices_out"].get("its partner stopped receiving") == 2
+    assert sum(s["devices_out"].values()) == 4

@@ -584,9 +584,8 @@ class LoadRun:
         """Send the next frame of ``dev``'s flow and wait until its partner has it."""
         net = self.net
         flow = net.flows.get(dev.index) if net is not None else None
-        if net is None or flow is None:
-            return
-        if flow.receiver.index in net.deaf:
+        if net is None or flow is None or flow.receiver.index in net.deaf:
+            self.stats.issued -= 1  # no frame: the ticket goes back
             dev.out = "its partner stopped receiving"  # its frames would go nowhere
             return
         start = time.perf_counter_ns()
