@@ -171,7 +171,8 @@ def test_options_are_checked():
         parse("unix:///x", "--duration", "1", "--requests", "5")
     config = LoadConfig.from_args(parse("unix:///x"))
     assert (config.duration, config.requests, config.kinds) == (10.0, None, ("blk", "net", "rng"))
-    assert not config.mix_given and LoadConfig.from_args(parse("unix:///x", "--mix", "net=1")).mix_given
+    assert not config.mix_given
+    assert LoadConfig.from_args(parse("unix:///x", "--mix", "net=1")).mix_given
     for size in ("59", "65550"):
         with pytest.raises(ValueError, match="--frame-size"):
             LoadConfig.from_args(parse("unix:///x", "--frame-size", size))
