@@ -122,7 +122,10 @@ async def test_net_only_server_with_the_default_mix_and_the_text_summary(tmp_pat
         out = capsys.readouterr().out
         assert status == 0, out
         assert "net        3 flows of 64-byte frames:" in out and "0 lost" in out
-        assert "every frame arrived intact and in order" in out
+        assert (
+            "result     OK: every request completed, every frame arrived intact and in order" in out
+        )
+        assert "read-back" not in out  # no disk: nothing to read back
         assert "  net " in out and "blk-read" not in out  # the mix, narrowed to what is served
         with pytest.raises(ValueError, match="no blk device"):
             await load.run(parse(url, "--requests", "10", "--mix", "blk-read=1"))

@@ -57,7 +57,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines += _latency(s["latency_us"], s["histogram_us"])
     lines += _fairness(s["fairness"])
     rb = s["readback"]
-    if not workload:
+    disks = bool(s["mix"].get("blk-read") or s["mix"].get("blk-write"))
+    if not workload and disks:
         lines.append(
             f"read-back  {rb['blocks']:,} blocks written, {rb['verified']:,} read back intact, "
             f"{rb['verify_failures']} verify failures, {rb['errors']} errors, "
@@ -71,15 +72,22 @@ def format_summary(s: dict[str, Any]) -> str:
     )
     lines += [f"           {sample}" for sample in s["error_samples"]]
     lines.append(f"verify     {s['verify_failures']} failures")
-    verdict = "OK: every request completed, every written block read back intact"
-    if s["net"]["flows"]:
-        verdict += ", every frame arrived intact and in order"
-        if s["net"]["lost"]:
-            verdict = verdict.replace("every frame arrived", "every frame that arrived was")
+    verdict = "OK: " + ", ".join(_promises(s, disks))
     if workload:
         verdict = "OK: every operation completed without error"
     lines.append(f"result     {verdict if s['ok'] else 'FAILED'}")
     return "\n".join(lines) + "\n"
+
+
+def _promises(s: dict[str, Any], disks: bool) -> list[str]:
+    """What an OK run vouches for: its requests, its disks' blocks, its frames."""
+    kept = ["every request completed"]
+    if disks:
+        kept.append("every written block read back intact")
+    if s["net"]["flows"]:
+        frames = "every frame that arrived was" if s["net"]["lost"] else "every frame arrived"
+        kept.append(f"{frames} intact and in order")
+    return kept
 
 
 def _latency(lat: dict[str, Any], buckets: list[list[int]]) -> list[str]:
