@@ -1,7 +1,7 @@
 """Self-describing Ethernet frames, so every frame a net device receives can be checked exactly.
 
 A load frame is an Ethernet header (destination, source, ethertype 0x88B5, IEEE's local
-experimental type) and a payload that starts with a 38-byte header (magic, run seed, sender,
+experimental type) and a payload that starts with a 34-byte header (magic, run seed, sender,
 receiver, sequence number within the sender's flow, frame length) and is filled with the
 BLAKE2b digest of that header, repeated: the checksum and the pattern in one. The receiver
 rebuilds the frame from its header and compares whole frames; a frame that is not the run's
