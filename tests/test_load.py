@@ -159,7 +159,7 @@ def test_devices_are_shared_out_by_kind_and_evenly():
 
 
 def test_options_are_checked():
-    assert parse_mix("blk-read=1") == {"blk-read": 1, "blk-write": 0, "rng": 0}
+    assert parse_mix("blk-read=1") == {"blk-read": 1, "blk-write": 0, "rng": 0, "net": 0}
     for bad in ("blk-read=-1", "nvme=3", "rng", "blk-read=0"):
         with pytest.raises(ValueError):
             parse_mix(bad)
@@ -170,7 +170,12 @@ def test_options_are_checked():
     with pytest.raises(SystemExit):
         parse("unix:///x", "--duration", "1", "--requests", "5")
     config = LoadConfig.from_args(parse("unix:///x"))
-    assert (config.duration, config.requests, config.kinds) == (10.0, None, ("blk", "rng"))
+    assert (config.duration, config.requests, config.kinds) == (10.0, None, ("blk", "net", "rng"))
+    assert not config.mix_given
+    assert LoadConfig.from_args(parse("unix:///x", "--mix", "net=1")).mix_given
+    for size in ("59", "65550"):
+        with pytest.raises(ValueError, match="--frame-size"):
+            LoadConfig.from_args(parse("unix:///x", "--frame-size", size))
 
 
 def test_progress_redraws_one_line_on_a_terminal():

@@ -3,7 +3,8 @@
 It shows, in a few seconds, the whole virtio-mmio driver flow the Linux kernel runs: probe,
 reset, status handshake, feature negotiation, queue setup, DRIVER_OK, I/O completed by
 interrupts, and teardown, with the register accesses of the setup and teardown phases printed by
-their spec names.
+their spec names. The I/O: a disk is written and read back, entropy is read, and a net device
+sends a broadcast to a peer on its link (its own slot in a second session) and gets a reply.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import time
 from viowire import registry
 from viowire.client.connection import Connection, DeviceInfo, connect
 from viowire.client.drivers.blk import BlockDriver
+from viowire.client.drivers.net import NetDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.trace import TracingBus
 from viowire.server.platform import PlatformSpec
 from viowire.server.private import private_server
 from viowire.virtio.constants import feature_names
+from viowire.virtio.net import BROADCAST, format_mac
+
+FRAME_TIMEOUT = 5.0  # a frame on an in-server link arrives in well under a millisecond
+ETHERTYPE = b"\x88\xb5"  # IEEE 802 local experimental
 
 
 def say(text: str = "") -> None:
@@ -76,6 +82,8 @@ async def _drive(conn: Connection, info: DeviceInfo) -> bool:
             ok = await _blk_io(driver)
         elif isinstance(driver, EntropyDriver):
             ok = await _rng_io(driver)
+        elif isinstance(driver, NetDriver):
+            ok = await _net_io(conn, info, driver)
         else:
             say("-- I/O: none that the demo knows for this device type")
             ok = True
@@ -136,3 +144,54 @@ async def _rng_io(rng: EntropyDriver) -> bool:
     data = await rng.read(32)
     say(f"-- I/O: 32 bytes of entropy: {data.hex()}")
     return len(data) == 32 and len(set(data)) > 1
+
+
+async def _net_io(conn: Connection, info: DeviceInfo, net: NetDriver) -> bool:
+    """A peer on the same link (this slot in a second session: the same device spec), a
+    broadcast to it and its unicast reply, which the switch sends to this device alone."""
+    say(
+        f"-- I/O: MAC {format_mac(net.mac)}, link {'up' if net.link_up else 'down'}, "
+        f"MTU {net.mtu}, {net.header_size}-byte virtio_net_hdr"
+    )
+    async with await connect(
+        str(conn.endpoint), memory="shared", name="viowire-demo-peer"
+    ) as other:
+        peer = await NetDriver.attach(await other.attach(info))
+        try:
+            say(f"   peer: the same slot in a second session, MAC {format_mac(peer.mac)}")
+            return await _hello(net, peer)
+        except TimeoutError:
+            say(f"   no frame arrived within {FRAME_TIMEOUT:g} s: the link lost it")
+            return False
+        finally:
+            await peer.detach()
+
+
+async def _hello(net: NetDriver, peer: NetDriver) -> bool:
+    hello = BROADCAST + net.mac + ETHERTYPE + b"hello, anyone on this link?".ljust(46)
+    start = time.perf_counter()
+    heard = await _exchange(net, peer, hello)
+    say(f"   broadcast {len(hello)} bytes: the peer received it in {_ms(start)}")
+    # the same MAC on both (mac= in the spec): the switch could not tell them apart
+    to = BROADCAST if peer.mac == net.mac else net.mac
+    reply = to + peer.mac + ETHERTYPE + b"hello back, from the peer".ljust(46)
+    start = time.perf_counter()
+    answered = await _exchange(peer, net, reply)
+    ok = heard == hello and answered == reply
+    say(
+        f"   its {'broadcast' if to == BROADCAST else 'unicast'} reply: {_ms(start)}, "
+        f"{'verified' if ok else 'MISMATCH'}"
+    )
+    return ok
+
+
+async def _exchange(sender: NetDriver, receiver: NetDriver, frame: bytes) -> bytes:
+    """Send ``frame`` and return the receiver's next frame."""
+    frames = receiver.frames()
+    async with asyncio.timeout(FRAME_TIMEOUT):
+        await sender.send(frame)
+        return await anext(frames)
+
+
+def _ms(start: float) -> str:
+    return f"{(time.perf_counter() - start) * 1e3:.2f} ms"

@@ -16,7 +16,8 @@ from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.target import devices, open_target
 from viowire.declarations import Declaration
 from viowire.virtio.config import decode_config
-from viowire.virtio.constants import Reg, device_name, feature_names
+from viowire.virtio.constants import DeviceId, Reg, device_name, feature_names
+from viowire.virtio.net import NetStatus, format_mac
 
 MAX_QUEUES = 64
 
@@ -97,12 +98,19 @@ def format_text(devices: list[dict[str, Any]]) -> str:
         for q in d["queues"]:
             lines.append(f"\tQueue {q['index']}: QueueNumMax {q['num_max']}")
         for name, value in d["config"].items():
-            lines.append(f"\tConfig {name}: {value}" + _config_hint(name, value))
+            lines.append(f"\tConfig {name}: {_config_text(d['device_id'], name, value)}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n" if lines else "(no devices)\n"
 
 
-def _config_hint(name: str, value: int) -> str:
+def _config_text(device_id: int, name: str, value: int) -> str:
+    """A config field as a person reads it: a MAC as one, status flags by name, sectors in MiB
+    (JSON keeps the integers, as the fields are read little-endian)."""
+    if device_id == DeviceId.NET and name == "mac":
+        return format_mac(value.to_bytes(6, "little"))
+    if device_id == DeviceId.NET and name == "status":
+        flags = [flag.name for flag in NetStatus if value & flag]
+        return f"{value:#x} ({' '.join(flags) or 'link down'})"
     if name == "capacity":
-        return f" sectors ({value * 512 / (1 << 20):.1f} MiB)"
-    return ""
+        return f"{value} sectors ({value * 512 / (1 << 20):.1f} MiB)"
+    return str(value)

@@ -1,11 +1,13 @@
 """``viowire load URL``: many sessions, many devices, a verified mixed workload, a summary.
 
 Opens ``--sessions`` connections, brings ``--devices`` devices up across them (to DRIVER_OK),
-drives a weighted mix of block reads and writes and entropy reads for ``--duration`` seconds or
-``--requests`` requests with ``--concurrency`` requests in flight (at most ``--depth`` per
-device), then reads back every block it wrote. Every written block carries a verifiable pattern
-and every read is checked. The exit status is 0 only if every request completed without error,
-nothing failed verification and every written block was read back.
+drives a weighted mix of block reads and writes, entropy reads and network frames for
+``--duration`` seconds or ``--requests`` requests with ``--concurrency`` requests in flight (at
+most ``--depth`` per device), then reads back every block it wrote. Every written block carries
+a verifiable pattern and every read is checked; net devices stream numbered, checksummed frames
+to a partner on their link, which checks each one and its order. The exit status is 0 only if
+every request completed without error, nothing failed verification, every written block was
+read back and no frame was lost (unless --allow-loss).
 
 Any other device type is driven by a function of your own instead of the mix: ``--workload
 package.module:function``, ``async def function(driver, rng) -> int`` called once per operation
@@ -19,7 +21,9 @@ Wiring into ``viowire.cli``::
 
 Modules: :mod:`~viowire.load.config` (options), :mod:`~viowire.load.runner` (the phases),
 :mod:`~viowire.load.pool` (fair scheduling), :mod:`~viowire.load.pattern` (block contents and
-verification), :mod:`~viowire.load.workload` (a user's function), :mod:`~viowire.load.histogram`,
+verification), :mod:`~viowire.load.frames` (frame contents and verification),
+:mod:`~viowire.load.net` (flows between net devices), :mod:`~viowire.load.workload` (a user's
+function), :mod:`~viowire.load.histogram`,
 :mod:`~viowire.load.stats`,
 :mod:`~viowire.load.progress`, :mod:`~viowire.load.report`.
 """
@@ -54,8 +58,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--devices",
         type=int,
         metavar="N",
-        help="devices to bring up in total, spread over the sessions (default: every blk/rng "
-        "device the mix uses, or every device --workload drives, in every session's platform)",
+        help="devices to bring up in total, spread over the sessions (default: every blk, rng "
+        "or net device the mix uses, or every device --workload drives, in every session's "
+        "platform)",
     )
     stop = parser.add_mutually_exclusive_group()
     stop.add_argument(
@@ -65,7 +70,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--mix",
         metavar="OP=W,...",
-        help=f"operation weights, of {', '.join(OPS)} (default {DEFAULT_MIX})",
+        help=f"operation weights, of {', '.join(OPS)} (default {DEFAULT_MIX}, less the "
+        "operations of device types the server does not have)",
     )
     parser.add_argument(
         "--workload",
@@ -82,6 +88,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="0",
         metavar="SIZE",
         help="bytes of each disk used, from offset 0 (default 0: the whole disk)",
+    )
+    parser.add_argument(
+        "--frame-size",
+        default="1514",
+        metavar="SIZE",
+        help="bytes of each net frame, Ethernet header included (default 1514: an MTU of 1500)",
+    )
+    parser.add_argument(
+        "--allow-loss",
+        action="store_true",
+        help="frames a link dropped (a receiver without a free buffer) are counted, not errors",
     )
     parser.add_argument(
         "--depth",

@@ -6,18 +6,22 @@ import argparse
 import secrets
 from dataclasses import dataclass
 
+from viowire.load.frames import MIN_FRAME
 from viowire.options import UsageError
 from viowire.units import format_size, parse_size
 from viowire.virtio.blk import BLK_SECTOR_SIZE
+from viowire.virtio.net import ETH_HEADER
 
-OPS = ("blk-read", "blk-write", "rng")
-OP_KIND = {"blk-read": "blk", "blk-write": "blk", "rng": "rng"}
-DEFAULT_MIX = "blk-read=60,blk-write=30,rng=10"
+OPS = ("blk-read", "blk-write", "rng", "net")
+OP_KIND = {"blk-read": "blk", "blk-write": "blk", "rng": "rng", "net": "net"}
+DEFAULT_MIX = "blk-read=60,blk-write=30,rng=10,net=30"
+"""Without --mix, the operations of the kinds the server's platform has (at least one)."""
 MAX_BLOCK = 1 << 20
+MAX_FRAME = ETH_HEADER + 65535  # the largest MTU a virtio-net device can offer (a u16)
 
 
 def parse_mix(text: str) -> dict[str, int]:
-    """``blk-read=60,blk-write=30,rng=10`` -> weights; omitted operations weigh 0."""
+    """``blk-read=60,blk-write=30,net=10`` -> weights; omitted operations weigh 0."""
     weights = dict.fromkeys(OPS, 0)
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
@@ -55,6 +59,9 @@ class LoadConfig:
     progress: bool = True
     json: bool = False
     workload: str | None = None  # package.module:function instead of the mix (load/workload.py)
+    mix_given: bool = False  # False: the default mix, narrowed to the platform's kinds
+    frame_size: int = 1514  # bytes of each net frame, Ethernet header included
+    allow_loss: bool = False  # frames a link dropped are counted, not errors
 
     def __post_init__(self) -> None:
         positive = {
@@ -88,6 +95,12 @@ class LoadConfig:
                 f"{format_size(bs)}: requests in flight on one disk never share a block"
             )
 
+        if not MIN_FRAME <= self.frame_size <= MAX_FRAME:
+            raise ValueError(
+                f"--frame-size {self.frame_size}: an Ethernet frame of {MIN_FRAME} to "
+                f"{MAX_FRAME} bytes, header included (1514 fills an MTU of 1500)"
+            )
+
     @property
     def weights(self) -> dict[str, int]:
         return dict(self.mix)
@@ -105,7 +118,7 @@ class LoadConfig:
         workload = getattr(args, "workload", None)
         if workload and args.mix is not None:
             raise UsageError(
-                "--mix weighs the built-in blk and rng operations, --workload replaces them: "
+                "--mix weighs the built-in blk, rng and net operations, --workload replaces them: "
                 "give one of the two"
             )
         return cls(
@@ -126,4 +139,7 @@ class LoadConfig:
             progress=not args.no_progress,
             json=args.json,
             workload=workload,
+            mix_given=args.mix is not None,
+            frame_size=parse_size(args.frame_size),
+            allow_loss=args.allow_loss,
         )

@@ -49,18 +49,22 @@ def format_summary(s: dict[str, Any]) -> str:
         lat = o["latency_us"]
         lines.append(
             f"  {op:<10} {o['requests']:>10,} req {format_bytes(o['bytes']):>11}  "
+            f"{o['per_s']:>9,.0f}/s {format_bytes(o['bytes_per_s']):>11}/s  "
             f"p50 {format_us(lat['p50']):>9}  p99 {format_us(lat['p99']):>9}  "
             f"max {format_us(lat['max']):>9}  errors {o['errors']}"
+            + (f"  lost {o['lost']}" if o["lost"] else "")
         )
     lines += _latency(s["latency_us"], s["histogram_us"])
     lines += _fairness(s["fairness"])
     rb = s["readback"]
-    if not workload:
+    disks = bool(s["mix"].get("blk-read") or s["mix"].get("blk-write"))
+    if not workload and disks:
         lines.append(
             f"read-back  {rb['blocks']:,} blocks written, {rb['verified']:,} read back intact, "
             f"{rb['verify_failures']} verify failures, {rb['errors']} errors, "
             f"{rb['unverified']} not re-read ({rb['seconds']:.2f} s)"
         )
+    lines += _net(s["net"])
     errors = s["errors_by_kind"]
     lines.append(
         "errors     "
@@ -68,11 +72,22 @@ def format_summary(s: dict[str, Any]) -> str:
     )
     lines += [f"           {sample}" for sample in s["error_samples"]]
     lines.append(f"verify     {s['verify_failures']} failures")
-    verdict = "OK: every request completed, every written block read back intact"
+    verdict = "OK: " + ", ".join(_promises(s, disks))
     if workload:
         verdict = "OK: every operation completed without error"
     lines.append(f"result     {verdict if s['ok'] else 'FAILED'}")
     return "\n".join(lines) + "\n"
+
+
+def _promises(s: dict[str, Any], disks: bool) -> list[str]:
+    """What an OK run vouches for: its requests, its disks' blocks, its frames."""
+    kept = ["every request completed"]
+    if disks:
+        kept.append("every written block read back intact")
+    if s["net"]["flows"]:
+        frames = "every frame that arrived was" if s["net"]["lost"] else "every frame arrived"
+        kept.append(f"{frames} intact and in order")
+    return kept
 
 
 def _latency(lat: dict[str, Any], buckets: list[list[int]]) -> list[str]:
@@ -119,3 +134,20 @@ def _fairness(per_kind: dict[str, dict[str, Any]]) -> list[str]:
                 f"{format_us(f['mean_latency_us_median'])}"
             )
     return out
+
+
+def _net(net: dict[str, Any]) -> list[str]:
+    if not net["flows"] and not net["unpaired"] and not net["twins"]:
+        return []
+    loss = "allowed (--allow-loss)" if net["allow_loss"] else "an error"
+    late = f" ({net['late']:,} of them late)" if net["late"] else ""
+    lines = [
+        f"net        {net['flows']:,} flows of {net['frame_size']:,}-byte frames: "
+        f"{net['sent']:,} sent, {net['received']:,} received, {net['lost']:,} lost{late} "
+        f"(loss is {loss}), {net['foreign']:,} foreign frames ignored"
+    ]
+    if net["unpaired"]:
+        lines.append(f"           {net['unpaired']:,} net devices without a partner on their link")
+    if net["twins"]:
+        lines.append(f"           {net['twins']:,} net devices left out: their MAC is another's")
+    return lines

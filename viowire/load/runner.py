@@ -14,6 +14,10 @@ Phases, in order:
    every read is checked against it.
 4. *read-back*: every block ever written is read again and checked.
 
+Net devices have a step of their own between bring-up and workload: they are paired into flows
+on their links, and each flow's first frame must arrive (:mod:`viowire.load.net`). Without
+``--mix``, the mix is the default one less the operations of device types the platform lacks.
+
 With ``--workload`` the mix gives way to the user's function (:mod:`viowire.load.workload`):
 the devices it drives are brought up with their type's driver, each call is one operation,
 and there is nothing to read back.
@@ -44,15 +48,19 @@ from typing import Any, TextIO
 from viowire import registry
 from viowire.client.connection import Connection, DeviceInfo, connect
 from viowire.client.drivers.blk import BlockDriver
+from viowire.client.drivers.net import NetDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.client.errors import RequestError
 from viowire.load.config import OP_KIND, LoadConfig
+from viowire.load.frames import FramePattern
+from viowire.load.net import LOST, NetTraffic
 from viowire.load.pattern import BlockPattern
 from viowire.load.pool import DevicePool
 from viowire.load.progress import Progress
 from viowire.load.stats import MAX_SAMPLES, Stats, error_kind, fairness
 from viowire.load.workload import Workload, failure
 from viowire.runtime import loop_name
+from viowire.virtio.net import ETH_HEADER
 
 PROBE_RAM = 1 << 20  # the planning session only reads the platform table
 RING_BYTES = 16 << 10  # a 256-entry split ring: 12 KiB legacy (page-aligned), 6.7 KiB modern
@@ -69,6 +77,9 @@ NS_PER_US = 1000
 # as they come up, full collections stop walking them: with 10,000 devices each one paused the
 # load for 300 ms, which showed as the load generator's own latency tail.
 FREEZE_EVERY = 500
+NET_RX_MIN = 8  # receive buffers a net device keeps posted, at least (2 x --depth if more)
+NET_PLAN_MTU = 9000  # guest RAM is planned for receive buffers of this MTU (jumbo frames)
+NET_RX_BUFFER = 12 + 18 + NET_PLAN_MTU  # virtio_net_hdr, Ethernet header and VLAN tag, payload
 
 
 @dataclass(eq=False, slots=True)
@@ -78,7 +89,7 @@ class LoadDevice:
     index: int
     session: int
     info: DeviceInfo
-    kind: str  # "blk" or "rng", or the kind of device a --workload drives
+    kind: str  # "blk", "rng" or "net", or the kind of device a --workload drives
     driver: Any = None
     blocks: int = 0  # blocks the workload uses, from offset 0
     generation: int = 0  # last generation handed out on this device
@@ -122,9 +133,17 @@ def select_devices(
     return sorted((pools[kind][rank] for _, kind, rank in ranked[:n]), key=lambda d: d.base)
 
 
-def session_ram(devices: int, depth: int, block_size: int) -> int:
-    """Guest RAM for a session: rings, plus ``depth`` request buffers per device, plus slack."""
+def net_rx_buffers(depth: int) -> int:
+    """Receive buffers per net device: room for a flow's ``depth`` frames and as many more."""
+    return max(NET_RX_MIN, 2 * depth)
+
+
+def session_ram(devices: int, depth: int, block_size: int, net: int = 0, frame: int = 0) -> int:
+    """Guest RAM for a session: rings, plus ``depth`` request buffers per device, plus slack;
+    ``net`` of the devices are net devices: two rings, receive buffers and ``depth`` frames."""
     size = devices * (RING_BYTES + depth * (block_size + DMA_SLACK)) + RAM_SLACK
+    per_net = RING_BYTES + net_rx_buffers(depth) * NET_RX_BUFFER + depth * (frame + DMA_SLACK)
+    size += net * per_net
     return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
@@ -149,6 +168,7 @@ class LoadRun:
         self.cfg = config
         self.rng = random.Random(config.seed)
         self.pattern = BlockPattern(config.seed, config.block_size)
+        self.net: NetTraffic | None = None
         self.workload = Workload.load(config.workload) if config.workload else None
         mix = config.mix if self.workload is None else ((self.workload.op, 1),)
         self.mix = dict(mix)
@@ -190,6 +210,8 @@ class LoadRun:
         try:
             await self._connect(per_session)
             await self._bring_up(per_session)
+            if "net" in self.kinds and self.workload is None:
+                await self._start_net()
             self.timing["bringup_s"] = time.monotonic() - start
             gc.freeze()
             if self.devices_up:
@@ -202,6 +224,8 @@ class LoadRun:
         finally:
             gc.unfreeze()
             await self.progress.stop()
+            if self.net is not None:
+                await self.net.stop()
             await self._close()
         return self.summary()
 
@@ -221,6 +245,8 @@ class LoadRun:
             raise ConnectionError(
                 f"{cfg.url} did not answer within --timeout {cfg.timeout:g} s"
             ) from None
+        if self.workload is None and not cfg.mix_given:
+            self._narrow_mix({k for k in self.kinds if any(self._matches(k, d) for d in platform)})
         for kind in self.kinds:
             if not any(self._matches(kind, d) for d in platform):
                 raise ValueError(self._none_of(kind))
@@ -237,6 +263,18 @@ class LoadRun:
             )
         counts = [n for n in share(wanted, cfg.sessions) if n]
         return [select_devices(usable, self.kinds, n, self._matches) for n in counts]
+
+    def _narrow_mix(self, present: set[str]) -> None:
+        """The default mix, less the operations of kinds the platform does not have."""
+        if not present:
+            raise ValueError(
+                f"the server's platform has no {', '.join(self.kinds)} device for the default "
+                "mix: serve some (--device blk,count=N), or drive what it has with --workload"
+            )
+        self.mix = {op: w for op, w in self.mix.items() if self.op_kind[op] in present}
+        self.ops = [op for op, weight in self.mix.items() if weight]
+        self.cum_weights = list(accumulate(weight for weight in self.mix.values() if weight))
+        self.kinds = tuple(k for k in self.kinds if k in present)
 
     def _matches(self, kind: str, info: DeviceInfo) -> bool:
         if self.workload is not None:
@@ -267,7 +305,10 @@ class LoadRun:
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
         async def one(i: int, infos: list[DeviceInfo]) -> None:
-            ram = session_ram(len(infos), cfg.depth, cfg.block_size)
+            net = 0
+            if self.workload is None and "net" in self.kinds:
+                net = sum(1 for info in infos if of_kind("net", info))
+            ram = session_ram(len(infos), cfg.depth, cfg.block_size, net, cfg.frame_size)
             async with gate:
                 try:
                     async with asyncio.timeout(cfg.timeout):
@@ -319,6 +360,8 @@ class LoadRun:
                     dev.driver = await self.workload.attach(mmio, dev.info, cfg.depth)
                 elif dev.kind == "blk":
                     dev.driver = await BlockDriver.attach(mmio, queue_depth=cfg.depth)
+                elif dev.kind == "net":
+                    dev.driver = await NetDriver.attach(mmio, rx_buffers=net_rx_buffers(cfg.depth))
                 else:
                     dev.driver = await EntropyDriver.attach(mmio)
         except Exception as exc:
@@ -337,9 +380,46 @@ class LoadRun:
                     f"blocks of {cfg.block_size}",
                 )
                 return
+        too_big = dev.kind == "net" and cfg.frame_size > ETH_HEADER + dev.driver.mtu
+        if self.workload is None and too_big:
+            dev.out = "MTU too small"
+            self._setup_error(
+                "bringup:mtu-too-small",
+                None,
+                f"{dev.name}: MTU {dev.driver.mtu} is below --frame-size {cfg.frame_size} less "
+                "the 14-byte Ethernet header: use a smaller --frame-size, or serve net,mtu=N",
+            )
+            return
         self.devices_up += 1
         if self.devices_up % FREEZE_EVERY == 0:
             gc.freeze()
+
+    async def _start_net(self) -> None:
+        """Pair the net devices into flows and check each reaches its partner (load/net.py)."""
+        devices = [d for d in self.devices if d.kind == "net" and d.driver and not d.out]
+        if not devices:
+            return
+        self.net = NetTraffic(
+            FramePattern(self.cfg.seed, self.cfg.frame_size),
+            self.cfg.timeout,
+            lambda kind, message: self.stats.error(kind, message),
+        )
+        failed = await self.net.start(devices, self.cfg.bringup_concurrency)
+        for dev, why in failed:
+            dev.out = "its frames did not reach its partner"
+            self._setup_error("bringup:net-unreachable", None, f"{dev.name}: {why}")
+        for dev in devices:
+            if dev.index not in self.net.flows and not dev.out:
+                dev.out = "no partner on its link"
+                if self.net.twin(dev):
+                    dev.out = "its MAC is another net device's too (mac= in its spec)"
+        if not self.net.flows:
+            self._setup_error(
+                "bringup:net-unpaired",
+                None,
+                f"{len(devices)} net device(s) and no two to pair: a net device streams frames "
+                "to another on its link (serve two, or run with --sessions 2 or more)",
+            )
 
     def _setup_error(self, phase: str, exc: BaseException | None, where: str) -> None:
         kind = phase if exc is None else f"{phase}:{error_kind(exc)}"
@@ -462,6 +542,9 @@ class LoadRun:
         if op == "rng":
             await self._rng_read(dev)
             return
+        if op == "net":
+            await self._net_frame(dev)
+            return
         block = self._pick_block(dev, write=op == "blk-write")
         dev.busy.add(block)
         try:
@@ -496,6 +579,28 @@ class LoadRun:
         self.stats.ok("rng", dev.index, (time.perf_counter_ns() - start) // NS_PER_US, size)
         if len(data) != size or data == self.pattern.zeroes:
             self.stats.error("verify:rng", f"{dev.name}: {len(data)} bytes, all zero")
+
+    async def _net_frame(self, dev: LoadDevice) -> None:
+        """Send the next frame of ``dev``'s flow and wait until its partner has it."""
+        net = self.net
+        flow = net.flows.get(dev.index) if net is not None else None
+        if net is None or flow is None or flow.receiver.index in net.deaf:
+            self.stats.issued -= 1  # no frame: the ticket goes back
+            dev.out = "its partner stopped receiving"  # its frames would go nowhere
+            return
+        start = time.perf_counter_ns()
+        try:
+            async with asyncio.timeout(self.cfg.timeout):
+                seq, receipt = await net.transmit(flow)
+        except Exception as exc:
+            self._failed(self.stats, "net", dev, exc)
+            return
+        arrived = await net.receipt(flow, seq, receipt)
+        if arrived == LOST:
+            what = f"{dev.name}: frame {seq} to {flow.receiver.name} never arrived"
+            self.stats.lost("net", dev.index, what, error=not self.cfg.allow_loss)
+            return
+        self.stats.ok("net", dev.index, (arrived - start) // NS_PER_US, self.cfg.frame_size)
 
     async def _custom(self, op: str, dev: LoadDevice, workload: Workload) -> None:
         """One call of the user's workload function: one operation."""
@@ -639,8 +744,9 @@ class LoadRun:
         written = sum(len(d.written) for d in self.devices)
         lost = stats.issued - stats.completed + back.issued - back.completed
         total_errors = errors.total()
+        net = self._net_summary()
         return {
-            "ok": not total_errors and not self.unverified and not lost,
+            "ok": not total_errors and not self.unverified and not lost and not net["loss_error"],
             "url": cfg.url,
             "loop": loop_name(),
             "memory": "/".join(sorted({c.memory_mode for c in self.conns if c})) or cfg.memory,
@@ -679,10 +785,14 @@ class LoadRun:
                     "requests": s.requests,
                     "bytes": s.bytes,
                     "errors": s.errors,
+                    "lost": s.lost,
+                    "per_s": round(s.requests / workload_s, 1) if workload_s else 0.0,
+                    "bytes_per_s": round(s.bytes / workload_s, 1) if workload_s else 0.0,
                     "latency_us": s.latency.summary(),
                 }
                 for op, s in stats.ops.items()
             },
+            "net": net,
             "fairness": {
                 kind: fairness(stats, names, [d.index for d in self.devices if d.kind == kind])
                 for kind in self.kinds
@@ -699,3 +809,13 @@ class LoadRun:
                 "latency_us": back.latency.summary(),
             },
         }
+
+    def _net_summary(self) -> dict[str, Any]:
+        """The net flows: frames sent, received intact or not, lost, and whether loss fails."""
+        out: dict[str, Any] = {"flows": 0, "unpaired": 0, "frame_size": self.cfg.frame_size}
+        out |= {"twins": 0, "sent": 0, "received": 0, "lost": 0, "late": 0, "foreign": 0}
+        if self.net is not None:
+            out |= self.net.summary()
+        out["allow_loss"] = self.cfg.allow_loss
+        out["loss_error"] = bool(out["lost"]) and not self.cfg.allow_loss
+        return out

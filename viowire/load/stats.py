@@ -43,6 +43,7 @@ class OpStats:
     requests: int = 0
     bytes: int = 0
     errors: int = 0
+    lost: int = 0  # net frames a link dropped (errors too, unless loss is allowed)
     latency: LogHistogram = field(default_factory=LogHistogram)
 
 
@@ -81,6 +82,17 @@ class Stats:
         self.ops[op].errors += 1
         self.dev_requests[device] += 1
         self.error(kind, message)
+
+    def lost(self, op: str, device: int, message: str, *, error: bool) -> None:
+        """A frame that never arrived: counted, not timed; an error of kind ``lost`` too if
+        ``error`` (the run does not allow loss)."""
+        self.ops[op].lost += 1
+        if error:
+            self.failed(op, device, "lost", message)
+            return
+        self.completed += 1
+        self.ops[op].requests += 1
+        self.dev_requests[device] += 1
 
     def error(self, kind: str, message: str) -> None:
         self.errors[kind] += 1

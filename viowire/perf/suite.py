@@ -34,7 +34,7 @@ from viowire.perf.stats import Target, summarise, table
 from viowire.protocol.messages import MsgType
 from viowire.urls import parse_endpoint
 
-SPAWNED_DEVICES = ("blk,size=64M", "blk,size=64M,version=1", "rng", "tsrng")
+SPAWNED_DEVICES = ("blk,size=64M", "blk,size=64M,version=1", "rng", "tsrng", "net,link=bench")
 TSRNG_INDEX = 3
 CODEC_TYPES = (MsgType.MMIO_READ, MsgType.MMIO_READ_REPLY, MsgType.MMIO_WRITE, MsgType.IRQ)
 PROFILE_CASE = "blk.read.shared.qd32"

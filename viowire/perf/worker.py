@@ -20,6 +20,7 @@ from viowire.client.connection import Connection, connect
 from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.perf import bare, cases, ring
+from viowire.perf import net as netperf
 from viowire.perf.stats import Target, percentile, summarise
 from viowire.runtime import run as run_loop
 from viowire.virtio.constants import DeviceId
@@ -30,6 +31,14 @@ BLK_CASES = [
     for depth in (1, 32)
     for memory in ("shared", "proxied")
 ]
+
+NET_CASES = [
+    (kind, memory, size)
+    for kind in ("rtt", "stream")
+    for size in netperf.SIZES
+    for memory in ("shared", "proxied")
+]
+NET_STREAM_DEPTH = 32  # frames sent and not yet received, in the stream cases
 
 POLL_US = 200  # both ends poll this long after each request in the .poll cases
 POLL_CASES = {f"blk.read.shared.qd{depth}.poll": depth for depth in (1, 32)}
@@ -49,6 +58,7 @@ def case_names() -> list[str]:
     """Every case a worker can run, in the order it runs them."""
     names = ["mmio.read_rtt", "mmio.posted_write", "mmio.queue_notify"]
     names += [f"blk.{op}.{memory}.qd{depth}" for op, memory, depth in BLK_CASES]
+    names += [f"net.{kind}.{memory}.{size}" for kind, memory, size in NET_CASES]
     return [*names, *POLL_CASES, "irq.latency", "platform.bringup"]
 
 
@@ -67,6 +77,7 @@ class Worker:
         self.least: int = cfg["least"]
         self.results: list[dict] = []
         self._blk: dict[str, tuple[Connection, BlockDriver]] = {}
+        self._net: dict[str, netperf.NetPair] = {}
         self._bare: bare.BareClient | None = None
         self._ring: ring.BareRing | None = None
         self._marked = False
@@ -76,6 +87,11 @@ class Worker:
         if memory not in self._blk:
             self._blk[memory] = await cases.open_blk(self.cfg["url"], memory)
         return self._blk[memory]
+
+    async def net_pair(self, memory: str) -> netperf.NetPair:
+        if memory not in self._net:
+            self._net[memory] = await netperf.NetPair.open(self.cfg["url"], memory)
+        return self._net[memory]
 
     async def bare_client(self) -> bare.BareClient:
         if self._bare is None:
@@ -88,6 +104,8 @@ class Worker:
         return self._ring
 
     async def close(self) -> None:
+        for pair in self._net.values():
+            await pair.close()
         for conn, drv in self._blk.values():
             with contextlib.suppress(Exception):
                 await drv.detach()
@@ -162,6 +180,8 @@ class Worker:
             for op, memory, depth in BLK_CASES:
                 if memory == "shared" and self._want_blk(op, depth):
                     await self.block(op, depth)
+            if any(name.startswith("net.") for name in self.selected):
+                await self.network()
             for name, depth in POLL_CASES.items():
                 if name in self.selected and self.cfg.get("poll_url"):
                     await self.block_polled(name, depth)
@@ -264,6 +284,89 @@ class Worker:
                 baselines,
                 baseline_name="viowire with shared memory, same depth",
             )
+
+    async def network(self) -> None:
+        """Frames between two sessions' net devices on one link, 64 and 1500 bytes: a ping-pong
+        (p50 µs, against a bare round trip of the same size) and a stream (frames/s, against a
+        bare pipelined echo of the same size); proxied memory against shared, as blk's are."""
+        try:
+            await self.net_pair("shared")
+        except LookupError as exc:
+            log(f"net: {exc}: skipped")
+            return
+        qd32 = next((r["value"] for r in self.results if r["name"] == "blk.read.shared.qd32"), None)
+        for kind, memory, size in NET_CASES:
+            name = f"net.{kind}.{memory}.{size}"
+            if name not in self.selected:
+                continue
+            pair = await self.net_pair(memory)
+            shared = await self.net_pair("shared")
+            if kind == "rtt":
+                await self.net_rtt(name, pair, shared if memory == "proxied" else None, size)
+            else:
+                await self.net_stream(name, pair, shared if memory == "proxied" else None, size)
+            self.results[-1]["blk_read_shared_qd32_iops"] = qd32  # the same run's, beside
+
+    async def net_rtt(
+        self, name: str, pair: netperf.NetPair, shared: netperf.NetPair | None, size: int
+    ) -> None:
+        client = await self.bare_client()
+
+        def measure(p: netperf.NetPair):
+            return lambda budget, least: netperf.ping_pong(p, size, budget, least)
+
+        baseline = (
+            measure(shared)
+            if shared is not None
+            else lambda budget, least: bare.rtt(client, size, size, budget, least)
+        )
+        values, baselines = await self.paired(name, measure(pair), baseline, self.least // 4)
+        self.add(
+            name,
+            "µs p50",
+            [percentile(v, 50) for v in values],
+            [percentile(b, 50) if b else None for b in baselines],
+            p99=[percentile(v, 99) for v in values],
+            baseline_p99=[percentile(b, 99) for b in baselines if b],
+            frames_per_s=[1e6 / percentile(v, 50) for v in values],
+            frame_bytes=size,
+            baseline_name=(
+                "viowire with shared memory, same frame size"
+                if shared is not None
+                else "bare asyncio.Protocol request/reply, frames of the same size both ways"
+            ),
+        )
+
+    async def net_stream(
+        self, name: str, pair: netperf.NetPair, shared: netperf.NetPair | None, size: int
+    ) -> None:
+        client = await self.bare_client()
+        depth = NET_STREAM_DEPTH
+
+        def measure(p: netperf.NetPair):
+            return lambda budget, least: netperf.stream(p, size, depth, budget, least)
+
+        baseline = (
+            measure(shared)
+            if shared is not None
+            else lambda budget, least: bare.pipelined(client, size, budget, least)
+        )
+        least = max(self.least, 4 * depth)
+        values, baselines = await self.paired(name, measure(pair), baseline, least)
+        self.add(
+            name,
+            "frames/s",
+            values,
+            baselines,
+            bytes_per_s=[v * size for v in values],
+            frame_bytes=size,
+            depth=depth,
+            baseline_name=(
+                "viowire with shared memory, same frame size"
+                if shared is not None
+                else "bare pipelined echo, frames of the same size, one write() a frame"
+            ),
+        )
 
     async def block_polled(self, name: str, depth: int) -> None:
         """4K reads with both ends polling (serve --poll-us, the driver's poll_us) against the
