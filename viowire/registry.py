@@ -44,6 +44,7 @@ BUILTIN: Mapping[str, str] = {
     "blk": "viowire.server.devices.blk:BlockBackend",
     "rng": "viowire.server.devices.rng:RngBackend",
     "net": "viowire.server.devices.net:NetDevice",
+    "console": "viowire.server.devices.console:ConsoleDevice",
 }
 
 _REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
