@@ -10,7 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from viowire import __version__, bench, load, logs
+from viowire import __version__, bench, console_cli, load, logs
 from viowire.conform import cli as conform_cli
 from viowire.options import (
     DEVICE_TYPE,
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_net_attach(sub)
     conform_cli.add_parser(sub)
+    console_cli.add_parser(sub)
     bench.add_parser(sub)
     load.add_parser(sub)
     vhost_user_cli.add_parser(sub)
@@ -415,6 +416,7 @@ COMMANDS: dict[str, Command] = {
     "load": _on_own_server(load.run),
     "vhost-user": vhost_user_cli.run,
     "net-attach": _net_attach,
+    "console": _on_own_server(console_cli.run, one_device=True),
 }
 
 
