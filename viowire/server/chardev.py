@@ -32,14 +32,18 @@ import logging
 import os
 import shlex
 import signal
+import subprocess
 import termios
 import tty
 from collections.abc import Sequence
+from typing import BinaryIO
 
 log = logging.getLogger("viowire.console")
 
 ECHO_LIMIT = 64 * 1024
 """Bytes the echo backend holds before a guest write waits for the guest to read."""
+KILL_WAIT = 1.0
+"""Seconds close() waits for a killed program to be reaped."""
 SPECS = "echo, pty, pty:PROGRAM, exec:PROGRAM, unix:PATH or tcp:HOST:PORT"
 
 
@@ -128,23 +132,26 @@ class SocketChardev(StreamChardev):
             self.reader, self.writer = await asyncio.open_connection(host.strip("[]"), int(port))
 
 
-class ExecChardev(StreamChardev):
-    """``exec:PROGRAM``: the program's stdin and stdout (stderr joins stdout), through pipes."""
+class PipeChardev(StreamChardev):
+    """A backend reached through file descriptors (pipes, a terminal's master side), and the
+    program behind them, if any: the program is killed and reaped when the port closes."""
 
     def __init__(self, spec: str, argv: Sequence[str]) -> None:
         super().__init__(spec)
         self.argv = list(argv)
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._read_transport: asyncio.BaseTransport | None = None
 
-    async def open(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # the server's terminal signals (Ctrl-C) are not its own
+    async def _connect(self, read_file: BinaryIO, write_file: BinaryIO) -> None:
+        loop = asyncio.get_running_loop()
+        self.reader = asyncio.StreamReader()
+        self._read_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(self.reader), read_file
         )
-        self.reader, self.writer = self.process.stdout, self.process.stdin  # type: ignore[assignment]
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), write_file
+        )
+        self.writer = asyncio.StreamWriter(transport, protocol, None, loop)
 
     async def write(self, data: bytes) -> None:
         # the program may have ended: its reader sees the end too, and the port closes
@@ -153,62 +160,65 @@ class ExecChardev(StreamChardev):
 
     def close(self) -> None:
         super().close()
+        if self._read_transport is not None:
+            self._read_transport.close()
         _kill(self.process)
 
 
-class PtyChardev(StreamChardev):
+class ExecChardev(PipeChardev):
+    """``exec:PROGRAM``: the program's stdin and stdout (stderr joins stdout), through pipes."""
+
+    async def open(self) -> None:
+        self.process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the server's terminal signals (Ctrl-C) are not its own
+        )
+        assert self.process.stdout is not None and self.process.stdin is not None
+        await self._connect(self.process.stdout, self.process.stdin)
+
+
+class PtyChardev(PipeChardev):
     """``pty`` or ``pty:PROGRAM``: the master side of a new pseudo-terminal, in raw mode."""
 
     def __init__(self, spec: str, argv: Sequence[str]) -> None:
-        super().__init__(spec)
-        self.argv = list(argv)
+        super().__init__(spec, argv)
         self.path = ""
-        self.process: asyncio.subprocess.Process | None = None
         self._slave: int | None = None
-        self._read_transport: asyncio.BaseTransport | None = None
 
     async def open(self) -> None:
         master, slave = os.openpty()
         try:
             self.path = os.ttyname(slave)
             if self.argv:
-                self.process = await asyncio.create_subprocess_exec(
-                    *self.argv,
+                self.process = subprocess.Popen(
+                    self.argv,
                     stdin=slave,
                     stdout=slave,
                     stderr=slave,
                     start_new_session=True,
-                    preexec_fn=_take_terminal,
+                    preexec_fn=_take_terminal,  # only an ioctl: safe after fork
                 )
                 os.close(slave)  # the program's now: its end is the port's end
             else:
                 tty.setraw(slave)  # bytes as they are: no echo, no line editing, no CR/NL
                 self._slave = slave  # held, so the master never reads EIO between programs
-            loop = asyncio.get_running_loop()
             os.set_blocking(master, False)
-            self.reader = asyncio.StreamReader()
-            self._read_transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(self.reader), os.fdopen(master, "rb", 0)
-            )
-            transport, protocol = await loop.connect_write_pipe(
-                lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
-                os.fdopen(os.dup(master), "wb", 0),
-            )
-            self.writer = asyncio.StreamWriter(transport, protocol, None, loop)
+            await self._connect(os.fdopen(master, "rb", 0), os.fdopen(os.dup(master), "wb", 0))
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(slave)
+            for fd in (slave, master):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             raise
         log.warning("console: the port's host side is the terminal %s", self.path)
 
     def close(self) -> None:
         super().close()
-        if self._read_transport is not None:
-            self._read_transport.close()
         if self._slave is not None:
             os.close(self._slave)
             self._slave = None
-        _kill(self.process)
 
 
 def _take_terminal() -> None:
@@ -216,14 +226,17 @@ def _take_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def _kill(process: asyncio.subprocess.Process | None) -> None:
-    """End a backend's program and its session's processes (a shell's children too)."""
+def _kill(process: subprocess.Popen[bytes] | None) -> None:
+    """End a backend's program and its session's processes (a shell's children too), and
+    reap it: SIGKILL leaves it no time to linger."""
     if process is None or process.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         process.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=KILL_WAIT)
 
 
 def parse(spec: str) -> str:

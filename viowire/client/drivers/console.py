@@ -178,6 +178,8 @@ class ConsoleDriver(GenericDriver):
             self.size = (await self.config_read(0, 2), await self.config_read(2, 2))
 
     async def config_changed(self) -> None:
+        if self.needs_reset:
+            return  # the change is DEVICE_NEEDS_RESET, not a new size
         before = self.size
         await self._read_size()
         if self.size != before and self.size is not None:

@@ -96,9 +96,10 @@ def _parse_name(text: str) -> str:
 
 
 def parse_ports(text: str) -> tuple[PortSpec, ...]:
-    """``NAME:BACKEND;NAME:BACKEND``: ports 1, 2, ... (generic ports, not consoles)."""
+    """``NAME:BACKEND;NAME:BACKEND``: ports 1, 2, ... (generic ports, not consoles); a ``;``
+    inside shell quotes belongs to the backend."""
     ports = []
-    for item in filter(None, (part.strip() for part in str(text).split(";"))):
+    for item in filter(None, (part.strip() for part in _split_outside_quotes(str(text)))):
         name, sep, backend = item.partition(":")
         if not sep or not name or not backend:
             raise ValueError(
@@ -108,6 +109,20 @@ def parse_ports(text: str) -> tuple[PortSpec, ...]:
     if len({port.name for port in ports}) != len(ports):
         raise ValueError("two ports have the same name: name each port once")
     return tuple(ports)
+
+
+def _split_outside_quotes(text: str, sep: str = ";") -> list[str]:
+    """``text`` cut at each ``sep`` that no shell quote encloses (``exec:sh -c 'a; b'``)."""
+    parts, start, quote = [], 0, ""
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == sep:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def _parse_max_ports(text: object) -> int:
