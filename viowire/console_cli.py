@@ -125,9 +125,9 @@ class Terminal:
         saved = None
         if self.interactive:
             saved = termios.tcgetattr(0)
+            tty.setraw(0, termios.TCSADRAIN)  # keys typed ahead go through too
             sys.stderr.write(f"Connected to {self.port}. Escape character is '{ESCAPE_NAME}'.\r\n")
             sys.stderr.flush()
-            tty.setraw(0)
         loop = asyncio.get_running_loop()
         output = loop.create_task(self._output())
         sending = loop.create_task(self._send())
