@@ -404,3 +404,54 @@ async def test_reset_keeps_what_the_backend_wrote(console):
     await port.write(b"after")
     assert await read_exactly(port, 5) == b"after"
     await drv.detach()
+
+
+# -- viowire conform's console checks ------------------------------------------------------------
+
+
+class MisnumberedConsole(ConsoleDevice):
+    """Says max_nr_ports 1 but announces port 1 too: conform must FAIL it."""
+
+    def config_space(self) -> bytes:
+        return struct.pack("<HHII", self.cols, self.rows, 1, 0)
+
+
+class NulNamedConsole(ConsoleDevice):
+    """Names a port with a NUL inside: conform must FAIL it."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.ports[1].name = "a\0b"
+
+
+CONSOLE_CHECKS = ("console.config", "console.multiport-handshake", "console.port-names")
+
+
+@VERSIONS
+async def test_conform_passes_viowire_console_devices(tmp_path, version):
+    from test_any_device import conform, fails
+
+    specs = (f"console,version={version},name=hvc,ports=agent:echo;shell:exec:cat",)
+    specs += (f"console,version={version}",)
+    multi, single = (await conform(tmp_path, *specs)).values()
+    assert not fails(multi) and not fails(single), (fails(multi), fails(single))
+    assert [multi[c].verdict.name for c in CONSOLE_CHECKS] == ["PASS"] * 3
+    assert "port 0 'hvc', port 1 'agent', port 2 'shell'" in multi["console.port-names"].detail
+    assert "ports 0 console open, 1 open, 2 open" in multi["console.multiport-handshake"].detail
+    assert [single[c].verdict.name for c in CONSOLE_CHECKS] == ["PASS", "SKIP", "SKIP"]
+    for id_ in ("io.requests", "io.indirect", "driver.linux-flow"):
+        assert multi[id_].verdict.name == single[id_].verdict.name == "PASS", id_
+
+
+@pytest.mark.parametrize(
+    "cls, check, words",
+    [
+        (MisnumberedConsole, "console.multiport-handshake", "not below max_nr_ports 1"),
+        (NulNamedConsole, "console.port-names", "holds a NUL"),
+    ],
+)
+async def test_conform_fails_a_console_that_breaks_the_handshake(tmp_path, cls, check, words):
+    from test_any_device import conform
+
+    (results,) = (await conform(tmp_path, f"test_console:{cls.__name__},ports=a:echo")).values()
+    assert results[check].verdict.name == "FAIL" and words in results[check].detail

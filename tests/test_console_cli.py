@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import subprocess
 import termios
 import threading
 import time
 
+import cli_run
 from cli_run import VIOWIRE, end_group, serve
 
 TIMEOUT = 20.0
@@ -110,3 +112,12 @@ def test_terminal_raw_mode_escape_key_and_restore():
         end_group(proc)
         os.close(master)
         os.close(slave)
+
+
+def test_viowire_conform_passes_the_console_checks():
+    out = cli_run.viowire("conform", "--device", "console,name=hvc,ports=org.example.agent:echo")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for check in ("console.config", "console.multiport-handshake", "console.port-names"):
+        assert re.search(rf"^  {re.escape(check)} +5\.3\.\S+ +PASS ", out.stdout, re.M), check
+    assert "port 0 'hvc', port 1 'org.example.agent'" in out.stdout
+    assert re.search(r"^1 device\(s\), \d+ checks: .* 0 FAIL", out.stdout, re.M)

@@ -29,6 +29,7 @@ from typing import Any
 from viowire.client.drivers.generic import GenericDriver
 from viowire.client.mmio import VirtioMmioDevice
 from viowire.virtio.console import (
+    BAD_ID,
     CONSOLE_CONFIG,
     CONTROL_RECEIVEQ,
     CONTROL_TRANSMITQ,
@@ -201,7 +202,15 @@ class ConsoleDriver(GenericDriver):
             await self.post(CONTROL_RECEIVEQ, BUFFER_SIZE, count)
         if self._control_task is None or self._control_task.done():
             self._control_task = asyncio.get_running_loop().create_task(self._control_loop())
-        await self.send_control(0, ControlEvent.DEVICE_READY, 1)
+        await self.send_control(BAD_ID, ControlEvent.DEVICE_READY, 1)  # id unused: Linux's
+
+    async def post(self, queue: int, size: int, count: int) -> None:
+        """Receive queues keep the buffers posted first (the driver's own when it sets a port
+        up, or a tool's before): posting there again changes nothing, so tools that post on
+        any type's receive queue (``viowire conform``) drive a console too."""
+        if queue in self._receivers:
+            return
+        await super().post(queue, size, count)
 
     # -- ports ----------------------------------------------------------------------------------
     async def port(self, key: int | str) -> ConsolePort:
