@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -121,3 +122,16 @@ def test_viowire_conform_passes_the_console_checks():
         assert re.search(rf"^  {re.escape(check)} +5\.3\.\S+ +PASS ", out.stdout, re.M), check
     assert "port 0 'hvc', port 1 'org.example.agent'" in out.stdout
     assert re.search(r"^1 device\(s\), \d+ checks: .* 0 FAIL", out.stdout, re.M)
+
+
+def test_the_python_example_of_docs_console_runs(tmp_path):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "console.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    (expected,) = re.findall(r"prints\n\n```text\n(.*?)```", doc, re.S)
+    sock = f"unix://{tmp_path}/v.sock"
+    with serve("--listen", sock, "--device", "console,backend=exec:sh"):
+        code = code.replace("unix:///tmp/viowire.sock", sock)
+        out = cli_run.run([sys.executable, "-c", code], cwd=tmp_path)
+    assert (out.returncode, out.stdout) == (0, expected), out.stderr

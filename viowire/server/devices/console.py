@@ -161,7 +161,7 @@ class Port:
 
 
 class ConsoleDevice(Device):
-    """A virtio-console device: port 0 is a console on ``backend``; ``ports=`` adds more."""
+    """A virtio-console device: port 0 is a console on backend=, ports= adds more."""
 
     device_id = DEVICE_ID
     type_name = "console"
@@ -178,14 +178,12 @@ class ConsoleDevice(Device):
         "name": Option(_parse_name, "", "port 0's name (sent as PORT_NAME with MULTIPORT)"),
         "ports": Option(
             parse_ports,
-            (),
+            "",
             "more ports, NAME:BACKEND;NAME:BACKEND... (ports 1, 2, ...; offers MULTIPORT)",
         ),
-        "multiport": Option(
-            parse_bool, None, "offer MULTIPORT (default: on when ports= gives ports)"
-        ),
+        "multiport": Option(parse_bool, None, "offer MULTIPORT; none: on when ports= gives ports"),
         "max_ports": Option(
-            _parse_max_ports, None, f"max_nr_ports, 1..{MAX_PORTS} (default: the ports given)"
+            _parse_max_ports, None, f"max_nr_ports, 1..{MAX_PORTS}; none: the ports given"
         ),
         "cols": Option(_parse_size, 80, "console columns (config cols, SIZE)"),
         "rows": Option(_parse_size, 24, "console rows (config rows, SIZE)"),
@@ -198,7 +196,7 @@ class ConsoleDevice(Device):
         self,
         backend: str = "echo",
         name: str = "",
-        ports: tuple[PortSpec, ...] | str = (),
+        ports: tuple[PortSpec, ...] | str = "",
         multiport: bool | None = None,
         max_ports: int | None = None,
         cols: int = 80,
