@@ -221,8 +221,9 @@ async def test_unix_and_tcp_backends_connect_to_a_listener(console, tmp_path):
         await drv.detach()
 
 
-async def test_a_backend_that_cannot_connect_is_logged_and_discards(console, tmp_path, caplog):
-    s = await console(f"console,backend=unix:{tmp_path}/nobody.sock")
+@pytest.mark.parametrize("backend", ["unix:{tmp}/nobody.sock", "exec:{tmp}/no-such-program"])
+async def test_a_backend_that_cannot_open_is_logged(console, tmp_path, caplog, backend):
+    s = await console(f"console,backend={backend.format(tmp=tmp_path)}")
     drv = await s.attach()
     port = await drv.port(0)
     async with asyncio.timeout(TIMEOUT):
@@ -385,11 +386,27 @@ async def test_malformed_transmit_chain_needs_reset_other_session_fine(console):
         await port.write(b"ok")
         assert await read_exactly(port, 2) == b"ok"
         await drv.detach()
-    await broken.reinitialise()  # and the broken one recovers with a reset
-    port = await broken.port(0)
-    await port.write(b"back")
-    assert await read_exactly(port, 4) == b"back"
-    await broken.detach()
+    for drv in (broken, other):  # and the broken ones recover with a reset
+        await drv.reinitialise()
+        port = await drv.port(0)
+        async with asyncio.timeout(TIMEOUT):
+            await port.wait_host(True)  # with MULTIPORT: the handshake ran again
+        await port.write(b"back")
+        assert await read_exactly(port, 4) == b"back"
+        await drv.detach()
+
+
+async def test_device_readable_receive_buffer_needs_reset(console):
+    from viowire.client.drivers.generic import GenericDriver
+
+    s = await console("console")
+    infos = [d for d in await s.conn.platform() if d.device_id == CONSOLE]
+    drv = await GenericDriver.attach(await s.conn.attach(infos[0]), device_type=ConsoleDevice)
+    with pytest.raises(DeviceNeedsResetError):
+        async with asyncio.timeout(TIMEOUT):
+            await drv.request(0, out=b"x", in_sizes=4)  # a readable part on a receiveq
+    assert s.device().transport.status & Status.DEVICE_NEEDS_RESET
+    await drv.detach()
 
 
 async def test_reset_keeps_what_the_backend_wrote(console):

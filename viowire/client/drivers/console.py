@@ -197,6 +197,8 @@ class ConsoleDriver(GenericDriver):
                 await port._setup()
             self._ports_changed.set()
             return
+        for port in self.ports.values():  # a reinitialise: the handshake starts over
+            port.console = port.guest_connected = port.host_connected = False
         if CONTROL_RECEIVEQ not in self._receivers:
             count = min(CONTROL_BUFFERS, self.vqs[CONTROL_RECEIVEQ].num)
             await self.post(CONTROL_RECEIVEQ, BUFFER_SIZE, count)
@@ -273,7 +275,7 @@ class ConsoleDriver(GenericDriver):
         if port is None:
             raise ValueError(f"{msg}: no port {msg.id}")
         if msg.event == ControlEvent.DEVICE_REMOVE:
-            port.removed = port.host_connected = False
+            port.host_connected = False
             port.removed = True
             del self.ports[msg.id]
         elif msg.event == ControlEvent.CONSOLE_PORT:
