@@ -218,6 +218,8 @@ async def test_unix_and_tcp_backends_connect_to_a_listener(console, tmp_path):
                 assert await got[kind].get() == b"ahoy!"
             async with asyncio.timeout(TIMEOUT):
                 await port.wait_host(False)  # the listener closed its end
+                await port.write(b"into the void")  # discarded, completed
+        assert not s.device().transport.status & Status.DEVICE_NEEDS_RESET
         await drv.detach()
 
 
@@ -472,3 +474,23 @@ async def test_conform_fails_a_console_that_breaks_the_handshake(tmp_path, cls, 
 
     (results,) = (await conform(tmp_path, f"test_console:{cls.__name__},ports=a:echo")).values()
     assert results[check].verdict.name == "FAIL" and words in results[check].detail
+
+
+async def test_without_multiport_negotiated_only_port0_exists(console):
+    from viowire.client.drivers.generic import GenericDriver
+
+    s = await console("console,ports=a:echo", "console,ports=a:echo")
+    drv = await s.attach(0, exclude_features=MULTIPORT)  # Linux without the feature
+    assert not drv.multiport and len(drv.vqs) == 2 and list(drv.ports) == [0]
+    port = await drv.port(0)
+    await port.write(b"single")
+    assert await read_exactly(port, 6) == b"single"
+    infos = [d for d in await s.conn.platform() if d.device_id == CONSOLE]
+    raw = await GenericDriver.attach(await s.conn.attach(infos[1]), queues=6)  # no features
+    await raw.post(4, 64, 1)  # port 1's receiveq, and its transmitq: not without MULTIPORT
+    async with asyncio.timeout(TIMEOUT):
+        await raw.request(5, out=b"to port 1")
+    dev = s.device(1)
+    assert dev.ports[1].pump is None and dev.ports[1].tx_bytes == 0
+    await raw.detach()
+    await drv.detach()

@@ -112,8 +112,11 @@ class StreamChardev(Chardev):
 
     async def write(self, data: bytes) -> None:
         assert self.writer is not None, "write before open"
-        self.writer.write(data)
-        await self.writer.drain()
+        # the peer or program may have gone: the bytes are discarded, as for a host side that
+        # is not connected, and the reader sees the end and closes the port
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.writer.write(data)
+            await self.writer.drain()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -152,11 +155,6 @@ class PipeChardev(StreamChardev):
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), write_file
         )
         self.writer = asyncio.StreamWriter(transport, protocol, None, loop)
-
-    async def write(self, data: bytes) -> None:
-        # the program may have ended: its reader sees the end too, and the port closes
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            await super().write(data)
 
     def close(self) -> None:
         super().close()

@@ -342,9 +342,10 @@ class ConsoleDevice(Device):
         port_id, transmit = place
         if transmit:
             queue.serve()
-        elif port_id in self.ports:
+        elif port_id in self.ports and (port_id == 0 or self.use_multiport):
             self._start_pump(self.ports[port_id])
-        # a receive queue of a port that does not exist: its buffers stay with the driver
+        # a receive queue of a port that does not exist (or not without MULTIPORT, §5.3.2):
+        # its buffers stay with the driver
 
     async def handle(self, queue: int, chain: DescriptorChain, memory: GuestMemory) -> int:
         if chain.writable_len:
@@ -357,8 +358,8 @@ class ConsoleDevice(Device):
             return 0
         place = port_of_queue(queue)
         port = self.ports.get(place[0]) if place is not None else None
-        if port is None:
-            return 0  # a port that does not exist: discarded, as QEMU does
+        if port is None or (port.id and not self.use_multiport):
+            return 0  # a port that does not exist (now): discarded, as QEMU does
         async with port.tx_lock:  # taken before the first wait: chains go out in ring order
             await port.opened.wait()
             if not port.host_connected:
