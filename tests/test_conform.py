@@ -233,7 +233,7 @@ async def test_catches_a_device_that_uses_malformed_chains():
 class Sloppy:
     """A tiny virtio-mmio v2 register file with switchable bugs: a device from somewhere else."""
 
-    def __init__(self, bugs: frozenset[str] = frozenset(), device_id: int = DeviceId.CONSOLE):
+    def __init__(self, bugs: frozenset[str] = frozenset(), device_id: int = DeviceId.BALLOON):
         self.bugs = bugs
         self.device_id = device_id
         self.touched: set[int] = set()
@@ -310,7 +310,7 @@ def sloppy_target(bus: Sloppy) -> Target:
 async def test_sloppy_register_file_without_bugs_passes():
     results = await run_suite(sloppy_target(Sloppy()), options=FAST)
     assert not fails(results), fails(results)
-    assert verdicts(results)["ring.desc-loop"] == Verdict.SKIP  # no I/O on a console here
+    assert verdicts(results)["ring.desc-loop"] == Verdict.SKIP  # no I/O: no type here is a balloon
 
 
 @pytest.mark.parametrize(
@@ -399,7 +399,7 @@ async def test_a_dead_connection_is_reopened_when_possible():
 
 
 def _notifying_checks():
-    """No type here declares a request for the console, so it does no I/O: give it a check that
+    """No type here declares a request for the balloon, so it does no I/O: give it a check that
     notifies all the same, after the correct flow."""
 
     async def notify_queue_0(dut) -> Outcome:
@@ -475,7 +475,7 @@ async def test_json_output_is_the_documented_list():
     assert all(set(row) == keys for row in data)
     row = next(r for r in data if r["id"] == "features.sel-above-1")
     assert row["verdict"] == "FAIL" and row["section"] == "4.2.2"
-    assert row["device"] == "virtio-console@0x10001000 v2"
+    assert row["device"] == "virtio-balloon@0x10001000 v2"
 
 
 async def test_junit_output_parses_with_failures_and_skips():
@@ -486,7 +486,7 @@ async def test_junit_output_parses_with_failures_and_skips():
     assert len(cases) == len(results) == int(suite.get("tests")) == int(root.get("tests"))
     assert int(suite.get("failures")) == 1
     failure = cases["features.sel-above-1"].find("failure")
-    assert failure is not None and "DeviceFeaturesSel 0x2 reads 0x1" in failure.get("message")
+    assert failure is not None and "DeviceFeaturesSel 0x4 reads 0x1" in failure.get("message")
     skipped = [name for name, case in cases.items() if case.find("skipped") is not None]
     assert int(suite.get("skipped")) == len(skipped) > 0 and "ring.desc-loop" in skipped
     assert cases["mmio.magic"].find("failure") is None
@@ -497,7 +497,7 @@ async def test_junit_output_parses_with_failures_and_skips():
 async def test_table_has_a_row_per_check_and_a_summary():
     results = await sample_results()
     table = format_table(results)
-    assert table.splitlines()[0] == "virtio-console@0x10001000 v2"
+    assert table.splitlines()[0] == "virtio-balloon@0x10001000 v2"
     assert any(
         line.split()[:3] == ["features.sel-above-1", "4.2.2", "FAIL"] for line in table.splitlines()
     )
