@@ -29,10 +29,10 @@ guest memory, and after a violation runs a correct I/O round (see :mod:`viowire.
 
 from __future__ import annotations
 
-from viowire.conform import console
 from viowire.conform.checks import (
     access,
     config,
+    console,
     devices,
     driver,
     features,
