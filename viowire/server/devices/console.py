@@ -157,6 +157,7 @@ class Port:
     pending: bytes = b""  # read from the backend, not yet in a guest buffer
     tx_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     rx_bytes: int = 0
+    rx_buffers: int = 0  # receive buffers filled
     tx_bytes: int = 0
 
 
@@ -403,6 +404,7 @@ class ConsoleDevice(Device):
             rxq.complete(chain, await chain.write(data))
             port.pending = port.pending[len(data) :]
             port.rx_bytes += len(data)
+            port.rx_buffers += 1
 
     @property
     def _guest_change(self) -> asyncio.Event:
