@@ -494,3 +494,29 @@ async def test_without_multiport_negotiated_only_port0_exists(console):
     assert dev.ports[1].pump is None and dev.ports[1].tx_bytes == 0
     await raw.detach()
     await drv.detach()
+
+
+async def test_random_control_messages_never_break_the_device(console):
+    import random
+
+    rng = random.Random(20261207)  # a fixed seed: the same messages every run
+    s = await console("console,ports=a:echo;b:echo")
+    drv = await s.attach()
+    dev = s.device()
+    async with asyncio.timeout(TIMEOUT):
+        for _ in range(300):
+            kind = rng.random()
+            if kind < 0.3:  # any bytes at all
+                msg = rng.randbytes(rng.randrange(1, 40))
+            else:  # a header with a random id (often a real port) and event
+                port_id = rng.choice([0, 1, 2, 3, 31, 0xFFFFFFFF, rng.getrandbits(32)])
+                msg = struct.pack("<IHH", port_id, rng.randrange(10), rng.randrange(3))
+                msg += rng.randbytes(rng.randrange(0, 8))
+            await drv.request(3, out=msg)
+    assert not dev.transport.status & Status.DEVICE_NEEDS_RESET
+    assert len(dev._outbox) <= dev._outbox_limit  # what the driver made it say stays bounded
+    port = await drv.port("b")
+    await port.open()
+    await port.write(b"alive")
+    assert await read_exactly(port, 5) == b"alive"
+    await drv.detach()
