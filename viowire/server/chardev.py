@@ -167,7 +167,7 @@ class ExecChardev(PipeChardev):
     """``exec:PROGRAM``: the program's stdin and stdout (stderr joins stdout), through pipes."""
 
     async def open(self) -> None:
-        self.process = subprocess.Popen(
+        self.process = _spawn(
             self.argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -191,7 +191,7 @@ class PtyChardev(PipeChardev):
         try:
             self.path = os.ttyname(slave)
             if self.argv:
-                self.process = subprocess.Popen(
+                self.process = _spawn(
                     self.argv,
                     stdin=slave,
                     stdout=slave,
@@ -217,6 +217,14 @@ class PtyChardev(PipeChardev):
         if self._slave is not None:
             os.close(self._slave)
             self._slave = None
+
+
+def _spawn(argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
+    """Start a backend's program; OSError (with the reason) when it cannot start."""
+    try:
+        return subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
+    except subprocess.SubprocessError as exc:  # preexec_fn failed in the child
+        raise OSError(f"{argv[0]}: {exc}") from None
 
 
 def _take_terminal() -> None:
