@@ -520,3 +520,18 @@ async def test_random_control_messages_never_break_the_device(console):
     await port.write(b"alive")
     assert await read_exactly(port, 5) == b"alive"
     await drv.detach()
+
+
+async def test_a_driver_without_size_gets_no_resize(console):
+    s = await console("console,ports=a:echo")
+    drv = await s.attach(exclude_features=SIZE)
+    assert drv.multiport and drv.size is None
+    await drv.port(0)
+    await wait_until(lambda: s.device().ports[0].ready)
+    s.device().resize(100, 30)
+    s.device().ports[1].console = True  # the message for port 0 would come before this one
+    await drv.send_control(1, 3, 1)  # PORT_READY again: CONSOLE_PORT for port 1 follows
+    port1 = await drv.port(1)
+    await wait_until(lambda: port1.console)
+    assert (await drv.port(0)).size is None and drv._resizes.empty()
+    await drv.detach()

@@ -261,14 +261,16 @@ class ConsoleDevice(Device):
 
     def resize(self, cols: int, rows: int, port: int = 0) -> None:
         """The console of ``port`` is now ``cols`` x ``rows``: port 0's size is in the config
-        space (a configuration change notification tells the driver); with MULTIPORT the
-        driver gets RESIZE for the port too, if it is a console port it made ready."""
+        space (a configuration change notification tells the driver); with MULTIPORT (and
+        SIZE: a driver that declined sizes gets none) the driver gets RESIZE for the port
+        too, if it is a console port it made ready."""
         cols, rows = _parse_size(cols), _parse_size(rows)
         if port == 0:
             self.cols, self.rows = cols, rows
             self.on_config_change()
         target = self.ports.get(port)
-        if self.use_multiport and target is not None and target.console and target.ready:
+        sizes = self.negotiated_features >> ConsoleFeature.SIZE & 1
+        if sizes and self.use_multiport and target is not None and target.console and target.ready:
             self._send(resize_message(port, cols, rows))
 
     # -- host sides -----------------------------------------------------------------------------
