@@ -14,7 +14,8 @@ A backend is named by a short spec (``--device console,backend=SPEC``):
     there prompts, echoes and edits lines (``pty:/bin/sh``).
 ``exec:PROGRAM [ARGS]``
     PROGRAM's stdin and stdout (stderr too) are the port, through pipes: bytes exactly as sent
-    (``exec:cat``, ``exec:sh -c 'tr a-z A-Z'``).
+    (``exec:cat``, ``exec:sh -c 'echo ready; exec cat'``); a program's stdio may hold its output
+    back until a buffer fills, as on any pipe (``stdbuf -o0``, or ``pty:``).
 ``unix:PATH`` / ``tcp:HOST:PORT``
     A connection to a program listening there (``socat UNIX-LISTEN:PATH -``).
 
