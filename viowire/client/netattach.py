@@ -157,12 +157,15 @@ async def _serve(drv, tap: Tap, url: str, info: DeviceInfo, ready, until) -> Cou
     drv.on_config = attachment.follow_link
     attachment.follow_link()
     tap.set_up()
+    # until() installs the SIGTERM handler in its first step: let it run before saying ready,
+    # or a signal sent on the ready line kills the process before the TAP is cleaned up
+    stop = asyncio.ensure_future(until())
+    await asyncio.sleep(0)
     ready(
         f"{tap.name}: {format_mac(drv.mac)} mtu {drv.mtu} link "
         f"{'up' if drv.link_up else 'down'}, on {url} device at {info.base:#x}"
     )
     pump = asyncio.ensure_future(attachment.run())
-    stop = asyncio.ensure_future(until())
     try:
         await asyncio.wait([pump, stop], return_when=asyncio.FIRST_COMPLETED)
     finally:
