@@ -16,7 +16,7 @@ from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.target import devices, open_target
 from viowire.declarations import Declaration
 from viowire.virtio.config import decode_config
-from viowire.virtio.constants import Reg, device_name, feature_names
+from viowire.virtio.constants import device_name, feature_names
 
 MAX_QUEUES = 64
 
@@ -53,12 +53,10 @@ async def describe_device(dev: VirtioMmioDevice, info: DeviceInfo) -> dict[str, 
 async def _queues(dev: VirtioMmioDevice) -> list[dict[str, int]]:
     queues = []
     for index in range(MAX_QUEUES):
-        await dev.bus.mmio_write(dev.base + Reg.QUEUE_SEL, 4, index)
-        num_max = await dev.bus.mmio_read(dev.base + Reg.QUEUE_NUM_MAX, 4)
+        num_max = await dev.queue_num_max_of(index)
         if num_max == 0:
             break
         queues.append({"index": index, "num_max": num_max})
-    await dev.bus.mmio_write(dev.base + Reg.QUEUE_SEL, 4, 0)
     return queues
 
 

@@ -42,10 +42,11 @@ from itertools import accumulate
 from typing import Any, TextIO
 
 from viowire import registry
-from viowire.client.connection import Connection, DeviceInfo, connect
+from viowire.client.connection import Connection, DeviceInfo
 from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.client.errors import RequestError
+from viowire.client.target import connect_session, sessions_allowed
 from viowire.load.config import OP_KIND, LoadConfig
 from viowire.load.pattern import BlockPattern
 from viowire.load.pool import DevicePool
@@ -208,9 +209,15 @@ class LoadRun:
     async def _plan(self) -> list[list[DeviceInfo]]:
         """Read the platform once, check there are enough devices, share them out."""
         cfg = self.cfg
+        allowed = sessions_allowed(cfg.url)
+        if allowed is not None and cfg.sessions > allowed:
+            raise ValueError(
+                f"{cfg.url} takes {allowed} session at a time (a vhost-user back-end serves "
+                f"one front-end per socket): use --sessions {allowed}"
+            )
         try:
             async with asyncio.timeout(cfg.timeout):
-                probe = await connect(
+                probe = await connect_session(
                     cfg.url, memory=cfg.memory, ram_size=PROBE_RAM, name="viowire-load"
                 )
                 try:
@@ -271,7 +278,7 @@ class LoadRun:
             async with gate:
                 try:
                     async with asyncio.timeout(cfg.timeout):
-                        conn = await connect(
+                        conn = await connect_session(
                             cfg.url, memory=cfg.memory, ram_size=ram, name=f"viowire-load-{i}"
                         )
                 except Exception as exc:
