@@ -36,12 +36,14 @@ import logging
 import os
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from viowire import registry
 from viowire.client.connection import ConnectionClosed, DeviceInfo
 from viowire.client.errors import (
     BadQueueSizeError,
+    DeviceNeedsResetError,
     MissingVersion1Error,
     QueueInUseError,
     QueueUnavailableError,
@@ -81,6 +83,10 @@ FRONTEND_PROTOCOL_FEATURES = sum(
 )
 """The protocol features this front-end implements; the rest of an offer is declined."""
 _PROTOCOL_FEATURES = 1 << p.PROTOCOL_FEATURES_BIT
+VHOST_F_LOG_ALL = 26
+VHOST_BITS = _PROTOCOL_FEATURES | 1 << VHOST_F_LOG_ALL
+"""Bits of the vhost-user feature word that are not device features (dirty-page logging,
+protocol features): never shown to drivers."""
 _VRING = int(Interrupt.VRING)
 
 
@@ -151,10 +157,27 @@ class SharedGuestRAM(GuestRAM):
         return memory_table(self.base, self.size, splits)
 
 
+@dataclass
+class StartedRing:
+    """A ring the back-end serves: its eventfds, and whether its error eventfd fired."""
+
+    kick: int
+    call: int
+    err: int
+    failed: bool = False
+
+    def close(self) -> None:
+        for fd in (self.kick, self.call, self.err):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class VhostUserConnection:
     """One vhost-user back-end as the client sees a viowire server: a platform of one device
-    (``--device 0``), guest RAM, ``attach()`` and ``close()``. Make one with
-    :func:`connect_vhost_user`."""
+    (``--device 0``), guest RAM, ``attach()`` and ``close()``; and the device-level operations
+    in vhost-user messages, which :class:`VhostUserDevice` (the drivers' transport) and
+    viowire conform's register vocabulary (:mod:`viowire.conform.vhost_user`) both use. Make
+    one with :func:`connect_vhost_user`."""
 
     memory_mode = "memfd"
     same_host = True
@@ -162,14 +185,19 @@ class VhostUserConnection:
     posted_errors: list[Exception] = []  # never filled: nothing is posted
     server_name = "vhost-user back-end"
 
-    def __init__(self, frontend: Frontend, url: str, device_id: int, queue_size: int) -> None:
+    def __init__(
+        self, frontend: Frontend, url: str, path: str, device_id: int, queue_size: int
+    ) -> None:
         self.frontend = frontend
         self.endpoint = url
+        self.path = path
         self.device_id = device_id
         self.queue_size = queue_size
         self.ram: SharedGuestRAM | None = frontend.ram  # type: ignore[assignment]
         self.offered = 0
         self.queue_count: int | None = None
+        self.rings: dict[int, StartedRing] = {}
+        self.on_lost: list[Callable[[Exception], object]] = []
         self._devices: weakref.WeakSet[VhostUserDevice] = weakref.WeakSet()
         self._aborts: list[asyncio.Task[None]] = []
 
@@ -194,7 +222,153 @@ class VhostUserConnection:
         lost = ConnectionClosed(f"{self.endpoint}: {error}")
         loop = asyncio.get_running_loop()
         self._aborts = [loop.create_task(dev.abort(lost)) for dev in list(self._devices)]
+        for callback in list(self.on_lost):
+            callback(lost)
 
+    async def reconnect(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        """A new connection to the same back-end with the same guest RAM (what QEMU's
+        ``reconnect=`` does): the rings are forgotten, the memory table sent again."""
+        for index in list(self.rings):
+            self._forget(index)
+        old = self.frontend
+        old._on_lost = None
+        old._unwatch()
+        old.sock.close()
+        assert self.ram is not None
+        self.frontend = await _connect(self.path, self.ram, timeout)
+        await self._open()
+
+    # -- the device's operations in messages ------------------------------------------------------
+    def has(self, protocol_feature: int) -> bool:
+        return self.frontend.has_protocol_feature(protocol_feature)
+
+    async def set_features(self, features: int) -> bool:
+        """SET_FEATURES (VHOST_USER_F_PROTOCOL_FEATURES acknowledged back if offered, as QEMU
+        does); False if the back-end refused them (REPLY_ACK)."""
+        try:
+            await self.frontend.set_features(features | self.offered & _PROTOCOL_FEATURES)
+        except ConnectionError as exc:
+            if self.frontend.lost is not None:
+                raise
+            log.warning("%s: SET_FEATURES %#x refused: %s", self.endpoint, features, exc)
+            return False
+        return True
+
+    async def start_ring(
+        self,
+        index: int,
+        num: int,
+        addresses: tuple[int, int, int],
+        on_call: Callable[[int], None],
+        on_error: Callable[[int], None] | None = None,
+    ) -> StartedRing:
+        """Start ring ``index`` with fresh kick, call and error eventfds; ``on_call(index)``
+        runs each time the back-end signals the call eventfd (drained first), ``on_error``
+        once it signals the error eventfd (it gave up on the ring as broken)."""
+        flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+        ring = StartedRing(os.eventfd(0, flags), os.eventfd(0, flags), os.eventfd(0, flags))
+        self.rings[index] = ring
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ring.call, self._called, index, ring, on_call)
+        loop.add_reader(ring.err, self._errored, index, ring, on_error)
+        try:
+            await self.frontend.program_ring(
+                index, num, addresses, ring.kick, ring.call, err=ring.err
+            )
+        except BaseException:
+            self._forget(index)
+            raise
+        return ring
+
+    def _called(self, index: int, ring: StartedRing, on_call: Callable[[int], None]) -> None:
+        try:
+            os.eventfd_read(ring.call)
+        except OSError:  # BlockingIOError: nothing to read after all
+            return
+        on_call(index)
+
+    def _errored(
+        self, index: int, ring: StartedRing, on_error: Callable[[int], None] | None
+    ) -> None:
+        try:
+            os.eventfd_read(ring.err)
+        except OSError:
+            return
+        asyncio.get_running_loop().remove_reader(ring.err)
+        log.warning("%s: the back-end signalled an error on ring %d", self.endpoint, index)
+        ring.failed = True
+        if on_error is not None:
+            on_error(index)
+
+    def kick(self, index: int) -> None:
+        ring = self.rings.get(index)
+        if ring is not None:
+            os.eventfd_write(ring.kick, 1)
+
+    def ring_failed(self, index: int) -> bool:
+        """Whether the back-end signalled ring ``index``'s error eventfd (it stopped the ring
+        as unusable: vhost-user's counterpart of DEVICE_NEEDS_RESET)."""
+        ring = self.rings.get(index)
+        return ring is not None and ring.failed
+
+    async def stop_ring(self, index: int) -> None:
+        """SET_VRING_ENABLE 0 and GET_VRING_BASE: once answered, the ring is no longer used."""
+        if index not in self.rings:
+            return
+        try:
+            if self.frontend.lost is None:
+                await self.frontend.stop_ring(index)
+        finally:
+            self._forget(index)
+
+    def _forget(self, index: int) -> None:
+        ring = self.rings.pop(index, None)
+        if ring is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(ring.call)
+            loop.remove_reader(ring.err)
+        ring.close()
+
+    async def reset_device(self) -> None:
+        """RESET_DEVICE where the back-end offers it, else every started ring stopped with
+        GET_VRING_BASE (what QEMU does to stop a vhost-user device)."""
+        if self.has(p.ProtocolFeature.RESET_DEVICE):
+            await self.frontend.reset_device()
+            for index in list(self.rings):
+                self._forget(index)
+        else:
+            for index in list(self.rings):
+                await self.stop_ring(index)
+
+    async def config_read(self, offset: int, length: int) -> bytes:
+        """GET_CONFIG from offset 0: libvhost-user's back-ends (qemu-storage-daemon) ignore the
+        offset and copy from the start, and QEMU itself always reads the whole space."""
+        self._need_config()
+        data = await self.frontend.get_config(0, offset + length)
+        return data[offset:]
+
+    async def config_write(self, offset: int, data: bytes) -> bool:
+        """SET_CONFIG; False if the back-end refused it (REPLY_ACK)."""
+        self._need_config()
+        try:
+            await self.frontend.set_config(offset, bytes(data))
+        except ConnectionError:
+            if self.frontend.lost is not None:
+                raise
+            return False
+        return True
+
+    def _need_config(self) -> None:
+        if not self.has(p.ProtocolFeature.CONFIG):
+            raise VhostUserError(
+                self.endpoint,
+                "the back-end does not offer VHOST_USER_PROTOCOL_F_CONFIG: its configuration "
+                "space cannot be read or written over vhost-user",
+            )
+
+    # -- as the client's other targets ------------------------------------------------------------
     async def platform(self) -> list[DeviceInfo]:
         """The back-end's one device: no window, no interrupt line (both shown as 0)."""
         return [DeviceInfo(0, DEFAULT_WINDOW_SIZE, 0, 2, self.device_id, 0)]
@@ -209,8 +383,8 @@ class VhostUserConnection:
 
     async def close(self) -> None:
         """Disconnect (the back-end then resets its device) and free guest RAM."""
-        for dev in list(self._devices):
-            dev.close_eventfds()
+        for index in list(self.rings):
+            self._forget(index)
         self.frontend.close()
         self.ram = None
 
@@ -225,19 +399,16 @@ class VhostUserDevice(VirtioMmioDevice):
     """The transport operations over vhost-user messages (see the module docstring)."""
 
     def __init__(self, conn: VhostUserConnection, ram: SharedGuestRAM) -> None:
-        path = conn.frontend.sock.getpeername() or conn.endpoint
         super().__init__(
             conn,  # type: ignore[arg-type] - never used as a register bus (every op is ours)
             0,
             0,
             ram.memory,
             ram,
-            name=f"{device_name(conn.device_id)}@{path}",
+            name=f"{device_name(conn.device_id)}@{conn.path}",
         )
         self.conn = conn
-        self.frontend = conn.frontend
         self.queue_num_max = conn.queue_size
-        self._eventfds: dict[int, tuple[int, int]] = {}  # started ring -> (kick, call)
         self._features_sent = False
 
     # -- probe and status -----------------------------------------------------------------------
@@ -256,31 +427,14 @@ class VhostUserDevice(VirtioMmioDevice):
         if status == 0:
             raise ValueError("writing status 0 resets the device: call reset()")
         if status & Status.FEATURES_OK and not self._features_sent:
-            try:
-                await self.frontend.set_features(self.negotiated_features | self._protocol_bit())
-            except ConnectionError as exc:
-                if self.frontend.lost is not None:
-                    raise
-                log.warning("%s: SET_FEATURES refused: %s", self.name, exc)
-                status &= ~Status.FEATURES_OK
-            else:
+            if await self.conn.set_features(self.negotiated_features):
                 self._features_sent = True
+            else:
+                status &= ~Status.FEATURES_OK
         self.status = status
 
-    def _protocol_bit(self) -> int:
-        """VHOST_USER_F_PROTOCOL_FEATURES is acknowledged back if offered (QEMU does)."""
-        return self.conn.offered & _PROTOCOL_FEATURES
-
     async def reset(self) -> None:
-        """RESET_DEVICE where the back-end offers it, else every started ring stopped with
-        GET_VRING_BASE (what QEMU does to stop a vhost-user device)."""
-        if self.frontend.has_protocol_feature(p.ProtocolFeature.RESET_DEVICE):
-            await self.frontend.reset_device()
-            for index in list(self._eventfds):
-                self._forget_ring(index)
-        else:
-            for index in list(self._eventfds):
-                await self._deactivate(index)
+        await self.conn.reset_device()
         self.status = 0
         self.needs_reset = False
         self.negotiated_features = 0
@@ -288,8 +442,9 @@ class VhostUserDevice(VirtioMmioDevice):
 
     # -- features ---------------------------------------------------------------------------------
     async def get_features(self) -> int:
-        """The back-end's offer without the vhost-user bit (30), which is not a device feature."""
-        return self.conn.offered & ~_PROTOCOL_FEATURES
+        """The back-end's offer without the vhost-user bits (30, VHOST_USER_F_PROTOCOL_FEATURES,
+        and 26, VHOST_F_LOG_ALL), which are not device features."""
+        return self.conn.offered & ~VHOST_BITS
 
     async def finalize_features(self, features: int) -> None:
         if not features >> Feature.VERSION_1 & 1:
@@ -302,29 +457,12 @@ class VhostUserDevice(VirtioMmioDevice):
         return 0  # vhost-user has no generation counter (nor config-change interrupts)
 
     async def _config_get(self, offset: int, length: int) -> bytes:
-        """GET_CONFIG from offset 0: libvhost-user's back-ends (qemu-storage-daemon) ignore the
-        offset and copy from the start, and QEMU itself always reads the whole space."""
-        self._need_config()
-        data = await self.frontend.get_config(0, offset + length)
-        return data[offset:]
+        return await self.conn.config_read(offset, length)
 
     async def config_write(self, offset: int, data: bytes) -> None:
         self._check_config(offset, len(data))
-        self._need_config()
-        try:
-            await self.frontend.set_config(offset, bytes(data))
-        except ConnectionError:
-            if self.frontend.lost is not None:
-                raise
+        if not await self.conn.config_write(offset, data):
             log.warning("%s: SET_CONFIG of %d bytes at %d refused", self.name, len(data), offset)
-
-    def _need_config(self) -> None:
-        if not self.frontend.has_protocol_feature(p.ProtocolFeature.CONFIG):
-            raise VhostUserError(
-                self.name,
-                "the back-end does not offer VHOST_USER_PROTOCOL_F_CONFIG: its configuration "
-                "space cannot be read or written over vhost-user",
-            )
 
     # -- virtqueues -------------------------------------------------------------------------------
     async def queue_num_max_of(self, index: int) -> int:
@@ -345,7 +483,7 @@ class VhostUserDevice(VirtioMmioDevice):
         count = self.conn.queue_count
         if count is not None and index >= count:
             raise QueueUnavailableError(self.name, index)
-        if index in self._eventfds:
+        if index in self.conn.rings:
             raise QueueInUseError(self.name, index, Reg.QUEUE_READY, 1)
         num = self.queue_num_max
         if num_wanted is not None:
@@ -354,45 +492,17 @@ class VhostUserDevice(VirtioMmioDevice):
             num = min(num, num_wanted)
         vq = await self._create_vq(index, num, callback, name)
         try:
-            await self._activate(vq)
+            a = vq.addresses
+            addresses = (a.desc, a.avail, a.used)
+            await self.conn.start_ring(index, vq.num, addresses, self._on_call, self._on_error)
         except BaseException:
-            self._forget_ring(index)
             vq.free_rings()
             raise
         self.vqs[index] = vq
         return vq
 
-    async def _activate(self, vq: Virtqueue) -> None:
-        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._eventfds[vq.index] = (kick, call)
-        self._loop().add_reader(call, self._on_call, vq.index, call)
-        a = vq.addresses
-        await self.frontend.program_ring(vq.index, vq.num, (a.desc, a.avail, a.used), kick, call)
-
     async def _deactivate(self, index: int) -> None:
-        """Stop the ring: once GET_VRING_BASE has answered, the back-end no longer uses it."""
-        if index not in self._eventfds:
-            return
-        try:
-            if self.frontend.lost is None:
-                await self.frontend.stop_ring(index)
-        finally:
-            self._forget_ring(index)
-
-    def _forget_ring(self, index: int) -> None:
-        fds = self._eventfds.pop(index, None)
-        if fds is None:
-            return
-        with contextlib.suppress(RuntimeError):
-            self._loop().remove_reader(fds[1])
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def close_eventfds(self) -> None:
-        for index in list(self._eventfds):
-            self._forget_ring(index)
+        await self.conn.stop_ring(index)
 
     async def reset_vq(self, vq: Virtqueue, num_wanted: int | None = None) -> Virtqueue:
         """One ring stopped (GET_VRING_BASE) and started again on a fresh ring: what a
@@ -407,9 +517,7 @@ class VhostUserDevice(VirtioMmioDevice):
 
     # -- notifications and interrupts ------------------------------------------------------------
     async def notify(self, vq: Virtqueue) -> None:
-        fds = self._eventfds.get(vq.index)
-        if fds is not None:
-            os.eventfd_write(fds[0], 1)
+        self.conn.kick(vq.index)
 
     def _attach_irq(self) -> None:
         self._irq_attached = True
@@ -419,13 +527,9 @@ class VhostUserDevice(VirtioMmioDevice):
         for subscription in list(self._subscribers):
             subscription.close()
 
-    def _on_call(self, index: int, call: int) -> None:
+    def _on_call(self, index: int) -> None:
         """The back-end signalled ring ``index``'s call eventfd: take its used buffers here
         when nothing else holds the queue, else in a task (vring_interrupt)."""
-        try:
-            os.eventfd_read(call)
-        except (BlockingIOError, OSError):
-            return
         vq = self.vqs.get(index)
         if vq is None:
             return
@@ -438,6 +542,15 @@ class VhostUserDevice(VirtioMmioDevice):
             task.add_done_callback(lambda _t, i=vq.index: self._poll_tasks.pop(i, None))
         for subscription in list(self._subscribers):
             subscription._put(_VRING)
+
+    def _on_error(self, index: int) -> None:
+        """The back-end gave up on ring ``index``: DEVICE_NEEDS_RESET, as far as the driver
+        can tell (requests on it fail; reinitialise() recovers)."""
+        self.needs_reset = True
+        vq = self.vqs.get(index)
+        if vq is not None:
+            error = DeviceNeedsResetError(self.name, self.status | Status.DEVICE_NEEDS_RESET)
+            self._loop().create_task(vq.fail(error))
 
     async def vm_interrupt(self) -> int:
         return 0  # no InterruptStatus: each ring's call eventfd says which ring it is
@@ -455,7 +568,7 @@ async def connect_vhost_user(
     except BaseException:
         ram.close()
         raise
-    conn = VhostUserConnection(frontend, url, device_id, queue_size)
+    conn = VhostUserConnection(frontend, url, path, device_id, queue_size)
     try:
         await conn._open()
     except BaseException:

@@ -340,10 +340,13 @@ class Frontend:
         kick: int,
         call: int,
         base: int = 0,
+        *,
+        err: int | None = None,
     ) -> None:
         """Start ring ``index`` of ``num`` entries whose descriptor table, available and used
         rings are at the guest-physical ``addresses``: NUM, BASE, ADDR (in front-end virtual
-        addresses), CALL, KICK, ENABLE, as QEMU sends them. The caller keeps the eventfds."""
+        addresses), CALL, ERR (if given), KICK, ENABLE, as QEMU sends them. The caller keeps
+        the eventfds."""
         desc, avail, used = addresses
         ack = bool(self.protocol_features >> p.ProtocolFeature.REPLY_ACK & 1)
         steps = [
@@ -365,6 +368,8 @@ class Frontend:
             (p.Request.SET_VRING_KICK, (kick,), {"value": index}),
             (p.Request.SET_VRING_ENABLE, (), {"index": index, "num": 1}),
         ]
+        if err is not None:
+            steps.insert(4, (p.Request.SET_VRING_ERR, (err,), {"value": index}))
         for request, fds, fields in steps:
             answer = await self.request(request, fds, need_reply=ack, **fields)
             if answer is not None:
