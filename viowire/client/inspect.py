@@ -24,6 +24,7 @@ MAX_QUEUES = 64
 async def describe_device(dev: VirtioMmioDevice, info: DeviceInfo) -> dict[str, Any]:
     """A JSON-able description of one device window."""
     entry: dict[str, Any] = {
+        "transport": dev.transport,
         "base": info.base,
         "size": info.size,
         "irq": info.irq,
@@ -80,15 +81,19 @@ def format_text(devices: list[dict[str, Any]]) -> str:
     lines = []
     for i, d in enumerate(devices):
         kind = "legacy" if d["version"] == 1 else "modern"
-        lines.append(f"{i}: {d['base']:#010x} {d['name']} (DeviceID {d['device_id']})")
-        lines.append(
-            f"\tWindow: {d['base']:#x}-{d['base'] + d['size'] - 1:#x} "
-            f"[size={d['size']:#x}], IRQ {d['irq']}"
-        )
-        lines.append(
-            f"\tTransport: virtio-mmio Version {d['version']} ({kind}), "
-            f"VendorID {d['vendor_id']:#010x}"
-        )
+        if d.get("transport") == "vhost-user":
+            lines.append(f"{i}: {d['name']} (DeviceID {d['device_id']}, from the URL's type=)")
+            lines.append("\tTransport: vhost-user (no register window, no interrupt line)")
+        else:
+            lines.append(f"{i}: {d['base']:#010x} {d['name']} (DeviceID {d['device_id']})")
+            lines.append(
+                f"\tWindow: {d['base']:#x}-{d['base'] + d['size'] - 1:#x} "
+                f"[size={d['size']:#x}], IRQ {d['irq']}"
+            )
+            lines.append(
+                f"\tTransport: virtio-mmio Version {d['version']} ({kind}), "
+                f"VendorID {d['vendor_id']:#010x}"
+            )
         lines.append(
             f"\tFeatures: {d.get('feature_bits', 0):#018x} {' '.join(d['features']) or '(none)'}"
         )

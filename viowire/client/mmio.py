@@ -125,6 +125,8 @@ def is_ring_size(num: int) -> bool:
 class VirtioMmioDevice:
     """One virtio-mmio device window: probe, status, features, config, queues and interrupts."""
 
+    transport = "virtio-mmio"
+
     def __init__(
         self,
         bus: RegisterBus,

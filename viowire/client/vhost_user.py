@@ -398,6 +398,8 @@ class VhostUserConnection:
 class VhostUserDevice(VirtioMmioDevice):
     """The transport operations over vhost-user messages (see the module docstring)."""
 
+    transport = "vhost-user"
+
     def __init__(self, conn: VhostUserConnection, ram: SharedGuestRAM) -> None:
         super().__init__(
             conn,  # type: ignore[arg-type] - never used as a register bus (every op is ours)
