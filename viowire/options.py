@@ -6,7 +6,8 @@ import argparse
 
 TARGET_HELP = (
     "a viowire server, tcp://HOST:PORT or unix:///PATH, or QEMU's devices through its qtest "
-    "socket, qtest+unix:///PATH (QEMU started with -qtest unix:PATH,server=on,wait=off)"
+    "socket, qtest+unix:///PATH (QEMU started with -qtest unix:PATH,server=on,wait=off), or a "
+    "vhost-user back-end's one device, vhost-user+unix:///PATH?type=TYPE (docs/vhost-user.md)"
 )
 DEVICE_TYPE = "TYPE[,KEY=VALUE...]"
 TYPES_HELP = (

@@ -16,7 +16,7 @@ from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.target import devices, open_target
 from viowire.declarations import Declaration
 from viowire.virtio.config import decode_config
-from viowire.virtio.constants import DeviceId, Reg, device_name, feature_names
+from viowire.virtio.constants import DeviceId, device_name, feature_names
 from viowire.virtio.net import NetStatus, format_mac
 
 MAX_QUEUES = 64
@@ -25,6 +25,7 @@ MAX_QUEUES = 64
 async def describe_device(dev: VirtioMmioDevice, info: DeviceInfo) -> dict[str, Any]:
     """A JSON-able description of one device window."""
     entry: dict[str, Any] = {
+        "transport": dev.transport,
         "base": info.base,
         "size": info.size,
         "irq": info.irq,
@@ -54,12 +55,10 @@ async def describe_device(dev: VirtioMmioDevice, info: DeviceInfo) -> dict[str, 
 async def _queues(dev: VirtioMmioDevice) -> list[dict[str, int]]:
     queues = []
     for index in range(MAX_QUEUES):
-        await dev.bus.mmio_write(dev.base + Reg.QUEUE_SEL, 4, index)
-        num_max = await dev.bus.mmio_read(dev.base + Reg.QUEUE_NUM_MAX, 4)
+        num_max = await dev.queue_num_max_of(index)
         if num_max == 0:
             break
         queues.append({"index": index, "num_max": num_max})
-    await dev.bus.mmio_write(dev.base + Reg.QUEUE_SEL, 4, 0)
     return queues
 
 
@@ -83,15 +82,19 @@ def format_text(devices: list[dict[str, Any]]) -> str:
     lines = []
     for i, d in enumerate(devices):
         kind = "legacy" if d["version"] == 1 else "modern"
-        lines.append(f"{i}: {d['base']:#010x} {d['name']} (DeviceID {d['device_id']})")
-        lines.append(
-            f"\tWindow: {d['base']:#x}-{d['base'] + d['size'] - 1:#x} "
-            f"[size={d['size']:#x}], IRQ {d['irq']}"
-        )
-        lines.append(
-            f"\tTransport: virtio-mmio Version {d['version']} ({kind}), "
-            f"VendorID {d['vendor_id']:#010x}"
-        )
+        if d.get("transport") == "vhost-user":
+            lines.append(f"{i}: {d['name']} (DeviceID {d['device_id']}, from the URL's type=)")
+            lines.append("\tTransport: vhost-user (no register window, no interrupt line)")
+        else:
+            lines.append(f"{i}: {d['base']:#010x} {d['name']} (DeviceID {d['device_id']})")
+            lines.append(
+                f"\tWindow: {d['base']:#x}-{d['base'] + d['size'] - 1:#x} "
+                f"[size={d['size']:#x}], IRQ {d['irq']}"
+            )
+            lines.append(
+                f"\tTransport: virtio-mmio Version {d['version']} ({kind}), "
+                f"VendorID {d['vendor_id']:#010x}"
+            )
         lines.append(
             f"\tFeatures: {d.get('feature_bits', 0):#018x} {' '.join(d['features']) or '(none)'}"
         )

@@ -125,6 +125,8 @@ def is_ring_size(num: int) -> bool:
 class VirtioMmioDevice:
     """One virtio-mmio device window: probe, status, features, config, queues and interrupts."""
 
+    transport = "virtio-mmio"
+
     def __init__(
         self,
         bus: RegisterBus,
@@ -375,6 +377,13 @@ class VirtioMmioDevice:
         return lambda: self._config_callbacks.remove(callback)
 
     # -- virtqueues (vm_setup_vq / vm_del_vq / vm_find_vqs / vm_del_vqs) ------------------------
+
+    async def queue_num_max_of(self, index: int) -> int:
+        """QueueNumMax of queue ``index`` (0: no such queue); QueueSel is left at 0."""
+        await self._write(Reg.QUEUE_SEL, index)
+        num_max = await self._read(Reg.QUEUE_NUM_MAX)
+        await self._write(Reg.QUEUE_SEL, 0)
+        return num_max
 
     async def setup_vq(
         self,

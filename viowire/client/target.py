@@ -2,9 +2,11 @@
 of their device windows, from the server's table or from declarations the user gives.
 
 ``tcp://`` and ``unix://`` reach a viowire server; ``qtest+unix:///PATH`` reaches a QEMU started
-with ``-qtest unix:PATH,server=on,wait=off``. Declarations come in the three ways the Linux driver
-learns of a device: the static table (the server's PLATFORM_INFO, the default), a device tree
-(``--from-dts``/``--from-dtb``) and the kernel command-line syntax (``--device SIZE@BASE:IRQ``).
+with ``-qtest unix:PATH,server=on,wait=off``; ``vhost-user+unix:///PATH?type=TYPE`` drives the
+one device of a vhost-user back-end (docs/vhost-user.md). Declarations come in the three ways
+the Linux driver learns of a device: the static table (the server's PLATFORM_INFO, the default),
+a device tree (``--from-dts``/``--from-dtb``) and the kernel command-line syntax
+(``--device SIZE@BASE:IRQ``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 from viowire.client.connection import Connection, DeviceInfo, connect
 from viowire.client.discover import discover
 from viowire.client.qtest import QtestConnection, connect_qtest
+from viowire.client.vhost_user import SCHEME as VHOST_USER
+from viowire.client.vhost_user import VhostUserConnection, connect_vhost_user
 from viowire.declarations import Declaration, parse_cmdline_device, parse_dtb, parse_dts
 
-Target = Connection | QtestConnection
+Target = Connection | QtestConnection | VhostUserConnection
 
 
 def is_declaration(text: str) -> bool:
@@ -50,7 +54,28 @@ async def open_target(
     """
     if url.startswith("qtest+"):
         return await connect_qtest(url, list(windows) or None)
+    if url.startswith(VHOST_USER + ":"):
+        if windows:
+            raise ValueError(f"{url}: a vhost-user back-end has one device, no window to declare")
+        return await connect_vhost_user(url)
     return await connect(url, memory=memory, irq_status=irq_status)
+
+
+async def connect_session(
+    url: str, *, memory: str = "auto", ram_size: int | None = None, name: str = "viowire-client"
+) -> Connection | VhostUserConnection:
+    """One session with guest RAM of ``ram_size`` bytes: a viowire server's, or the one
+    front-end a vhost-user back-end serves."""
+    size = {} if ram_size is None else {"ram_size": ram_size}
+    if url.startswith(VHOST_USER + ":"):
+        return await connect_vhost_user(url, **size)
+    return await connect(url, memory=memory, name=name, **size)
+
+
+def sessions_allowed(url: str) -> int | None:
+    """How many sessions ``url`` takes at once (None: no limit): a vhost-user back-end serves
+    one front-end per socket."""
+    return 1 if url.startswith(VHOST_USER + ":") else None
 
 
 async def devices(target: Target, windows: Sequence[Declaration] = ()) -> list[DeviceInfo]:

@@ -60,6 +60,7 @@ async def run(args: argparse.Namespace) -> int:
     from viowire.conform.model import Options, Target, failed, selected
     from viowire.conform.report import TableWriter, format_checks, to_json, to_junit
     from viowire.conform.runner import run_suite
+    from viowire.conform.vhost_user import target_bus
 
     if args.list:
         sys.stdout.write(format_checks(selected(CHECKS, args.only)))
@@ -84,7 +85,8 @@ async def run(args: argparse.Namespace) -> int:
         # The suite judges the register and the line exactly: no IRQ_STATUS shortcut.
         conn = await targets.open_target(args.url, memory=memory, windows=windows, irq_status=False)
         connections.append(conn)
-        return Target(conn, conn.ram.memory, conn.ram, await targets.devices(conn, windows))
+        bus = target_bus(conn)
+        return Target(bus, conn.ram.memory, conn.ram, await targets.devices(conn, windows))
 
     try:
         target = await open_target()

@@ -10,6 +10,7 @@ from typing import Any
 from viowire import registry
 from viowire.client.connection import DeviceInfo
 from viowire.client.errors import register_name
+from viowire.client.mmio import VirtioMmioDevice
 from viowire.conform.model import CheckFailed, Options, Target
 from viowire.conform.receive import ReceiveBuffers
 from viowire.conform.ring import Ring
@@ -60,6 +61,7 @@ class Dut(GuestScratch):
         self.index = index
         self.options = options
         self.bus = TimedBus(target.bus, options.access_timeout)
+        self.window = getattr(target.bus, "window", True)  # False: vhost-user (no registers)
         self.base = info.base
         self.version = info.version
         self.device_id = info.device_id
@@ -132,6 +134,16 @@ class Dut(GuestScratch):
     @property
     def num_queues(self) -> int:
         return len(self.queue_max)
+
+    def transport(self) -> VirtioMmioDevice:
+        """The drivers' transport for this device: virtio-mmio over the bus, or the target's
+        own (vhost-user's, which has no registers)."""
+        device_for = getattr(self.target.bus, "device_for", None)
+        if device_for is not None:
+            return device_for(self.info)
+        return VirtioMmioDevice(
+            self.bus, self.base, self.info.irq, self.memory, self.allocator, size=self.info.size
+        )
 
     # -- registers --------------------------------------------------------------------------------
     async def read(self, offset: int, width: int = 4) -> int:

@@ -61,6 +61,14 @@ class Unresponsive(Exception):
     the device's remaining checks are not run)."""
 
 
+NO_WINDOW = (
+    "not applicable: a vhost-user back-end has no virtio-mmio register window; this check "
+    "judges the window (its registers, widths, QueueNumMax, InterruptStatus) or what a "
+    "vhost-user front-end does on its side (the Status byte, refusing features, filtering "
+    "config writes)"
+)
+
+
 @dataclass(frozen=True)
 class Check:
     """One conformance check: where it comes from, what it does, what outcomes are good."""
@@ -76,6 +84,7 @@ class Check:
     feature: int | None = None  # a feature bit the device must offer
     violation: bool = False  # a correct I/O round must work after it (after a reset)
     identification: bool = False  # runs even on a slot that is not a usable device
+    window: bool = True  # judges the virtio-mmio register window itself (not vhost-user's)
 
     def expected(self, version: int) -> tuple[Verdict, ...]:
         if isinstance(self.expect, Mapping):
@@ -83,6 +92,8 @@ class Check:
         return self.expect
 
     def skip_reason(self, dut: Dut) -> str | None:
+        if self.window and not dut.window:
+            return NO_WINDOW
         if dut.unusable and not self.identification:
             return f"not run: {dut.unusable}"
         if self.identification:

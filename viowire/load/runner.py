@@ -46,11 +46,12 @@ from itertools import accumulate
 from typing import Any, TextIO
 
 from viowire import registry
-from viowire.client.connection import Connection, DeviceInfo, connect
+from viowire.client.connection import Connection, DeviceInfo
 from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.net import NetDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.client.errors import RequestError
+from viowire.client.target import connect_session, sessions_allowed
 from viowire.load.config import OP_KIND, LoadConfig
 from viowire.load.frames import FramePattern
 from viowire.load.net import LOST, NetTraffic
@@ -232,9 +233,15 @@ class LoadRun:
     async def _plan(self) -> list[list[DeviceInfo]]:
         """Read the platform once, check there are enough devices, share them out."""
         cfg = self.cfg
+        allowed = sessions_allowed(cfg.url)
+        if allowed is not None and cfg.sessions > allowed:
+            raise ValueError(
+                f"{cfg.url} takes {allowed} session at a time (a vhost-user back-end serves "
+                f"one front-end per socket): use --sessions {allowed}"
+            )
         try:
             async with asyncio.timeout(cfg.timeout):
-                probe = await connect(
+                probe = await connect_session(
                     cfg.url, memory=cfg.memory, ram_size=PROBE_RAM, name="viowire-load"
                 )
                 try:
@@ -312,7 +319,7 @@ class LoadRun:
             async with gate:
                 try:
                     async with asyncio.timeout(cfg.timeout):
-                        conn = await connect(
+                        conn = await connect_session(
                             cfg.url, memory=cfg.memory, ram_size=ram, name=f"viowire-load-{i}"
                         )
                 except Exception as exc:

@@ -20,6 +20,7 @@ from viowire.client.connection import Connection, DeviceInfo, connect
 from viowire.client.drivers.base import VirtioDriver
 from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.rng import EntropyDriver
+from viowire.client.target import connect_session
 from viowire.perf.ring import closed_loop
 from viowire.protocol import messages as m
 from viowire.protocol.codec import decode_body, decode_body_construct, encode, encode_construct
@@ -85,8 +86,9 @@ def pick(devices: list[DeviceInfo], device_id: int, *, version: int | None = 2) 
 
 async def open_blk(url: str, memory: str, poll_us: int = 0) -> tuple[Connection, BlockDriver]:
     """A connection and a BlockDriver on its first modern disk; ``poll_us``: the driver polls
-    its used ring that long after each request (the server polls if it was started so)."""
-    conn = await connect(url, memory=memory)
+    its used ring that long after each request (the server polls if it was started so). The
+    URL may name a vhost-user back-end too (its one device)."""
+    conn = await connect_session(url, memory=memory)
     try:
         info = pick(await conn.platform(), DeviceId.BLOCK)
         dev = await conn.attach(info)

@@ -47,6 +47,22 @@ def all_names() -> list[str]:
     return [*names, *worker.case_names(), "memory.idle_device", "memory.rss_100k"]
 
 
+def vhost_user_results(args: argparse.Namespace) -> list[dict]:
+    """``--vhost-user URL`` (repeatable): blk QD1/QD32 reads and writes through viowire's
+    vhost-user front-end on each back-end, in one worker per loop, the back-ends taking turns
+    run by run; the first back-end is the baseline of the others."""
+    results = []
+    loops = ("asyncio", "uvloop") if args.bench_loop == "both" else (args.bench_loop,)
+    names = worker.vhost_user_case_names()
+    for loop in loops:
+        cfg = worker_config(args, names, loop, "unix")
+        cfg["cases"] = names
+        cfg["vhost_user"] = args.vhost_user
+        _say(f"== {loop} / vhost-user: {len(names)} cases, {args.runs} runs each")
+        results += run_worker(cfg)
+    return results
+
+
 def select_names(only: Sequence[str] | None) -> list[str]:
     """Names matching any --only: exact, a dotted prefix (``blk``, ``blk.read``) or a glob."""
     names = all_names()
@@ -130,6 +146,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{PROFILE_CASE}) for SECONDS (default 8) and print the top functions",
     )
     parser.add_argument("--profile-dir", default=None, help="keep py-spy's raw stacks here")
+    parser.add_argument(
+        "--vhost-user",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="instead of the suite: blk QD1/QD32 through the vhost-user front-end on this "
+        "back-end, vhost-user+unix:///PATH?type=blk (repeatable: the back-ends take turns in "
+        "the same run, the first is the others' baseline)",
+    )
 
 
 # --- child processes ---------------------------------------------------------------------------
@@ -571,6 +596,12 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.runs < 1:
         raise ValueError("--runs must be at least 1")
+    if args.vhost_user:
+        if args.url:
+            raise ValueError("--vhost-user measures vhost-user back-ends: give no server URL")
+        results = vhost_user_results(args)
+        print(json.dumps({"results": results}, indent=1) if args.json else table(results))
+        return 0
     names = select_names(args.only)
     with tempfile.TemporaryDirectory(prefix="viowire-bench-") as tmp:
         if args.profile is not None:

@@ -54,6 +54,14 @@ TARGETS = {
 }
 
 
+VHOST_USER_CASES = [(op, depth) for op in ("read", "write") for depth in (1, 32)]
+
+
+def vhost_user_case_names() -> list[str]:
+    """The cases of ``viowire bench --vhost-user``: blk through the vhost-user front-end."""
+    return [f"vhost-user.blk.{op}.qd{depth}" for op, depth in VHOST_USER_CASES]
+
+
 def case_names() -> list[str]:
     """Every case a worker can run, in the order it runs them."""
     names = ["mmio.read_rtt", "mmio.posted_write", "mmio.queue_notify"]
@@ -189,6 +197,9 @@ class Worker:
                 await self.interrupts()
             if "platform.bringup" in self.selected and self.cfg.get("bringup_url"):
                 await self.bringup()
+            for op, depth in VHOST_USER_CASES:
+                if f"vhost-user.blk.{op}.qd{depth}" in self.selected:
+                    await self.vhost_user_block(op, depth)
         finally:
             await self.close()
         return self.results
@@ -367,6 +378,40 @@ class Worker:
                 else "bare pipelined echo, frames of the same size, one write() a frame"
             ),
         )
+
+    async def vhost_user_block(self, op: str, depth: int) -> None:
+        """4 KiB I/O through the vhost-user front-end on each back-end of the run, the first
+        one the baseline of the others, measured back to back run by run; with one back-end
+        there is no baseline."""
+        urls: list[str] = self.cfg["vhost_user"]
+        drivers = []
+        for url in urls:
+            if url not in self._blk:
+                self._blk[url] = await cases.open_blk(url, "shared")
+            drivers.append(self._blk[url][1])
+        least = max(self.least // 10, 4 * depth)
+        name = f"vhost-user.blk.{op}.qd{depth}"
+
+        def measure(blk: BlockDriver) -> Callable[[float, int], Awaitable[float]]:
+            return lambda budget, n: cases.blk_iops(blk, op, depth, budget, n)
+
+        first = measure(drivers[0])
+        others = list(zip(urls[1:], drivers[1:], strict=True)) or [(urls[0], None)]
+        for url, blk in others:
+            values, baselines = await self.paired(
+                name, measure(blk) if blk is not None else first, first if blk else None, least
+            )
+            self.add(
+                name,
+                "IOPS",
+                values,
+                baselines,
+                backend=url,
+                note=f"value: {url}",
+                baseline_name=f"the same through the vhost-user front-end on {urls[0]}"
+                if blk is not None
+                else "",
+            )
 
     async def block_polled(self, name: str, depth: int) -> None:
         """4K reads with both ends polling (serve --poll-us, the driver's poll_us) against the

@@ -71,6 +71,8 @@ def ring_check(id: str, section: str, title: str, **kw: Any) -> Callable[[Builde
             return await broken_chain(dut, build, extra=extra, allow_use=allow_use)
 
         run.__name__ = run.__qualname__ = build.__name__
-        return check(id, section, title, io=True, expect=expect, violation=True, **kw)(run)
+        return check(
+            id, section, title, io=True, expect=expect, violation=True, window=False, **kw
+        )(run)
 
     return make

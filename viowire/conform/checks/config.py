@@ -34,6 +34,7 @@ async def _config_mismatch(dut: Dut, size: int) -> str | None:
     "config.widths",
     "4.2.2.2",
     "config space: 1-, 2- and 4-byte reads agree, and work before FEATURES_OK (2.5.2)",
+    window=False,
 )
 async def config_widths(dut: Dut) -> Outcome:
     if dut.device_type is not None and not dut.device_type.config_layout:

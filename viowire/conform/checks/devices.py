@@ -79,6 +79,7 @@ async def _read_sector(dut: Dut, ring: Ring, sector: int) -> bytes:
     "virtio-blk: a written sector reads back (then is restored); FLUSH completes",
     devices=BLK,
     io=True,
+    window=False,
 )
 async def io_blk_read_write(dut: Dut) -> Outcome:
     if not (sectors := await capacity(dut)):
@@ -109,6 +110,7 @@ async def io_blk_read_write(dut: Dut) -> Outcome:
     "virtio-blk: an unknown request type gets UNSUPP, a read past the end IOERR",
     devices=BLK,
     io=True,
+    window=False,
 )
 async def io_blk_status(dut: Dut) -> Outcome:
     sectors = await capacity(dut)
@@ -124,6 +126,7 @@ async def io_blk_status(dut: Dut) -> Outcome:
     "virtio-rng: each buffer gets at least one byte, used.len of them, and they differ",
     devices=RNG,
     io=True,
+    window=False,
 )
 async def io_rng(dut: Dut) -> Outcome:
     ring = await dut.up()

@@ -23,13 +23,12 @@ RECEIVE_BUFFERS = 4  # posted on the sample request's receive queue, if it names
     "viowire's Linux-equivalent driver attaches, sends a correct request through interrupts "
     "and detaches",
     io=True,
+    window=False,
 )
 async def driver_linux_flow(dut: Dut) -> Outcome:
     sample = dut.sample
     assert sample is not None
-    dev = VirtioMmioDevice(
-        dut.bus, dut.base, dut.info.irq, dut.memory, dut.allocator, size=dut.info.size
-    )
+    dev = dut.transport()
     try:
         async with asyncio.timeout(3 * dut.options.io_timeout):
             drv = await _attach(dut, dev)

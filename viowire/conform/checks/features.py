@@ -17,7 +17,13 @@ LOW_FEATURES_ONLY = (DeviceId.BLOCK, DeviceId.ENTROPY, DeviceId.CONSOLE)
 them feature words 2 and 3 must read 0 too. Other types may define bits 64 to 127 (§2.2)."""
 
 
-@check("features.version-1", "6.2", "a version 2 device offers VIRTIO_F_VERSION_1", versions=(2,))
+@check(
+    "features.version-1",
+    "6.2",
+    "a version 2 device offers VIRTIO_F_VERSION_1",
+    versions=(2,),
+    window=False,
+)
 async def features_version_1(dut: Dut) -> Outcome:
     word = await dut.feature_word(1)
     if not word & 1:

@@ -53,6 +53,7 @@ async def irq_ack_exact(dut: Dut) -> Outcome:
     "with EVENT_IDX, using the buffer at index used_event raises a notification",
     io=True,
     feature=Feature.RING_EVENT_IDX,
+    window=False,
 )
 async def irq_event_idx(dut: Dut) -> Outcome:
     ring = await dut.up(extra=EVENT_IDX)

@@ -17,6 +17,7 @@ from viowire.virtio.constants import VIRTQ_DESC_F_INDIRECT, Feature
     "correct requests complete: each head once, used.len within the writable bytes; a full "
     "ring twice, so the indices wrap",
     io=True,
+    window=False,
 )
 async def io_requests(dut: Dut) -> Outcome:
     ring = await dut.up()
@@ -35,6 +36,7 @@ async def io_requests(dut: Dut) -> Outcome:
     "a lone indirect table, and normal descriptors followed by one indirect table, are served",
     io=True,
     feature=Feature.RING_INDIRECT_DESC,
+    window=False,
 )
 async def io_indirect(dut: Dut) -> Outcome:
     ring = await dut.up(extra=INDIRECT)

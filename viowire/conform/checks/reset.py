@@ -36,6 +36,7 @@ async def reset_clears_state(dut: Dut) -> Outcome:
     "2.4.1",
     "after a reset the device starts the rings from index 0 again",
     io=True,
+    window=False,
 )
 async def reset_ring_indices(dut: Dut) -> Outcome:
     ring = await dut.up()
@@ -58,6 +59,7 @@ async def reset_ring_indices(dut: Dut) -> Outcome:
     "2.4.1",
     "after the reset completes the device writes no guest memory and raises no interrupt",
     io=True,
+    window=False,
 )
 async def reset_in_flight(dut: Dut) -> Outcome:
     ring = await dut.up()
@@ -89,6 +91,7 @@ async def reset_in_flight(dut: Dut) -> Outcome:
     "reset.storm",
     "2.4",
     "40 resets interleaved with every stage of setup; then the correct flow still works",
+    window=False,
 )
 async def reset_storm(dut: Dut) -> Outcome:
     rand = random.Random(dut.options.seed + dut.index)

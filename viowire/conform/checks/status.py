@@ -22,6 +22,7 @@ async def _expect_status(dut: Dut, value: int, step: str) -> None:
     "reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK; Status reads back "
     "each step",
     versions=(2,),
+    window=False,
 )
 async def init_flow(dut: Dut) -> Outcome:
     await _expect_status(dut, Status.ACKNOWLEDGE, "ACKNOWLEDGE")
