@@ -118,7 +118,11 @@ class Frontend:
         self._decoder = p.Decoder()
 
     @classmethod
-    async def connect(cls, path: str, ram_size: int = 1 << 20) -> Frontend:
+    async def connect(
+        cls, path: str, ram_size: int = 1 << 20, *, ram: MemfdRam | None = None
+    ) -> Frontend:
+        """A new connection with new guest RAM, or with ``ram`` (a reconnect: the guest's RAM
+        and rings live on while the back-end restarts)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
@@ -127,7 +131,7 @@ class Frontend:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, MemfdRam(ram_size))
+        return cls(sock, MemfdRam(ram_size) if ram is None else ram)
 
     async def __aenter__(self) -> Frontend:
         return self
@@ -234,9 +238,12 @@ class Frontend:
         )
         return answer.parse().value if answer is not None else None
 
-    async def start_ring(self, index: int, num: int = 64, *, base: int = 0) -> FrontendRing:
-        """Lay out a ring in guest RAM and program it: NUM, BASE, ADDR, KICK, CALL, ENABLE."""
-        ring = RingBuilder(self.ram, num)
+    async def start_ring(
+        self, index: int, num: int = 64, *, base: int = 0, ring: RingBuilder | None = None
+    ) -> FrontendRing:
+        """Lay out a ring in guest RAM (or take ``ring``, one laid out already) and program
+        it: NUM, BASE, ADDR, KICK, CALL, ENABLE."""
+        ring = RingBuilder(self.ram, num) if ring is None else ring
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         started = FrontendRing(index, ring, kick, call)
