@@ -1,7 +1,7 @@
 """The back-end request channel (BACKEND_REQ, SET_BACKEND_REQ_FD): a device's config change
 reaches the front-end as CONFIG_CHANGE_MSG, which then reads the new config with GET_CONFIG.
-Driven by the Python front-end over real Unix sockets (a guest sees it in
-tests/test_vhost_user_guest_config.py)."""
+Driven by the Python front-end over real Unix sockets, and seen by a real Linux guest: its
+virtio_blk learns the disk grew."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator
+
+import guest
+import pytest
 
 from viowire.server.devices import BlockBackend, RngBackend
 from viowire.vhost_user import protocol as p
@@ -143,3 +146,56 @@ async def test_channel_needs_the_protocol_feature(tmp_path, caplog):
             assert "BACKEND_REQ protocol feature was not negotiated" in caplog.text
     finally:
         await listener.close()
+
+
+# -- a real Linux guest -----------------------------------------------------------------------
+MARKER = b"VIOWIRE-RESIZE-ME"
+RESIZE_SCRIPT = f"""
+echo "SIZE-BEFORE $(cat /sys/block/vda/size)"
+printf {MARKER.decode()} | dd of=/dev/vda bs=512 seek=8 conv=sync oflag=direct 2>/dev/null
+i=0
+while [ "$(cat /sys/block/vda/size)" = 32768 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+echo "SIZE-AFTER $(cat /sys/block/vda/size)"
+"""
+"""The guest asks for the resize by writing a marker (so the disk grows after its driver read the
+first capacity), then waits, 20 s at most, for its disk to change size."""
+
+
+async def resize_on_marker(device: BlockBackend, image, new_size: int) -> None:
+    async with asyncio.timeout(60):
+        while True:
+            with open(image, "rb") as disk:
+                disk.seek(8 * 512)
+                if disk.read(len(MARKER)) == MARKER:
+                    break
+            await asyncio.sleep(0.05)
+    device.resize(new_size)
+
+
+@pytest.mark.skipif(guest.missing() is not None, reason=str(guest.missing()))
+@pytest.mark.timeout(180)
+async def test_linux_guest_sees_its_disk_grow(tmp_path, caplog):
+    """viowire's blk grows from 16 MiB to 24 MiB while the guest runs: CONFIG_CHANGE_MSG, QEMU
+    reads the config again (GET_CONFIG) and interrupts the guest, whose virtio_blk updates the
+    disk's size."""
+    caplog.set_level(logging.INFO, logger="viowire.vhost_user")
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as disk:
+        disk.truncate(16 << 20)
+    device = BlockBackend(path=str(image))
+    listener = Listener(str(tmp_path / "blk.sock"), device)
+    await listener.start()
+    resizer = asyncio.get_running_loop().create_task(resize_on_marker(device, image, 24 << 20))
+    try:
+        run = await guest.run_guest(
+            tmp_path, RESIZE_SCRIPT, guest.vhost_user_blk("blk", listener.path)
+        )
+    finally:
+        resizer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await resizer
+        await listener.close()
+    assert run.status == 0, f"guest:\n{run.output}\nviowire:\n{caplog.text}"
+    assert run.value("SIZE-BEFORE") == str((16 << 20) // 512)
+    assert run.value("SIZE-AFTER") == str((24 << 20) // 512), run.output
+    assert "announced to the front-end" in caplog.text
