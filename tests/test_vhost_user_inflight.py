@@ -4,7 +4,8 @@ it before the connection dropped or not.
 
 The layout and its three steps are unit-tested on a bytearray; the reconnect runs the back-end
 over real Unix sockets with the Python front-end, whose guest RAM, rings and inflight buffer
-outlive the connection as QEMU's do.
+outlive the connection as QEMU's do; and a Linux guest keeps writing while the ``viowire
+vhost-user`` process under it is killed and started again (QEMU's ``reconnect=``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 import mmap
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import guest
 import pytest
 
 from viowire.device import Device
@@ -391,3 +395,74 @@ async def test_a_ring_larger_than_the_buffer_runs_untracked_with_a_warning(tmp_p
         finally:
             os.close(fd)
         assert "give the front-end queue-size=64" in caplog.text
+
+
+# -- a real Linux guest, its back-end killed under it ------------------------------------------
+PLUGINS = str(Path(__file__).resolve().parent / "plugins")
+MARKER = b"VIOWIRE-KILL-NOW"
+MARKER_SECTOR = 60000  # past the data the guest writes (16 MiB: sectors 0-32767)
+KILL_SCRIPT = f"""
+set -e
+dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
+echo "MD5-WRITTEN $(md5sum /tmp/data | cut -d' ' -f1)"
+printf {MARKER.decode()} | dd of=/dev/vda bs=512 seek={MARKER_SECTOR} conv=sync oflag=direct \
+    2>/dev/null
+dd if=/tmp/data of=/dev/vda bs=4k count=4096 oflag=direct conv=fsync 2>/dev/null
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda of=/tmp/back bs=1M count=16 iflag=direct 2>/dev/null
+echo "MD5-READ $(md5sum /tmp/back | cut -d' ' -f1)"
+"""
+"""The guest writes a marker, then 16 MiB with O_DIRECT, 4 KiB a request: the test kills the
+back-end when the marker is in the disk image (its request still in flight), so the guest's
+writes stall until QEMU reconnects to the new back-end process, then go on; the data read back
+must be what was written."""
+
+
+async def marker_written(image) -> None:
+    async with asyncio.timeout(60):
+        while True:
+            with open(image, "rb") as disk:
+                disk.seek(MARKER_SECTOR * 512)
+                if disk.read(len(MARKER)) == MARKER:
+                    return
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.skipif(guest.missing() is not None, reason=str(guest.missing()))
+@pytest.mark.timeout(240)
+async def test_linux_guest_survives_its_back_end_being_killed_and_restarted(tmp_path, monkeypatch):
+    """The first back-end never completes the marker's write (tests/plugins/stalling_blk.py),
+    so a request is in flight when it is killed: the second resubmits it from the inflight
+    buffer QEMU kept, and the guest goes on."""
+    paths = [os.environ.get("PYTHONPATH", ""), PLUGINS]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path for path in paths if path))
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as disk:
+        disk.truncate(32 << 20)
+    sock = tmp_path / "blk.sock"
+    stalling = f"stalling_blk:StallingBlk,path={image},stall_sector={MARKER_SECTOR}"
+    devices = guest.vhost_user_blk("blk", sock, reconnect=1, queue_size=1024)
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    async with guest.process(guest.viowire_vhost_user([(sock, stalling)]), [sock], first):
+        run_task = asyncio.get_running_loop().create_task(
+            guest.run_guest(tmp_path, KILL_SCRIPT, devices)
+        )
+        try:
+            await marker_written(image)
+        except BaseException:
+            run_task.cancel()
+            raise
+    # killed (SIGKILL, its process group) with the marker's write in flight
+    sock.unlink(missing_ok=True)
+    command = guest.viowire_vhost_user([(sock, f"blk,path={image}")])
+    async with guest.process(command, [sock], second):
+        run = await run_task
+    logs = f"first:\n{first.read_text()}\nsecond:\n{second.read_text()}"
+    assert run.status == 0, f"guest:\n{run.output}\n{logs}"
+    written = run.value("MD5-WRITTEN")
+    assert run.value("MD5-READ") == written, logs
+    with open(image, "rb") as disk:
+        assert hashlib.md5(disk.read(16 << 20)).hexdigest() == written
+    assert "front-end connected" in second.read_text()  # QEMU came back to the new process
+    assert "ring 0: 1 requests in flight resubmitted" in second.read_text(), logs
+    assert "Traceback" not in logs
