@@ -199,3 +199,19 @@ async def test_linux_guest_sees_its_disk_grow(tmp_path, caplog):
     assert run.value("SIZE-BEFORE") == str((16 << 20) // 512)
     assert run.value("SIZE-AFTER") == str((24 << 20) // 512), run.output
     assert "announced to the front-end" in caplog.text
+
+
+async def test_a_front_end_that_does_not_read_its_channel_never_stalls_the_device(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="viowire.vhost_user")
+    device = BlockBackend(size=1 << 20)
+    async with served(tmp_path, device) as (listener, fe), channel(fe):
+        sending = listener.connection.backend_channel
+        sending.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the smallest it takes
+        for n in range(10000):
+            device.resize((2 + n % 2) << 20)
+            if "does not read its back-end channel" in caplog.text:
+                break
+        else:
+            pytest.fail("10000 config changes fitted into a full channel")
+        assert listener.connection.backend_channel is sending  # kept: it may read later
+        assert await capacity(fe) in ((2 << 20) // 512, (3 << 20) // 512)

@@ -466,3 +466,17 @@ async def test_linux_guest_survives_its_back_end_being_killed_and_restarted(tmp_
     assert "front-end connected" in second.read_text()  # QEMU came back to the new process
     assert "ring 0: 1 requests in flight resubmitted" in second.read_text(), logs
     assert "Traceback" not in logs
+
+
+async def test_reset_device_forgets_the_inflight_buffer(tmp_path):
+    """A reset device has nothing in flight: an old buffer must not resubmit into new rings."""
+    async with (
+        listening(tmp_path, Gated()) as listener,
+        await Frontend.connect(listener.path) as fe,
+    ):
+        await fe.handshake()
+        answer = await get_inflight_fd(fe)
+        os.close(answer.fds[0])
+        assert listener.connection.queues[0].inflight is not None
+        assert (await fe.request(p.Request.RESET_DEVICE, need_reply=True)).parse().value == 0
+        assert listener.connection.queues[0].inflight is None
