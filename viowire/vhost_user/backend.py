@@ -14,6 +14,11 @@ start enabled when VHOST_USER_F_PROTOCOL_FEATURES was not negotiated). A disable
 new chains, but the requests it has in flight still complete; GET_VRING_BASE lets them finish
 (for :data:`DRAIN_TIMEOUT` at most) before it answers with the next available index.
 
+With INFLIGHT_SHMFD each ring records the heads it takes and returns in the front-end's inflight
+buffer (:mod:`viowire.vhost_user.inflight`), and a ring that starts with a used buffer resubmits
+those still in flight first. With BACKEND_REQ a config change of the device goes to the
+front-end as CONFIG_CHANGE_MSG on the channel SET_BACKEND_REQ_FD gave.
+
 Bad input never ends the process: a message that breaks the framing ends the connection
 (:class:`~viowire.vhost_user.protocol.ProtocolError`), one whose content cannot be applied is
 refused with a log line (and a non-zero REPLY_ACK) and changes nothing, and a ring the driver
