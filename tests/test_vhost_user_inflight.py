@@ -450,7 +450,9 @@ async def test_linux_guest_survives_its_back_end_being_killed_and_restarted(tmp_
         try:
             await marker_written(image)
         except BaseException:
-            run_task.cancel()
+            run_task.cancel()  # its QEMU is killed as the task ends
+            with contextlib.suppress(asyncio.CancelledError):
+                await run_task
             raise
     # killed (SIGKILL, its process group) with the marker's write in flight
     sock.unlink(missing_ok=True)
