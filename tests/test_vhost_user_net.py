@@ -1,5 +1,5 @@
 """virtio-net through viowire's vhost-user back-end: frames between front-ends on one in-server
-link, and a real Linux guest pinging a peer on it.
+link, a real Linux guest pinging a peer on it, and two guests pinging each other.
 
 The peer is a host on the link written here (:class:`NetPeer`): the Python front-end drives a
 second ``--device net,link=NAME`` of the same ``viowire vhost-user`` process, as a driver drives
@@ -272,4 +272,48 @@ async def test_linux_guest_pings_a_peer_through_viowire_net(tmp_path):
     )
     assert run.value("PING-STATUS") == "0"
     assert peer.answered >= PINGS  # and the ARP replies
+    assert "Traceback" not in log
+
+
+TWO_GUESTS_SCRIPT = """
+ip link set eth0 up
+ip addr add {me}/24 dev eth0
+i=0
+until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 60 ] || break; done
+ping -c 50 -i 0.02 -W 5 {peer} > /tmp/ping 2>&1
+echo "PING-SUMMARY $(grep 'packets transmitted' /tmp/ping)"
+sleep 5
+"""
+"""Each guest waits until the other answers (they boot side by side), pings it 50 times, then
+stays up 5 s more so that the other's pings still find it."""
+
+
+@pytest.mark.skipif(guest.missing() is not None, reason=str(guest.missing()))
+@pytest.mark.timeout(240)
+async def test_two_linux_guests_ping_each_other_through_viowire_net(tmp_path):
+    """Two guests, each on its own socket of one ``viowire vhost-user`` process, on one link:
+    the kernel's virtio_net on both ends."""
+    socks = [tmp_path / "a.sock", tmp_path / "b.sock"]
+    addresses = ["10.205.0.2", "10.205.0.3"]
+    command = guest.viowire_vhost_user([(sock, "net,link=vu-two") for sock in socks])
+    async with guest.process(command, socks, tmp_path / "viowire.log"):
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+        runs = await asyncio.gather(
+            *(
+                guest.run_guest(
+                    tmp_path / name,
+                    TWO_GUESTS_SCRIPT.format(me=me, peer=peer),
+                    vhost_user_net("net0", sock, f"52:54:00:76:77:{n + 2:02x}"),
+                )
+                for n, (name, sock, me, peer) in enumerate(
+                    zip("ab", socks, addresses, reversed(addresses), strict=True)
+                )
+            )
+        )
+    log = (tmp_path / "viowire.log").read_text()
+    for run in runs:
+        assert run.status == 0, f"guest:\n{run.output}\nviowire:\n{log}"
+        summary = run.value("PING-SUMMARY")
+        assert "50 packets transmitted, 50 packets received, 0% packet loss" in summary, summary
     assert "Traceback" not in log
