@@ -254,30 +254,38 @@ async def test_requests_in_flight_complete_exactly_once_after_a_reconnect(tmp_pa
         guest.close()
 
 
-async def test_without_inflight_tracking_a_reconnect_starts_afresh(tmp_path):
-    """The contrast: the same drop without a buffer; the front-end's base decides, and the
-    requests in flight are lost (which is why INFLIGHT_SHMFD exists)."""
+async def test_without_inflight_tracking_a_crash_repeats_one_request_and_loses_another(tmp_path):
+    """The contrast, and why the buffer exists: requests complete out of order, so restarting
+    at used.idx (all QEMU can do after a crash) takes a completed request again and never the
+    one that was in flight."""
     device = Gated()
-    listener_cm = listening(tmp_path, device)
-    async with listener_cm as listener:
+    async with listening(tmp_path, device) as listener:
         fe = await Frontend.connect(listener.path)
+        again = None
         try:
             await fe.handshake()
             ring = await fe.start_ring(0, RING)
             ring.ring.add_chain([b"slow-X"], [16])
+            fast = ring.ring.add_chain([b"fast-Y"], [16])
             ring.kick_now()
-            await until(lambda: listener.connection.requests_waiting(0) == 1, "waiting")
+            await until(lambda: ring.ring.used_idx == 1, "fast-Y completes first")
             fe.sock.close()
             await until(lambda: listener.connection is None, "dropped")
             again = await Frontend.connect(listener.path, ram=fe.ram)
             await again.handshake()
-            ring2 = await again.start_ring(0, RING, base=1, ring=ring.ring)
+            ring2 = await again.start_ring(0, RING, base=ring.ring.used_idx, ring=ring.ring)
             device.gate.set()
-            await asyncio.sleep(0.1)
-            assert ring2.ring.used_idx == 0  # nothing comes back for it
-            again.sock.close()
+            await until(lambda: ring2.ring.used_idx == 2, "a second completion")
+            await asyncio.sleep(0.05)
+            assert [ring2.ring.used_elem(i)[0] for i in range(ring2.ring.used_idx)] == [
+                fast.head,
+                fast.head,
+            ]
+            assert device.runs == {b"slow-X": 1, b"fast-Y": 2}  # slow-X: cancelled, never back
             ring2.close()
         finally:
+            if again is not None:
+                again.sock.close()
             fe.close()
 
 
