@@ -156,11 +156,17 @@ async def run_guest(
     return GuestRun("\n".join(lines), status, time.monotonic() - start)
 
 
-def vhost_user_blk(name: str, path: str | Path) -> list[str]:
-    return [
-        "-chardev", f"socket,id={name},path={path}",
-        "-device", f"vhost-user-blk,chardev={name},num-queues=1",
-    ]  # fmt: skip
+def vhost_user_blk(
+    name: str, path: str | Path, *, reconnect: int = 0, queue_size: int = 0
+) -> list[str]:
+    """QEMU's vhost-user-blk on socket ``path``; ``reconnect``: seconds between QEMU's attempts
+    to reconnect when the back-end goes away; ``queue_size``: the rings' size QEMU tracks in
+    the inflight buffer (its default, 128, is below the 1024 a guest picks on virtio-mmio)."""
+    chardev = f"socket,id={name},path={path}" + (f",reconnect={reconnect}" if reconnect else "")
+    device = f"vhost-user-blk,chardev={name},num-queues=1"
+    if queue_size:
+        device += f",queue-size={queue_size}"
+    return ["-chardev", chardev, "-device", device]
 
 
 def vhost_user_rng(name: str, path: str | Path) -> list[str]:

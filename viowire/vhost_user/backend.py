@@ -14,6 +14,11 @@ start enabled when VHOST_USER_F_PROTOCOL_FEATURES was not negotiated). A disable
 new chains, but the requests it has in flight still complete; GET_VRING_BASE lets them finish
 (for :data:`DRAIN_TIMEOUT` at most) before it answers with the next available index.
 
+With INFLIGHT_SHMFD each ring records the heads it takes and returns in the front-end's inflight
+buffer (:mod:`viowire.vhost_user.inflight`), and a ring that starts with a used buffer resubmits
+those still in flight first. With BACKEND_REQ a config change of the device goes to the
+front-end as CONFIG_CHANGE_MSG on the channel SET_BACKEND_REQ_FD gave.
+
 Bad input never ends the process: a message that breaks the framing ends the connection
 (:class:`~viowire.vhost_user.protocol.ProtocolError`), one whose content cannot be applied is
 refused with a log line (and a non-zero REPLY_ACK) and changes nothing, and a ring the driver
@@ -23,15 +28,22 @@ breaks stops with its error eventfd signalled until the front-end programs it ag
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import mmap
 import os
+import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from viowire.device import Device
+from viowire.server.memory import map_fd
 from viowire.server.mmio import TRANSPORT_FEATURES
 from viowire.server.service import QueueService
-from viowire.server.virtqueue import RingError, SplitVirtqueue
+from viowire.server.virtqueue import RingError
+from viowire.vhost_user import inflight
 from viowire.vhost_user import protocol as p
+from viowire.vhost_user.inflight import InflightError, InflightRegion, InflightVirtqueue
 from viowire.vhost_user.memory import MAX_MEM_SLOTS, MemoryTable, RegionSpec, close_fds
 from viowire.virtio.constants import Feature, device_name, feature_names
 from viowire.virtio.memory import GuestMemoryError
@@ -51,8 +63,13 @@ OFFERED_PROTOCOL_FEATURES = sum(
         p.ProtocolFeature.CONFIG,
         p.ProtocolFeature.RESET_DEVICE,
         p.ProtocolFeature.CONFIGURE_MEM_SLOTS,
+        p.ProtocolFeature.BACKEND_REQ,
+        p.ProtocolFeature.INFLIGHT_SHMFD,
     )
 )
+MAX_INFLIGHT_BUFFER = 64 << 20
+"""The largest inflight buffer GET_INFLIGHT_FD creates (QEMU asks for ~16 KiB per queue of
+1024 entries; 256 queues of 32768 would be 128 MiB of tracking nobody needs)."""
 _EVENT = (1).to_bytes(8, "little")
 
 
@@ -83,7 +100,7 @@ class VhostUserDevice(QueueService):
         self.backend = backend
         self.name = name or device_name(backend.device_id)
         # The front-end chooses the ring size (QEMU's queue-size): any size a split ring allows.
-        self.queues = [SplitVirtqueue(i, MAX_QUEUE_SIZE) for i in range(backend.num_queues)]
+        self.queues = [InflightVirtqueue(i, MAX_QUEUE_SIZE) for i in range(backend.num_queues)]
         self.vrings = [Vring() for _ in self.queues]
         self.table = MemoryTable()
         self.memory = None  # the table's memory once a table was sent
@@ -100,6 +117,9 @@ class VhostUserDevice(QueueService):
         if not backend.config_space():
             self.offered_protocol_features &= ~(1 << p.ProtocolFeature.CONFIG)
         self.owner = False
+        self.backend_channel: socket.socket | None = None  # SET_BACKEND_REQ_FD
+        self._inflight: mmap.mmap | None = None  # SET/GET_INFLIGHT_FD's buffer, mapped
+        self._inflight_views: list[memoryview] = []
         self._tasks = {}
         self._rerun = {}
         self._broken = False
@@ -130,6 +150,9 @@ class VhostUserDevice(QueueService):
             p.Request.GET_CONFIG: self._get_config,
             p.Request.SET_CONFIG: self._set_config,
             p.Request.RESET_DEVICE: self._reset_device,
+            p.Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            p.Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            p.Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # -- what QueueService and devices ask of a transport ---------------------------------------
@@ -160,12 +183,39 @@ class VhostUserDevice(QueueService):
                 _signal(vring.err, f"{self.name}: ring {index}: err")
 
     def config_changed(self) -> None:
-        # A config change notification needs the back-end request channel (BACKEND_REQ), which
-        # this back-end does not offer: the front-end reads the new config at its next GET_CONFIG.
-        log.info("%s: config space changed (not announced: no back-end channel)", self.name)
+        """The device changed its config space: CONFIG_CHANGE_MSG on the back-end channel, so
+        the front-end reads it again (GET_CONFIG) and tells the driver. Sent without
+        NEED_REPLY: the back-end never waits for the front-end, and a front-end that does not
+        read its channel costs a log line, never a stalled device."""
+        channel = self.backend_channel
+        if channel is None or not self._negotiated(p.ProtocolFeature.CONFIG):
+            missing = "no back-end channel" if channel is None else "CONFIG not negotiated"
+            log.info("%s: config space changed (not announced: %s)", self.name, missing)
+            return
+        message = p.encode(p.BackendRequest.CONFIG_CHANGE_MSG)
+        try:
+            sent = channel.send(message)
+        except BlockingIOError:
+            log.warning(
+                "%s: config change not announced: the front-end does not read its back-end channel",
+                self.name,
+            )
+            return
+        except OSError as exc:
+            log.warning("%s: back-end channel failed (%s): closed", self.name, exc)
+            self._close_backend_channel()
+            return
+        if sent != len(message):  # half a header would break the channel's framing for good
+            log.warning("%s: back-end channel took %d of 12 bytes: closed", self.name, sent)
+            self._close_backend_channel()
+            return
+        log.info("%s: config space changed: announced to the front-end", self.name)
+
+    def _negotiated(self, feature: p.ProtocolFeature) -> bool:
+        return bool(self.protocol_features >> feature & 1)
 
     # -- messages -------------------------------------------------------------------------------
-    async def handle(self, message: p.Message) -> bytes | None:
+    async def handle(self, message: p.Message) -> bytes | p.Reply | None:
         """Apply one message; the reply to send, if any. ProtocolError: end the connection."""
         handler = self._handlers.get(message.request)
         try:
@@ -356,11 +406,53 @@ class VhostUserDevice(QueueService):
             raise RequestError(f"ring {index}: SET_VRING_KICK before SET_VRING_ADDR: not started")
         self._translate(index)
         queue = self.queues[index]
-        queue.last_avail_idx = vring.base
         queue.used_idx = self.table.memory.load_u16(queue.used_addr + USED_IDX)
+        queue.last_avail_idx = vring.base
+        self._resume_inflight(index)
         queue.signalled_used_valid = False
         vring.started = True
         self._refresh(index)
+
+    def _resume_inflight(self, index: int) -> None:
+        """With an inflight buffer, the ring resumes after what it took: the heads still in
+        flight are resubmitted first, and the next new one is at used.idx + their number (as
+        SET_VRING_BASE says after a clean stop; after a crash it says used.idx)."""
+        queue = self.queues[index]
+        region = queue.inflight
+        if region is None:
+            return
+        if queue.num > region.queue_size:
+            # QEMU 7.2 on virtio-mmio asks for a buffer of its queue-size property (128 by
+            # default) while the guest may choose rings of up to 1024: track nothing rather
+            # than write past the buffer, and say how to get the tracking.
+            log.warning(
+                "%s: ring %d has %d entries, the inflight buffer tracks %d: requests in flight "
+                "on it will not survive a reconnect (give the front-end queue-size=%d)",
+                self.name,
+                index,
+                queue.num,
+                region.queue_size,
+                queue.num,
+            )
+            queue.inflight = None
+            return
+        fresh = region.version == 0
+        try:
+            heads = region.recover(queue.num, queue.used_idx)
+        except InflightError as exc:
+            raise RequestError(f"ring {index}: inflight buffer: {exc}") from None
+        if fresh:
+            return
+        queue.last_avail_idx = (queue.used_idx + len(heads)) & 0xFFFF
+        queue.resubmit = deque(heads)
+        if heads:
+            log.info(
+                "%s: ring %d: %d requests in flight resubmitted (heads %s)",
+                self.name,
+                index,
+                len(heads),
+                ", ".join(map(str, heads[:8])) + (", ..." if len(heads) > 8 else ""),
+            )
 
     def _set_vring_call(self, message: p.Message) -> None:
         index, fd = self._vring_fd(message)
@@ -493,6 +585,112 @@ class VhostUserDevice(QueueService):
     def _reset_device(self, message: p.Message) -> None:
         self.reset()
 
+    # the back-end channel
+    def _set_backend_req_fd(self, message: p.Message) -> None:
+        if not self._negotiated(p.ProtocolFeature.BACKEND_REQ):
+            raise RequestError("the BACKEND_REQ protocol feature was not negotiated")
+        if len(message.fds) != 1:
+            raise RequestError(f"came with {len(message.fds)} descriptors, not 1")
+        fd = message.fds.pop()
+        try:
+            channel = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            raise RequestError(f"the descriptor is not a socket: {exc}") from None
+        if channel.family != socket.AF_UNIX or channel.type != socket.SOCK_STREAM:
+            channel.close()
+            raise RequestError("the descriptor is not a Unix stream socket")
+        channel.setblocking(False)
+        self._close_backend_channel()
+        self.backend_channel = channel
+
+    def _close_backend_channel(self) -> None:
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+
+    # inflight tracking
+    def _get_inflight_fd(self, message: p.Message) -> bytes | p.Reply:
+        """A new, zeroed buffer for ``num_queues`` rings of ``queue_size``; a reply of size 0
+        and no descriptor says no (the front-end then runs without one)."""
+        ask = message.parse()
+        try:
+            if not self._negotiated(p.ProtocolFeature.INFLIGHT_SHMFD):
+                raise RequestError("the INFLIGHT_SHMFD protocol feature was not negotiated")
+            self._check_rings_stopped()
+            size = self._inflight_size(ask.num_queues, ask.queue_size)
+            fd, mapping = _new_inflight_buffer(size)
+        except RequestError as exc:
+            log.warning("%s: GET_INFLIGHT_FD refused: %s", self.name, exc)
+            none = {"mmap_size": 0, "mmap_offset": 0, "num_queues": 0, "queue_size": 0}
+            return p.reply(message, p.Inflight.build(none))
+        self._use_inflight(mapping, ask.num_queues, ask.queue_size)
+        answer = {
+            "mmap_size": size,
+            "mmap_offset": 0,
+            "num_queues": ask.num_queues,
+            "queue_size": ask.queue_size,
+        }
+        return p.Reply(p.reply(message, p.Inflight.build(answer)), [fd])
+
+    def _set_inflight_fd(self, message: p.Message) -> None:
+        """The buffer back after a reconnect: mapped, and read when each ring starts."""
+        given = message.parse()
+        if not self._negotiated(p.ProtocolFeature.INFLIGHT_SHMFD):
+            raise RequestError("the INFLIGHT_SHMFD protocol feature was not negotiated")
+        if len(message.fds) != 1:
+            raise RequestError(f"came with {len(message.fds)} descriptors, not 1")
+        self._check_rings_stopped()
+        size = self._inflight_size(given.num_queues, given.queue_size)
+        if given.mmap_size != size:
+            raise RequestError(
+                f"{given.mmap_size} bytes for {given.num_queues} queues of {given.queue_size}: "
+                f"this back-end's buffer for them is {size} bytes"
+            )
+        try:
+            mapping = map_fd(message.fds[0], size, given.mmap_offset, sealed=True)
+        except (OSError, ValueError, OverflowError, GuestMemoryError) as exc:
+            raise RequestError(f"the inflight buffer cannot be mapped: {exc}") from None
+        self._use_inflight(mapping, given.num_queues, given.queue_size)
+
+    def _inflight_size(self, num_queues: int, queue_size: int) -> int:
+        try:
+            size = inflight.buffer_size(num_queues, queue_size)
+        except InflightError as exc:
+            raise RequestError(str(exc)) from None
+        if size > MAX_INFLIGHT_BUFFER:
+            raise RequestError(
+                f"{num_queues} queues of {queue_size} need {size} bytes of inflight buffer "
+                f"(at most {MAX_INFLIGHT_BUFFER})"
+            )
+        return size
+
+    def _check_rings_stopped(self) -> None:
+        started = [index for index, vring in enumerate(self.vrings) if vring.started]
+        if started:
+            raise RequestError(f"rings {started} are started: stop them first (GET_VRING_BASE)")
+
+    def _use_inflight(self, mapping: mmap.mmap, num_queues: int, queue_size: int) -> None:
+        self._drop_inflight()
+        region_size = inflight.queue_region_size(queue_size)
+        whole = memoryview(mapping)
+        self._inflight, self._inflight_views = mapping, [whole]
+        for index, queue in enumerate(self.queues[:num_queues]):
+            view = whole[index * region_size : (index + 1) * region_size]
+            self._inflight_views.append(view)
+            queue.inflight = InflightRegion(view, queue_size)
+
+    def _drop_inflight(self) -> None:
+        for queue in self.queues:
+            queue.inflight = None
+            queue.resubmit = deque()
+        for view in reversed(self._inflight_views):
+            view.release()
+        self._inflight_views = []
+        if self._inflight is not None:
+            self._inflight.close()
+            self._inflight = None
+
     # -- lifecycle ------------------------------------------------------------------------------
     def reset(self) -> None:
         """RESET_DEVICE: every ring stopped and forgotten, features cleared, the device reset;
@@ -504,6 +702,7 @@ class VhostUserDevice(QueueService):
             self.queues[index].reset()
             self.vrings[index] = Vring()
         self._cancel_requests()
+        self._drop_inflight()  # a reset device has nothing in flight: the next buffer is new
         self._broken = False
         self.acked_features = 0
         try:
@@ -529,6 +728,8 @@ class VhostUserDevice(QueueService):
         await self.aclose()
         self.memory = None
         self.table.close()
+        self._drop_inflight()  # the front-end keeps it: SET_INFLIGHT_FD brings it back
+        self._close_backend_channel()
         try:
             self.backend.reset()
         except Exception:
@@ -549,3 +750,16 @@ def _signal(fd: int, what: str) -> None:
         pass  # the counter is full: the other side has a signal pending anyway
     except OSError as exc:
         log.warning("%s eventfd failed: %s", what, exc)
+
+
+def _new_inflight_buffer(size: int) -> tuple[int, mmap.mmap]:
+    """A zeroed memfd of ``size`` bytes, sealed against resizing (the front-end holds it and
+    could otherwise shrink it under the mapping), and its mapping."""
+    fd = os.memfd_create("viowire-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        return fd, mmap.mmap(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        raise RequestError(f"cannot create a {size}-byte inflight buffer: {exc}") from None

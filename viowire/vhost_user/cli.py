@@ -41,7 +41,8 @@ BACKEND_TYPES = {
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "vhost-user",
-        help="serve devices to vhost-user front-ends (QEMU's vhost-user-blk, vhost-user-rng)",
+        help="serve devices to vhost-user front-ends (QEMU's vhost-user-blk, vhost-user-rng, "
+        "-netdev vhost-user)",
         description="Serve each --device on the --socket-path given with it (in pairs, in "
         "order): a vhost-user back-end, one front-end per socket.",
     )
@@ -58,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="TYPE[,KEY=VALUE...]",
         help="the device served on the --socket-path in the same position: blk,size=64M, "
-        "blk,path=disk.img, rng, or package.module:Class[,KEY=VALUE...]",
+        "blk,path=disk.img, rng, net,link=NAME, or package.module:Class[,KEY=VALUE...]",
     )
     parser.add_argument(
         "--print-capabilities",

@@ -322,9 +322,12 @@ class Frontend:
         )
         return answer.parse().value if answer is not None else None
 
-    async def start_ring(self, index: int, num: int = 64, *, base: int = 0) -> FrontendRing:
-        """Lay out a ring in guest RAM and program it: NUM, BASE, ADDR, KICK, CALL, ENABLE."""
-        ring = RingBuilder(self.ram, num)
+    async def start_ring(
+        self, index: int, num: int = 64, *, base: int = 0, ring: RingBuilder | None = None
+    ) -> FrontendRing:
+        """Lay out a ring in guest RAM (or take ``ring``, one laid out already) and program
+        it: NUM, BASE, ADDR, KICK, CALL, ENABLE."""
+        ring = RingBuilder(self.ram, num) if ring is None else ring
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         started = FrontendRing(index, ring, kick, call)

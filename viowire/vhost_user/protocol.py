@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from construct import Array, Bytes, Int16ul, Int32ul, Int64ul, Struct, this
+from construct import Array, Bytes, Int16ul, Int32ul, Int64ul, Padding, Struct, this
 
 VERSION = 0x1
 HEADER_SIZE = 12
@@ -167,8 +167,12 @@ Inflight = Struct(
     "mmap_offset" / Int64ul,
     "num_queues" / Int16ul,
     "queue_size" / Int16ul,
+    Padding(4),
 )
-"""GET/SET_INFLIGHT_FD: the shared buffer tracking requests in flight across reconnects."""
+"""GET/SET_INFLIGHT_FD: the shared buffer tracking requests in flight across reconnects
+(:mod:`viowire.vhost_user.inflight`). 24 bytes: QEMU and libvhost-user send the C struct with
+its trailing padding (it is not packed). GET_INFLIGHT_FD asks with ``num_queues`` and
+``queue_size`` set, and the reply carries the buffer's descriptor."""
 
 PAYLOADS: dict[Request, Struct] = {
     Request.GET_FEATURES: U64,
@@ -220,6 +224,17 @@ NO_PAYLOAD = frozenset(
         Request.SET_LOG_FD,
     }
 )
+
+
+class BackendRequest(enum.IntEnum):
+    """Back-end message types (vhost-user.rst "Back-end message types"), sent by the back-end
+    on the channel SET_BACKEND_REQ_FD gives it (protocol feature BACKEND_REQ)."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
 
 
 class ProtocolError(Exception):
@@ -287,6 +302,15 @@ def reply(message: Message, payload: bytes) -> bytes:
 
 def reply_u64(message: Message, value: int) -> bytes:
     return reply(message, U64.build({"value": value & (1 << 64) - 1}))
+
+
+@dataclass
+class Reply:
+    """A reply that carries descriptors (GET_INFLIGHT_FD's buffer): the I/O layer sends them
+    with the reply's first byte and then closes its copies."""
+
+    data: bytes
+    fds: list[int] = field(default_factory=list)
 
 
 class Decoder:

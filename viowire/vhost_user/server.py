@@ -60,6 +60,38 @@ async def recv_message_part(
         return data, fds.tolist()
 
 
+async def send_reply(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, answer: bytes | p.Reply
+) -> None:
+    """A reply, with its descriptors (if any) on its first byte; our copies are closed after."""
+    if isinstance(answer, bytes):
+        await loop.sock_sendall(sock, answer)
+        return
+    data = answer.data
+    try:
+        while answer.fds:
+            try:
+                sent = socket.send_fds(sock, [data], answer.fds)
+            except (BlockingIOError, InterruptedError):
+                await _writable(loop, sock)
+                continue
+            data = data[sent:]
+            break
+    finally:
+        close_fds(answer.fds)
+    if data:
+        await loop.sock_sendall(sock, data)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    waiter = loop.create_future()
+    loop.add_writer(sock.fileno(), waiter.set_result, None)
+    try:
+        await waiter
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
 class Listener:
     """One socket, one device."""
 
@@ -128,7 +160,7 @@ class Listener:
                     log.debug("%s: %s %s", self.name, message.name, message.payload.hex())
                     answer = await device.handle(message)
                     if answer is not None:
-                        await loop.sock_sendall(conn, answer)
+                        await send_reply(loop, conn, answer)
         except p.ProtocolError as exc:
             log.warning("%s: %s: closing the connection", self.name, exc)
         except (ConnectionError, OSError) as exc:
