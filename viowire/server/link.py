@@ -8,6 +8,10 @@ alone (or floods it while the destination is unknown), floods broadcast and mult
 sends a frame back to the port it came from. Learned entries age out (300 s, checked when looked
 at) and the table has a bound, so a flood of forged source MACs costs bounded memory; nothing is
 queued here: a port that cannot take a frame drops it (and counts it).
+
+A link has a state, up or down (:meth:`Link.set_up`), which it tells every port through the
+port's optional ``carrier`` callback, as a cable pulled and plugged again: net devices turn it
+into their config space's LINK_UP (§5.1.4). A down link forwards nothing.
 """
 
 from __future__ import annotations
@@ -23,15 +27,19 @@ MAX_ENTRIES = 4096
 """Learned MACs per link; past this the switch floods frames to unknown MACs instead of learning."""
 
 Deliver = Callable[[bytes], None]
+Carrier = Callable[[bool], None]
 
 
 class Port:
-    """One device's connection to a link: ``deliver(frame)`` hands it a frame to receive."""
+    """One device's connection to a link: ``deliver(frame)`` hands it a frame to receive;
+    ``carrier(up)``, if given, hears when the link goes down or up."""
 
-    __slots__ = ("deliver", "link", "name")
+    __slots__ = ("carrier", "deliver", "link", "name")
 
-    def __init__(self, link: Link, name: str, deliver: Deliver) -> None:
-        self.link, self.name, self.deliver = link, name, deliver
+    def __init__(
+        self, link: Link, name: str, deliver: Deliver, carrier: Carrier | None = None
+    ) -> None:
+        self.link, self.name, self.deliver, self.carrier = link, name, deliver, carrier
 
     def send(self, frame: bytes) -> None:
         """Put ``frame`` (an Ethernet frame, no virtio header) on the link."""
@@ -61,12 +69,25 @@ class Link:
         self.ports: list[Port] = []
         self.table: dict[bytes, tuple[Port, float]] = {}  # MAC -> (port, last seen)
         self.forwarded = self.flooded = self.filtered = 0
+        self.up = True
 
-    def attach(self, name: str, deliver: Deliver) -> Port:
-        """A new port; frames for it arrive through ``deliver``."""
-        port = Port(self, name, deliver)
+    def attach(self, name: str, deliver: Deliver, carrier: Carrier | None = None) -> Port:
+        """A new port; frames for it arrive through ``deliver``; a link that is down says so
+        through ``carrier`` at once."""
+        port = Port(self, name, deliver, carrier)
         self.ports.append(port)
+        if not self.up and carrier is not None:
+            carrier(False)
         return port
+
+    def set_up(self, up: bool) -> None:
+        """Bring the link up or down; every port's ``carrier`` hears of a change."""
+        if up == self.up:
+            return
+        self.up = up
+        for port in list(self.ports):
+            if port.carrier is not None:
+                port.carrier(up)
 
     def detach(self, port: Port) -> None:
         if port in self.ports:
@@ -98,7 +119,7 @@ class Link:
 
     def forward(self, sender: Port, frame: bytes) -> None:
         """Switch one frame from ``sender``: learn its source, then deliver it."""
-        if sender not in self.ports or len(frame) < ETH_HEADER:
+        if not self.up or sender not in self.ports or len(frame) < ETH_HEADER:
             return
         dst, src = bytes(frame[0:6]), bytes(frame[6:12])
         self.learn(src, sender)
@@ -128,13 +149,14 @@ def link(name: str) -> Link:
     return found
 
 
-def attach(name: str, port_name: str, deliver: Deliver) -> Port:
+def attach(name: str, port_name: str, deliver: Deliver, carrier: Carrier | None = None) -> Port:
     """Plug a new port into link ``name``."""
-    return link(name).attach(port_name, deliver)
+    return link(name).attach(port_name, deliver, carrier)
 
 
 def release(port: Port) -> None:
-    """Unplug ``port``; a link with no ports left is forgotten (a new one starts empty)."""
+    """Unplug ``port``; a link with no ports left is forgotten (a new one starts empty), unless
+    it is down: that is someone's decision, which outlives the devices."""
     port.detach()
-    if not port.link.ports and _links.get(port.link.name) is port.link:
+    if not port.link.ports and port.link.up and _links.get(port.link.name) is port.link:
         del _links[port.link.name]
