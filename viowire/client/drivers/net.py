@@ -282,14 +282,15 @@ class NetDriver(GenericDriver):
         hdr = self.header_size
         merged = self.has_feature(NetFeature.MRG_RXBUF)
         while (first := await anext(stream, None)) is not None:
+            if len(first) < hdr:
+                self.rx_errors += 1  # Linux: rx_length_errors, the buffer is dropped
+                continue
             if not merged:
                 return first[hdr:]
-            count = num_buffers(first) if len(first) >= hdr else 0
+            count = num_buffers(first)
             if count < 1:
                 self.rx_errors += 1
-                log.warning(
-                    "%s: received buffer with num_buffers %d: dropped", self.dev.name, count
-                )
+                log.warning("%s: num_buffers 0 in a header: dropped", self.dev.name)
                 continue
             parts = [first[hdr:]]
             for _ in range(count - 1):

@@ -19,7 +19,8 @@ Receive (held buffers): a frame from the link passes the receive filter (QEMU's
 ``receive_filter``: promiscuous after reset, as QEMU for old drivers; else own MAC, broadcast,
 the MAC table, all-multicast and the CTRL_RX_EXTRA switches), then goes into the next buffer the
 driver has made available, after a header. Without MRG_RXBUF one buffer holds one frame, and a
-frame that does not fit is dropped and counted, never written past the buffer; with it a frame
+frame that does not fit is dropped and counted, never written past the buffer (which waits for
+the next frame, as QEMU's goes back to the ring); with it a frame
 spreads over as many buffers as it needs, all used together, ``num_buffers`` in the first
 header saying how many (§5.1.6.4). A frame that finds too few buffers is dropped and counted
 (``rx_dropped``); at most ``queue_num_max`` frames per pair wait to be written, never more.
@@ -282,6 +283,7 @@ class NetDevice(Device):
         self._warned_tx = False
         self.tx_frames = self.tx_dropped = self.tx_errors = 0
         self.rx_frames = self.rx_dropped = self.rx_filtered = 0
+        self.rx_pair_frames = [0] * self.max_pairs  # frames written, per receiveq
         self.ctrl_ok = self.ctrl_err = 0
 
     # -- what the device is ---------------------------------------------------------------------
@@ -492,6 +494,7 @@ class NetDevice(Device):
                 written = await self._write_one(receiveq, path, frame)
             if written:
                 self.rx_frames += 1
+                self.rx_pair_frames[pair] += 1
             else:
                 self.rx_dropped += 1
 
@@ -505,8 +508,9 @@ class NetDevice(Device):
             return False
         data = receive_header(self.header_size) + frame
         if chain.writable_len < len(data):
-            # §5.1.6.3.1: without MRG_RXBUF each buffer must hold a whole frame
-            receiveq.complete(chain, 0)
+            # §5.1.6.3.1: without MRG_RXBUF each buffer must hold a whole frame; this one stays
+            # for the next, smaller frame (QEMU puts it back in the ring: virtqueue_unpop)
+            path.held.appendleft(chain)
             return False
         receiveq.complete(chain, await chain.write(data))
         return True
