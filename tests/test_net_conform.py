@@ -54,8 +54,9 @@ def test_net_checks_pass_from_the_command_line():
     assert verdicts == {(d, c): "PASS" for d in devices for c in NET_CHECKS}
 
 
-async def test_every_check_on_two_net_devices(tmp_path):
-    results = await conform(tmp_path, "net", "net,version=1,queues=2")
+@pytest.mark.parametrize("memory", ["shared", "proxied"])
+async def test_every_check_on_two_net_devices(tmp_path, memory):
+    results = await conform(tmp_path, "net", "net,version=1,queues=2", memory=memory)
     for device, checks in results.items():
         assert not fails(checks), (device, fails(checks))
         for id_ in NET_CHECKS:

@@ -13,9 +13,10 @@ import contextlib
 import struct
 
 import pytest
-from servers import running_server
+from servers import running_server, url_of
 from test_net import BROADCAST, TIMEOUT, Session, frame, next_frame, wait_until
 
+from viowire.client.connection import connect
 from viowire.client.drivers.net import NetCommandError, NetDriver, NetFeatureError
 from viowire.server import link as links
 from viowire.server.platform import DeviceSpec, PlatformSpec
@@ -57,6 +58,12 @@ def net_platform() -> PlatformSpec:
 
 def slot(version: int, kind: int) -> int:
     return VERSIONS.index(version) * SLOTS + kind
+
+
+@pytest.fixture
+async def server(tmp_path):
+    async with running_server(tmp_path, net_platform()) as server:
+        yield server
 
 
 @pytest.fixture
@@ -476,3 +483,31 @@ async def test_offload_not_negotiated_is_a_tx_error(sessions, version, flags, gs
     assert await next_frame(peer) == (after if error else sent)
     assert (dev.tx_errors, dev.tx_frames) == ((1, 1) if error else (0, 2))
     assert not dev.transport.status & Status.DEVICE_NEEDS_RESET
+
+
+# -- proxied guest memory -----------------------------------------------------------------------
+
+
+async def test_merged_frames_and_commands_over_proxied_memory(server, version):
+    """The device's writes of merged buffers and its command reads go through the wire."""
+    async with contextlib.AsyncExitStack() as stack:
+        drivers = []
+        for kind in (version, 2):
+            conn = await stack.enter_async_context(
+                await connect(url_of(server, "tcp"), memory="proxied")
+            )
+            infos = [d for d in await conn.platform() if d.device_id == 1]
+            drv = await NetDriver.attach(
+                await conn.attach(infos[slot(kind, MQ)]), rx_buffer_size=100
+            )
+            stack.push_async_callback(drv.detach)
+            drivers.append(drv)
+        drv, peer = drivers
+        await drv.set_rx_mode(promisc=False)
+        await drv.set_queue_pairs(4)
+        assert await raw_command(drv, MAC, 1, bytes(5)) == ERR
+        big = frame(drv.mac, peer.mac, bytes(range(250)) * 2)
+        await peer.send(big)
+        assert await next_frame(drv) == big
+        await peer.send(frame(STRANGER, peer.mac))
+        await expect_only(drv, frame(drv.mac, peer.mac, b"after"), peer)

@@ -227,8 +227,12 @@ class _RxPair:
 
 
 class NetDevice(Device):
-    """A virtio-net device on an in-server link; offers MAC, STATUS, MTU, MRG_RXBUF, CTRL_VQ,
-    CTRL_RX, CTRL_RX_EXTRA, CTRL_MAC_ADDR and, with ``queues`` > 1, MQ."""
+    """virtio-net on an in-server link: merged buffers, control queue, queues=N pairs, link state.
+
+    Offers MAC, STATUS, MTU, MRG_RXBUF, CTRL_VQ, CTRL_RX, CTRL_RX_EXTRA, CTRL_MAC_ADDR and,
+    with ``queues`` > 1, MQ. ``num_queues`` is the instance's own (2 * queues + 1): the
+    transport asks the instance.
+    """
 
     device_id = DEVICE_ID
     type_name = "net"
@@ -301,7 +305,7 @@ class NetDevice(Device):
         features = self.negotiated_features
         legacy_mac = (
             self.transport is not None
-            and self.transport.version == 1
+            and getattr(self.transport, "version", 2) == 1
             and not features >> NetFeature.CTRL_MAC_ADDR & 1
             and offset + width <= 6
         )
