@@ -30,7 +30,6 @@ feature was not negotiated raises :class:`NetFeatureError` without reaching the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -147,7 +146,10 @@ class NetDriver(GenericDriver):
         self.rx_errors = 0  # frames with a bad num_buffers, dropped
         self._ctrl_lock = asyncio.Lock()
         self._streams: dict[int, AsyncIterator[bytes]] = {}
-        self._pending: dict[int, asyncio.Task[bytes | None]] = {}
+        self._readers: dict[int, asyncio.Task[None]] = {}  # with more than one receiveq
+        self._arrivals: asyncio.Queue[bytes | BaseException | None] | None = None
+        self._partial: dict[int, tuple[int, list[bytes]]] = {}  # queue -> merged frame so far
+        self._rx_locks: dict[int, asyncio.Lock] = {}
 
     @property
     def header_size(self) -> int:
@@ -210,6 +212,7 @@ class NetDriver(GenericDriver):
         return hdr + ETH_HEADER + ETH_VLAN_TAG + self.mtu
 
     async def device_ready(self) -> None:
+        self._partial.clear()  # a reset took the rest of any frame half read
         if self._receivers:
             await super().device_ready()  # a reinitialise: post them again
             return
@@ -244,25 +247,49 @@ class NetDriver(GenericDriver):
     async def frames(self) -> AsyncIterator[bytes]:
         """``async for frame in drv.frames()``: received frames, virtio header stripped, merged
         buffers joined, from every receiveq (each queue's in the order the device returned
-        them); ends when the driver detaches. A frame being read when the reader stops (a
-        timeout, a break) is not lost: the next call yields it first."""
-        while True:
+        them); ends when the driver detaches. A merged frame half read when the reader stops
+        (a timeout, a break) is finished by the next call, not lost."""
+        while not self._detached:
             queues = self.receive_queues
             if not queues:
                 return
-            for queue in queues:
-                if queue not in self._pending:
-                    task = asyncio.get_running_loop().create_task(self._read_frame(queue))
-                    task.add_done_callback(_retrieve)
-                    self._pending[queue] = task
-            waiting = [self._pending[q] for q in queues]
-            if not any(task.done() for task in waiting):
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            queue = next(q for q in queues if self._pending[q].done())
-            frame = self._pending.pop(queue).result()
+            if len(queues) == 1 and not self._readers:
+                frame = await self._read_frame(queues[0])  # one queue: read it here
+            else:
+                frame = await self._next_arrival(queues)
             if frame is None:
                 return
             yield frame
+
+    async def _next_arrival(self, queues: list[int]) -> bytes | None:
+        """The next frame of any queue. A reader task per queue takes its frames off the ring
+        and hands them over through ``_arrivals``, which holds as many as the rings' buffers
+        (a NIC driver's backlog: taking frames in bursts keeps up with a busy link); past that
+        the readers wait, the buffers stay used, and the device drops. Nothing read is lost
+        between calls."""
+        if self._arrivals is None:
+            self._arrivals = asyncio.Queue(maxsize=self.rx_buffers * len(queues))
+        for queue in queues:
+            reader = self._readers.get(queue)
+            if reader is None or reader.done():
+                self._readers[queue] = asyncio.get_running_loop().create_task(
+                    self._reader(queue, self._arrivals)
+                )
+        item = await self._arrivals.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def _reader(
+        self, queue: int, arrivals: asyncio.Queue[bytes | BaseException | None]
+    ) -> None:
+        try:
+            while (frame := await self._read_frame(queue)) is not None:
+                await arrivals.put(frame)
+        except Exception as exc:  # the queue stopped (DEVICE_NEEDS_RESET): frames() raises it
+            await arrivals.put(exc)
+            return
+        await arrivals.put(None)  # detached
 
     def _stream(self, queue: int) -> AsyncIterator[bytes]:
         stream = self._streams.get(queue)
@@ -272,34 +299,43 @@ class NetDriver(GenericDriver):
 
     async def _read_frame(self, queue: int) -> bytes | None:
         """The next whole frame of receiveq ``queue`` (None once detached)."""
-        try:
-            return await self._join_buffers(self._stream(queue))
-        except BaseException:
-            self._streams.pop(queue, None)  # an error ends the stream: a new one next time
-            raise
+        lock = self._rx_locks.setdefault(queue, asyncio.Lock())
+        async with lock:
+            try:
+                return await self._join_buffers(queue, self._stream(queue))
+            except BaseException:
+                self._streams.pop(queue, None)  # a generator ends with any exception
+                raise
 
-    async def _join_buffers(self, stream: AsyncIterator[bytes]) -> bytes | None:
+    async def _join_buffers(self, queue: int, stream: AsyncIterator[bytes]) -> bytes | None:
+        """Read buffers until a frame is whole: with MRG_RXBUF the first header's num_buffers
+        says how many (§5.1.6.4); a frame in progress is kept in ``_partial``."""
         hdr = self.header_size
-        merged = self.has_feature(NetFeature.MRG_RXBUF)
-        while (first := await anext(stream, None)) is not None:
-            if len(first) < hdr:
-                self.rx_errors += 1  # Linux: rx_length_errors, the buffer is dropped
-                continue
-            if not merged:
-                return first[hdr:]
-            count = num_buffers(first)
-            if count < 1:
-                self.rx_errors += 1
-                log.warning("%s: num_buffers 0 in a header: dropped", self.dev.name)
-                continue
-            parts = [first[hdr:]]
-            for _ in range(count - 1):
+        while True:
+            partial = self._partial.get(queue)
+            if partial is None:
+                first = await anext(stream, None)
+                if first is None:
+                    return None
+                if len(first) < hdr:
+                    self.rx_errors += 1  # Linux: rx_length_errors, the buffer is dropped
+                    continue
+                if not self.has_feature(NetFeature.MRG_RXBUF):
+                    return first[hdr:]
+                count = num_buffers(first)
+                if count < 1:
+                    self.rx_errors += 1
+                    log.warning("%s: num_buffers 0 in a header: dropped", self.dev.name)
+                    continue
+                partial = self._partial[queue] = (count, [first[hdr:]])
+            count, parts = partial
+            while len(parts) < count:
                 more = await anext(stream, None)
                 if more is None:
                     return None
                 parts.append(more)
-            return b"".join(parts)
-        return None
+            del self._partial[queue]
+            return parts[0] if count == 1 else b"".join(parts)
 
     # -- control commands -----------------------------------------------------------------------
     async def command(self, cls: int, command: int, *data: bytes) -> None:
@@ -411,9 +447,9 @@ class NetDriver(GenericDriver):
 
     async def detach(self) -> None:
         await super().detach()
-        for task in self._pending.values():
+        for task in self._readers.values():
             task.cancel()
-        self._pending.clear()
+        self._readers.clear()
         self._streams.clear()
 
 
@@ -421,11 +457,3 @@ def _mac_text(mac: bytes) -> str:
     if len(mac) != 6:
         raise ValueError(f"{bytes(mac).hex()} is not a 6-byte MAC address")
     return ":".join(f"{b:02x}" for b in mac)
-
-
-def _retrieve(task: asyncio.Task) -> None:
-    """A frame reader's error is raised by frames(); if nobody calls it again, asyncio must
-    not log it as never retrieved."""
-    if not task.cancelled():
-        with contextlib.suppress(BaseException):
-            task.exception()
