@@ -279,6 +279,7 @@ BAD_COMMANDS = [
     (MAC, 0, struct.pack("<I", 0)),  # no multicast table
     (MQ_CLASS, 0, struct.pack("<H", 2)),  # MQ not negotiated
     (2, 0, struct.pack("<H", 1)),  # VLAN: not offered
+    (3, 0, b""),  # ANNOUNCE_ACK, but no announcement was asked for
 ]
 
 
@@ -460,6 +461,43 @@ async def test_link_events_need_status(sessions, version):
     drv, *_ = await pair(sessions, version, exclude_features=1 << STATUS)
     with pytest.raises(NetFeatureError, match="STATUS"):
         await anext(drv.link_events())
+
+
+# -- GUEST_ANNOUNCE ---------------------------------------------------------------------------
+
+GUEST_ANNOUNCE = 21
+RARP = b"\x80\x35"
+
+
+def is_rarp_of(got: bytes, mac: bytes) -> bool:
+    """A broadcast RARP request for ``mac`` (RFC 903), as QEMU's self-announce, 60 bytes."""
+    arp = bytes.fromhex("0001080006040003")  # Ethernet, IPv4, 6, 4, reverse request
+    return (
+        got[:14] == BROADCAST + mac + RARP
+        and got[14:22] == arp
+        and got[22:28] == mac
+        and got[32:38] == mac
+        and len(got) == 60
+    )
+
+
+async def test_device_asks_the_driver_to_announce(sessions, version):
+    """§5.1.6.5.4: status.ANNOUNCE and a config change; the driver announces and acks, the
+    device clears the bit."""
+    drv, peer, dev, _ = await pair(sessions, version)
+    assert drv.has_feature(GUEST_ANNOUNCE)
+    dev.announce()
+    assert is_rarp_of(await next_frame(peer), drv.mac)
+    await wait_until(lambda: not dev.announcing and drv.announcements == 1)
+    assert dev.ctrl_ok == 1 and not await drv.config_read(6, 2) & 2
+    assert await raw_command(drv, 3, 0) == ERR  # an ack of nothing asked: ERR, as QEMU's
+
+
+async def test_device_announces_itself_for_a_driver_without_guest_announce(sessions, version):
+    drv, peer, dev, _ = await pair(sessions, version, exclude_features=1 << GUEST_ANNOUNCE)
+    dev.announce()
+    assert is_rarp_of(await next_frame(peer), drv.mac)
+    assert not dev.announcing and drv.announcements == 0
 
 
 # -- transmit header --------------------------------------------------------------------------

@@ -140,6 +140,12 @@ class CtrlMac(enum.IntEnum):
     ADDR_SET = 1  # the 6-byte MAC
 
 
+class CtrlAnnounce(enum.IntEnum):
+    """Commands of class ANNOUNCE (§5.1.6.5.4)."""
+
+    ACK = 0  # no data: the driver has announced itself; the device clears status.ANNOUNCE
+
+
 class CtrlMq(enum.IntEnum):
     """Commands of class MQ (§5.1.6.5.6)."""
 
@@ -166,6 +172,7 @@ COMMAND_FEATURE = {
     (CtrlClass.RX, CtrlRx.NOBCAST): NetFeature.CTRL_RX_EXTRA,
     (CtrlClass.MAC, CtrlMac.TABLE_SET): NetFeature.CTRL_RX,
     (CtrlClass.MAC, CtrlMac.ADDR_SET): NetFeature.CTRL_MAC_ADDR,
+    (CtrlClass.ANNOUNCE, CtrlAnnounce.ACK): NetFeature.GUEST_ANNOUNCE,
     (CtrlClass.MQ, CtrlMq.VQ_PAIRS_SET): NetFeature.MQ,
 }
 
@@ -293,6 +300,16 @@ def transmit_header_problem(header: bytes, features: int) -> str | None:
 def transmit_header(size: int) -> bytes:
     """The header a driver puts before a frame it sends: no offloads, num_buffers 0 (§5.1.6.2)."""
     return bytes(size)
+
+
+ETHERTYPE_RARP = b"\x80\x35"
+
+
+def announce_frame(mac: bytes) -> bytes:
+    """The gratuitous frame that tells switches where ``mac`` is now, as QEMU's self-announce
+    sends it: a broadcast RARP request (RFC 903) for ``mac``, padded to 60 bytes."""
+    rarp = struct.pack(">HHBBH", 1, 0x0800, 6, 4, 3) + mac + bytes(4) + mac + bytes(4)
+    return (BROADCAST + mac + ETHERTYPE_RARP + rarp).ljust(60, b"\x00")
 
 
 def is_multicast(mac: bytes) -> bool:

@@ -9,8 +9,9 @@ and a larger frame spans several, which :meth:`NetDriver.frames` joins again by 
 header's ``num_buffers``.
 
 The driver accepts, as offered, MAC, STATUS, MTU, MRG_RXBUF, CTRL_VQ, CTRL_RX, CTRL_RX_EXTRA,
-CTRL_MAC_ADDR and MQ (never one without the feature it depends on, §5.1.3.1), and drives an old
-device that offers none of them as before::
+CTRL_MAC_ADDR, GUEST_ANNOUNCE and MQ (never one without the feature it depends on, §5.1.3.1),
+and drives an old device that offers none of them as before. When the device asks (status
+ANNOUNCE), it announces its MAC (a RARP, as QEMU's) and acknowledges, as Linux does::
 
     drv = await NetDriver.attach(dev)
     await drv.send(frame)                     # an Ethernet frame, no virtio header
@@ -47,12 +48,14 @@ from viowire.virtio.net import (
     NET_CONFIG,
     VQ_PAIRS,
     Ack,
+    CtrlAnnounce,
     CtrlClass,
     CtrlMac,
     CtrlMq,
     CtrlRx,
     NetFeature,
     NetStatus,
+    announce_frame,
     ctrl_command,
     ctrl_queue,
     header_size,
@@ -120,6 +123,7 @@ class NetDriver(GenericDriver):
         | 1 << NetFeature.CTRL_RX_EXTRA
         | 1 << NetFeature.CTRL_MAC_ADDR
         | 1 << NetFeature.MQ
+        | 1 << NetFeature.GUEST_ANNOUNCE
     )
     queue_names = ("receiveq0", "transmitq0")
     config_layout = NET_CONFIG
@@ -144,6 +148,9 @@ class NetDriver(GenericDriver):
         self.max_pairs = 1  # pairs the device has (max_virtqueue_pairs with MQ)
         self.pairs = 1  # pairs in use (VQ_PAIRS_SET)
         self.rx_errors = 0  # frames with a bad num_buffers, dropped
+        self.announce_asked = False  # status.ANNOUNCE, as last read
+        self.announcements = 0  # announcements made when the device asked (GUEST_ANNOUNCE)
+        self._announcing: asyncio.Task[None] | None = None
         self._ctrl_lock = asyncio.Lock()
         self._streams: dict[int, AsyncIterator[bytes]] = {}
         self._readers: dict[int, asyncio.Task[None]] = {}  # with more than one receiveq
@@ -184,13 +191,29 @@ class NetDriver(GenericDriver):
         if self.has_feature(NetFeature.MAC):
             self.mac = await self.config_bytes(0, 6)
         if self.has_feature(NetFeature.STATUS):
-            self.link_up = bool(await self.config_read(6, 2) & NetStatus.LINK_UP)
+            status = await self.config_read(6, 2)
+            self.link_up = bool(status & NetStatus.LINK_UP)
+            self.announce_asked = bool(status & NetStatus.ANNOUNCE)
         if self.has_feature(NetFeature.MTU):
             self.mtu = await self.config_read(10, 2)
 
     async def config_changed(self) -> None:
         await self.read_config()
+        asked = self.has_feature(NetFeature.GUEST_ANNOUNCE) and self.announce_asked
+        # in a task: the answers to the frame and the command come by interrupts too
+        if asked and (self._announcing is None or self._announcing.done()):
+            self._announcing = asyncio.get_running_loop().create_task(self._announce())
         await super().config_changed()
+
+    async def _announce(self) -> None:
+        """§5.1.6.5.4: announce this MAC (QEMU's RARP, so switches learn where it is), then
+        VIRTIO_NET_CTRL_ANNOUNCE_ACK, as Linux's virtnet_config_changed_work."""
+        try:
+            await self.send(announce_frame(self.mac))
+            await self.command(CtrlClass.ANNOUNCE, CtrlAnnounce.ACK)
+            self.announcements += 1
+        except Exception as exc:  # the device went away or broke: nothing left to announce to
+            log.warning("%s: announcing the MAC failed: %s", self.dev.name, exc)
 
     # -- receive buffers ------------------------------------------------------------------------
     @property
@@ -447,6 +470,8 @@ class NetDriver(GenericDriver):
 
     async def detach(self) -> None:
         await super().detach()
+        if self._announcing is not None:
+            self._announcing.cancel()
         for task in self._readers.values():
             task.cancel()
         self._readers.clear()

@@ -26,10 +26,11 @@ header saying how many (§5.1.6.4). A frame that finds too few buffers is droppe
 (``rx_dropped``); at most ``queue_num_max`` frames per pair wait to be written, never more.
 
 Control (§5.1.6.5): CTRL_RX (promiscuous, all-multicast; CTRL_RX_EXTRA's all-unicast, no-
-multicast, no-unicast, no-broadcast), MAC_TABLE_SET, MAC_ADDR_SET (CTRL_MAC_ADDR) and
-VQ_PAIRS_SET (MQ). A command that is unknown, of a feature not negotiated, or with data of the
-wrong length or value is answered VIRTIO_NET_ERR; a chain with no writable ack byte or fewer
-than 2 readable bytes is malformed (DEVICE_NEEDS_RESET).
+multicast, no-unicast, no-broadcast), MAC_TABLE_SET, MAC_ADDR_SET (CTRL_MAC_ADDR), ANNOUNCE_ACK
+(GUEST_ANNOUNCE: :meth:`NetDevice.announce` asks the driver) and VQ_PAIRS_SET (MQ). A command
+that is unknown, of a feature not negotiated, or with data of the wrong length or value is
+answered VIRTIO_NET_ERR; a chain with no writable ack byte or fewer than 2 readable bytes is
+malformed (DEVICE_NEEDS_RESET).
 
 Link state (STATUS): :meth:`NetDevice.set_link`, or the link's own state
 (:meth:`viowire.server.link.Link.set_up`), changes LINK_UP and sends a configuration change
@@ -75,6 +76,7 @@ from viowire.virtio.net import (
     CtrlRx,
     NetFeature,
     NetStatus,
+    announce_frame,
     ctrl_queue,
     format_mac,
     header_size,
@@ -107,6 +109,7 @@ OFFERED = (
     | 1 << NetFeature.CTRL_RX
     | 1 << NetFeature.CTRL_RX_EXTRA
     | 1 << NetFeature.CTRL_MAC_ADDR
+    | 1 << NetFeature.GUEST_ANNOUNCE
 )
 """What every viowire net device offers; MQ too when it has more than one pair."""
 
@@ -229,9 +232,9 @@ class _RxPair:
 class NetDevice(Device):
     """virtio-net on an in-server link: merged buffers, control queue, queues=N pairs, link state.
 
-    Offers MAC, STATUS, MTU, MRG_RXBUF, CTRL_VQ, CTRL_RX, CTRL_RX_EXTRA, CTRL_MAC_ADDR and,
-    with ``queues`` > 1, MQ. ``num_queues`` is the instance's own (2 * queues + 1): the
-    transport asks the instance.
+    Offers MAC, STATUS, MTU, MRG_RXBUF, CTRL_VQ, CTRL_RX, CTRL_RX_EXTRA, CTRL_MAC_ADDR,
+    GUEST_ANNOUNCE and, with ``queues`` > 1, MQ. ``num_queues`` is the instance's own
+    (2 * queues + 1): the transport asks the instance.
     """
 
     device_id = DEVICE_ID
@@ -280,6 +283,7 @@ class NetDevice(Device):
         self.num_queues = 2 * self.max_pairs + 1
         self.port: links.Port | None = None
         self.link_up = True
+        self.announcing = False  # status.ANNOUNCE: the driver is asked to announce itself
         self.filter = RxFilter()
         self.pairs = 1  # in use: §5.1.6.5.5, receiveq0 only until VQ_PAIRS_SET
         self.steering = Steering()
@@ -296,7 +300,9 @@ class NetDevice(Device):
         return OFFERED | mq
 
     def config_space(self) -> bytes:
-        status = NetStatus.LINK_UP if self.link_up else 0
+        status = (NetStatus.LINK_UP if self.link_up else 0) | (
+            NetStatus.ANNOUNCE if self.announcing else 0
+        )
         return CONFIG.pack(self.mac, status, self.max_pairs, self.mtu)
 
     def config_write(self, offset: int, data_value: int, width: int) -> None:
@@ -359,6 +365,18 @@ class NetDevice(Device):
         self.link_up = up
         log.info("%s: link %s", self.name, "up" if up else "down")
         self.on_config_change()
+
+    def announce(self) -> None:
+        """Tell the link where this device's MAC is (after a move, as QEMU after migration): a
+        driver with GUEST_ANNOUNCE is asked to (status.ANNOUNCE and a configuration change
+        notification, §5.1.6.5.4), which knows the addresses to announce; for any other the
+        device sends QEMU's RARP itself."""
+        if self._has(NetFeature.GUEST_ANNOUNCE) and self._has(NetFeature.CTRL_VQ):
+            self.announcing = True
+            self.on_config_change()
+        elif self.link_up:
+            self.tx_frames += 1
+            self._plug().send(announce_frame(self.mac))
 
     # -- transmit and control -------------------------------------------------------------------
     def queue_notify(self, queue: Queue) -> None:
@@ -436,6 +454,11 @@ class NetDevice(Device):
                 self.filter.unicast, self.filter.multicast = parse_mac_table(data)
             except ValueError:
                 return Ack.ERR
+        elif cls == CtrlClass.ANNOUNCE:  # ACK: only of an announcement asked for (QEMU)
+            if data or not self.announcing:
+                return Ack.ERR
+            self.announcing = False
+            self.on_config_change()
         elif cls == CtrlClass.MAC:  # ADDR_SET
             if len(data) != 6 or is_multicast(data):
                 return Ack.ERR
@@ -560,6 +583,7 @@ class NetDevice(Device):
     def reset(self) -> None:
         self._stop()
         self.filter = RxFilter()
+        self.announcing = False
         self.pairs = 1
         self.steering.clear()
         self.mac = self.default_mac  # QEMU: the MAC set by command lasts until reset
