@@ -549,3 +549,22 @@ async def test_merged_frames_and_commands_over_proxied_memory(server, version):
         assert await next_frame(drv) == big
         await peer.send(frame(STRANGER, peer.mac))
         await expect_only(drv, frame(drv.mac, peer.mac, b"after"), peer)
+
+
+# -- virtqueue reset ----------------------------------------------------------------------------
+
+
+async def test_receive_queue_reset_forgets_held_buffers(sessions):
+    """§2.6.1: after receiveq0 is reset the device holds none of its old buffers (a merged
+    frame that found too few left some held); frames go to the new ring's."""
+    drv, peer, dev, _ = await pair(sessions, 2, rx_buffer_size=64, rx_buffers=4)
+    await peer.send(frame(drv.mac, peer.mac, bytes(300)))  # 6 buffers needed, 4 held
+    await wait_until(lambda: dev.rx_dropped == 1)
+    assert len(dev._rx[0].held) == 4
+    await drv.reset_vq(0)
+    await drv.config()  # a round trip: the reset is done
+    assert len(dev._rx[0].held) == 0
+    fits = frame(drv.mac, peer.mac, b"new ring")
+    await peer.send(fits)
+    assert await next_frame(drv) == fits
+    assert not dev.transport.status & Status.DEVICE_NEEDS_RESET
