@@ -17,9 +17,12 @@ import time
 import pytest
 from cli_run import end_group, viowire
 from qemu import QEMU, STARTUP_TIMEOUT, needs_qemu
+from servers import running_server, url_of
 
+from viowire.client.connection import connect
 from viowire.client.drivers.net import NetCommandError, NetDriver
 from viowire.client.qtest import connect_qtest
+from viowire.server.platform import DeviceSpec, PlatformSpec
 
 pytestmark = needs_qemu
 
@@ -128,3 +131,44 @@ async def test_net_driver_drives_qemus_device(legacy):
             finally:
                 await a.detach()
                 await b.detach()
+
+
+LENIENT = [  # (what, class, command, data): QEMU says OK, viowire ERR (D16)
+    ("PROMISC with two bytes", 0, 0, b"\x01\x00"),
+    ("PROMISC with the value 2", 0, 0, b"\x02"),
+    ("ALLUNI without CTRL_RX_EXTRA negotiated", 0, 2, b"\x01"),
+    ("MAC_ADDR_SET of a multicast address", 1, 1, bytes.fromhex("01005e000001")),
+]
+CTRL_RX_EXTRA = 1 << 20
+
+
+async def ctrl_acks(drv: NetDriver) -> list[int]:
+    acks = []
+    for _, cls, cmd, data in LENIENT:
+        async with asyncio.timeout(TIMEOUT):
+            used = await drv.request(drv.ctrl_queue, out=[bytes([cls, cmd]), data], in_sizes=1)
+        acks.append(used.data[0])
+    return acks
+
+
+async def test_commands_qemu_takes_and_viowire_refuses(tmp_path):
+    """D16: data the spec does not allow (§5.1.6.5.1, .2) or a command of a feature not
+    negotiated: QEMU acts on it, viowire answers VIRTIO_NET_ERR and changes nothing."""
+    with qemu_nics(legacy=False) as url:
+        async with await connect_qtest(url) as conn:
+            info = next(i for i in await conn.platform() if i.device_id == 1)
+            drv = await NetDriver.attach(await conn.attach(info), exclude_features=CTRL_RX_EXTRA)
+            try:
+                assert await ctrl_acks(drv) == [0] * len(LENIENT)
+            finally:
+                await drv.detach()
+    async with (
+        running_server(tmp_path, PlatformSpec([DeviceSpec.parse("net")])) as server,
+        await connect(url_of(server, "unix")) as conn,
+    ):
+        info = next(i for i in await conn.platform() if i.device_id == 1)
+        drv = await NetDriver.attach(await conn.attach(info), exclude_features=CTRL_RX_EXTRA)
+        try:
+            assert await ctrl_acks(drv) == [1] * len(LENIENT)
+        finally:
+            await drv.detach()
