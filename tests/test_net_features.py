@@ -280,6 +280,7 @@ BAD_COMMANDS = [
     (MQ_CLASS, 0, struct.pack("<H", 2)),  # MQ not negotiated
     (2, 0, struct.pack("<H", 1)),  # VLAN: not offered
     (3, 0, b""),  # ANNOUNCE_ACK, but no announcement was asked for
+    (MAC, 0, struct.pack("<I", 11000) + bytes(66000) + struct.pack("<I", 0)),  # > 64 KiB
 ]
 
 
