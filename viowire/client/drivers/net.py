@@ -38,6 +38,7 @@ from typing import Any
 from viowire.client.drivers.generic import GenericDriver
 from viowire.client.errors import VirtioError
 from viowire.client.mmio import VirtioMmioDevice
+from viowire.client.virtqueue import Virtqueue
 from viowire.virtio.constants import Feature, Reg
 from viowire.virtio.net import (
     COMMAND_FEATURE,
@@ -332,33 +333,36 @@ class NetDriver(GenericDriver):
 
     async def _join_buffers(self, queue: int, stream: AsyncIterator[bytes]) -> bytes | None:
         """Read buffers until a frame is whole: with MRG_RXBUF the first header's num_buffers
-        says how many (§5.1.6.4); a frame in progress is kept in ``_partial``."""
+        says how many (§5.1.6.4). A frame in progress is kept in ``_partial``, looked at anew
+        after every wait (a reset forgets it: the next buffer starts a frame)."""
         hdr = self.header_size
-        while True:
+        while (buffer := await anext(stream, None)) is not None:
             partial = self._partial.get(queue)
-            if partial is None:
-                first = await anext(stream, None)
-                if first is None:
-                    return None
-                if len(first) < hdr:
-                    self.rx_errors += 1  # Linux: rx_length_errors, the buffer is dropped
-                    continue
-                if not self.has_feature(NetFeature.MRG_RXBUF):
-                    return first[hdr:]
-                count = num_buffers(first)
-                if count < 1:
-                    self.rx_errors += 1
-                    log.warning("%s: num_buffers 0 in a header: dropped", self.dev.name)
-                    continue
-                partial = self._partial[queue] = (count, [first[hdr:]])
-            count, parts = partial
-            while len(parts) < count:
-                more = await anext(stream, None)
-                if more is None:
-                    return None
-                parts.append(more)
-            del self._partial[queue]
-            return parts[0] if count == 1 else b"".join(parts)
+            if partial is not None:
+                count, parts = partial
+                parts.append(buffer)
+                if len(parts) == count:
+                    del self._partial[queue]
+                    return b"".join(parts)
+                continue
+            if len(buffer) < hdr:
+                self.rx_errors += 1  # Linux: rx_length_errors, the buffer is dropped
+                continue
+            if not self.has_feature(NetFeature.MRG_RXBUF):
+                return buffer[hdr:]
+            count = num_buffers(buffer)
+            if count < 1:
+                self.rx_errors += 1
+                log.warning("%s: num_buffers 0 in a header: dropped", self.dev.name)
+                continue
+            if count == 1:
+                return buffer[hdr:]
+            self._partial[queue] = (count, [buffer[hdr:]])
+        return None
+
+    async def reset_vq(self, queue: int, num: int | None = None) -> Virtqueue:
+        self._partial.pop(queue, None)  # the rest of a frame half read is gone with the ring
+        return await super().reset_vq(queue, num)
 
     # -- control commands -----------------------------------------------------------------------
     async def command(self, cls: int, command: int, *data: bytes) -> None:
