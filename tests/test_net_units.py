@@ -8,9 +8,11 @@ import struct
 
 import pytest
 
+from viowire.device import ChainError
 from viowire.server import link as links
-from viowire.server.devices.net import RxFilter, Steering, flow_key
+from viowire.server.devices.net import NetDevice, RxFilter, Steering, flow_key
 from viowire.server.link import Link
+from viowire.virtio.mock import GuestRam, RingBuilder, serve
 from viowire.virtio.net import (
     ctrl_queue,
     parse_mac_table,
@@ -171,3 +173,26 @@ def test_a_down_link_outlives_its_ports():
     links.link("units-down").set_up(True)
     links.release(links.attach("units-down", "b", lambda frame: None))
     assert "units-down" not in links._links
+
+
+async def test_transmit_on_a_mock_ring_reaches_the_link():
+    """NetDevice.handle() on viowire.virtio.mock's ring, no transport (no features: the
+    10-byte legacy header): a frame goes to the link, a header asking for an offload does not,
+    a chain shorter than the header is malformed."""
+    dev = NetDevice(link="units-mock")
+    got: list[bytes] = []
+    port = links.attach("units-mock", "listener", got.append)
+    try:
+        ring = RingBuilder(GuestRam(), 16)
+        ring.device_queue(1)  # transmitq0
+        frame = BCAST + OWN + b"\x88\xb5hello"
+        ring.add_chain([bytes(10), frame], [])
+        ring.add_chain([bytes([1]) + bytes(9), frame], [])  # NEEDS_CSUM without CSUM
+        assert [written for _, written in await serve(dev, ring)] == [0, 0]
+        assert got == [frame] and (dev.tx_frames, dev.tx_errors) == (1, 1)
+        ring.add_chain([bytes(9)], [])
+        with pytest.raises(ChainError, match="shorter than the 10-byte virtio_net_hdr"):
+            await serve(dev, ring)
+    finally:
+        dev.close()
+        links.release(port)
