@@ -641,6 +641,15 @@ async def _open(
             reply = await conn.request(hello)
             _accept_hello(conn, reply)
             await _authenticate(conn, reply, credentials, want_shm)
+        except ConnectionClosed as exc:
+            await conn.close()
+            if context is not None and not credentials.tls_cert and conn.session_id == 0:
+                # TLS 1.3 servers refuse a missing client certificate after the handshake.
+                raise ConnectionClosed(
+                    f"{exc} (before HELLO_REPLY: if the server requires a client certificate, "
+                    "give --tls-cert FILE and --tls-key FILE)"
+                ) from None
+            raise
         except BaseException:
             await conn.close()
             raise

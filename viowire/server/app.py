@@ -123,13 +123,19 @@ class Server:
             poll_us=self.poll_us,
             token=self.security.token,
         )
-        self.sessions.add(session)
-        original = session.connection_lost
+        made, lost = session.connection_made, session.connection_lost
+
+        # A session counts from its connection: a TLS handshake that fails never makes it (and
+        # never loses it either), so it must not be counted at creation.
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            self.sessions.add(session)
+            made(transport)
 
         def connection_lost(exc: Exception | None) -> None:
             self.sessions.discard(session)
-            original(exc)
+            lost(exc)
 
+        session.connection_made = connection_made
         session.connection_lost = connection_lost
         return session
 
