@@ -483,3 +483,40 @@ async def test_frames_before_hello_still_get_bad_state(token_server):
         assert _error_fields(error)[0] == m.ErrorCode.BAD_STATE
     finally:
         await peer.aclose()
+
+
+async def test_the_client_checks_the_servers_proof(tmp_path):
+    """Mutual: a peer that asks for the token but cannot prove it holds it (an impostor that
+    answers AUTH_REPLY with any mac) is refused by the client, which sends it no more."""
+    from viowire.protocol.codec import decode_body
+    from viowire.protocol.framing import FrameReader
+
+    seen: list[int] = []
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames = FrameReader()
+        reply = m.HelloReply(
+            version=m.PROTOCOL_VERSION, reserved=0, features=int(m.ProtoFeature.MEMORY_PROXIED),
+            max_frame=m.DEFAULT_MAX_FRAME, max_inflight=8, session_id=1, host_id=bytes(16),
+            auth=int(m.AuthMethod.TOKEN), nonce=bytes(32), name="impostor", shm_proof="",
+        )  # fmt: skip
+        while data := await reader.read(65536):
+            for frame in frames.feed(data):
+                seen.append(frame.type)
+                if frame.type == m.MsgType.HELLO:
+                    writer.write(encode(reply, frame.request_id, m.Flags.REPLY))
+                elif frame.type == m.MsgType.AUTH:
+                    assert decode_body(frame.type, frame.body).mac != TOKEN  # no secret sent
+                    answer = m.AuthReply(features=reply.features, mac=bytes(32))
+                    writer.write(encode(answer, frame.request_id, m.Flags.REPLY))
+        writer.close()
+
+    listener = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    try:
+        port = listener.sockets[0].getsockname()[1]
+        with pytest.raises(AuthError, match="did not prove it holds our token"):
+            await connect(f"tcp://127.0.0.1:{port}", credentials=ClientCredentials(token=TOKEN))
+        assert seen == [m.MsgType.HELLO, m.MsgType.AUTH]  # no MEM_REGISTER after that
+    finally:
+        listener.close()
+        await listener.wait_closed()
