@@ -467,7 +467,7 @@ async def test_a_session_maps_no_segment_but_its_own(server, shm_path):  # noqa:
             await peer.aclose()
 
 
-async def test_a_server_cannot_make_a_client_send_another_file(server):
+def test_a_server_cannot_make_a_client_send_another_file():
     from viowire.samehost import read_proof
 
     assert read_proof("../../etc/passwd") is None
@@ -520,3 +520,15 @@ async def test_the_client_checks_the_servers_proof(tmp_path):
     finally:
         listener.close()
         await listener.wait_closed()
+
+
+def test_a_server_cannot_hang_a_client_with_a_fifo_for_a_proof():
+    from viowire.samehost import read_proof
+
+    name = "viowire-proof-" + os.urandom(16).hex()
+    path = Path(SHM_DIR) / name
+    os.mkfifo(path, 0o600)
+    try:
+        assert read_proof(name) is None  # returns at once: not opened blocking, not a file
+    finally:
+        path.unlink()

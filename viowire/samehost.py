@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import secrets
+import stat
 import struct
 
 from viowire.auth import NONCE_SIZE, verify
@@ -47,14 +48,18 @@ class ShmProof:
 def read_proof(name: str) -> bytes | None:
     """The client's side: the bytes of the proof file ``name``, or None if this process cannot
     read it (another host, another /dev/shm, another user). Only a name of the proof's form is
-    opened, and only 32 bytes are read: a server cannot make a client send it any other file."""
+    opened, only a regular file (a FIFO there would block), and only 32 bytes are read: a
+    server cannot make a client send it any other file, nor hang it."""
     if not PROOF_NAME.fullmatch(name):
         return None
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(os.path.join(SHM_DIR, name), flags)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         data = os.read(fd, NONCE_SIZE + 1)
     except OSError:
         return None

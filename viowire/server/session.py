@@ -356,7 +356,10 @@ class ServerSession(asyncio.Protocol):
         self._server_nonce = auth.new_nonce()
         self._awaiting_auth = self.token is not None
         if self._may_prove_same_host(msg):
-            self._shm_proof = ShmProof()
+            try:
+                self._shm_proof = ShmProof()
+            except OSError as exc:  # no /dev/shm, or it is full: the session goes on without
+                log.info("session %x: no same-host proof file (%s)", self.session_id, exc)
         self.max_frame = min(msg.max_frame, m.DEFAULT_MAX_FRAME)
         self.reader.max_frame = self.max_frame
         if self.features & m.ProtoFeature.FD_SIDECAR and not self._adopt_sidecar():
