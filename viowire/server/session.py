@@ -446,7 +446,8 @@ class ServerSession(asyncio.Protocol):
         error = m.Error(code=m.ErrorCode.AUTH_FAILED, message=message + "; closing the connection")
         self.send(error, frame.request_id, _REPLY)
         self._flush()
-        self.transport.close()
+        if self.transport is not None:  # else (moving to the native transport) it closes there
+            self.transport.close()
         self._closed = True
 
     def _drop_shm_proof(self) -> None:
