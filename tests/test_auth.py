@@ -532,3 +532,20 @@ def test_a_server_cannot_hang_a_client_with_a_fifo_for_a_proof():
         assert read_proof(name) is None  # returns at once: not opened blocking, not a file
     finally:
         path.unlink()
+
+
+def test_workers_require_the_token_and_serve_tls_too(pki, tmp_path):
+    """``--workers``: the supervisor binds, checks and hands the same Security to each worker."""
+    token = tmp_path / "token"
+    token.write_bytes(TOKEN)
+    args = ["--workers", "2", "--listen", "tls://127.0.0.1:0", "--listen", f"unix://{tmp_path}/w"]
+    args += ["--tls-cert", pki["server"] + ".pem", "--tls-key", pki["server"] + ".key"]
+    with serve(*args, "--token-file", str(token), "--device", "rng") as served:
+        assert stat.S_IMODE(os.stat(tmp_path / "w").st_mode) == 0o600
+        for url in (served.url("tls"), served.url("unix")) * 2:
+            ok = viowire("probe", url, "--tls-ca", pki["ca"] + ".pem", "--token-file", str(token))
+            assert ok.returncode == 0 and "virtio-rng" in ok.stdout, ok.stderr
+        refused = viowire("probe", served.url("unix"))
+        assert refused.returncode == 1 and "requires a token" in refused.stderr
+    exposed = viowire("serve", "--workers", "2", "--listen", "tcp://0.0.0.0:7000")
+    assert exposed.returncode == 2 and "--insecure" in exposed.stderr
