@@ -699,12 +699,15 @@ async def _authenticate(
         if exc.code == m.ErrorCode.AUTH_FAILED:
             raise AuthError(f"{conn.endpoint} refused us: {exc}") from None
         raise
+    if not isinstance(answer, m.AuthReply):
+        raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"unexpected reply to AUTH: {answer}")
     if required and not auth.verify(auth.server_mac(token, reply.nonce, nonce), answer.mac):
         raise AuthError(
             f"{conn.endpoint} did not prove it holds our token (its AUTH_REPLY mac is wrong): "
             "not the server we meant to reach, or another token"
         )
-    conn.features = answer.features
+    # AUTH can add MEMORY_SHM (on proof) to what HELLO_REPLY settled, nothing else.
+    conn.features = answer.features & (reply.features | m.ProtoFeature.MEMORY_SHM)
 
 
 async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) -> object:
