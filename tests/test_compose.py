@@ -414,7 +414,29 @@ def wait_healthy(test: list[str], url: str) -> subprocess.CompletedProcess[str]:
         time.sleep(HEALTH_INTERVAL)
 
 
-def test_the_services_run_here(tmp_path):
+def use_a_token(tmp_path, monkeypatch) -> None:
+    """What the compose secret gives every service: VIOWIRE_TOKEN_FILE naming the token."""
+    token = tmp_path / "viowire.token"
+    token.write_text("0123456789abcdef0123456789abcdef\n")
+    monkeypatch.setenv("VIOWIRE_TOKEN_FILE", str(token))
+    monkeypatch.delenv("VIOWIRE_TOKEN", raising=False)
+
+
+def test_every_service_proves_the_token_from_a_compose_secret():
+    config = compose()
+    assert config["secrets"] == {"viowire_token": {"file": "./viowire.token"}}
+    assert compose({"VIOWIRE_TOKEN_FILE": "/k/t"})["secrets"]["viowire_token"]["file"] == "/k/t"
+    for name, service in config["services"].items():
+        assert service["secrets"] == ["viowire_token"], name
+        assert service["environment"]["VIOWIRE_TOKEN_FILE"] == "/run/secrets/viowire_token", name
+    # the healthcheck runs in the server's container, with its environment
+    assert "--token-file" not in config["services"]["server"]["healthcheck"]["test"]
+    assert "viowire.token" in (ROOT / ".gitignore").read_text().split()
+    assert dockerignored("viowire.token")
+
+
+def test_the_services_run_here(tmp_path, monkeypatch):
+    use_a_token(tmp_path, monkeypatch)
     services = compose()["services"]
     assert exec_form("ENTRYPOINT") == ["viowire"]
     serve_command = argv(services["server"]["command"])
@@ -426,6 +448,17 @@ def test_the_services_run_here(tmp_path):
         assert health.returncode == 0, health.stderr
         assert health.stdout.count("virtio-blk") == 2 and health.stdout.count("virtio-rng") == 2
         assert health.stdout.count("virtio-net") == 1
+        # A client without the token gets nothing.
+        env = {k: v for k, v in os.environ.items() if k != "VIOWIRE_TOKEN_FILE"}
+        refused = subprocess.run(
+            local(services["server"]["healthcheck"]["test"][2:], url),
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            check=False,
+            env=env,
+        )
+        assert refused.returncode == 1 and "requires a token" in refused.stderr
 
         # As across containers: the server maps no client's /dev/shm segment, and a client that
         # insists on shared memory is told to proxy it.
@@ -495,7 +528,8 @@ def test_netpeers_attach_a_net_device_of_the_server_in_their_own_namespace():
     assert peer["entrypoint"] == ["sh", target]
     assert peer["environment"]["VIOWIRE_TARGET"] == f"tcp://server:{server_port()}"
     assert compose({"VIOWIRE_TARGET": "tcp://h:1"})["services"][NETPEER]["environment"] == {
-        "VIOWIRE_TARGET": "tcp://h:1"
+        "VIOWIRE_TARGET": "tcp://h:1",
+        "VIOWIRE_TOKEN_FILE": "/run/secrets/viowire_token",
     }
     serve_args = argv(services["server"]["command"])
     assert "net,link=lan" in serve_args
@@ -505,7 +539,7 @@ def test_netpeers_attach_a_net_device_of_the_server_in_their_own_namespace():
     assert any("iproute2" in run and "iputils-ping" in run for run in instruction("RUN"))
 
 
-def test_netpeers_ping_each_other_here_in_network_namespaces():
+def test_netpeers_ping_each_other_here_in_network_namespaces(tmp_path, monkeypatch):
     """The server's command in namespace S, docker/netpeer.sh in C1 and C2 (as two replicas of
     the netpeer service; their sysctls from the compose file): each finds the other on the
     overlay and pings it, all 10 pings back. The overlay 10.204.0.0/16 is unreachable from the
@@ -513,6 +547,7 @@ def test_netpeers_ping_each_other_here_in_network_namespaces():
     from netns import Topology, require_netns, stderr_of, stdout_of
 
     require_netns("ping")
+    use_a_token(tmp_path, monkeypatch)  # the server listens on 0.0.0.0 (in its namespace)
     services = compose()["services"]
     peer = services[NETPEER]
     with Topology(["server", "c1", "c2"], "10.203.43", unreachable=["10.204.0.0/16"]) as topo:
