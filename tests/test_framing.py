@@ -133,3 +133,32 @@ def test_garbage_raises_only_frame_error(garbage, cuts, max_frame):
         assert exc.code in (m.ErrorCode.MALFORMED_FRAME, m.ErrorCode.FRAME_TOO_LARGE)
         with pytest.raises(FrameError):
             reader.feed(b"")
+
+
+@FAST
+@given(
+    st.lists(frames_st, max_size=30), st.lists(st.integers(0, 200), max_size=8), st.integers(1, 7)
+)
+def test_a_limit_hands_out_the_same_frames_in_slices(frames, cuts, limit):
+    """A server takes a large read a slice at a time: feed(data, limit) then feed(b"", limit)
+    until nothing comes gives the frames of an unlimited reader, in order."""
+    stream = b"".join(wire(f) for f in frames)
+    reader = FrameReader()
+    got: list[Frame] = []
+    for piece in chunks(stream, cuts):
+        batch = reader.feed(piece, limit)
+        while batch:
+            assert len(batch) <= limit
+            got += batch
+            batch = reader.feed(b"", limit)
+    assert got == frames
+    assert reader.buffered == 0
+
+
+def test_a_limit_of_zero_only_buffers():
+    reader = FrameReader()
+    data = wire(Frame(1, 0, 1, b"x")) * 3
+    assert reader.feed(data, 0) == []
+    assert reader.buffered == len(data)
+    assert len(reader.feed(b"", 2)) == 2
+    assert len(reader.feed(b"")) == 1

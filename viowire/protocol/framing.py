@@ -57,15 +57,19 @@ class FrameReader:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buffer = bytearray()
+        self._start = 0  # where the unread part of _buffer begins
         self._error: FrameError | None = None
 
     @property
     def buffered(self) -> int:
-        """Bytes received that do not yet make a complete frame."""
-        return len(self._buffer)
+        """Bytes received and not yet handed out as frames."""
+        return len(self._buffer) - self._start
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Every frame completed by ``data``; FrameError if the stream is not valid framing.
+    def feed(self, data: bytes | bytearray | memoryview, limit: int | None = None) -> list[Frame]:
+        """Every frame completed by ``data``, or at most ``limit`` of them (the rest stay
+        buffered: ``feed(b"", limit)`` hands out the next ones); FrameError if the stream is not
+        valid framing. A limit lets a server cut a large read into slices without parsing it
+        all at once.
 
         After a FrameError the reader stays broken: the stream has lost its frame boundaries.
         """
@@ -76,15 +80,15 @@ class FrameReader:
             if self._buffer:
                 self._buffer += data
                 with memoryview(self._buffer) as view:
-                    consumed = self._cut(view, frames)
-                del self._buffer[:consumed]  # once per feed: many small frames, one compaction
+                    self._start = self._cut(view, frames, self._start, limit)
+                self._compact()
             elif type(data) is bytes:  # the usual read: bodies are slices, no view needed
-                consumed = self._cut(data, frames)
+                consumed = self._cut(data, frames, 0, limit)
                 if consumed < len(data):
                     self._buffer += data[consumed:]
             else:  # a view the caller may reuse: what is kept is copied
                 with memoryview(data) as view:
-                    consumed = self._cut(view, frames)
+                    consumed = self._cut(view, frames, 0, limit)
                     if consumed < len(view):
                         self._buffer += view[consumed:]
         except FrameError as exc:
@@ -93,14 +97,28 @@ class FrameReader:
             raise
         return frames
 
-    def _cut(self, view: bytes | memoryview, frames: list[Frame]) -> int:
-        """Append the complete frames in ``view`` to ``frames``; return the bytes they used."""
-        offset, size = 0, len(view)
+    def _compact(self) -> None:
+        # Once per feed when it is all used; else only when the used part is the larger: slices
+        # of a large read never move its unread tail more than once or twice.
+        if self._start == len(self._buffer):
+            self._buffer.clear()
+            self._start = 0
+        elif self._start * 2 > len(self._buffer):
+            del self._buffer[: self._start]
+            self._start = 0
+
+    def _cut(
+        self, view: bytes | memoryview, frames: list[Frame], offset: int, limit: int | None
+    ) -> int:
+        """Append the complete frames in ``view`` from ``offset`` to ``frames`` (at most
+        ``limit``); return the offset after the last."""
+        size = len(view)
         views = type(view) is not bytes  # a slice of bytes is bytes; of a view, it is copied
         unpack_header = HEADER.unpack_from
         append = frames.append
         longest = self.max_frame - LENGTH_FIELD_SIZE
-        while size - offset >= HEADER_SIZE:
+        room = -1 if limit is None else limit
+        while size - offset >= HEADER_SIZE and room:
             length, msg_type, flags, reserved, request_id = unpack_header(view, offset)
             if length < _HEADER_REST or length > longest:
                 self._check_length(length)  # raises the precise error
@@ -112,8 +130,9 @@ class FrameReader:
             body = view[offset + HEADER_SIZE : end]
             append(Frame(msg_type, flags, request_id, body.tobytes() if views else body))
             offset = end
+            room -= 1
         else:
-            if size - offset >= LENGTH_FIELD_SIZE:  # a partial header: its length is checked now
+            if room and size - offset >= LENGTH_FIELD_SIZE:  # a partial header: checked now
                 self._check_length(_LENGTH.unpack_from(view, offset)[0])
         return offset
 

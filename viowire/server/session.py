@@ -8,6 +8,7 @@ reply and one log line; only a frame that breaks the framing itself ends the con
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import mmap
@@ -44,6 +45,7 @@ MMIO_WIDTHS = (1, 2, 4, 8)
 MAX_REGIONS = 64
 HELLO_TIMEOUT = 10.0
 MAX_QUEUED_FDS = 8
+SLICE_FRAMES = 16  # frames answered before the other sessions get the event loop
 MAX_NOTIFY_CHANNELS = 256  # a descriptor each; past this a device notifies on the connection
 SERVER_FEATURES = (
     m.ProtoFeature.POSTED_WRITES
@@ -138,6 +140,10 @@ class ServerSession(asyncio.Protocol):
         self._peer = "?"
         self._closed = False
         self._hello_timer: asyncio.TimerHandle | None = None
+        self._backlog: collections.deque[Frame] = collections.deque()  # read, not yet answered
+        self._slice_scheduled = False
+        self._paused: set[str] = set()  # why reading is paused (see _pause)
+        self._fatal: FrameError | None = None  # answer the backlog, then close with this
         self.token = token
         self._hello_seen = False
         self._server_nonce = b""
@@ -151,6 +157,8 @@ class ServerSession(asyncio.Protocol):
         if self.platform is not None:  # the same connection, now on the loop's own transport
             if self._closed:
                 transport.close()
+            elif self._paused:
+                transport.pause_reading()
             self._flush()
             return
         self._loop = asyncio.get_running_loop()
@@ -175,21 +183,58 @@ class ServerSession(asyncio.Protocol):
             os.close(self._fds.pop(0))
 
     def data_received(self, data: bytes) -> None:
-        try:
-            frames = self.reader.feed(data)
-        except FrameError as exc:
-            for frame in exc.frames:  # complete before the bad header: answered, in order
-                self._dispatch(frame)
-            self._fail_connection(exc.code, str(exc))
+        self._read_frames(data)
+        self._schedule_slice()
+
+    def _read_frames(self, data: bytes) -> None:
+        """Cut at most a slice's worth of frames into the backlog; the rest of the read waits,
+        unparsed, in the reader."""
+        if self._fatal is not None:
             return
-        # The replies to this read leave in one write at its end: no flush callback per read.
+        try:
+            self._backlog.extend(self.reader.feed(data, SLICE_FRAMES - len(self._backlog)))
+        except FrameError as exc:
+            # The frames complete before the bad header are answered, in order; then it closes.
+            self._backlog.extend(exc.frames)
+            self._fatal = exc
+            self._pause("fatal")
+
+    def _schedule_slice(self) -> None:
+        # Nothing is answered while the peer does not read its replies: a pipelining peer
+        # that never reads costs what it sent before its socket filled, then nothing.
+        if not self._slice_scheduled and "writing" not in self._paused:
+            self._serve_slice()
+
+    def _serve_slice(self) -> None:
+        """Answer at most :data:`SLICE_FRAMES` frames, then let the event loop serve the other
+        sessions before the next slice: a peer that pipelines thousands of requests in one read
+        delays nobody by more than a slice. Reading from this peer stops while frames it sent
+        wait, so what it can make the server hold stays bounded."""
+        self._slice_scheduled = False
+        self._read_frames(b"")
+        backlog = self._backlog
+        # The replies of a slice leave in one write at its end: no flush callback per frame.
         scheduled, self._flush_pending = self._flush_pending, True
         try:
-            for frame in frames:
-                self._dispatch(frame)
+            while backlog and not self._closed:
+                self._dispatch(backlog.popleft())
         finally:
             self._flush_pending = scheduled
         self._flush()
+        if self._closed:
+            backlog.clear()
+            return
+        self._read_frames(b"")
+        if backlog:
+            self._pause("backlog")
+            if "writing" not in self._paused:  # else resume_writing serves the rest
+                self._slice_scheduled = True
+                self._loop.call_soon(self._serve_slice)
+            return
+        if self._fatal is not None:
+            self._fail_connection(self._fatal.code, str(self._fatal))
+            return
+        self._resume("backlog")
         if self._go_native:
             self._switch_to_native()
 
@@ -223,16 +268,32 @@ class ServerSession(asyncio.Protocol):
         self._mappings.close()
 
     def pause_writing(self) -> None:
-        # The client is not reading its replies: stop reading its requests until it does, on
-        # the sidecar too.
-        self.transport.pause_reading()
-        if self._sidecar is not None:
-            self._sidecar.pause()
+        # The client is not reading its replies: stop reading its requests until it does.
+        self._pause("writing")
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
-        if self._sidecar is not None:
-            self._sidecar.resume()
+        self._resume("writing")
+        if self._backlog:
+            self._schedule_slice()
+
+    def _pause(self, reason: str) -> None:
+        """Stop reading this session's connection and sidecar (the other sessions go on) until
+        every reason given is resumed: its write buffer above the high-water mark ("writing"),
+        a backlog of frames not answered yet ("backlog"), a framing error ("fatal")."""
+        if not self._paused and self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+            if self._sidecar is not None:
+                self._sidecar.pause()
+        self._paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason not in self._paused:
+            return
+        self._paused.discard(reason)
+        if not self._paused and self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+            if self._sidecar is not None:
+                self._sidecar.resume()
 
     # -- output --------------------------------------------------------------------------------
     def send(self, msg: object, request_id: int = 0, flags: int = 0) -> None:
