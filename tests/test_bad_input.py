@@ -44,7 +44,8 @@ from viowire.protocol.framing import Frame, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.samehost import read_proof, segment_prefix
 from viowire.server.app import Server
-from viowire.server.session import MAX_QUEUED_FDS, MAX_REGIONS, ServerSession
+from viowire.server.limits import Limits
+from viowire.server.session import MAX_QUEUED_FDS, ServerSession
 from viowire.virtio.blk import BlkStatus, BlkType
 from viowire.virtio.constants import (
     DESC_SIZE,
@@ -1243,10 +1244,10 @@ async def test_mixing_proxied_and_shared_is_unsupported(server, open_peer, schem
 async def test_region_count_is_capped(open_peer, scheme):
     peer = await open_peer(scheme)
     await peer.hello()
-    for i in range(MAX_REGIONS):
+    for i in range(Limits().regions):
         await peer.expect_ok(mem_register(RAM_BASE + i * 4096, 4096, m.MemoryKind.PROXIED))
-    last = mem_register(RAM_BASE + MAX_REGIONS * 4096, 4096, m.MemoryKind.PROXIED)
-    await peer.request_error(last, m.ErrorCode.UNSUPPORTED)
+    last = mem_register(RAM_BASE + Limits().regions * 4096, 4096, m.MemoryKind.PROXIED)
+    await peer.request_error(last, m.ErrorCode.LIMIT_EXCEEDED)
 
 
 @SCHEMES

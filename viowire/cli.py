@@ -24,6 +24,7 @@ from viowire.options import (
     names_device_type,
 )
 from viowire.runtime import LOOPS, run, until_signalled
+from viowire.server.limits import add_limit_options, limits_from_args
 from viowire.vhost_user import cli as vhost_user_cli
 
 MAX_LISTED = 32  # devices serve prints at startup
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "certificates, or --insecure",
     )
     add_serve_security_options(serve)
+    add_limit_options(serve)
     serve.add_argument("--config", metavar="FILE", help="TOML platform description")
     serve.add_argument(
         "--workers",
@@ -281,6 +283,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
         allow_shm=not args.no_shm,
         poll_us=args.poll_us,
         security=security,
+        limits=limits_from_args(args),
     )
 
     def ready(pids: list[int]) -> None:
@@ -302,6 +305,7 @@ async def _serve(args: argparse.Namespace) -> int:
         poll_us=args.poll_us,
         links=_link_specs(args),
         security=security_from_args(args),
+        limits=limits_from_args(args),
     )
     endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
     logs.install()  # once it serves: a description that fails leaves the loggers as they were

@@ -355,6 +355,12 @@ class Connection(asyncio.Protocol):
             else:  # a posted write failed, or the server is closing the session
                 log.warning("%s: %s", self.endpoint, error)
                 self.posted_errors.append(error)
+            if not request_id and not frame.flags & _REPLY:
+                # Fatal (the server closes now): every request waiting learns why, not just
+                # that the connection closed.
+                for waiting in (*self._pending.values(), *self._reads.values()):
+                    if not waiting.done():
+                        waiting.set_exception(error)
         elif future is not None and not future.done():
             future.set_result(msg)
 

@@ -110,6 +110,7 @@ class ErrorCode(enum.IntEnum):
     BAD_STATE = 10  # e.g. a request before HELLO
     INTERNAL = 11  # a server bug; the session goes on, the log has the traceback
     AUTH_FAILED = 12  # authentication missing or wrong; the connection is closed after this
+    LIMIT_EXCEEDED = 13  # a limit of the server (the message names it); see section 9
 
 
 Range = Struct("gpa" / Int64ul, "length" / Int32ul)

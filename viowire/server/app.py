@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from viowire import auth
 from viowire.fdsocket import FdSocketTransport
 from viowire.options import UsageError
+from viowire.server.limits import Budget, Limits
 from viowire.server.linkpeer import LinkPeer, LinkSpec
 from viowire.server.platform import PlatformSpec
 from viowire.server.session import HELLO_TIMEOUT, ServerSession
@@ -70,6 +71,7 @@ class Server:
         poll_us: int = 0,
         links: list[LinkSpec] | None = None,
         security: Security | None = None,
+        limits: Limits | None = None,
     ) -> None:
         """``allow_shm=False`` refuses named /dev/shm segments: a same-host peer could shrink
         its segment under the server (a SIGBUS); memfds over Unix sockets are sealed instead.
@@ -78,7 +80,8 @@ class Server:
         window adapts to the traffic (viowire.server.service). ``links``: in-server links to
         join with other servers' (viowire.server.linkpeer), once the server listens.
         ``security``: the token, TLS and socket mode of the listeners (default: none of them,
-        and only loopback TCP addresses)."""
+        and only loopback TCP addresses). ``limits``: what its sessions may take
+        (viowire.server.limits; default: Limits())."""
         if poll_us < 0:
             raise ValueError(f"poll_us {poll_us}: 0 (off) or a number of microseconds")
         self.spec = spec or PlatformSpec.default()
@@ -86,6 +89,7 @@ class Server:
         self.allow_shm = allow_shm
         self.poll_us = poll_us
         self.security = security or Security()
+        self.budget = Budget(limits)
         self.endpoints: list[Endpoint] = []
         self.sessions: set[ServerSession] = set()
         self._tcp_servers: list[asyncio.base_events.Server] = []
@@ -122,6 +126,7 @@ class Server:
             name=self.name,
             poll_us=self.poll_us,
             token=self.security.token,
+            budget=self.budget,
         )
         made, lost = session.connection_made, session.connection_lost
 

@@ -33,6 +33,7 @@ from viowire.protocol.codec import (
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.samehost import ShmProof, peer_uid, segment_prefix, trusted_uid
+from viowire.server.limits import Budget, LimitExceeded
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
 from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
@@ -42,7 +43,6 @@ from viowire.virtio.memory import GuestMemory, GuestMemoryError
 log = logging.getLogger("viowire.server")
 
 MMIO_WIDTHS = (1, 2, 4, 8)
-MAX_REGIONS = 64
 HELLO_TIMEOUT = 10.0
 MAX_QUEUED_FDS = 8
 SLICE_FRAMES = 16  # frames answered before the other sessions get the event loop
@@ -105,9 +105,11 @@ class ServerSession(asyncio.Protocol):
         name: str = "viowire",
         poll_us: int = 0,
         token: bytes | None = None,
+        budget: Budget | None = None,
     ) -> None:
         """``token``: the shared secret every client must prove in AUTH before anything else
-        (viowire.auth); None lets a client in after HELLO."""
+        (viowire.auth); None lets a client in after HELLO. ``budget``: the server's account of
+        its limits (viowire.server.limits), shared by its sessions; default: one of its own."""
         self.session_id = next(_session_ids) | (os.getpid() << 32)
         self.spec = spec
         self.fd_passing = fd_passing
@@ -150,6 +152,10 @@ class ServerSession(asyncio.Protocol):
         self._awaiting_auth = False  # HELLO answered, the token not proven yet: nothing else goes
         self._auth_open = False  # AUTH may still come: nothing but HELLO has been received
         self._shm_proof: ShmProof | None = None
+        self.budget = budget or Budget()
+        self._charged_session = False
+        self._charged_devices = (0, 0)  # devices and RAM-disk bytes taken from the budget
+        self._mapped = 0  # bytes of shared guest memory mapped
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -165,6 +171,12 @@ class ServerSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
         log.info("session %x: connected from %s", self.session_id, self._peer)
+        try:
+            self.budget.take_session()
+        except LimitExceeded as exc:
+            self._fail_connection(m.ErrorCode.LIMIT_EXCEEDED, str(exc))
+            return
+        self._charged_session = True
         # A peer that never completes the handshake (a port scanner, a half-sent frame, a client
         # without the token) is dropped.
         self._hello_timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_timed_out)
@@ -240,6 +252,7 @@ class ServerSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._credit_budget()
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         self._drop_shm_proof()
@@ -259,6 +272,14 @@ class ServerSession(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(self._teardown())
         _TEARDOWNS.add(task)
         task.add_done_callback(_TEARDOWNS.discard)
+
+    def _credit_budget(self) -> None:
+        # At once, not after the teardown: a client that reconnects right away finds the room.
+        if self._charged_session:
+            self._charged_session = False
+            self.budget.give_session()
+        self.budget.give_devices(*self._charged_devices)
+        self._charged_devices = (0, 0)
 
     async def _teardown(self) -> None:
         if self.platform is not None:
@@ -436,8 +457,8 @@ class ServerSession(asyncio.Protocol):
         )
         self.max_inflight = min(msg.max_inflight, m.DEFAULT_MAX_INFLIGHT)
         self._inflight = asyncio.Semaphore(self.max_inflight)
-        if not self._awaiting_auth:
-            self._open()
+        if not self._awaiting_auth and not self._open(frame):
+            return
         reply = m.HelloReply(
             version=m.PROTOCOL_VERSION,
             reserved=0,
@@ -464,17 +485,28 @@ class ServerSession(asyncio.Protocol):
             and any(msg.host_id)
         )
 
-    def _open(self) -> None:
-        """The session is established: only now are its devices built."""
+    def _open(self, frame: Frame) -> bool:
+        """The session is established: only now are its devices built, if the budget has room
+        for them; else ``frame`` (HELLO or AUTH) is refused and the connection closes."""
         self._awaiting_auth = False
         if self._hello_timer is not None:
             self._hello_timer.cancel()
-        self.platform = self.spec.build(name_prefix=f"session {self.session_id:x} ")
+        platform = self.spec.build(name_prefix=f"session {self.session_id:x} ")
+        charge = (len(platform.slots), sum(_ram_disk_bytes(s.device) for s in platform.slots))
+        try:
+            self.budget.take_devices(*charge)
+        except LimitExceeded as exc:
+            _later(self._loop.create_task(platform.aclose()))
+            self._refuse(frame, m.ErrorCode.LIMIT_EXCEEDED, str(exc))
+            return False
+        self._charged_devices = charge
+        self.platform = platform
         for slot in self.platform.slots:
             slot.device.on_irq = self._irq_sender(slot)
             slot.device.posted_ack = bool(self.features & m.ProtoFeature.IRQ_STATUS)
             if self.poll_us:  # idle devices keep the class default: a smaller dict each
                 slot.device.poll_us = self.poll_us
+        return True
 
     def _on_auth(self, frame: Frame, msg: m.Auth) -> None:
         if not self._auth_open:
@@ -496,15 +528,18 @@ class ServerSession(asyncio.Protocol):
         if self._shm_proof is not None and self._shm_proof.matches(msg.shm_proof):
             self.features |= m.ProtoFeature.MEMORY_SHM
         self._drop_shm_proof()
-        if self.platform is None:
-            self._open()
+        if self.platform is None and not self._open(frame):
+            return
         log.info("session %x: AUTH accepted, features %#x", self.session_id, self.features)
         self.send(m.AuthReply(features=self.features, mac=mac), frame.request_id, _REPLY)
 
     def _refuse_auth(self, frame: Frame, message: str) -> None:
-        """ERROR AUTH_FAILED as the reply to ``frame``, then the connection closes."""
-        log.warning("session %x: AUTH_FAILED from %s: %s", self.session_id, self._peer, message)
-        error = m.Error(code=m.ErrorCode.AUTH_FAILED, message=message + "; closing the connection")
+        self._refuse(frame, m.ErrorCode.AUTH_FAILED, message)
+
+    def _refuse(self, frame: Frame, code: m.ErrorCode, message: str) -> None:
+        """ERROR ``code`` as the reply to ``frame``, then the connection closes."""
+        log.warning("session %x: %s from %s: %s", self.session_id, code.name, self._peer, message)
+        error = m.Error(code=code, message=message + "; closing the connection")
         self.send(error, frame.request_id, _REPLY)
         self._flush()
         if self.transport is not None:  # else (moving to the native transport) it closes there
@@ -657,8 +692,10 @@ class ServerSession(asyncio.Protocol):
                 "did not negotiate",
             )
         region_count = len(self.memory.regions) if self.memory is not None else 0
-        if region_count >= MAX_REGIONS:
-            raise ProtocolFault(m.ErrorCode.UNSUPPORTED, f"at most {MAX_REGIONS} memory regions")
+        try:
+            self.budget.check_regions(region_count)
+        except LimitExceeded as exc:
+            raise ProtocolFault(m.ErrorCode.LIMIT_EXCEEDED, str(exc)) from None
         try:
             if kind == m.MemoryKind.PROXIED:
                 self._use_memory(self._proxy()).add_region(msg.gpa, msg.size)
@@ -680,11 +717,16 @@ class ServerSession(asyncio.Protocol):
         # The session commits to shared memory only once a mapping exists: a refused
         # registration must leave the session as it was.
         try:
+            self.budget.check_mapped(self._mapped, len(mapping))
             self._use_memory(self._mappings.memory)
+        except LimitExceeded as exc:
+            mapping.close()
+            raise ProtocolFault(m.ErrorCode.LIMIT_EXCEEDED, str(exc)) from None
         except ProtocolFault:
             mapping.close()
             raise
         self._mappings.add(gpa, mapping)
+        self._mapped += len(mapping)
 
     def _use_memory(self, memory: GuestMemory) -> GuestMemory:
         if self.memory is not None and self.memory is not memory:
@@ -856,6 +898,17 @@ class ServerSession(asyncio.Protocol):
             future.set_exception(GuestMemoryError(f"client: {msg.message}"))
         else:
             future.set_exception(GuestMemoryError(f"unexpected reply {type(msg).__name__}"))
+
+
+def _ram_disk_bytes(device: object) -> int:
+    """Server memory a device may fill with what its driver writes (a RAM disk's size)."""
+    return getattr(device.backend, "ram_disk_bytes", 0)
+
+
+def _later(task: asyncio.Task) -> None:
+    # Keep a reference: the loop holds tasks weakly.
+    _TEARDOWNS.add(task)
+    task.add_done_callback(_TEARDOWNS.discard)
 
 
 def _expire(future: asyncio.Future) -> None:

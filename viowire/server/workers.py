@@ -20,6 +20,7 @@ from collections.abc import Callable
 from viowire import logs
 from viowire.runtime import run, until_signalled
 from viowire.server.app import Security, Server
+from viowire.server.limits import Limits
 from viowire.server.platform import PlatformSpec
 from viowire.urls import Endpoint
 
@@ -53,6 +54,7 @@ class Supervisor:
         allow_shm: bool = True,
         poll_us: int = 0,
         security: Security | None = None,
+        limits: Limits | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"--workers {workers}: at least 1")
@@ -61,7 +63,12 @@ class Supervisor:
         self.count = workers
         self.loop = loop
         # Server(**these)
-        self.server_options = {"allow_shm": allow_shm, "poll_us": poll_us, "security": security}
+        self.server_options = {
+            "allow_shm": allow_shm,
+            "poll_us": poll_us,
+            "security": security,
+            "limits": limits,  # each worker has the whole of them: limits are per process
+        }
         self.children: dict[int, float] = {}  # pid -> start time
         self.stopping = False
         self.quick_deaths = 0

@@ -356,6 +356,12 @@ class BlockBackend(Device):
     def config_space(self) -> bytes:
         return _CONFIG.pack(self.capacity, self.size_max, self.seg_max, 0, 0, 0, BLK_SECTOR_SIZE)
 
+    @property
+    def ram_disk_bytes(self) -> int:
+        """Server memory this disk may come to hold: its size for a RAM disk, 0 for a file
+        (charged to the server's budget, viowire.server.limits)."""
+        return self._image.size if isinstance(self._image, _RamImage) else 0
+
     def resize(self, new_size_bytes: int) -> None:
         """Change the disk size; the driver learns of it through a config interrupt."""
         self._image.resize(new_size_bytes)

@@ -1,0 +1,179 @@
+"""Limits (viowire.server.limits, ``serve --max-*``): a refused request gets ERROR LIMIT_EXCEEDED
+naming the limit, and the session (where it goes on) and every other session keep working.
+
+Sessions, devices and RAM-disk bytes are charged when a session connects or is opened, and given
+back when it ends; memory regions and mapped bytes are counted per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+from servers import small_platform, url_of
+from test_bad_input import RAM_BASE, RawPeer, hello_msg, mem_register, memfd
+
+from viowire.client.connection import Connection, ProtocolError, connect
+from viowire.protocol import messages as m
+from viowire.protocol.codec import decode_body
+from viowire.server.app import Server
+from viowire.server.limits import Limits
+from viowire.virtio.constants import MAGIC_VALUE, Reg
+
+TIMEOUT = 5.0
+MIB = 1 << 20
+SESSION_RAM = 8 * MIB  # small_platform(): two RAM disks of 4 MiB
+SESSION_DEVICES = 4
+BASE = 0x1000_1000
+
+
+@contextlib.asynccontextmanager
+async def limited_server(tmp_path, **limits) -> AsyncIterator[Server]:
+    server = Server(small_platform(), limits=Limits(**limits))
+    await server.start(["tcp://127.0.0.1:0", f"unix://{tmp_path}/viowire.sock"])
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def open_client(server: Server, scheme: str = "tcp") -> Connection:
+    return await asyncio.wait_for(connect(url_of(server, scheme), memory="proxied"), TIMEOUT)
+
+
+async def works(conn: Connection) -> None:
+    value = await asyncio.wait_for(conn.mmio_read(BASE + Reg.MAGIC_VALUE, 4), TIMEOUT)
+    assert value == MAGIC_VALUE
+
+
+async def refused(server: Server, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match) as info:
+        await open_client(server)
+    assert info.value.code == m.ErrorCode.LIMIT_EXCEEDED
+
+
+async def until_sessions(server: Server, count: int) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while len(server.sessions) != count or server.budget.sessions != count:
+            await asyncio.sleep(0.01)
+
+
+async def test_sessions_per_server(tmp_path):
+    async with limited_server(tmp_path, sessions=2) as server:
+        first, second = await open_client(server), await open_client(server)
+        await refused(server, "--max-sessions 2")
+        await works(first)
+        await works(second)
+        await first.close()
+        await until_sessions(server, 1)
+        third = await open_client(server)  # the room came back with the session's end
+        await works(third)
+        await works(second)
+        await second.close()
+        await third.close()
+
+
+async def test_ram_disk_bytes_per_server_are_refused_on_the_handshake_from_bytes(tmp_path):
+    async with limited_server(tmp_path, ram_disk_bytes=2 * SESSION_RAM) as server:
+        first, second = await open_client(server), await open_client(server)
+        assert server.budget.ram_disk_bytes == 2 * SESSION_RAM
+        peer = await RawPeer.connect(server, "unix")
+        try:
+            request_id = await peer.send_msg(hello_msg())
+            message = await peer.expect_error(m.ErrorCode.LIMIT_EXCEEDED, request_id)
+            assert "--max-ram-disk" in message and "closing" in message
+            await peer.expect_closed()
+        finally:
+            await peer.aclose()
+        await works(first)
+        await works(second)
+        await first.close()
+        await until_sessions(server, 1)
+        assert server.budget.ram_disk_bytes == SESSION_RAM
+        third = await open_client(server)
+        await works(third)
+        await second.close()
+        await third.close()
+
+
+async def test_devices_per_server(tmp_path):
+    async with limited_server(tmp_path, devices=SESSION_DEVICES + 3) as server:
+        first = await open_client(server)
+        await refused(server, "--max-devices 7")
+        await works(first)
+        await first.close()
+
+
+async def test_a_platform_above_the_session_limits_is_refused_every_time(tmp_path):
+    async with limited_server(tmp_path, session_ram_disk_bytes=SESSION_RAM - 1) as server:
+        await refused(server, "--max-session-ram-disk")
+        await refused(server, "--max-session-ram-disk")
+        await until_sessions(server, 0)
+        assert (server.budget.devices, server.budget.ram_disk_bytes) == (0, 0)
+    async with limited_server(tmp_path, session_devices=SESSION_DEVICES - 1) as server:
+        await refused(server, "--max-session-devices 3")
+
+
+async def test_memory_regions_per_session(tmp_path):
+    async with limited_server(tmp_path, regions=2) as server:
+        peer = await RawPeer.connect(server, "tcp")
+        other = await open_client(server)
+        try:
+            await peer.hello()
+            for i in range(2):
+                await peer.expect_ok(mem_register(RAM_BASE + i * 4096, 4096, m.MemoryKind.PROXIED))
+            message = await peer.request_error(
+                mem_register(RAM_BASE + 2 * 4096, 4096, m.MemoryKind.PROXIED),
+                m.ErrorCode.LIMIT_EXCEEDED,
+            )
+            assert "--max-regions" in message
+            # the session goes on
+            reply = await peer.request(m.MmioRead(addr=BASE + Reg.MAGIC_VALUE, width=4))
+            assert reply.value == MAGIC_VALUE
+            await works(other)
+        finally:
+            await peer.aclose()
+            await other.close()
+
+
+async def test_mapped_bytes_per_session(tmp_path):
+    async with limited_server(tmp_path, mapped_bytes=96 << 10) as server:
+        peer = await RawPeer.connect(server, "unix")
+        fds = [memfd(64 << 10), memfd(64 << 10)]
+        try:
+            await peer.hello()
+            register = mem_register(RAM_BASE, 64 << 10, m.MemoryKind.MEMFD)
+            await peer.expect_ok(register, fds=[fds[0]])
+            message = await peer.request_error(
+                mem_register(RAM_BASE + (64 << 10), 64 << 10, m.MemoryKind.MEMFD),
+                m.ErrorCode.LIMIT_EXCEEDED,
+                fds=[fds[1]],
+            )
+            assert "--max-mapped" in message
+            frame = await peer.send_msg(m.MmioRead(addr=BASE + Reg.MAGIC_VALUE, width=4))
+            reply = await peer.reply()
+            assert reply.request_id == frame
+            assert decode_body(reply.type, reply.body).value == MAGIC_VALUE
+        finally:
+            for fd in fds:
+                os.close(fd)
+            await peer.aclose()
+
+
+def test_serve_help_names_every_limit_with_its_default():
+    from cli_run import viowire
+
+    out = viowire("serve", "--help").stdout
+    for flag, default in (
+        ("--max-sessions", "256"),
+        ("--max-devices", "131072"),
+        ("--max-ram-disk", "4G"),
+        ("--max-session-ram-disk", "1G"),
+        ("--max-regions", "64"),
+        ("--max-mapped", "64G"),
+    ):
+        assert flag in out
+        assert f"(default {default})" in " ".join(out.split()), flag
