@@ -288,6 +288,12 @@ class MmioDevice(QueueService):
         self._forget_pass()
         self._set_interrupt_status(0)
 
+    def fail(self, reason: str) -> None:
+        """Enter DEVICE_NEEDS_RESET for a cause outside the device (a guest-memory write the
+        client refused): what the device told its driver may not have arrived."""
+        if not self._status & Status.DEVICE_NEEDS_RESET:
+            self._fail(reason)
+
     def _fail(self, reason: str) -> None:
         """Enter DEVICE_NEEDS_RESET (§2.1.2): one log line, stop processing until reset, and
         tell a modern driver through a configuration change notification."""

@@ -68,6 +68,11 @@ _AUTH = int(m.MsgType.AUTH)
 _ERROR = int(m.MsgType.ERROR)
 _QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
 _MEM_READ_REPLY = int(m.MsgType.MEM_READ_REPLY)
+_POSTED_WRITES = int(m.ProtoFeature.POSTED_WRITES)
+# The server's own request ids tell its MEM_WRITEs (bit 31 set) from its MEM_READs, so that an
+# ERROR answering a posted MEM_WRITE is recognised without remembering every write.
+_WRITE_ID = 0x8000_0000
+_READ_IDS = _WRITE_ID - 1
 _RANGE_BYTES = 12  # a Range on the wire
 _MEM_WRITE_OVERHEAD = m.HEADER_SIZE + 4  # header and range count
 _SIDECAR_TYPES = frozenset((int(m.MsgType.MEM_REGISTER), int(m.MsgType.NOTIFY_CHANNEL)))
@@ -137,7 +142,8 @@ class ServerSession(asyncio.Protocol):
         self._writes_data: list[bytes] = []
         self._writes_size = 0
         self._flush_pending = False
-        self._next_id = itertools.count(1)
+        self._next_id = itertools.count(1)  # MEM_READ request ids: bit 31 clear
+        self._write_ids = itertools.count(0)  # MEM_WRITE request ids: bit 31 set
         self._pending: dict[int, asyncio.Future] = {}
         self._peer = "?"
         self._closed = False
@@ -382,6 +388,14 @@ class ServerSession(asyncio.Protocol):
                 )
                 return
             self._auth_open = self._awaiting_auth  # too late for an optional AUTH now
+        if frame.flags & _POSTED and not self.features & _POSTED_WRITES:
+            self._reply_error(
+                frame,
+                m.ErrorCode.UNSUPPORTED,
+                f"message type {msg_type:#x} is POSTED, but this session did not negotiate "
+                "POSTED_WRITES: not applied (send it without POSTED)",
+            )
+            return
         fields, handler = entry
         try:
             if fields is None:
@@ -691,6 +705,14 @@ class ServerSession(asyncio.Protocol):
                 f"memory kind {m.MemoryKind(kind).name} needs {feature.name}, which this session "
                 "did not negotiate",
             )
+        window = self._window_overlapping(msg.gpa, msg.size)
+        if window is not None:
+            raise ProtocolFault(
+                m.ErrorCode.MEMORY_FAULT,
+                f"region {msg.gpa:#x}+{msg.size:#x} overlaps the device window at "
+                f"{window.base:#x}+{window.size:#x}: guest RAM and device windows share one "
+                "physical address space (PLATFORM_INFO lists the windows)",
+            )
         region_count = len(self.memory.regions) if self.memory is not None else 0
         try:
             self.budget.check_regions(region_count)
@@ -712,6 +734,13 @@ class ServerSession(asyncio.Protocol):
                 self._add_mapping(msg.gpa, open_shm(msg.name, msg.size, msg.offset, prefix))
         except (GuestMemoryError, OSError, ValueError, OverflowError) as exc:
             raise ProtocolFault(m.ErrorCode.MEMORY_FAULT, str(exc)) from None
+
+    def _window_overlapping(self, gpa: int, size: int) -> Slot | None:
+        end = gpa + max(size, 1)
+        for slot in self.platform.slots:
+            if slot.base < end and gpa < slot.base + slot.size:
+                return slot
+        return None
 
     def _add_mapping(self, gpa: int, mapping: mmap.mmap) -> None:
         # The session commits to shared memory only once a mapping exists: a refused
@@ -842,7 +871,7 @@ class ServerSession(asyncio.Protocol):
         async with self._inflight:
             if self._closed:
                 raise GuestMemoryError("the client disconnected")
-            request_id = next(self._next_id) & 0xFFFFFFFF or next(self._next_id)
+            request_id = next(self._next_id) & _READ_IDS or next(self._next_id) & _READ_IDS
             loop = self._loop or asyncio.get_running_loop()
             future = loop.create_future()
             self._pending[request_id] = future
@@ -872,9 +901,31 @@ class ServerSession(asyncio.Protocol):
         """The gathered MEM_WRITEs into the output, as one frame."""
         ranges, data = self._writes_ranges, b"".join(self._writes_data)
         self._writes_ranges, self._writes_data, self._writes_size = [], [], 0
-        self._out.append(pack_mem_write(ranges, data, 0, _POSTED))
+        # Posted only where the client agreed to POSTED_WRITES; else it answers OK to each.
+        flags = _POSTED if self.features & _POSTED_WRITES else 0
+        request_id = _WRITE_ID | next(self._write_ids) & _READ_IDS
+        self._out.append(pack_mem_write(ranges, data, request_id, flags))
+
+    def _memory_write_failed(self, frame: Frame) -> None:
+        """The client refused a MEM_WRITE: data, a status byte or a used-ring entry the devices
+        believe is in guest memory is not. No device of the session can tell which of its
+        requests it was (one frame gathers the writes of several, and a used ring and status
+        byte may be in it), so each running device enters DEVICE_NEEDS_RESET and its driver
+        learns of it through a configuration change interrupt."""
+        if self.platform is None:
+            return
+        reason = (
+            f"the client refused guest-memory write {frame.request_id:#x}: {_error_text(frame)}"
+        )
+        for slot in self.platform.slots:
+            if slot.device.status:
+                slot.device.fail(reason)
 
     def _complete(self, frame: Frame) -> None:
+        if frame.request_id & _WRITE_ID:  # an answer to one of our MEM_WRITEs
+            if frame.type == _ERROR:
+                self._memory_write_failed(frame)
+            return
         future = self._pending.get(frame.request_id)
         if future is None or future.done():
             if frame.type == _ERROR:
@@ -898,6 +949,13 @@ class ServerSession(asyncio.Protocol):
             future.set_exception(GuestMemoryError(f"client: {msg.message}"))
         else:
             future.set_exception(GuestMemoryError(f"unexpected reply {type(msg).__name__}"))
+
+
+def _error_text(frame: Frame) -> str:
+    try:
+        return decode_body(frame.type, frame.body).message
+    except DecodeError as exc:
+        return f"an undecodable ERROR ({exc})"
 
 
 def _ram_disk_bytes(device: object) -> int:
