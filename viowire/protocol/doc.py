@@ -73,7 +73,9 @@ by the body.
 * `length` counts the bytes that follow the length field: `8 + len(body)`. It is never less
   than 8.
 * A frame, including its 4-byte length field, is at most `max_frame` bytes: {max_frame}
-  ({max_frame_hex}) until the handshake ends, then the value in HELLO_REPLY.
+  ({max_frame_hex}) until the handshake ends, then the value in HELLO_REPLY. Every peer
+  accepts frames of at least {min_max_frame} bytes: a HELLO offering a smaller `max_frame` gets
+  ERROR UNSUPPORTED.
 * `reserved` is 0.
 * A receiver that sees a length below 8, a frame above `max_frame` or a nonzero `reserved`
   cannot find the next frame boundary: it sends ERROR (MALFORMED_FRAME or FRAME_TOO_LARGE,
@@ -99,11 +101,35 @@ sends MEM_READ / MEM_WRITE (proxied memory) and IRQ events.
   matched against the receiver's own outstanding requests, a frame without it is a new request.
 * **A reply** carries the request's `request_id` and the REPLY flag. Requests are applied in
   the order they arrive; a sender may pipeline up to `max_inflight` requests that await a reply
-  and must match replies by id, not by order. Beyond that limit a receiver may answer ERROR
-  TOO_MANY_IN_FLIGHT.
-* **POSTED** requests (flag POSTED; only with the POSTED_WRITES feature) get no reply when they
-  succeed. If one fails the receiver still sends ERROR with its `request_id`. A sender that does
-  not need to match such errors may use request_id 0.
+  and must match replies by id, not by order.
+* **max_inflight.** The viowire server answers each request as it reads it, in order, before it
+  reads the next: no handler waits for guest memory, a device or another request (a QueueNotify
+  is answered, then served; see below). So no client request ever waits in the server behind
+  the window, and the server never answers TOO_MANY_IN_FLIGHT; that code is kept for a
+  receiver that would have to queue requests. A client that pipelines past its window is
+  slowed by its transport instead: the server stops reading a connection whose replies it
+  cannot send (section 9). In the other direction the server keeps at most `max_inflight` of
+  its own MEM_READs outstanding; more wait in the server until a reply comes.
+* **POSTED** requests (flag POSTED) get no reply when they succeed, and only once POSTED_WRITES
+  is negotiated: before that a POSTED request is not applied and is answered with ERROR
+  UNSUPPORTED (REPLY, its `request_id`). The server, too, posts its MEM_WRITEs only with
+  POSTED_WRITES; without it each MEM_WRITE awaits the client's OK. If a posted request fails
+  the receiver still sends ERROR with its `request_id`. A sender that does not need to match
+  such errors may use request_id 0.
+* **Order of a notification's effects.** A QueueNotify MMIO_WRITE is answered (OK, unless
+  POSTED) as the notification is taken, and the queue is served afterwards: the OK leaves
+  before every MEM_READ, MEM_WRITE and IRQ frame the notification causes, and says nothing
+  about buffers. The driver learns of used buffers from IRQ (or the used ring), and a client
+  must answer MEM_READs while it waits for any reply. The server sends a request's MEM_WRITEs
+  (data, used-ring entry, used index) before the IRQ that announces them, so a client that
+  applies frames in order sees the memory before the interrupt.
+* **Register accesses.** A virtio-mmio register (offsets 0x000-0x0ff of a device window) is an
+  aligned 32-bit access. An MMIO_READ of width 1, 2 or 8, or at an offset that is not a
+  multiple of 4, is answered with value 0; such an MMIO_WRITE is answered OK (unless POSTED)
+  and ignored; the device logs it. The configuration space (offset 0x100 on) takes widths 1,
+  2, 4 and 8 at any offset, little-endian; bytes past the device's structure read 0xff. A
+  width other than 1, 2, 4 or 8 gets ERROR BAD_WIDTH; an address in no window, or an access
+  that runs past the end of its window, ERROR BUS_ERROR.
 * **Events** (IRQ) use request_id 0 and get no reply of any kind.
 * **ERROR** answers any failed request, with the REPLY flag and the request's id. Nobody
   answers a frame that carries REPLY, not even with ERROR: an unexpected or undecodable reply
@@ -142,9 +168,9 @@ UUID), or 16 zero bytes when unknown. It is a hint for logs and for the server's
 offer a proof file; it proves nothing (a peer can echo the id HELLO_REPLY shows it).
 
 **Version 2** (this one) added AUTH and AUTH_REPLY, the HELLO_REPLY fields `auth`, `nonce` and
-`shm_proof`, and ERROR AUTH_FAILED, and grants MEMORY_SHM only on proof (section 4) instead of
-for equal host ids. HELLO's layout is unchanged, so a version 1 peer is told, with ERROR
-UNSUPPORTED, which version the other side speaks.
+`shm_proof`, ERROR AUTH_FAILED and LIMIT_EXCEEDED (section 9), and grants MEMORY_SHM only on
+proof (section 4) instead of for equal host ids. HELLO's layout is unchanged, so a version 1
+peer is told, with ERROR UNSUPPORTED, which version the other side speaks.
 
 ## 4. Guest memory
 
@@ -175,7 +201,34 @@ After the handshake the client describes guest RAM with MEM_REGISTER, one region
   (its own `/dev/shm`) or under another user cannot read it and keeps proxied memory.
 
 Guest addresses and lengths are untrusted: a range outside registered memory is answered with
-ERROR MEMORY_FAULT.
+ERROR MEMORY_FAULT. A region must not overlap a device window (PLATFORM_INFO lists them): guest
+RAM and the windows share one physical address space, and such a MEM_REGISTER gets ERROR
+MEMORY_FAULT.
+
+**Proxied traffic and max_frame.** The server cuts its MEM_READ and MEM_WRITE traffic so that
+every frame it sends, and every MEM_READ_REPLY the client owes, fits `max_frame`: a list of
+ranges goes out in several frames, in order, and a range longer than a frame's room is split
+into consecutive pieces. Applying the frames in order gives the memory one large write would.
+Consecutive MEM_WRITEs may be gathered into one frame (its ranges are then those of several
+writes, in order).
+
+**A MEM_WRITE the client refuses.** A client that cannot apply a MEM_WRITE (posted or not)
+answers ERROR with its `request_id`, e.g. MEMORY_FAULT. The bytes may have been a request's
+data, a block device's status byte or a used-ring entry, of any device of the session (one frame
+gathers the writes of several), so no completion the devices reported can be trusted: every
+device of the session that the driver has started (Status not 0) enters DEVICE_NEEDS_RESET
+(virtio 1.2 §2.1.2) and, when modern and DRIVER_OK, raises a configuration change interrupt.
+The driver must reset the device; requests it had not seen completed are lost, never reported
+as successful. (IOERR in a block status byte was not chosen: that byte itself travels in
+MEM_WRITE.) The server's MEM_WRITE request ids have bit 31 set and its MEM_READ ids bit 31
+clear.
+
+**The lifetime of a session's devices.** Every session gets its own instance of the server's
+platform: its devices are built when the session opens (with HELLO_REPLY, or AUTH_REPLY where a
+token is required) and are destroyed when its connection ends, for whatever reason. Nothing a
+session did (device status, queues, RAM-disk contents, registered memory) is seen by another
+session or by a later connection. A disk backed by a file is the exception: the file is the
+server's and outlives the sessions.
 
 ## 5. Message types
 
@@ -193,6 +246,7 @@ def generate() -> str:
     parts.append(_shared_structures(definitions, names))
     parts.append(_enumerations(source))
     parts.append(_constants())
+    parts.append(_limits())
     return "\n".join(parts)
 
 
@@ -206,8 +260,58 @@ def _intro() -> str:
         magic=m.HELLO_MAGIC,
         magic_text=m.HELLO_MAGIC.to_bytes(4, "little").decode("ascii"),
         example=_example(),
+        min_max_frame=m.MIN_MAX_FRAME,
         type_table=_type_table(),
     )
+
+
+LIMITS = """\
+## 9. Limits and fairness
+
+A server takes what its configuration allows, per server process (each `serve --workers`
+process has all of them) and per session. A request a limit refuses gets ERROR LIMIT_EXCEEDED
+whose message names the limit and the `serve` option that sets it:
+
+* a connection beyond the session limit is sent ERROR LIMIT_EXCEEDED (request_id 0, flags 0)
+  and closed;
+* a session whose devices would pass a device or RAM-disk limit has its HELLO (or AUTH, where a
+  token is required) answered with ERROR LIMIT_EXCEEDED, and is closed;
+* a MEM_REGISTER beyond the region or mapped-bytes limit gets ERROR LIMIT_EXCEEDED, and the
+  session goes on.
+
+RAM disks are charged at their full size when a session opens and given back when it ends: a
+client may write every page, and the budget holds that worst case.
+
+{limits_table}
+
+**Descriptor chains** are bounded as virtio 1.2 §2.7.5.3 bounds them: a chain in the descriptor
+table has at most Queue Size descriptors (a longer walk is a loop), an indirect table at most
+32768 entries, and indirect tables do not nest. A ring or chain that breaks a rule puts its
+device in DEVICE_NEEDS_RESET; the session goes on.
+
+**Fairness.** The server answers a session's frames in slices of at most {slice} and lets the
+other sessions run between slices, so a client that pipelines thousands of requests delays
+another by at most a slice. It stops reading a session's connection while frames the session
+sent wait to be answered, and while the session's replies wait unsent above its transport's
+high-water mark (the client is not reading them): nothing more from that client is read or
+answered until it reads, and no other session is paused with it. Log lines about a peer's bad
+input are rate-limited per session: a burst of 20, then 2 a second, each next line saying how
+many were dropped.
+"""
+
+
+def _limits() -> str:
+    # The server's defaults, read where they are defined (the doc generator may look anywhere).
+    from viowire.server.limits import GIB, OPTIONS, Limits
+    from viowire.server.session import SLICE_FRAMES
+
+    rows = ["| `serve` option | limit | default |", "|---|---|---|"]
+    defaults = Limits()
+    for option in OPTIONS:
+        value = getattr(defaults, option.field)
+        shown = f"{value // GIB} GiB" if option.is_size and value % GIB == 0 else str(value)
+        rows.append(f"| `{option.flag}` | {option.help} | {shown} |")
+    return LIMITS.format(limits_table="\n".join(rows), slice=SLICE_FRAMES)
 
 
 def _example() -> str:
