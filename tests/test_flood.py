@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 
 from cli_run import end_group, serve
+from servers import running_server
 
 from viowire.client.connection import connect
+from viowire.protocol import messages as m
+from viowire.protocol.codec import encode
+from viowire.protocol.framing import FrameReader
 from viowire.virtio.constants import Reg
 
 CONNECTIONS = 50
@@ -102,3 +107,51 @@ async def test_a_fresh_client_is_served_while_fifty_connections_flood(tmp_path):
     )
     assert len(latencies) >= 3
     assert worst < BOUND, f"a fresh client waited {worst:.3f} s while the flood ran"
+
+
+async def test_a_session_that_does_not_read_its_replies_is_paused_alone(tmp_path):
+    """Its replies pile up: the server stops reading it (and answers nothing more of it) while
+    another session is served; once it reads, every request it sent is answered, none lost."""
+    count = 200_000
+    loop = asyncio.get_running_loop()
+    async with running_server(tmp_path) as server:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, f"{tmp_path}/viowire.sock")
+        reader = FrameReader()
+        hello = m.Hello(
+            magic=m.HELLO_MAGIC, version=m.PROTOCOL_VERSION, reserved=0, features=0,
+            max_frame=m.DEFAULT_MAX_FRAME, max_inflight=m.DEFAULT_MAX_INFLIGHT,
+            host_id=bytes(16), name="silent",
+        )  # fmt: skip
+        await loop.sock_sendall(sock, encode(hello, 1))
+        async with asyncio.timeout(10):
+            while not reader.feed(await loop.sock_recv(sock, 4096)):
+                pass
+        (session,) = server.sessions
+        read = encode(m.MmioRead(addr=BASE + Reg.MAGIC_VALUE, width=4), 2)
+        sending = loop.create_task(loop.sock_sendall(sock, read * count))
+        try:
+            async with asyncio.timeout(30):
+                transport = session.transport
+                while transport.is_reading() or (
+                    transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]
+                ):
+                    await asyncio.sleep(0.01)
+            assert not sending.done()  # the server reads no more of it
+            async with asyncio.timeout(10):
+                other = await connect(f"unix://{tmp_path}/viowire.sock", memory="proxied")
+                assert await other.mmio_read(BASE + Reg.MAGIC_VALUE, 4) == 0x74726976
+                await other.close()
+            assert not transport.is_reading()
+            replies = 0
+            async with asyncio.timeout(60):
+                while replies < count:
+                    for frame in reader.feed(await loop.sock_recv(sock, 1 << 16)):
+                        assert (frame.type, frame.request_id) == (m.MsgType.MMIO_READ_REPLY, 2)
+                        replies += 1
+                await sending
+            assert transport.is_reading()  # resumed below the low-water mark
+        finally:
+            sending.cancel()
+            sock.close()
