@@ -113,7 +113,7 @@ sends MEM_READ / MEM_WRITE (proxied memory) and IRQ events.
 * **POSTED** requests (flag POSTED) get no reply when they succeed, and only once POSTED_WRITES
   is negotiated: before that a POSTED request is not applied and is answered with ERROR
   UNSUPPORTED (REPLY, its `request_id`). The server, too, posts its MEM_WRITEs only with
-  POSTED_WRITES; without it each MEM_WRITE awaits the client's OK. If a posted request fails
+  POSTED_WRITES; without it the client answers each MEM_WRITE with OK. If a posted request fails
   the receiver still sends ERROR with its `request_id`. A sender that does not need to match
   such errors may use request_id 0.
 * **Order of a notification's effects.** A QueueNotify MMIO_WRITE is answered (OK, unless
