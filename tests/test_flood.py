@@ -1,7 +1,8 @@
 """The starvation flood of issue 12: many connections pipeline MMIO_READs and never read their
-replies. Each flooding session is paused on its own (its replies fill its socket, the server
-stops reading it) and the sessions it does serve get bounded slices, so a fresh client's HELLO
-and register read are served promptly all along.
+replies. The server answers each session in slices and serves the sessions with more to answer
+round-robin, a bounded number of slices per turn of its event loop; a session whose replies
+pile up unread is paused on its own. A fresh client's HELLO and register read are served
+promptly all along.
 
 The flood runs in another process (``flood.py`` below, plain blocking sockets), so that the test's
 own event loop measures only the fresh client. The bound is a correctness bound on starvation,

@@ -289,9 +289,11 @@ table has at most Queue Size descriptors (a longer walk is a loop), an indirect 
 32768 entries, and indirect tables do not nest. A ring or chain that breaks a rule puts its
 device in DEVICE_NEEDS_RESET; the session goes on.
 
-**Fairness.** The server answers a session's frames in slices of at most {slice} and lets the
-other sessions run between slices, so a client that pipelines thousands of requests delays
-another by at most a slice. It stops reading a session's connection while frames the session
+**Fairness.** The server answers a session's frames in slices of at most {slice}. A session
+with frames left after its slice waits its turn: the sessions with more to answer are served
+round-robin, at most {turn} slices per turn of the server's event loop, so however many clients
+pipeline thousands of requests, a session with a few frames to send waits one such turn at
+most. It stops reading a session's connection while frames the session
 sent wait to be answered, and while the session's replies wait unsent above its transport's
 high-water mark (the client is not reading them): nothing more from that client is read or
 answered until it reads, and no other session is paused with it. Log lines about a peer's bad
@@ -303,7 +305,7 @@ many were dropped.
 def _limits() -> str:
     # The server's defaults, read where they are defined (the doc generator may look anywhere).
     from viowire.server.limits import GIB, OPTIONS, Limits
-    from viowire.server.session import SLICE_FRAMES
+    from viowire.server.session import SLICE_FRAMES, SLICES_PER_TURN
 
     rows = ["| `serve` option | limit | default |", "|---|---|---|"]
     defaults = Limits()
@@ -311,7 +313,7 @@ def _limits() -> str:
         value = getattr(defaults, option.field)
         shown = f"{value // GIB} GiB" if option.is_size and value % GIB == 0 else str(value)
         rows.append(f"| `{option.flag}` | {option.help} | {shown} |")
-    return LIMITS.format(limits_table="\n".join(rows), slice=SLICE_FRAMES)
+    return LIMITS.format(limits_table="\n".join(rows), slice=SLICE_FRAMES, turn=SLICES_PER_TURN)
 
 
 def _example() -> str:

@@ -18,7 +18,7 @@ from viowire.options import UsageError
 from viowire.server.limits import Budget, Limits
 from viowire.server.linkpeer import LinkPeer, LinkSpec
 from viowire.server.platform import PlatformSpec
-from viowire.server.session import HELLO_TIMEOUT, ServerSession
+from viowire.server.session import HELLO_TIMEOUT, ServerSession, Turns
 from viowire.urls import Endpoint, is_loopback, parse_endpoint
 
 log = logging.getLogger("viowire.server")
@@ -90,6 +90,7 @@ class Server:
         self.poll_us = poll_us
         self.security = security or Security()
         self.budget = Budget(limits)
+        self.turns = Turns()
         self.endpoints: list[Endpoint] = []
         self.sessions: set[ServerSession] = set()
         self._tcp_servers: list[asyncio.base_events.Server] = []
@@ -127,6 +128,7 @@ class Server:
             poll_us=self.poll_us,
             token=self.security.token,
             budget=self.budget,
+            turns=self.turns,
         )
         made, lost = session.connection_made, session.connection_lost
 

@@ -45,7 +45,8 @@ log = logging.getLogger("viowire.server")
 MMIO_WIDTHS = (1, 2, 4, 8)
 HELLO_TIMEOUT = 10.0
 MAX_QUEUED_FDS = 8
-SLICE_FRAMES = 16  # frames answered before the other sessions get the event loop
+SLICE_FRAMES = 16  # frames of one session answered before the others get the event loop
+SLICES_PER_TURN = 16  # slices of sessions with more to answer, per turn of the event loop
 MAX_NOTIFY_CHANNELS = 256  # a descriptor each; past this a device notifies on the connection
 SERVER_FEATURES = (
     m.ProtoFeature.POSTED_WRITES
@@ -98,6 +99,32 @@ class ProtocolFault(Exception):
         self.code = code
 
 
+class Turns:
+    """The sessions of a server that have frames left after a slice, served round-robin: at most
+    :data:`SLICES_PER_TURN` slices per turn of the event loop, however many sessions flood. A
+    session with little to say is served as its data arrives, so it waits for one short turn at
+    most, not for a slice of every flooding session."""
+
+    def __init__(self) -> None:
+        self._waiting: collections.deque[ServerSession] = collections.deque()
+        self._scheduled = False
+
+    def add(self, session: ServerSession, loop: asyncio.AbstractEventLoop) -> None:
+        self._waiting.append(session)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._turn, loop)
+
+    def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduled = False
+        waiting = self._waiting
+        for _ in range(min(len(waiting), SLICES_PER_TURN)):
+            waiting.popleft()._serve_slice()  # which may add it again, at the end
+        if waiting and not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._turn, loop)
+
+
 class ServerSession(asyncio.Protocol):
     """The server end of one connection."""
 
@@ -111,10 +138,12 @@ class ServerSession(asyncio.Protocol):
         poll_us: int = 0,
         token: bytes | None = None,
         budget: Budget | None = None,
+        turns: Turns | None = None,
     ) -> None:
         """``token``: the shared secret every client must prove in AUTH before anything else
         (viowire.auth); None lets a client in after HELLO. ``budget``: the server's account of
-        its limits (viowire.server.limits), shared by its sessions; default: one of its own."""
+        its limits (viowire.server.limits), shared by its sessions; default: one of its own.
+        ``turns``: the server's round-robin of sessions with frames waiting (:class:`Turns`)."""
         self.session_id = next(_session_ids) | (os.getpid() << 32)
         self.spec = spec
         self.fd_passing = fd_passing
@@ -159,6 +188,7 @@ class ServerSession(asyncio.Protocol):
         self._auth_open = False  # AUTH may still come: nothing but HELLO has been received
         self._shm_proof: ShmProof | None = None
         self.budget = budget or Budget()
+        self.turns = turns or Turns()
         self._charged_session = False
         self._charged_devices = (0, 0)  # devices and RAM-disk bytes taken from the budget
         self._mapped = 0  # bytes of shared guest memory mapped
@@ -226,8 +256,9 @@ class ServerSession(asyncio.Protocol):
     def _serve_slice(self) -> None:
         """Answer at most :data:`SLICE_FRAMES` frames, then let the event loop serve the other
         sessions before the next slice: a peer that pipelines thousands of requests in one read
-        delays nobody by more than a slice. Reading from this peer stops while frames it sent
-        wait, so what it can make the server hold stays bounded."""
+        delays nobody by more than a slice; the rest waits its turn (:class:`Turns`). Reading
+        from this peer stops while frames it sent wait, so what it can make the server hold
+        stays bounded."""
         self._slice_scheduled = False
         self._read_frames(b"")
         backlog = self._backlog
@@ -247,7 +278,7 @@ class ServerSession(asyncio.Protocol):
             self._pause("backlog")
             if "writing" not in self._paused:  # else resume_writing serves the rest
                 self._slice_scheduled = True
-                self._loop.call_soon(self._serve_slice)
+                self.turns.add(self, self._loop)
             return
         if self._fatal is not None:
             self._fail_connection(self._fatal.code, str(self._fatal))
