@@ -289,16 +289,17 @@ table has at most Queue Size descriptors (a longer walk is a loop), an indirect 
 32768 entries, and indirect tables do not nest. A ring or chain that breaks a rule puts its
 device in DEVICE_NEEDS_RESET; the session goes on.
 
-**Fairness.** The server answers a session's frames in slices of at most {slice}. A session
-with frames left after its slice waits its turn: the sessions with more to answer are served
-round-robin, at most {turn} slices per turn of the server's event loop, so however many clients
-pipeline thousands of requests, a session with a few frames to send waits one such turn at
-most. It stops reading a session's connection while frames the session
-sent wait to be answered, and while the session's replies wait unsent above its transport's
-high-water mark (the client is not reading them): nothing more from that client is read or
-answered until it reads, and no other session is paused with it. Log lines about a peer's bad
-input are rate-limited per session: a burst of 20, then 2 a second, each next line saying how
-many were dropped.
+**Fairness.** The server answers a session's frames in slices of at most {slice}, as they
+arrive. A session with frames left after its slice waits its turn: the sessions with more to
+answer are served round-robin, at most {turn} slices per turn of the server's event loop. So
+however many clients pipeline thousands of requests, a turn stays short, and a session with a
+few frames to send is answered within about one turn. The server stops reading a session's
+connection while frames it sent wait to be answered, and while its replies wait unsent above
+its transport's high-water mark (the client is not reading them): nothing more from that
+client is read or answered until it reads, and no other session is paused with it.
+
+Log lines about a peer's bad input are rate-limited per session: a burst of 20, then 2 a
+second, the next line let through saying how many were dropped.
 """
 
 
