@@ -177,3 +177,18 @@ def test_serve_help_names_every_limit_with_its_default():
     ):
         assert flag in out
         assert f"(default {default})" in " ".join(out.split()), flag
+
+
+async def test_serve_applies_its_limit_options(tmp_path):
+    from cli_run import serve
+
+    with serve("--listen", "tcp://127.0.0.1:0", "--device", "rng", "--max-sessions", "1") as served:
+        url = served.url("tcp")
+        first = await asyncio.wait_for(connect(url, memory="proxied"), TIMEOUT)
+        try:
+            with pytest.raises(ProtocolError, match="--max-sessions 1") as info:
+                await asyncio.wait_for(connect(url, memory="proxied"), TIMEOUT)
+            assert info.value.code == m.ErrorCode.LIMIT_EXCEEDED
+            await works(first)
+        finally:
+            await first.close()
