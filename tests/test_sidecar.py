@@ -183,6 +183,8 @@ async def test_sidecar_frames_are_answered_on_the_connection(server):
     [
         pytest.param(b"\xff" * 16, id="bad-header"),
         pytest.param(b"\x00" * 3, id="short"),
+        # descriptor frames go one a packet: thousands in one would be answered all at once
+        pytest.param(encode(m.NotifyChannel(base=0, attach=0), 5) * 1000, id="many-frames"),
     ],
 )
 async def test_a_malformed_sidecar_frame_ends_the_session(server, packet):

@@ -240,7 +240,8 @@ class ServerSession(asyncio.Protocol):
         if self._fatal is not None:
             return
         try:
-            self._backlog.extend(self.reader.feed(data, SLICE_FRAMES - len(self._backlog)))
+            room = max(SLICE_FRAMES - len(self._backlog), 0)
+            self._backlog.extend(self.reader.feed(data, room))
         except FrameError as exc:
             # The frames complete before the bad header are answered, in order; then it closes.
             self._backlog.extend(exc.frames)
@@ -622,9 +623,13 @@ class ServerSession(asyncio.Protocol):
             return
         self.fds_received(fds)
         try:
-            frames = self._sidecar_frames.feed(data)
+            frames = self._sidecar_frames.feed(data, SLICE_FRAMES)
             if self._sidecar_frames.buffered:  # a packet is whole frames: no waiting for more
-                raise FrameError(m.ErrorCode.MALFORMED_FRAME, "a packet ends inside a frame")
+                raise FrameError(
+                    m.ErrorCode.MALFORMED_FRAME,
+                    f"a packet ends inside a frame or holds more than {SLICE_FRAMES} frames "
+                    "(descriptor frames go one a packet)",
+                )
         except FrameError as exc:
             self._fail_connection(exc.code, f"sidecar: {exc}")
             return
