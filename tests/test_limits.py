@@ -76,6 +76,30 @@ async def test_sessions_per_server(tmp_path):
         await third.close()
 
 
+async def test_connections_in_their_handshake_are_capped_apart_from_sessions(tmp_path):
+    """Peers that never finish the handshake (without the token, say) hold no session's place;
+    they are capped at the same number, apart."""
+    async with limited_server(tmp_path, sessions=2) as server:
+        session = await open_client(server)
+        silent = [await RawPeer.connect(server, "tcp") for _ in range(2)]
+        late = await RawPeer.connect(server, "tcp")
+        try:
+            message = await late.expect_error(m.ErrorCode.LIMIT_EXCEEDED, 0, flags=0)
+            assert "in their handshake" in message and "--max-sessions 2" in message
+            await late.expect_closed()
+            await works(session)
+            second = await silent[0].request(hello_msg())  # a place in the handshake frees
+            assert isinstance(second, m.HelloReply)
+            assert (server.budget.sessions, server.budget.handshakes) == (2, 1)
+            again = await RawPeer.connect(server, "tcp")
+            await again.expect_quiet()  # in the handshake, not refused
+            await again.aclose()
+        finally:
+            for peer in (*silent, late):
+                await peer.aclose()
+            await session.close()
+
+
 async def test_ram_disk_bytes_per_server_are_refused_on_the_handshake_from_bytes(tmp_path):
     async with limited_server(tmp_path, ram_disk_bytes=2 * SESSION_RAM) as server:
         first, second = await open_client(server), await open_client(server)

@@ -272,10 +272,12 @@ A server takes what its configuration allows, per server process (each `serve --
 process has all of them) and per session. A request a limit refuses gets ERROR LIMIT_EXCEEDED
 whose message names the limit and the `serve` option that sets it:
 
-* a connection beyond the session limit is sent ERROR LIMIT_EXCEEDED (request_id 0, flags 0)
-  and closed;
-* a session whose devices would pass a device or RAM-disk limit has its HELLO (or AUTH, where a
-  token is required) answered with ERROR LIMIT_EXCEEDED, and is closed;
+* a session that would pass the session limit, or whose devices would pass a device or RAM-disk
+  limit, has the request that opens it (HELLO, or AUTH where a token is required) answered with
+  ERROR LIMIT_EXCEEDED, and is closed. A session counts from then on: a peer that cannot prove
+  the token never takes a session's place;
+* connections still in their handshake are capped at the same number as sessions, apart: one
+  beyond is sent ERROR LIMIT_EXCEEDED (request_id 0, flags 0) and closed;
 * a MEM_REGISTER beyond the region or mapped-bytes limit gets ERROR LIMIT_EXCEEDED, and the
   session goes on.
 

@@ -28,7 +28,7 @@ class LimitExceeded(Exception):
 class Limits:
     """Per server process (each ``--workers`` process has its own) and per session."""
 
-    sessions: int = 256  # connections at once
+    sessions: int = 256  # open sessions at once, and as many connections in their handshake
     devices: int = 131072  # devices of all sessions together
     session_devices: int = 131072  # devices of one session (its platform)
     ram_disk_bytes: int = 4 * GIB  # RAM-disk bytes of all sessions together
@@ -46,7 +46,12 @@ class _Option:
 
 
 OPTIONS = (
-    _Option("sessions", "--max-sessions", False, "sessions (connections) at once"),
+    _Option(
+        "sessions",
+        "--max-sessions",
+        False,
+        "sessions at once (and as many connections still in their handshake)",
+    ),
     _Option("devices", "--max-devices", False, "devices of all sessions together"),
     _Option("session_devices", "--max-session-devices", False, "devices of one session"),
     _Option(
@@ -120,8 +125,23 @@ class Budget:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.sessions = 0
+        self.handshakes = 0  # connections that have not opened their session yet
         self.devices = 0
         self.ram_disk_bytes = 0
+
+    def take_handshake(self) -> None:
+        """A connection arrives. Until it opens its session (after the token, where one is
+        required) it holds only a handshake place, so peers without the token cannot take the
+        sessions' places; handshakes are capped apart, at the same number."""
+        if self.handshakes >= self.limits.sessions:
+            raise LimitExceeded(
+                f"{self.handshakes} connections to this server are in their handshake, its "
+                f"limit ({_flag('sessions')} {self.limits.sessions}): try again later"
+            )
+        self.handshakes += 1
+
+    def give_handshake(self) -> None:
+        self.handshakes -= 1
 
     def take_session(self) -> None:
         if self.sessions >= self.limits.sessions:

@@ -189,6 +189,7 @@ class ServerSession(asyncio.Protocol):
         self._shm_proof: ShmProof | None = None
         self.budget = budget or Budget()
         self.turns = turns or Turns()
+        self._charged_handshake = False
         self._charged_session = False
         self._charged_devices = (0, 0)  # devices and RAM-disk bytes taken from the budget
         self._mapped = 0  # bytes of shared guest memory mapped
@@ -208,11 +209,11 @@ class ServerSession(asyncio.Protocol):
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
         log.info("session %x: connected from %s", self.session_id, self._peer)
         try:
-            self.budget.take_session()
+            self.budget.take_handshake()
         except LimitExceeded as exc:
             self._fail_connection(m.ErrorCode.LIMIT_EXCEEDED, str(exc))
             return
-        self._charged_session = True
+        self._charged_handshake = True
         # A peer that never completes the handshake (a port scanner, a half-sent frame, a client
         # without the token) is dropped.
         self._hello_timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_timed_out)
@@ -313,11 +314,17 @@ class ServerSession(asyncio.Protocol):
 
     def _credit_budget(self) -> None:
         # At once, not after the teardown: a client that reconnects right away finds the room.
+        self._give_handshake()
         if self._charged_session:
             self._charged_session = False
             self.budget.give_session()
         self.budget.give_devices(*self._charged_devices)
         self._charged_devices = (0, 0)
+
+    def _give_handshake(self) -> None:
+        if self._charged_handshake:
+            self._charged_handshake = False
+            self.budget.give_handshake()
 
     async def _teardown(self) -> None:
         if self.platform is not None:
@@ -537,6 +544,13 @@ class ServerSession(asyncio.Protocol):
         self._awaiting_auth = False
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        self._give_handshake()
+        try:
+            self.budget.take_session()
+        except LimitExceeded as exc:
+            self._refuse(frame, m.ErrorCode.LIMIT_EXCEEDED, str(exc))
+            return False
+        self._charged_session = True
         platform = self.spec.build(name_prefix=f"session {self.session_id:x} ")
         charge = (len(platform.slots), sum(_ram_disk_bytes(s.device) for s in platform.slots))
         try:
