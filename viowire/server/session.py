@@ -33,6 +33,8 @@ from viowire.protocol.hostid import host_id
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
 from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
+from viowire.trace import recorder as wiretrace
+from viowire.trace.format import End, Event
 from viowire.virtio.constants import Reg
 from viowire.virtio.memory import GuestMemory, GuestMemoryError
 
@@ -132,6 +134,7 @@ class ServerSession(asyncio.Protocol):
         self._peer = "?"
         self._closed = False
         self._hello_timer: asyncio.TimerHandle | None = None
+        self.trace: wiretrace.Stream | None = None  # --trace: what this connection carries
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -145,6 +148,8 @@ class ServerSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
         log.info("session %x: connected from %s", self.session_id, self._peer)
+        if (recorder := wiretrace.active()) is not None:
+            self.trace = recorder.stream(End.SERVER, self.session_id, self._peer)
         # A peer that never completes HELLO (a port scanner, a half-sent frame) is dropped.
         self._hello_timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_timed_out)
 
@@ -161,6 +166,8 @@ class ServerSession(asyncio.Protocol):
             os.close(self._fds.pop(0))
 
     def data_received(self, data: bytes) -> None:
+        if self.trace is not None:
+            self.trace.received(data)
         try:
             frames = self.reader.feed(data)
         except FrameError as exc:
@@ -183,6 +190,8 @@ class ServerSession(asyncio.Protocol):
         self._closed = True
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        if self.trace is not None:
+            self.trace.closed()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(GuestMemoryError("the client disconnected"))
@@ -245,7 +254,10 @@ class ServerSession(asyncio.Protocol):
             self._take_writes()
         if self._out and not self._closed and self.transport is not None:
             out, self._out = self._out, []
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            data = b"".join(out) if len(out) > 1 else out[0]
+            if self.trace is not None:
+                self.trace.sent(data)
+            self.transport.write(data)
 
     def _reply_error(self, frame: Frame, code: m.ErrorCode, message: str) -> None:
         log.warning("session %x: %s: %s", self.session_id, code.name, message)
@@ -384,6 +396,8 @@ class ServerSession(asyncio.Protocol):
             self._sidecar = None  # ended; descriptors cannot arrive any more
             return
         self.fds_received(fds)
+        if self.trace is not None:
+            self.trace.record(Event.SIDECAR_RECEIVED, data)
         try:
             frames = self._sidecar_frames.feed(data)
             if self._sidecar_frames.buffered:  # a packet is whole frames: no waiting for more
