@@ -86,6 +86,10 @@ async def run(args: argparse.Namespace) -> int:
         )
         print(f"{count} messages written to {args.out}")
         return 0
-    for msg in _selected(args, trace):
-        print(show.format_message(msg, trace.monotonic_ns))
+    try:
+        for msg in _selected(args, trace):
+            print(show.format_message(msg, trace.monotonic_ns))
+    except show.TraceError as exc:
+        print(f"viowire trace show: {exc}", file=sys.stderr)
+        return 1
     return 0

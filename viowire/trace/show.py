@@ -21,6 +21,8 @@ from viowire.trace.format import FILE_HEADER, MAGIC, RECORD, VERSION, End, Event
 _HEX_FIELDS = frozenset(
     ("addr", "value", "gpa", "base", "size", "features", "magic", "offset", "status", "session_id")
 )
+_ENDS = frozenset(End)
+_EVENTS = frozenset(Event)
 _SHOWN_BYTES = 16  # of a data field; the rest is counted
 
 
@@ -63,6 +65,11 @@ def _records(handle: BinaryIO) -> Iterator[Record]:
     with handle:
         while len(head := handle.read(RECORD.size)) == RECORD.size:
             time_ns, connection, end, event, _, length = RECORD.unpack(head)
+            if end not in _ENDS or event not in _EVENTS:
+                raise TraceError(
+                    f"damaged trace: the record at byte {handle.tell() - RECORD.size} has end "
+                    f"{end} and event {event}, which name nothing"
+                )
             data = handle.read(length)
             if len(data) < length:
                 return  # the recorder was killed mid-record: what came before stands
