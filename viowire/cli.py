@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -415,9 +417,12 @@ async def _demo(args: argparse.Namespace) -> int:
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
 
-def _on_own_server(command: Command, *, one_device: bool = False, needs_url: bool = True):
+def _on_own_server(
+    command: Command, *, one_device: bool = False, needs_url: bool = True, quiet: bool = False
+):
     """``command`` as it is, or, when ``--device`` names device types, on a private server that
-    serves them (``viowire probe --device blk,size=1M``)."""
+    serves them (``viowire probe --device blk,size=1M``). ``quiet``: the command provokes the
+    devices' warnings on purpose (conform): they are logged as INFO, shown with -v."""
 
     async def run_command(args: argparse.Namespace) -> int:
         given = [args.device] if isinstance(args.device, str) else list(args.device)
@@ -434,10 +439,11 @@ def _on_own_server(command: Command, *, one_device: bool = False, needs_url: boo
         from viowire.server.private import private_server
 
         spec = PlatformSpec([DeviceSpec.parse(text) for text in types])
-        async with private_server(spec) as url:
-            args.url = url
-            args.device = "0" if one_device else []
-            return await command(args)
+        with logs.demoted() if quiet else contextlib.nullcontext():
+            async with private_server(spec) as url:
+                args.url = url
+                args.device = "0" if one_device else []
+                return await command(args)
 
     return run_command
 
@@ -465,7 +471,7 @@ COMMANDS: dict[str, Command] = {
     "probe": _on_own_server(_probe),
     "io": _on_own_server(_io, one_device=True),
     "demo": _demo,
-    "conform": _on_own_server(conform_cli.run, needs_url=False),
+    "conform": _on_own_server(conform_cli.run, needs_url=False, quiet=True),
     "bench": bench.run,
     "load": _on_own_server(load.run),
     "vhost-user": vhost_user_cli.run,
@@ -502,8 +508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from viowire.tap import TapError  # its message names the interface instead
 
         named = isinstance(exc, OSError) and not isinstance(exc, TapError)
-        where = f"{args.url}: " if named and hasattr(args, "url") else ""
-        print(f"viowire {args.command}: {where}{exc}", file=sys.stderr)
+        if named and getattr(args, "url", None):
+            print(f"viowire {args.command}: {args.url}: {_cause(exc)}", file=sys.stderr)
+        else:
+            print(f"viowire {args.command}: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # the client's precise errors: print them, not a traceback
         if os.environ.get("VIOWIRE_DEBUG"):
@@ -514,6 +522,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from viowire.trace import recorder
 
         recorder.stop()
+
+
+def _cause(exc: OSError) -> str:
+    """Why a server could not be reached, in words (no errno number)."""
+    if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+        return f"{exc.strerror}: no viowire server listens there (viowire serve --listen URL)"
+    return exc.strerror or str(exc)
 
 
 def _start_trace(args: argparse.Namespace) -> None:
@@ -536,10 +551,17 @@ def _bad_input(exc: Exception) -> bool:
     from viowire.client.netattach import NetAttachError
     from viowire.device import DeviceOptionError
     from viowire.registry import DeviceTypeError
+    from viowire.server.app import ListenError
     from viowire.server.platform import PlatformError
 
     return isinstance(
-        exc, UsageError | PlatformError | DeviceTypeError | DeviceOptionError | NetAttachError
+        exc,
+        UsageError
+        | PlatformError
+        | DeviceTypeError
+        | DeviceOptionError
+        | NetAttachError
+        | ListenError,
     )
 
 

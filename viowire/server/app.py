@@ -149,7 +149,22 @@ class Server:
         await self.close()
 
 
+class ListenError(OSError):
+    """A listener that cannot be opened; the message names it."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def bind(url: str) -> tuple[Endpoint, socket.socket]:
+    """:func:`_bind`, with an error that names the listener (a server may have several)."""
+    try:
+        return _bind(url)
+    except OSError as exc:
+        raise ListenError(exc.errno, f"--listen {url}: {exc.strerror or exc}") from exc
+
+
+def _bind(url: str) -> tuple[Endpoint, socket.socket]:
     """A listening socket for ``url``; TCP port 0 becomes a free port (the endpoint says which).
 
     Separate from serving, so that a supervisor can bind once and its forked workers share the
