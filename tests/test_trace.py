@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import signal
 import struct
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.cli_run import serve, viowire
+from tests.cli_run import run, serve, viowire
 from tests.servers import running_server, url_of
 from viowire.client.connection import connect
 from viowire.protocol import messages as m
@@ -188,3 +191,86 @@ def test_trace_option_in_front_of_or_after_the_command(tmp_path, where):
         "probe", "--device", "rng", *options]  # fmt: skip
     assert viowire(*argv).returncode == 0
     assert viowire("trace", "show", str(trace)).stdout.count("HELLO_REPLY") == 2
+
+
+TSHARK = shutil.which("tshark")
+needs_tshark = pytest.mark.skipif(
+    TSHARK is None, reason="tshark not installed (scripts/install-test-tools installs it)"
+)
+_TSHARK_FIELDS = ["viowire.type", "viowire.request_id", "viowire.mmio_read.addr"]
+
+
+def _tshark(pcap: Path, lua: Path, *options: str) -> list[list[str]]:
+    """tshark's fields of each viowire frame in ``pcap``, with the generated dissector."""
+    fields = [arg for name in _TSHARK_FIELDS for arg in ("-e", name)]
+    tshark = [TSHARK, "-r", str(pcap), "-X", f"lua_script:{lua}", *options, "-T", "fields"]
+    result = run([*tshark, *fields, "-E", "occurrence=a", "-E", "aggregator=,"], timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Lua: Error" not in result.stderr and "Malformed" not in result.stdout
+    rows = []
+    for line in result.stdout.splitlines():
+        types, ids, addrs = [*line.split("\t"), "", ""][:3]
+        if not types:
+            continue  # a TCP segment without viowire in it (an ACK)
+        addresses = iter(addrs.split(","))
+        for kind, request_id in zip(types.split(","), ids.split(","), strict=True):
+            name = m.MsgType(int(kind)).name
+            rows.append([name, request_id, next(addresses) if name == "MMIO_READ" else ""])
+    return rows
+
+
+def _shown(trace: Path, *options: str) -> list[list[str]]:
+    """What ``trace show`` says of the same frames: type, request id, MMIO_READ address."""
+    rows = []
+    for line in viowire("trace", "show", str(trace), *options).stdout.splitlines():
+        words = line.split()
+        addr = next((w[5:] for w in words if w.startswith("addr=")), "")
+        read = words[4] == "MMIO_READ"
+        rows.append([words[4], words[5][1:], f"0x{int(addr, 16):016x}" if read else ""])
+    return rows
+
+
+@needs_tshark
+def test_wireshark_dissects_a_trace_as_trace_show_does(tmp_path):
+    trace, pcap, lua = tmp_path / "t.vwt", tmp_path / "t.pcap", tmp_path / "viowire.lua"
+    assert viowire("--trace", str(trace), "probe", "--device", "blk,size=1M").returncode == 0
+    assert viowire("trace", "pcap", str(trace), str(pcap), "--end", "server").returncode == 0
+    lua.write_text(viowire("trace", "dissector").stdout)
+    got = _tshark(pcap, lua)
+    assert got == _shown(trace, "--end", "server")
+    assert {"HELLO", "PLATFORM_INFO", "MMIO_WRITE", "MMIO_READ_REPLY"} <= {row[0] for row in got}
+
+
+@needs_tshark
+def test_wireshark_dissects_viowire_in_a_capture_of_loopback_tcp(tmp_path):
+    """The dissector on real TCP segments (reassembled): a capture of 127.0.0.1 only."""
+    capture, lua, trace = tmp_path / "lo.pcap", tmp_path / "viowire.lua", tmp_path / "c.vwt"
+    lua.write_text(viowire("trace", "dissector").stdout)
+    sock = tmp_path / "s.sock"
+    with serve("--listen", f"unix://{sock}", "--listen", "tcp://127.0.0.1:0",
+               "--device", "blk,size=1M") as served:  # fmt: skip
+        url = served.url("tcp")
+        port = url.rsplit(":", 1)[1]
+        dumpcap = subprocess.Popen(
+            [TSHARK, "-i", "lo", "-f", f"tcp port {port}", "-w", str(capture)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            _wait_for_capture(dumpcap)
+            probe = viowire("--trace", str(trace), "probe", url)
+            assert probe.returncode == 0, probe.stderr
+            time.sleep(0.5)  # the last segments reach the capture
+        finally:
+            dumpcap.send_signal(signal.SIGINT)
+            dumpcap.communicate(timeout=20)
+    got = _tshark(capture, lua, "-d", f"tcp.port=={port},viowire")
+    assert got == _shown(trace, "--end", "client")
+
+
+def _wait_for_capture(proc: subprocess.Popen) -> None:
+    """tshark says 'Capturing on' on stderr once packets are being taken."""
+    deadline = time.monotonic() + 20
+    line = ""
+    while "Capturing on" not in line:
+        assert time.monotonic() < deadline and proc.poll() is None, "tshark did not start"
+        line = proc.stderr.readline()
