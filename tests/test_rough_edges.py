@@ -35,11 +35,13 @@ def test_a_disk_size_of_a_partial_sector_is_refused_with_the_nearest_sizes(size,
     assert viowire("probe", "--device", "blk,size=1K").returncode == 0
 
 
-def test_serve_names_the_listener_it_cannot_open(tmp_path):
+@pytest.mark.parametrize("option", ["--listen", "--link"])
+def test_serve_names_the_listener_it_cannot_open(tmp_path, option):
     good, bad = f"unix://{tmp_path}/ok.sock", f"unix://{tmp_path}/no/such/dir/s.sock"
-    result = viowire("serve", "--device", "rng", "--listen", good, "--listen", bad)
+    given = [option, bad] if option == "--listen" else [option, f"lan,listen={bad}"]
+    result = viowire("serve", "--device", "net,link=lan", "--listen", good, *given)
     assert result.returncode == 2
-    assert _one_line(result) == f"viowire serve: --listen {bad}: No such file or directory"
+    assert _one_line(result) == f"viowire serve: cannot listen on {bad}: No such file or directory"
 
 
 @pytest.mark.parametrize(

@@ -161,7 +161,7 @@ def bind(url: str) -> tuple[Endpoint, socket.socket]:
     try:
         return _bind(url)
     except OSError as exc:
-        raise ListenError(exc.errno, f"--listen {url}: {exc.strerror or exc}") from exc
+        raise ListenError(exc.errno, f"cannot listen on {url}: {exc.strerror or exc}") from exc
 
 
 def _bind(url: str) -> tuple[Endpoint, socket.socket]:
