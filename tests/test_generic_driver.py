@@ -478,9 +478,8 @@ async def test_detach_ends_receive_fails_requests_and_frees_everything(server):
 
 async def test_a_cancelled_request_keeps_its_buffer_until_the_device_returns_it(server):
     async with await connect(url_of(server, "unix")) as conn:
+        before = conn.ram.free_bytes
         drv = await attach_loopback(conn)
-        async with asyncio.timeout(TIMEOUT):
-            await drv.request(TX, b"Rw", 2)  # a request's buffer is kept for the next one
         free = conn.ram.free_bytes
         held = asyncio.ensure_future(drv.request(TX, b"Hk", 2))
         await wait_until(lambda: device_of(server, conn, Loopback.device_id).held == 1)
@@ -489,9 +488,10 @@ async def test_a_cancelled_request_keeps_its_buffer_until_the_device_returns_it(
             await held
         assert conn.ram.free_bytes < free  # the device still writes into it when released
         async with asyncio.timeout(TIMEOUT):
-            await drv.request(TX, b"Rk", 2)
-        await wait_until(lambda: conn.ram.free_bytes == free)
+            await drv.request(TX, b"Rk", 2)  # its buffer is new (the held one is lent), then kept
+        await wait_until(lambda: device_of(server, conn, Loopback.device_id).held == 0)
         await drv.detach()
+        assert conn.ram.free_bytes == before  # the lent buffer came back once, the spare too
 
 
 async def test_request_buffers_are_reused_and_their_writable_part_zeroed(server):
