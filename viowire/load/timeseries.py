@@ -8,8 +8,10 @@ followed with ``tail -f``.
 
 Columns (CSV; a JSON line nests the per-operation ones under ``ops``): ``t`` (seconds since the
 workload started, at the row's end), ``seconds`` (the row's length: 1, the last one shorter),
-``ops_per_s``, ``mb_per_s`` (10^6 bytes), ``p50_us``, ``p99_us``, ``errors``, then for each
-operation OP: ``OP_ops_per_s``, ``OP_mb_per_s``, ``OP_p50_us``, ``OP_p99_us``, ``OP_errors``.
+``requests`` (completed in the row), ``ops_per_s``, ``mb_per_s`` (10^6 bytes), ``p50_us``,
+``p99_us``, ``errors``, then the same six for each operation OP: ``OP_requests``,
+``OP_ops_per_s`` ... ``OP_errors``. Latencies are those of requests that completed without
+error; ``requests`` and the rates count every completed request.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ if TYPE_CHECKING:  # the options (config.py) read this module without the client
     from viowire.load.stats import Stats
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
-FIELDS = ("ops_per_s", "mb_per_s", "p50_us", "p99_us", "errors")
+FIELDS = ("requests", "ops_per_s", "mb_per_s", "p50_us", "p99_us", "errors")
 
 
 def per_second(count: float, seconds: float) -> float:
@@ -37,6 +39,7 @@ def per_second(count: float, seconds: float) -> float:
 def _fields(requests: int, nbytes: int, errors: int, latency: Latency, seconds: float) -> dict:
     p50, p99 = latency.percentiles_us((50, 99))
     return {
+        "requests": requests,
         "ops_per_s": per_second(requests, seconds),
         "mb_per_s": round(per_second(nbytes, seconds) / 1e6, 3),
         "p50_us": p50,
