@@ -101,3 +101,22 @@ def test_table_rows_are_contiguous_cover_every_value_and_stay_short():
     assert len(table) <= 16
     narrow = recorded([50_000, 51_000, 60_000]).rows()  # one power of two: quarter octaves
     assert 1 <= len(narrow) <= 4 and sum(n for *_, n in narrow) == 3
+
+
+def test_bench_latency_tails_come_from_every_sample_of_every_run():
+    from viowire.perf.stats import tails
+
+    rng = random.Random(3)
+    runs = [[rng.uniform(20, 80) for _ in range(500)] for _ in range(3)]
+    runs[1][:10] = [5000.0] * 10  # one run's tail: 10 of 1500 samples, above p99
+    out = tails(runs, [None, None, None])
+    samples = [round(us * 1000) for run in runs for us in run]
+    for key, q in (("p90", 90), ("p99", 99), ("p99_9", 99.9)):
+        exact = exact_percentile(samples, q) / 1000
+        assert exact <= out[key] <= exact * (1 + ONE_PERCENT), key
+    assert out["p99_9"] >= 5000 > out["p99"]
+    assert Latency.decode(out["histogram"]).count == 1500
+    assert "baseline_p99" not in out
+    with_baseline = tails(runs, [[10.0, 12.0], None, [11.0]])
+    assert with_baseline["baseline_p99"] == pytest.approx(12.0, rel=ONE_PERCENT)
+    assert Latency.decode(with_baseline["baseline_histogram"]).count == 3
