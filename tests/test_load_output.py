@@ -174,3 +174,25 @@ def test_the_merge_command_runs_from_the_shell(tmp_path):
 
     result = viowire("load", "merge", str(Path(tmp_path) / "none.json"))
     assert result.returncode != 0 and "none.json" in result.stderr
+
+
+def test_the_commands_of_docs_load_md_run_as_written(tmp_path):
+    """The first example of docs/load.md in a fresh directory (its --duration cut to 1 s), run
+    twice as two clients would, then its merge line over what they wrote."""
+    from cli_run import CONSOLE_SCRIPT, run
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "load.md").read_text()
+    block = re.search(r"```sh\n(.*?)```", docs, re.S)[1]
+    load_line, merge_line = block.replace("\\\n", " ").strip().splitlines()
+    assert load_line.startswith("viowire load --device") and "--duration 3" in load_line
+    load_line = load_line.replace("--duration 3", "--duration 1")
+    for _ in range(2):
+        done = run(["sh", "-c", load_line.replace("viowire", str(CONSOLE_SCRIPT), 1)], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert re.search(r"^result +OK", done.stdout, re.M)
+    assert (tmp_path / "run.html").read_text().startswith("<!DOCTYPE html>")
+    assert (tmp_path / "run.csv").read_text().startswith("t,seconds,requests,")
+    assert len(list((tmp_path / "results").glob("load-*.json"))) == 2
+    merged = run(["sh", "-c", merge_line.replace("viowire", str(CONSOLE_SCRIPT), 1)], cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    assert re.search(r"^merged +2 runs", merged.stdout, re.M)

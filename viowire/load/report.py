@@ -10,15 +10,18 @@ BAR = 40  # characters of the longest histogram bar
 
 
 def format_us(us: float) -> str:
-    """1234 -> '1.23 ms'; 87.25 -> '87.2 us'; 5.125 -> '5.12 us' (three significant digits,
-    as exact as the histogram's 1 %)."""
-    if us >= 1_000_000:
-        return f"{us / 1e6:.3g} s" if us < 1e8 else f"{us / 1e6:.0f} s"
-    if us >= 1000:
-        return f"{us / 1000:.3g} ms"
-    if us >= 100:
-        return f"{us:.0f} us"
-    return f"{us:.3g} us"
+    """1234 -> '1.23 ms'; 8000 -> '8.00 ms'; 87.25 -> '87.2 us'; 5.125 -> '5.12 us': three
+    significant digits, as exact as the histogram's 1 %."""
+    for unit, scale in (("s", 1e6), ("ms", 1e3)):
+        if us >= scale:
+            return f"{_three_digits(us / scale)} {unit}"
+    return f"{_three_digits(us)} us"
+
+
+def _three_digits(x: float) -> str:
+    if x >= 100:
+        return f"{x:.0f}"
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
 
 
 def format_bytes(n: float) -> str:
