@@ -40,7 +40,7 @@ latencies_ns = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(values=latencies_ns, q=st.sampled_from([*PERCENTILES, 0.1, 75.0, 99.99, 100.0]))
 def test_every_percentile_is_within_one_percent_of_the_exact_one(values, q):
     latency = recorded(values)
@@ -64,7 +64,7 @@ def test_the_bound_holds_on_a_large_heavy_tailed_sample():
         assert 0 <= error <= RELATIVE_ERROR <= ONE_PERCENT, q
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(values=latencies_ns, cut=st.integers(0, 400))
 def test_merged_parts_and_decoded_parts_equal_the_whole(values, cut):
     whole = recorded(values)

@@ -9,6 +9,7 @@ import csv
 import json
 import re
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from servers import running_server, url_of
@@ -90,6 +91,8 @@ async def test_a_self_contained_html_report(tmp_path, capsys):
     assert not re.search(r"<script|<link|<img|src=|href=|@import|url\(", text)
     assert set(re.findall(r"https?://[^'\" ]+", text)) == {"http://www.w3.org/2000/svg"}
     assert text.count("<svg") == 2 + 3  # latency and rate over time; a histogram per operation
+    for svg in re.findall(r"<svg.*?</svg>", text, re.S):
+        ElementTree.fromstring(svg)  # well-formed, so a browser draws it
     assert text.count("<polyline") >= 2 * 3 + 3  # p50 and p99 per operation; rates
     for op in ("blk-read", "blk-write", "rng"):
         assert f"Latency histogram: {op}" in text

@@ -158,9 +158,10 @@ def bar_chart(table: Sequence[Sequence[float]]) -> str:
             f"height='{bar:.1f}' fill='{COLOURS[0]}'><title>{format_us(low)} .. "
             f"{format_us(high)}: {n:,} ({share:.1%})</title></rect>"
         )
-        if i % max(1, len(table) // 8) == 0:
+        if i % math.ceil(len(table) / 7) == 0:  # labels that do not overlap
             body.append(
                 f"<text x='{x:.1f}' y='{TOP + h + 16}'>{html.escape(format_us(low))}</text>"
             )
     body.append(f"<text x='{LEFT - 6}' y='{TOP + 4}' text-anchor='end'>{peak:.0%}</text>")
+    body.append(f"<text x='{LEFT - 6}' y='{TOP + h}' text-anchor='end'>0</text>")
     return _svg(body)

@@ -89,7 +89,7 @@ def merge(docs: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = dict(first)
     for key in (
         "requests", "completed", "lost", "bytes", "errors", "verify_failures", "sessions",
-        "sessions_target", "devices", "devices_target", "platform_devices", "written_blocks",
+        "sessions_target", "devices", "devices_target", "written_blocks",
         "requests_per_s", "bytes_per_s", "devices_per_s", "concurrency",
     ):  # fmt: skip
         out[key] = sum(r[key] for r in runs)
@@ -111,6 +111,7 @@ def merge(docs: list[dict]) -> dict[str, Any]:
         "interrupted": any(r["interrupted"] for r in runs),
         "duration_s": max(r["duration_s"] for r in runs),
         "bringup_s": max(r["bringup_s"] for r in runs),
+        "platform_devices": max(r["platform_devices"] for r in runs),  # per session's platform
         "error_samples": [s for r in runs for s in r["error_samples"]][:MAX_SAMPLES],
         "runs": len(runs),
         "overlap": overlap(docs),
@@ -122,7 +123,7 @@ def merge(docs: list[dict]) -> dict[str, Any]:
     out["latency_us"] = latency.summary()
     out["histogram_us"] = [list(row) for row in latency.rows()]
     out["net"] = _net(runs)
-    out["fairness"] = _fairness(docs, first)
+    out["fairness"] = _fairness(docs, list(dict.fromkeys(k for r in runs for k in r["fairness"])))
     out["readback"] = _readback(docs, runs)
     return out
 
@@ -161,7 +162,7 @@ def _net(runs: list[dict]) -> dict[str, Any]:
     return net
 
 
-def _fairness(docs: list[dict], first: dict) -> dict[str, Any]:
+def _fairness(docs: list[dict], device_kinds: list[str]) -> dict[str, Any]:
     """Every device of every run as one population (device names get their run's host)."""
     per_device: dict[str, list[int]] = {"requests": [], "timed": [], "latency_ns": []}
     names: list[str] = []
@@ -174,7 +175,7 @@ def _fairness(docs: list[dict], first: dict) -> dict[str, Any]:
         kinds += devices["kinds"]
     return {
         kind: fairness(per_device, names, [i for i, k in enumerate(kinds) if k == kind])
-        for kind in first["fairness"]
+        for kind in device_kinds
     }
 
 
