@@ -21,7 +21,9 @@ from viowire.options import (
     UsageError,
     add_device_types_option,
     add_memory_option,
+    add_serve_security_options,
     add_target_options,
+    apply_client_auth_options,
     names_device_type,
 )
 from viowire.runtime import LOOPS, run, until_signalled
@@ -57,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         action="append",
         metavar="URL",
-        help=f"tcp://HOST:PORT or unix:///PATH, repeatable (default: "
-        f"{' and '.join(DEFAULT_LISTEN)})",
+        help=f"tcp://HOST:PORT, tls://HOST:PORT or unix:///PATH, repeatable (default: "
+        f"{' and '.join(DEFAULT_LISTEN)}); a non-loopback address needs a token or TLS client "
+        "certificates, or --insecure",
     )
+    add_serve_security_options(serve)
     serve.add_argument("--config", metavar="FILE", help="TOML platform description")
     serve.add_argument(
         "--workers",
@@ -311,7 +315,7 @@ def _print_layout(spec) -> None:
 
 def _serve_workers(args: argparse.Namespace) -> int:
     """--workers N: bind here, fork the workers, supervise them (no event loop in this process)."""
-    from viowire.server.app import bind
+    from viowire.server.app import bind, security_from_args
     from viowire.server.workers import Supervisor
 
     if _link_specs(args):
@@ -321,7 +325,10 @@ def _serve_workers(args: argparse.Namespace) -> int:
         )
     spec = _platform_spec(args)
     spec.validate()
-    listeners = [bind(url) for url in args.listen or DEFAULT_LISTEN]
+    security = security_from_args(args)
+    urls = args.listen or list(DEFAULT_LISTEN)
+    security.check(urls)
+    listeners = [bind(url, security.socket_mode) for url in urls]
     supervisor = Supervisor(
         spec,
         listeners,
@@ -329,6 +336,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
         loop=args.loop,
         allow_shm=not args.no_shm,
         poll_us=args.poll_us,
+        security=security,
     )
 
     def ready(pids: list[int]) -> None:
@@ -341,10 +349,16 @@ def _serve_workers(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from viowire.server.app import Server
+    from viowire.server.app import Server, security_from_args
 
     spec = _platform_spec(args)
-    server = Server(spec, allow_shm=not args.no_shm, poll_us=args.poll_us, links=_link_specs(args))
+    server = Server(
+        spec,
+        allow_shm=not args.no_shm,
+        poll_us=args.poll_us,
+        links=_link_specs(args),
+        security=security_from_args(args),
+    )
     endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
     logs.install()  # once it serves: a description that fails leaves the loggers as they were
     _print_layout(spec)
@@ -485,6 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.verbose += getattr(args, "verbose_after", 0)
     _setup_logging(args.verbose, args.log_level)
+    if args.command != "serve":
+        apply_client_auth_options(args)
     try:
         _start_trace(args)
         if args.command == "serve" and args.list_devices:
