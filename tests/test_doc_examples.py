@@ -47,6 +47,8 @@ NOT_HERE: list[tuple[str, str]] = [
     (r"--port org\.qemu\.guest_agent|ports=org\.qemu\.guest_agent", "a guest agent socket"),
     (r"^python -m pytest", "the test suite itself"),
     (r"2a0000000001", "a session id of the reader's own trace"),
+    (r"^kubectl ", "needs a Kubernetes cluster (tests/test_load_k8s.py checks the manifests)"),
+    (r"tls://", "needs a certificate authority and certificates (tests/test_auth.py makes them)"),
     (r"10\.203\.", "addresses of a test network (docs/containers.md sets it up by hand)"),
     (r"^viowire console unix", "interactive: a terminal at the other end"),
     (
@@ -98,7 +100,7 @@ def _blocks() -> dict[str, list[str]]:
 
 def test_every_example_is_run_or_excused():
     kinds = {line.split()[0] for _, line in _runnable()}
-    assert kinds <= {"viowire", "printf", "python"}, kinds
+    assert kinds <= {"viowire", "printf", "python", "openssl"}, kinds
     assert len(_runnable()) >= 20  # most of them run here
     tomls = [where for where, lang, _ in EXAMPLES if lang == "toml"]
     assert len(tomls) == 2  # the README's platform (run below) and devices.md's entry point
@@ -114,39 +116,59 @@ def _local(line: str, tmp_path: Path, urls: dict[str, str]) -> list[str]:
     return words
 
 
-def _serve_args(words: list[str], tmp_path: Path) -> list[str]:
+def _serve_args(words: list[str], tmp_path: Path, number: int = 1) -> list[str]:
+    """A serve line's options, on free ports; one without --listen gets the default socket
+    path (the block's first such server) or one of its own."""
     args = [re.sub(r"^tcp://127\.0\.0\.1:\d+$", "tcp://127.0.0.1:0", w) for w in words[2:]]
     if "--listen" not in args:
-        args += ["--listen", f"unix://{tmp_path}/viowire.sock", "--listen", "tcp://127.0.0.1:0"]
+        name = "viowire.sock" if number == 1 else f"viowire-{number}.sock"
+        args += ["--listen", f"unix://{tmp_path}/{name}", "--listen", "tcp://127.0.0.1:0"]
     return args
 
 
 @pytest.mark.parametrize(("where", "lines"), list(_blocks().items()))
 def test_example_block_runs(where, lines, tmp_path):
+    if any("--token-file token" in line for line in lines):  # the user's own secret
+        (tmp_path / "token").write_text("0123456789abcdef" * 4 + "\n")
+        (tmp_path / "token").chmod(0o600)
     if any("--config platform.toml" in line for line in lines):
         (toml,) = [text for w, lang, text in EXAMPLES if lang == "toml" and "README" in w]
         (tmp_path / "platform.toml").write_text(toml)
     cwd = ROOT if any("examples." in line for line in lines) else tmp_path
     urls: dict[str, str] = {}  # as written -> where this test's server listens
+    started = running = 0  # servers on the default socket path, servers in all
     with contextlib.ExitStack() as servers:
         for line in lines:
             words = _local(line, tmp_path, {})
             if words[:2] == ["viowire", "serve"] and "--list-devices" not in words:
-                served = servers.enter_context(serve(*_serve_args(words, tmp_path), cwd=cwd))
+                started += "--listen" not in words
+                args = _serve_args(words, tmp_path, started)
+                served = servers.enter_context(serve(*args, cwd=cwd))
+                running += 1
                 written = re.search(r"tcp://[\d.]+:(\d+)", line)
                 if any(url.startswith("tcp") for url in served.endpoints):  # the first one
                     port = written.group(1) if written else 7000  # serves, as in the text
                     urls.setdefault(f"tcp://127.0.0.1:{port}", served.url("tcp"))
                 continue
-            if re.search(r"(?:unix|tcp)://", line) and not urls:
+            if re.search(r"(?:unix|tcp)://", line) and not running:
                 default = _serve_args(["viowire", "serve"], tmp_path)
                 served = servers.enter_context(serve(*default, cwd=cwd))
+                running += 1
                 urls["tcp://127.0.0.1:7000"] = served.url("tcp")
             result = _run(line, _local(line, tmp_path, urls), cwd)
             assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
 
 
 def _run(line: str, words: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    if words[0] == "openssl":  # a shell line: redirection, &&
+        return subprocess.run(
+            ["bash", "-c", line], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+        )
+    words = [
+        word for pattern in words
+        for word in (sorted(str(p.relative_to(cwd)) for p in cwd.glob(pattern)) or [pattern]
+                     if "*" in pattern else [pattern])
+    ]  # fmt: skip  # the shell's globbing
     if line.startswith("printf"):  # printf TEXT | viowire ...
         text, command = line.split(" | ", 1)
         stdin = shlex.split(text)[1].encode().decode("unicode_escape")

@@ -217,7 +217,9 @@ def bind(url: str, socket_mode: int = SOCKET_MODE) -> tuple[Endpoint, socket.soc
     try:
         return _bind(url, socket_mode)
     except OSError as exc:
-        raise ListenError(exc.errno, f"cannot listen on {url}: {exc.strerror or exc}") from exc
+        reason = exc.strerror or str(exc)
+        reason = reason.removeprefix(url.split("://", 1)[-1] + ": ")  # said once is enough
+        raise ListenError(exc.errno, f"cannot listen on {url}: {reason}") from exc
 
 
 def _bind(url: str, socket_mode: int = SOCKET_MODE) -> tuple[Endpoint, socket.socket]:
