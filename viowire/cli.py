@@ -567,17 +567,10 @@ def _bad_input(exc: Exception) -> bool:
     from viowire.client.netattach import NetAttachError
     from viowire.device import DeviceOptionError
     from viowire.registry import DeviceTypeError
-    from viowire.server.app import ListenError
     from viowire.server.platform import PlatformError
 
     return isinstance(
-        exc,
-        UsageError
-        | PlatformError
-        | DeviceTypeError
-        | DeviceOptionError
-        | NetAttachError
-        | ListenError,
+        exc, UsageError | PlatformError | DeviceTypeError | DeviceOptionError | NetAttachError
     )
 
 
