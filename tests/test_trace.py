@@ -46,9 +46,9 @@ def test_serve_and_client_traces_hold_the_same_frames_both_ways(tmp_path):
     kinds = {(direction, kind) for direction, kind, _ in at_server}
     assert {("C->S", "HELLO"), ("S->C", "HELLO_REPLY"), ("C->S", "MEM_REGISTER")} <= kinds
     assert {("C->S", "PLATFORM_QUERY"), ("C->S", "MMIO_READ"), ("S->C", "MMIO_READ_REPLY")} <= kinds
-    # the client learns its session id from HELLO_REPLY: both ends name the same session
+    # the client learns its session id from HELLO_REPLY; show names its HELLO by it as well
     sessions = {line.split()[1] for line in viowire("trace", "show", str(client_trace)).stdout
-                .splitlines()[1:]}  # fmt: skip
+                .splitlines()}  # fmt: skip
     server_sessions = {line.split()[1] for line in
                        viowire("trace", "show", str(server_trace)).stdout.splitlines()}  # fmt: skip
     assert sessions == server_sessions and len(sessions) == 1
@@ -64,6 +64,7 @@ def test_show_filters_by_type_and_session(tmp_path):
     assert all(line.split()[4] == "MMIO_READ" for line in reads)
     session = everything[-1].split()[1]
     mine = viowire("trace", "show", str(trace), "--session", session).stdout.splitlines()
+    assert len(mine) == len(everything)  # one session, both ends, from the client's HELLO on
     other = viowire("trace", "show", str(trace), "--session", "1234").stdout.splitlines()
     assert mine and not other
     wrong = viowire("trace", "show", str(trace), "--type", "MMIO_REED")

@@ -62,7 +62,8 @@ def _selected(args: argparse.Namespace, trace: show.Trace) -> Iterator[show.Mess
         session = int(args.session, 16) if args.session else None
     except ValueError:
         raise UsageError(f"--session {args.session!r}: give the session id in hex") from None
-    for msg in show.messages(trace.records):
+    known = show.client_sessions(show.read(args.file).records)
+    for msg in show.messages(trace.records, known):
         if session is not None and msg.session != session:
             continue
         if types and (msg.frame is None or msg.frame.type not in types):

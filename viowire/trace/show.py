@@ -100,10 +100,33 @@ _TO_SERVER = {
 }
 
 
-def messages(records: Iterable[Record]) -> Iterator[Message]:
-    """Every frame of ``records``, in the order they were recorded."""
+def client_sessions(records: Iterable[Record]) -> dict[tuple[int, End], int]:
+    """The session id of each client connection, from its HELLO_REPLY: a first pass, so that
+    the frames a client sent before the reply (its HELLO) are named by the session as well."""
+    found: dict[tuple[int, End], int] = {}
+    readers: dict[tuple[int, End], FrameReader] = {}
+    for record in records:
+        key = (record.connection, record.end)
+        if record.end is not End.CLIENT or record.event is not Event.RECEIVED or key in found:
+            continue
+        try:
+            frames = readers.setdefault(key, FrameReader(max_frame=1 << 32)).feed(record.data)
+        except FrameError:
+            continue
+        for frame in frames:
+            message, _ = _decode(frame)
+            if isinstance(message, m.HelloReply):
+                found[key] = message.session_id
+    return found
+
+
+def messages(
+    records: Iterable[Record], sessions: dict[tuple[int, End], int] | None = None
+) -> Iterator[Message]:
+    """Every frame of ``records``, in the order they were recorded; ``sessions`` (from
+    :func:`client_sessions`) names a client's frames from its first."""
     readers: dict[tuple, FrameReader] = {}
-    sessions: dict[tuple[int, End], int] = {}
+    sessions = dict(sessions or {})
     for record in records:
         key = (record.connection, record.end)
         if record.event in (Event.OPEN, Event.CLOSE):
