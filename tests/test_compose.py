@@ -389,14 +389,17 @@ def test_the_build_context_holds_what_pip_install_reads_and_little_else():
 # Every command, run here.
 
 
-def local(command: list[str], url: str) -> list[str]:
+def local(command: list[str], url: str, volumes: dict[str, Path] | None = None) -> list[str]:
     """A service's command as it runs on this host: the console script for ``viowire``, the
-    server at ``url`` for the compose names of it, and a one-second load."""
+    server at ``url`` for the compose names of it, a one-second load, and each volume's mount
+    point (a path prefix) in ``volumes`` replaced by a directory here."""
     port = server_port()
     out = [str(CONSOLE_SCRIPT)] + [
         url if arg in (f"tcp://server:{port}", f"tcp://127.0.0.1:{port}") else arg
         for arg in command
     ]
+    for mount, here in (volumes or {}).items():
+        out = [f"{here}/{arg[len(mount) :]}" if arg.startswith(mount) else arg for arg in out]
     if "--duration" in out:
         out[out.index("--duration") + 1] = "1"
     return out
@@ -477,7 +480,9 @@ def test_the_services_run_here(tmp_path, monkeypatch):
                 out = tmp_path / f"{name}-{replica}.out"
                 err = tmp_path / f"{name}-{replica}.err"
                 with out.open("w") as stdout, err.open("w") as stderr:
-                    command = local(argv(services[name]["command"]), url)
+                    mounts = [v.split(":") for v in services[name].get("volumes", [])]
+                    volumes = {target: tmp_path / source for source, target in mounts}
+                    command = local(argv(services[name]["command"]), url, volumes)
                     proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
                 runs.append((f"{name}-{replica}", proc, out, err))
         try:
@@ -499,6 +504,16 @@ def test_the_services_run_here(tmp_path, monkeypatch):
         stdout = outputs[replica][1]
         assert ": proxied memory," in stdout.splitlines()[0], stdout
         assert re.search(r"^result +OK", stdout, re.M), stdout
+    # The replicas' histogram files on the shared volume, merged as the compose file says.
+    histograms = sorted((tmp_path / "load-results").glob("load-*.json"))
+    assert len(histograms) == 2
+    merged = subprocess.run(
+        [str(CONSOLE_SCRIPT), "load", "merge", *map(str, histograms)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert merged.returncode == 0, merged.stderr
+    assert re.search(r"^merged +2 runs", merged.stdout, re.M), merged.stdout
+    assert "load merge /results/*.json" in COMPOSE_FILE.read_text()
 
 
 # The netpeer service: containers on one virtio-net link.

@@ -41,6 +41,8 @@ from viowire.protocol.codec import (
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.samehost import read_proof, segment_prefix
+from viowire.trace import recorder as wiretrace
+from viowire.trace.format import End, Event
 from viowire.urls import Endpoint, parse_endpoint
 from viowire.virtio.constants import device_name
 from viowire.virtio.memory import GuestMemoryError
@@ -143,6 +145,9 @@ class Connection(asyncio.Protocol):
         self._tasks: set[asyncio.Task] = set()  # background work of our own, kept referenced
         self._taking_back: dict[int, asyncio.Task] = {}  # device base -> its channel take-back
         self._sidecar: socket.socket | None = None  # FD_SIDECAR: where descriptors go
+        self.trace: wiretrace.Stream | None = None  # --trace: what this connection carries
+        if (recorder := wiretrace.active()) is not None:
+            self.trace = recorder.stream(End.CLIENT, peer=str(endpoint))
         # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
@@ -154,6 +159,8 @@ class Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.trace is not None:
+            self.trace.received(data)
         try:
             frames = self.reader.feed(data)
         except FrameError as exc:
@@ -164,6 +171,8 @@ class Connection(asyncio.Protocol):
             self._dispatch(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.trace is not None:
+            self.trace.closed()
         error = ConnectionClosed(
             f"connection to {self.endpoint} closed" + (f": {exc}" if exc else "")
         )
@@ -205,6 +214,8 @@ class Connection(asyncio.Protocol):
         frame = encode(msg, request_id, flags)
         if fds:
             self._flush()
+            if self.trace is not None:
+                self.trace.sent(frame)
             self.transport.write_with_fds(frame, fds)
             return
         self._queue(frame)
@@ -221,6 +232,8 @@ class Connection(asyncio.Protocol):
         if self._out or self._flush_pending or self._lazy_acks:
             self._queue(frame)
             return
+        if self.trace is not None:
+            self.trace.sent(frame)
         self.transport.write(frame)
         self._flush_pending = True  # gather what this turn queues after it
         self._loop.call_soon(self._flush)
@@ -231,7 +244,10 @@ class Connection(asyncio.Protocol):
             self._take_lazy_acks()
         if self._out and not self.closed:
             out, self._out = self._out, []
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            data = b"".join(out) if len(out) > 1 else out[0]
+            if self.trace is not None:
+                self.trace.sent(data)
+            self.transport.write(data)
 
     def ack_later(self, addr: int, bits: int) -> None:
         """Post an InterruptACK of ``bits`` at ``addr`` with the next frame that leaves, or
@@ -304,6 +320,8 @@ class Connection(asyncio.Protocol):
         """One packet with its descriptors. The reply comes on the connection, whose earlier
         frames go first (the server applies the two in any order)."""
         self._flush()
+        if self.trace is not None:
+            self.trace.record(Event.SIDECAR_SENT, frame)
         sidecar = self._sidecar
         while True:
             try:
@@ -726,11 +744,14 @@ async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) 
     conn._sidecar = mine
     try:
         request_id = conn._new_id()
+        frame = encode(hello, request_id, 0)
+        if conn.trace is not None:
+            conn.trace.sent(frame)
         # A fresh socket's buffer takes a small frame whole: this send does not block.
-        socket.send_fds(sock, [encode(hello, request_id, 0)], [theirs.fileno()])
+        socket.send_fds(sock, [frame], [theirs.fileno()])
     finally:
         theirs.close()
-    frames = await asyncio.wait_for(_first_frames(loop, sock, conn.reader), REQUEST_TIMEOUT)
+    frames = await asyncio.wait_for(_first_frames(loop, sock, conn), REQUEST_TIMEOUT)
     reply, rest = frames[0], frames[1:]
     msg = decode_body(reply.type, reply.body)
     if isinstance(msg, m.Error):
@@ -750,12 +771,16 @@ async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) 
     return msg
 
 
-async def _first_frames(loop: asyncio.AbstractEventLoop, sock: socket.socket, reader) -> list:
+async def _first_frames(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: Connection
+) -> list:
     while True:
         data = await loop.sock_recv(sock, 65536)
         if not data:
             raise ConnectionClosed("the server closed the connection during HELLO")
-        if frames := reader.feed(data):
+        if conn.trace is not None:
+            conn.trace.received(data)
+        if frames := conn.reader.feed(data):
             return frames
 
 

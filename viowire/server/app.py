@@ -212,7 +212,24 @@ class Server:
         await self.close()
 
 
+class ListenError(OSError):
+    """A listener that cannot be opened; the message names it."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def bind(url: str, socket_mode: int = SOCKET_MODE) -> tuple[Endpoint, socket.socket]:
+    """:func:`_bind`, with an error that names the listener (a server may have several)."""
+    try:
+        return _bind(url, socket_mode)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        reason = reason.removeprefix(url.split("://", 1)[-1] + ": ")  # said once is enough
+        raise ListenError(exc.errno, f"cannot listen on {url}: {reason}") from exc
+
+
+def _bind(url: str, socket_mode: int = SOCKET_MODE) -> tuple[Endpoint, socket.socket]:
     """A listening socket for ``url``; TCP port 0 becomes a free port (the endpoint says which).
     A Unix socket file gets ``socket_mode``; a live server's socket is never taken over.
 

@@ -37,6 +37,8 @@ from viowire.server.limits import Budget, LimitExceeded
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
 from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
+from viowire.trace import recorder as wiretrace
+from viowire.trace.format import End, Event
 from viowire.virtio.constants import Reg
 from viowire.virtio.memory import GuestMemory, GuestMemoryError
 
@@ -187,6 +189,7 @@ class ServerSession(asyncio.Protocol):
         self._awaiting_auth = False  # HELLO answered, the token not proven yet: nothing else goes
         self._auth_open = False  # AUTH may still come: nothing but HELLO has been received
         self._shm_proof: ShmProof | None = None
+        self.trace: wiretrace.Stream | None = None  # --trace: what this connection carries
         self.budget = budget or Budget()
         self.turns = turns or Turns()
         self._charged_handshake = False
@@ -208,6 +211,8 @@ class ServerSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
         log.info("session %x: connected from %s", self.session_id, self._peer)
+        if (recorder := wiretrace.active()) is not None:
+            self.trace = recorder.stream(End.SERVER, self.session_id, self._peer)
         try:
             self.budget.take_handshake()
         except LimitExceeded as exc:
@@ -232,6 +237,8 @@ class ServerSession(asyncio.Protocol):
             os.close(self._fds.pop(0))
 
     def data_received(self, data: bytes) -> None:
+        if self.trace is not None:
+            self.trace.received(data)
         self._read_frames(data)
         self._schedule_slice()
 
@@ -294,6 +301,8 @@ class ServerSession(asyncio.Protocol):
         self._credit_budget()
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        if self.trace is not None:
+            self.trace.closed()
         self._drop_shm_proof()
         for future in self._pending.values():
             if not future.done():
@@ -387,7 +396,10 @@ class ServerSession(asyncio.Protocol):
             self._take_writes()
         if self._out and not self._closed and self.transport is not None:
             out, self._out = self._out, []
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            data = b"".join(out) if len(out) > 1 else out[0]
+            if self.trace is not None:
+                self.trace.sent(data)
+            self.transport.write(data)
 
     def _reply_error(self, frame: Frame, code: m.ErrorCode, message: str) -> None:
         log.warning("session %x: %s: %s", self.session_id, code.name, message)
@@ -636,6 +648,8 @@ class ServerSession(asyncio.Protocol):
             self._sidecar = None  # ended; descriptors cannot arrive any more
             return
         self.fds_received(fds)
+        if self.trace is not None:
+            self.trace.record(Event.SIDECAR_RECEIVED, data)
         try:
             frames = self._sidecar_frames.feed(data, SLICE_FRAMES)
             if self._sidecar_frames.buffered:  # a packet is whole frames: no waiting for more
