@@ -76,8 +76,7 @@ async def fresh_client_latency(url: str) -> float:
 
 
 async def test_a_fresh_client_is_served_while_fifty_connections_flood(tmp_path):
-    # Small devices: fifty sessions of the default platform (128 MiB of RAM disks each) would
-    # pass the default --max-ram-disk, and the sessions refused would not flood.
+    # Two small devices: the sessions cost little to build, the flood is all MMIO_READs.
     platform = ("--device", "blk,size=1M", "--device", "rng")
     with serve("--listen", "tcp://127.0.0.1:0", *platform) as served:
         url = served.url("tcp")

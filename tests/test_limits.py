@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 from collections.abc import AsyncIterator
 
@@ -17,17 +18,20 @@ from servers import small_platform, url_of
 from test_bad_input import RAM_BASE, RawPeer, hello_msg, mem_register, memfd
 
 from viowire.client.connection import Connection, ProtocolError, connect
+from viowire.client.drivers.blk import BlockDriver
+from viowire.client.errors import RequestError
 from viowire.protocol import messages as m
 from viowire.protocol.codec import decode_body
 from viowire.server.app import Server
 from viowire.server.limits import Limits
+from viowire.virtio.blk import BlkStatus
 from viowire.virtio.constants import MAGIC_VALUE, Reg
 
 TIMEOUT = 5.0
-MIB = 1 << 20
-SESSION_RAM = 8 * MIB  # small_platform(): two RAM disks of 4 MiB
+PAGE = mmap.PAGESIZE
 SESSION_DEVICES = 4
 BASE = 0x1000_1000
+BLK = 0x1000_2000  # small_platform()'s modern RAM disk
 
 
 @contextlib.asynccontextmanager
@@ -100,15 +104,60 @@ async def test_connections_in_their_handshake_are_capped_apart_from_sessions(tmp
             await session.close()
 
 
-async def test_ram_disk_bytes_per_server_are_refused_on_the_handshake_from_bytes(tmp_path):
-    async with limited_server(tmp_path, ram_disk_bytes=2 * SESSION_RAM) as server:
+async def blk_of(conn: Connection) -> BlockDriver:
+    """The modern RAM disk of small_platform() (4 MiB)."""
+    entry = next(e for e in await conn.platform() if e.base == BLK)
+    return await asyncio.wait_for(BlockDriver.attach(await conn.attach(entry)), TIMEOUT)
+
+
+async def test_ram_disk_bytes_per_server_are_charged_as_they_are_written(tmp_path):
+    """Pages are charged on their first write: a write past --max-ram-disk fails with IOERR,
+    rewriting written pages costs nothing, and a session's pages come back when it ends."""
+    async with limited_server(tmp_path, ram_disk_bytes=16 * PAGE) as server:
         first, second = await open_client(server), await open_client(server)
-        assert server.budget.ram_disk_bytes == 2 * SESSION_RAM
+        disk_a, disk_b = await blk_of(first), await blk_of(second)
+        await disk_a.write(0, b"a" * 12 * PAGE)
+        assert server.budget.ram_disk_bytes == 12 * PAGE
+        with pytest.raises(RequestError) as info:
+            await disk_b.write(0, b"b" * 8 * PAGE)  # 4 pages left: refused whole
+        assert info.value.status == BlkStatus.IOERR
+        assert await disk_b.read(0, PAGE) == bytes(PAGE)  # nothing of it was written
+        await disk_b.write(0, b"b" * 4 * PAGE)
+        await disk_a.write(0, b"A" * 12 * PAGE)  # its own pages again: no charge
+        assert await disk_a.read(0, 2 * PAGE) == b"A" * 2 * PAGE
+        assert server.budget.ram_disk_bytes == 16 * PAGE
+        await first.close()
+        await until_sessions(server, 1)
+        assert server.budget.ram_disk_bytes == 4 * PAGE
+        await disk_b.write(8 * PAGE, b"b" * 8 * PAGE)
+        assert await disk_b.read(0, PAGE) == b"b" * PAGE
+        await second.close()
+        await until_sessions(server, 0)
+        assert server.budget.ram_disk_bytes == 0
+
+
+async def test_ram_disk_bytes_per_session(tmp_path, caplog):
+    async with limited_server(tmp_path, session_ram_disk_bytes=4 * PAGE) as server:
+        first, second = await open_client(server), await open_client(server)
+        disk_a, disk_b = await blk_of(first), await blk_of(second)
+        await disk_a.write(0, b"a" * 4 * PAGE)
+        with pytest.raises(RequestError):
+            await disk_a.write(4 * PAGE, b"a" * 512)
+        await disk_b.write(0, b"b" * 4 * PAGE)  # another session has its own
+        await works(first)
+        assert any("--max-session-ram-disk" in r.getMessage() for r in caplog.records)
+        await first.close()
+        await second.close()
+
+
+async def test_the_handshake_is_refused_from_bytes_when_the_devices_do_not_fit(tmp_path):
+    async with limited_server(tmp_path, devices=2 * SESSION_DEVICES) as server:
+        first, second = await open_client(server), await open_client(server)
         peer = await RawPeer.connect(server, "unix")
         try:
             request_id = await peer.send_msg(hello_msg())
             message = await peer.expect_error(m.ErrorCode.LIMIT_EXCEEDED, request_id)
-            assert "--max-ram-disk" in message and "closing" in message
+            assert "--max-devices" in message and "closing" in message
             await peer.expect_closed()
         finally:
             await peer.aclose()
@@ -116,7 +165,6 @@ async def test_ram_disk_bytes_per_server_are_refused_on_the_handshake_from_bytes
         await works(second)
         await first.close()
         await until_sessions(server, 1)
-        assert server.budget.ram_disk_bytes == SESSION_RAM
         third = await open_client(server)
         await works(third)
         await second.close()
@@ -131,14 +179,12 @@ async def test_devices_per_server(tmp_path):
         await first.close()
 
 
-async def test_a_platform_above_the_session_limits_is_refused_every_time(tmp_path):
-    async with limited_server(tmp_path, session_ram_disk_bytes=SESSION_RAM - 1) as server:
-        await refused(server, "--max-session-ram-disk")
-        await refused(server, "--max-session-ram-disk")
-        await until_sessions(server, 0)
-        assert (server.budget.devices, server.budget.ram_disk_bytes) == (0, 0)
+async def test_a_platform_above_the_session_device_limit_is_refused_every_time(tmp_path):
     async with limited_server(tmp_path, session_devices=SESSION_DEVICES - 1) as server:
         await refused(server, "--max-session-devices 3")
+        await refused(server, "--max-session-devices 3")
+        await until_sessions(server, 0)
+        assert server.budget.devices == 0
 
 
 async def test_memory_regions_per_session(tmp_path):

@@ -272,8 +272,8 @@ A server takes what its configuration allows, per server process (each `serve --
 process has all of them) and per session. A request a limit refuses gets ERROR LIMIT_EXCEEDED
 whose message names the limit and the `serve` option that sets it:
 
-* a session that would pass the session limit, or whose devices would pass a device or RAM-disk
-  limit, has the request that opens it (HELLO, or AUTH where a token is required) answered with
+* a session that would pass the session limit, or whose devices would pass a device limit,
+  has the request that opens it (HELLO, or AUTH where a token is required) answered with
   ERROR LIMIT_EXCEEDED, and is closed. A session counts from then on: a peer that cannot prove
   the token never takes a session's place;
 * connections still in their handshake are capped at the same number as sessions, apart: one
@@ -281,8 +281,11 @@ whose message names the limit and the `serve` option that sets it:
 * a MEM_REGISTER beyond the region or mapped-bytes limit gets ERROR LIMIT_EXCEEDED, and the
   session goes on.
 
-RAM disks are charged at their full size when a session opens and given back when it ends: a
-client may write every page, and the budget holds that worst case.
+RAM disks are charged as they fill, a page at its first write, and given back when the session
+ends: a disk's pages take memory only once written, so a large sparse disk costs what is
+written. A block write that would pass a RAM-disk limit is not applied and completes with
+VIRTIO_BLK_S_IOERR, as on thin-provisioned storage whose pool is full; the server logs which
+limit refused it. Rewriting pages already written costs nothing.
 
 {limits_table}
 

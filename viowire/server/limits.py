@@ -1,18 +1,20 @@
 """What one server process lets its clients take: sessions, devices, RAM-disk bytes, guest memory.
 
 :class:`Limits` is the configuration (``serve --max-*``); :class:`Budget` is one server process's
-account of what its sessions hold, charged when a session connects and when its devices are
-built, and credited when it ends. A refusal is :class:`LimitExceeded`, whose message names the
+account of what its sessions hold, charged when a session connects, opens and builds its
+devices, and credited when it ends. A refusal is :class:`LimitExceeded`, whose message names the
 limit and the option that raises it; the session gets ERROR LIMIT_EXCEEDED.
 
-RAM disks are charged at their full size when a session's devices are built, not as they fill:
-the pages of an anonymous disk are allocated only when written, but a client may write them all,
-so the budget holds the worst case and no client can grow the server past it.
+RAM disks are charged as they fill, page by page (:class:`RamAccount`): their pages are allocated
+only when first written, so large sparse disks cost what is written. A write that would pass a
+RAM-disk limit fails with :class:`RamDiskFull` (ENOSPC), and the block device answers IOERR, as
+thin-provisioned storage does when its pool is full.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 from dataclasses import dataclass
 
 from viowire.units import parse_size
@@ -24,6 +26,13 @@ class LimitExceeded(Exception):
     """A request a limit refuses; the message says which limit and how to raise it."""
 
 
+class RamDiskFull(OSError):
+    """A RAM-disk write that would pass a RAM-disk limit (ENOSPC)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per server process (each ``--workers`` process has its own) and per session."""
@@ -31,8 +40,8 @@ class Limits:
     sessions: int = 256  # open sessions at once, and as many connections in their handshake
     devices: int = 131072  # devices of all sessions together
     session_devices: int = 131072  # devices of one session (its platform)
-    ram_disk_bytes: int = 4 * GIB  # RAM-disk bytes of all sessions together
-    session_ram_disk_bytes: int = 1 * GIB  # RAM-disk bytes of one session
+    ram_disk_bytes: int = 4 * GIB  # RAM-disk bytes written, all sessions together
+    session_ram_disk_bytes: int = 1 * GIB  # RAM-disk bytes written by one session
     regions: int = 64  # guest memory regions of one session
     mapped_bytes: int = 64 * GIB  # guest memory one session has the server map (memfd, shm)
 
@@ -58,11 +67,13 @@ OPTIONS = (
         "ram_disk_bytes",
         "--max-ram-disk",
         True,
-        "RAM-disk bytes of all sessions together, charged at the disks' full size when a "
-        "session starts",
+        "RAM-disk bytes written by all sessions together (a write past it fails with IOERR)",
     ),
     _Option(
-        "session_ram_disk_bytes", "--max-session-ram-disk", True, "RAM-disk bytes of one session"
+        "session_ram_disk_bytes",
+        "--max-session-ram-disk",
+        True,
+        "RAM-disk bytes written by one session",
     ),
     _Option(
         "regions", "--max-regions", False, "guest memory regions (MEM_REGISTER) of one session"
@@ -154,37 +165,23 @@ class Budget:
     def give_session(self) -> None:
         self.sessions -= 1
 
-    def take_devices(self, devices: int, ram_disk_bytes: int) -> None:
-        """Charge a session's platform: ``devices`` devices holding ``ram_disk_bytes``."""
+    def take_devices(self, devices: int) -> None:
+        """Charge a session's platform of ``devices`` devices."""
         limits = self.limits
         if devices > limits.session_devices:
             raise LimitExceeded(
                 f"a session has {devices} devices, above {_flag('session_devices')} "
                 f"{limits.session_devices}: serve fewer or raise the limit"
             )
-        if ram_disk_bytes > limits.session_ram_disk_bytes:
-            raise LimitExceeded(
-                f"a session's RAM disks hold {ram_disk_bytes} bytes, above "
-                f"{_flag('session_ram_disk_bytes')} {limits.session_ram_disk_bytes}: serve "
-                "smaller disks or raise the limit"
-            )
         if self.devices + devices > limits.devices:
             raise LimitExceeded(
                 f"this server's sessions hold {self.devices} devices; {devices} more would pass "
                 f"{_flag('devices')} {limits.devices}: try again later"
             )
-        if self.ram_disk_bytes + ram_disk_bytes > limits.ram_disk_bytes:
-            raise LimitExceeded(
-                f"this server's sessions hold {self.ram_disk_bytes} bytes of RAM disks; "
-                f"{ram_disk_bytes} more would pass {_flag('ram_disk_bytes')} "
-                f"{limits.ram_disk_bytes}: try again later"
-            )
         self.devices += devices
-        self.ram_disk_bytes += ram_disk_bytes
 
-    def give_devices(self, devices: int, ram_disk_bytes: int) -> None:
+    def give_devices(self, devices: int) -> None:
         self.devices -= devices
-        self.ram_disk_bytes -= ram_disk_bytes
 
     def check_regions(self, regions: int) -> None:
         """A session holding ``regions`` memory regions registers one more."""
@@ -201,3 +198,43 @@ class Budget:
                 f"this session has {mapped} bytes of guest memory mapped; {size} more would "
                 f"pass {_flag('mapped_bytes')} {self.limits.mapped_bytes}"
             )
+
+
+class RamAccount:
+    """The RAM-disk bytes one session has written, charged against its limit and the server's
+    :class:`Budget`; given back, all at once, when the session ends (:meth:`close`)."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.bytes = 0
+        self._closed = False
+
+    def take(self, size: int) -> None:
+        """Charge ``size`` newly written bytes; :class:`RamDiskFull` if a limit would pass."""
+        budget, limits = self.budget, self.budget.limits
+        if self._closed:
+            raise RamDiskFull("the session has ended")
+        if self.bytes + size > limits.session_ram_disk_bytes:
+            raise RamDiskFull(
+                f"this session's RAM disks hold {self.bytes} written bytes; {size} more would "
+                f"pass {_flag('session_ram_disk_bytes')} {limits.session_ram_disk_bytes}"
+            )
+        if budget.ram_disk_bytes + size > limits.ram_disk_bytes:
+            raise RamDiskFull(
+                f"this server's RAM disks hold {budget.ram_disk_bytes} written bytes; {size} "
+                f"more would pass {_flag('ram_disk_bytes')} {limits.ram_disk_bytes}"
+            )
+        self.bytes += size
+        budget.ram_disk_bytes += size
+
+    def give(self, size: int) -> None:
+        if not self._closed:
+            self.bytes -= size
+            self.budget.ram_disk_bytes -= size
+
+    def close(self) -> None:
+        """The session ended: its disks' memory goes back to the server."""
+        if not self._closed:
+            self.budget.ram_disk_bytes -= self.bytes
+            self.bytes = 0
+            self._closed = True

@@ -33,7 +33,7 @@ from viowire.protocol.codec import (
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.samehost import ShmProof, peer_uid, segment_prefix, trusted_uid
-from viowire.server.limits import Budget, LimitExceeded
+from viowire.server.limits import Budget, LimitExceeded, RamAccount
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
 from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
@@ -194,7 +194,8 @@ class ServerSession(asyncio.Protocol):
         self.turns = turns or Turns()
         self._charged_handshake = False
         self._charged_session = False
-        self._charged_devices = (0, 0)  # devices and RAM-disk bytes taken from the budget
+        self._charged_devices = 0  # devices taken from the budget
+        self._ram = RamAccount(self.budget)  # what its RAM disks have written
         self._mapped = 0  # bytes of shared guest memory mapped
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
@@ -327,8 +328,9 @@ class ServerSession(asyncio.Protocol):
         if self._charged_session:
             self._charged_session = False
             self.budget.give_session()
-        self.budget.give_devices(*self._charged_devices)
-        self._charged_devices = (0, 0)
+        self.budget.give_devices(self._charged_devices)
+        self._charged_devices = 0
+        self._ram.close()
 
     def _give_handshake(self) -> None:
         if self._charged_handshake:
@@ -564,20 +566,21 @@ class ServerSession(asyncio.Protocol):
             return False
         self._charged_session = True
         platform = self.spec.build(name_prefix=f"session {self.session_id:x} ")
-        charge = (len(platform.slots), sum(_ram_disk_bytes(s.device) for s in platform.slots))
         try:
-            self.budget.take_devices(*charge)
+            self.budget.take_devices(len(platform.slots))
         except LimitExceeded as exc:
             _later(self._loop.create_task(platform.aclose()))
             self._refuse(frame, m.ErrorCode.LIMIT_EXCEEDED, str(exc))
             return False
-        self._charged_devices = charge
+        self._charged_devices = len(platform.slots)
         self.platform = platform
         for slot in self.platform.slots:
             slot.device.on_irq = self._irq_sender(slot)
             slot.device.posted_ack = bool(self.features & m.ProtoFeature.IRQ_STATUS)
             if self.poll_us:  # idle devices keep the class default: a smaller dict each
                 slot.device.poll_us = self.poll_us
+            if hasattr(slot.device.backend, "ram_account"):  # a RAM disk: charged as it fills
+                slot.device.backend.ram_account = self._ram
         return True
 
     def _on_auth(self, frame: Frame, msg: m.Auth) -> None:
@@ -1020,11 +1023,6 @@ def _error_text(frame: Frame) -> str:
         return decode_body(frame.type, frame.body).message
     except DecodeError as exc:
         return f"an undecodable ERROR ({exc})"
-
-
-def _ram_disk_bytes(device: object) -> int:
-    """Server memory a device may fill with what its driver writes (a RAM disk's size)."""
-    return getattr(device.backend, "ram_disk_bytes", 0)
 
 
 def _later(task: asyncio.Task) -> None:

@@ -40,6 +40,7 @@ from concurrent.futures import Future
 
 from viowire import blocking
 from viowire.device import Device, Option, SampleRequest
+from viowire.server.limits import RamAccount, RamDiskFull
 from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
 from viowire.units import format_size, parse_duration
 from viowire.virtio.blk import (
@@ -62,6 +63,7 @@ log = logging.getLogger("viowire.device")
 
 _HEADER = REQUEST_HEADER
 _CONFIG = CONFIG_PREFIX
+_PAGE = mmap.PAGESIZE  # a RAM disk is charged a page when it first writes one
 _BARRIER = 0x8000_0000  # legacy flag OR-ed into the type; never offered, so ignored
 # plain ints on the per-request path (IntEnum comparisons and conversions cost more)
 _IN, _OUT = int(BlkType.IN), int(BlkType.OUT)
@@ -94,6 +96,8 @@ class _RamImage:
     def __init__(self, size: int) -> None:
         self.size = size
         self._map: mmap.mmap | None = None
+        self.account: RamAccount | None = None  # charged for each page's first write
+        self._written: bytearray | None = None  # a byte per page: 1 once written
 
     def pread(self, offset: int, length: int) -> bytes:
         if self._map is None:
@@ -101,14 +105,31 @@ class _RamImage:
         return self._map[offset : offset + length]
 
     def pwrite(self, offset: int, data: bytes) -> None:
+        if self.account is not None and data:
+            self._charge(offset, len(data))  # before anything is written: all or nothing
         if self._map is None:
             self._map = mmap.mmap(-1, max(self.size, 1))
         self._map[offset : offset + len(data)] = data
+
+    def _charge(self, offset: int, length: int) -> None:
+        if self._written is None:
+            self._written = bytearray(-(-self.size // _PAGE))
+        first, end = offset // _PAGE, (offset + length - 1) // _PAGE + 1
+        new = self._written[first:end].count(0)
+        if new:
+            self.account.take(new * _PAGE)  # RamDiskFull: the write fails, IOERR
+            self._written[first:end] = b"\x01" * (end - first)
 
     async def flush(self) -> None:
         pass
 
     def resize(self, size: int) -> None:
+        if self._written is not None:
+            pages = -(-size // _PAGE)
+            if self.account is not None:  # pages cut off are given back
+                self.account.give(self._written[pages:].count(1) * _PAGE)
+            del self._written[pages:]
+            self._written.extend(bytes(pages - len(self._written)))
         if self._map is not None:
             grown = mmap.mmap(-1, max(size, 1))
             keep = min(self.size, size)
@@ -358,10 +379,15 @@ class BlockBackend(Device):
         return _CONFIG.pack(self.capacity, self.size_max, self.seg_max, 0, 0, 0, BLK_SECTOR_SIZE)
 
     @property
-    def ram_disk_bytes(self) -> int:
-        """Server memory this disk may come to hold: its size for a RAM disk, 0 for a file
-        (charged to the server's budget, viowire.server.limits)."""
-        return self._image.size if isinstance(self._image, _RamImage) else 0
+    def ram_account(self) -> RamAccount | None:
+        """Where a RAM disk charges the pages it writes for the first time (a session's
+        :class:`~viowire.server.limits.RamAccount`); None for a file, or no limit."""
+        return self._image.account if isinstance(self._image, _RamImage) else None
+
+    @ram_account.setter
+    def ram_account(self, account: RamAccount | None) -> None:
+        if isinstance(self._image, _RamImage):
+            self._image.account = account
 
     def resize(self, new_size_bytes: int) -> None:
         """Change the disk size; the driver learns of it through a config interrupt."""
@@ -538,6 +564,9 @@ class BlockBackend(Device):
             return _IOERR, b""
         try:
             self._image.pwrite(sector * BLK_SECTOR_SIZE, payload)
+        except RamDiskFull as exc:  # the client's doing: a warning, rate-limited
+            log.warning("%s: write of sector %d refused: %s: IOERR", self.name, sector, exc)
+            return _IOERR, b""
         except OSError as exc:
             log.error("%s: write of sector %d failed: %s", self.name, sector, exc)
             return _IOERR, b""
