@@ -103,7 +103,8 @@ def test_readme_toml_example(tmp_path):
     assert (spec.base, spec.stride, spec.window, spec.first_irq) == (0x10001000, 0x1000, 0x200, 1)
     assert [(d.kind, d.version, d.options) for d in spec.devices] == [
         ("blk", 1, {"size": 64 << 20}),
-        ("blk", 2, {"path": str(tmp_path / "disk.img")}),  # found beside the config file
+        # found beside the config file, and made at its size if it is not there
+        ("blk", 2, {"path": str(tmp_path / "disk.img"), "size": 64 << 20}),
         ("rng", 2, {}),
     ]
     assert [(base, irq) for base, irq, _ in spec.layout()] == [
