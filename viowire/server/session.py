@@ -31,6 +31,7 @@ from viowire.protocol.codec import (
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
+from viowire.server.metrics import SERVER
 from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
 from viowire.virtio.constants import Reg
@@ -168,6 +169,7 @@ class ServerSession(asyncio.Protocol):
                 self._dispatch(frame)
             self._fail_connection(exc.code, str(exc))
             return
+        SERVER.frames_in += len(frames)
         # The replies to this read leave in one write at its end: no flush callback per read.
         scheduled, self._flush_pending = self._flush_pending, True
         try:
@@ -245,14 +247,17 @@ class ServerSession(asyncio.Protocol):
             self._take_writes()
         if self._out and not self._closed and self.transport is not None:
             out, self._out = self._out, []
+            SERVER.frames_out += len(out)
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def _reply_error(self, frame: Frame, code: m.ErrorCode, message: str) -> None:
         log.warning("session %x: %s: %s", self.session_id, code.name, message)
+        SERVER.error(code)
         self.send(m.Error(code=code, message=message), frame.request_id, _REPLY)
 
     def _fail_connection(self, code: m.ErrorCode, message: str) -> None:
         log.warning("session %x: %s: %s; closing", self.session_id, code.name, message)
+        SERVER.error(code)
         self.send(m.Error(code=code, message=message + "; closing the connection"), 0, 0)
         self._flush()
         if self.transport is not None:  # else connection_made closes it once it arrives

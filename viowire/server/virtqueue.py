@@ -27,6 +27,7 @@ import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
 
+from viowire.server.metrics import QueueStats, now
 from viowire.virtio.constants import PAGE_SIZE
 from viowire.virtio.memory import (
     GuestMemory,
@@ -94,6 +95,7 @@ class DescriptorChain:
     __slots__ = (
         "head",
         "memory",
+        "popped",
         "readable",
         "readable_data",
         "readable_len",
@@ -195,6 +197,10 @@ class SplitVirtqueue:
     ring the driver may already have freed or re-programmed.
     """
 
+    # Where its requests are counted: the device sets its type's (viowire.server.metrics); a
+    # queue of no device counts into one that no scrape reads.
+    stats = QueueStats("", 0)
+
     def __init__(self, index: int, num_max: int) -> None:
         if not valid_queue_size(num_max):
             raise ValueError(f"queue_num_max {num_max} must be a power of 2 <= {MAX_QUEUE_SIZE}")
@@ -277,7 +283,9 @@ class SplitVirtqueue:
                 await self._refill(memory)
         if self._cache:
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-            return self._cache.popleft()
+            chain = self._cache.popleft()
+            chain.popped = now()  # the request's latency starts (viowire.server.metrics)
+            return chain
         if self._cache_error is not None:
             raise self._cache_error
         return None
