@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with the driver's notifications off (as vhost's busy-polling: fewer wake-ups, more "
         "CPU; the window adapts to the traffic, as KVM's halt-polling; default 0, off)",
     )
+    serve.add_argument(
+        "--metrics",
+        metavar="tcp://HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md)",
+    )
     add_device_types_option(
         serve,
         "a device to serve, instead of the default set (with --config: besides its devices)",
@@ -263,6 +268,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
             "--link joins one process's links: serve with --workers 1 (each worker has "
             "links of its own)"
         )
+    if args.metrics:
+        raise UsageError("--metrics counts one process: serve with --workers 1")
     spec = _platform_spec(args)
     spec.validate()
     listeners = [bind(url) for url in args.listen or DEFAULT_LISTEN]
@@ -289,14 +296,28 @@ async def _serve(args: argparse.Namespace) -> int:
 
     spec = _platform_spec(args)
     server = Server(spec, allow_shm=not args.no_shm, poll_us=args.poll_us, links=_link_specs(args))
-    endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
-    logs.install()  # once it serves: a description that fails leaves the loggers as they were
-    _print_layout(spec)
-    for endpoint in endpoints:
-        print(f"listening on {endpoint}", flush=True)
-    await until_signalled()
-    await server.close()
+    metrics = await _start_metrics(args.metrics, server) if args.metrics else None
+    try:
+        endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
+        logs.install()  # once it serves: a description that fails leaves the loggers as they were
+        _print_layout(spec)
+        for endpoint in endpoints:
+            print(f"listening on {endpoint}", flush=True)
+        if metrics is not None:
+            print(f"metrics on {metrics.url}", flush=True)
+        await until_signalled()
+        await server.close()
+    finally:
+        if metrics is not None:
+            await metrics.close()
     return 0
+
+
+async def _start_metrics(url: str, server):
+    from viowire.metrics import start_endpoint
+    from viowire.server.metrics import ServerCollector
+
+    return await start_endpoint(url, ServerCollector(server))
 
 
 def _write_device_tree(spec, dts: str | None, dtb: str | None) -> None:
