@@ -300,11 +300,11 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
         logs.install()  # once it serves: a description that fails leaves the loggers as they were
+        if metrics is not None:  # before the listening lines, which tell that it is ready
+            print(f"metrics on {metrics.url}", flush=True)
         _print_layout(spec)
         for endpoint in endpoints:
             print(f"listening on {endpoint}", flush=True)
-        if metrics is not None:
-            print(f"metrics on {metrics.url}", flush=True)
         await until_signalled()
         await server.close()
     finally:

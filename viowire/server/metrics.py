@@ -148,7 +148,9 @@ class ServerCollector:
     def _gauges(self) -> Iterator[Metric]:
         sessions = list(self.server.sessions)
         yield GaugeMetricFamily("viowire_sessions", "Open sessions", value=len(sessions))
-        devices: dict[str, int] = {}
+        # Every type this process has made a device of, zeros included: a series that comes
+        # and goes with the sessions breaks rate() and alerts.
+        devices = dict.fromkeys([name for name, _ in _QUEUES] + list(_TYPES), 0)
         memory = {"shared": 0, "proxied": 0}
         for session in sessions:
             platform = session.platform
