@@ -3,18 +3,28 @@ prometheus_client's own text parser; counters move by exactly what the I/O did."
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import io
+import json
 import os
+import socket
 
 import pytest
 from cli_run import serve, viowire
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from servers import running_server, url_of
 
+from viowire import load
 from viowire.client.connection import connect
 from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.rng import EntropyDriver
-from viowire.metrics import MAX_CONNECTIONS, start_endpoint
+from viowire.load.config import LoadConfig
+from viowire.load.metrics import LoadCollector
+from viowire.load.runner import LoadRun
+from viowire.metrics import MAX_CONNECTIONS, registry_with, start_endpoint
 from viowire.server.metrics import LATENCY_BOUNDS, ServerCollector
 from viowire.virtio.constants import DeviceId
 
@@ -228,3 +238,75 @@ def test_metrics_with_workers_is_refused():
         "serve", "--listen", "tcp://127.0.0.1:0", "--workers", "2", "--metrics", "tcp://127.0.0.1:0"
     )
     assert result.returncode == 2 and "--workers 1" in result.stderr, result
+
+
+# -- load --metrics --------------------------------------------------------------------------
+
+
+def load_args(*argv: str):
+    parser = argparse.ArgumentParser(prog="viowire")
+    load.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["load", *argv])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_load_metrics_are_scraped_while_it_runs(tmp_path, capsys):
+    port = free_port()
+    async with running_server(tmp_path) as server:
+        args = load_args(
+            url_of(server, "unix"), "--sessions", "2", "--duration", "1.5", "--mix", "rng=1",
+            "--metrics", f"tcp://127.0.0.1:{port}", "--json", "--no-progress",
+        )  # fmt: skip
+        run = asyncio.get_running_loop().create_task(load.run(args))
+        async with asyncio.timeout(TIMEOUT):
+            while True:  # until the workload has completed requests
+                await asyncio.sleep(0.1)
+                with contextlib.suppress(ConnectionError):
+                    live = await scrape(port)
+                    if value(live, "viowire_load_requests_total", phase="workload", op="rng"):
+                        break
+            status = await run
+    summary = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert value(live, "viowire_load_sessions") == 2
+    assert value(live, "viowire_load_devices") == summary["devices"]
+    assert value(live, "viowire_load_phase", phase="workload") == 1
+    requests = value(live, "viowire_load_requests_total", phase="workload", op="rng")
+    assert 0 < requests <= summary["ops"]["rng"]["requests"]
+    p50 = value(live, "viowire_load_latency_seconds", phase="workload", op="rng", quantile="0.5")
+    p99 = value(live, "viowire_load_latency_seconds", phase="workload", op="rng", quantile="0.99")
+    assert 0 < p50 <= p99
+    with pytest.raises(ConnectionError):  # the endpoint ends with the run
+        await http(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+
+
+async def test_load_collector_reads_the_summary_figures(tmp_path):
+    async with running_server(tmp_path) as server:
+        config = LoadConfig.from_args(
+            load_args(url_of(server, "unix"), "--sessions", "1", "--requests", "120",
+                      "--no-progress", "--span", "64K")
+        )  # fmt: skip
+        load_run = LoadRun(config, stderr=io.StringIO())
+        summary = await asyncio.wait_for(load_run.execute(), TIMEOUT)
+    registry = registry_with(LoadCollector(load_run))
+    samples = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    for op, figures in summary["ops"].items():
+        labels = {"phase": "workload", "op": op}
+        assert value(samples, "viowire_load_requests_total", **labels) == figures["requests"]
+        assert value(samples, "viowire_load_bytes_total", **labels) == figures["bytes"]
+        assert value(samples, "viowire_load_errors_total", **labels) == 0
+    total = sum(
+        value(samples, "viowire_load_requests_total", phase="workload", op=op)
+        for op in summary["ops"]
+    )
+    assert total == 120
+    readback = value(samples, "viowire_load_requests_total", phase="readback", op="blk-read")
+    assert readback == summary["readback"]["read"]

@@ -139,6 +139,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", action="store_true", help="no live progress line on stderr"
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="tcp://HOST:PORT",
+        help="serve the run's counters as Prometheus metrics at http://HOST:PORT/metrics "
+        "(docs/metrics.md)",
+    )
     return parser
 
 
@@ -149,10 +155,25 @@ async def run(args: argparse.Namespace) -> int:
     from viowire.load.runner import LoadRun
 
     config = LoadConfig.from_args(args)
-    summary = await LoadRun(config, stderr=sys.stderr).execute()
+    load_run = LoadRun(config, stderr=sys.stderr)
+    metrics = await _start_metrics(args.metrics, load_run) if args.metrics else None
+    try:
+        summary = await load_run.execute()
+    finally:
+        if metrics is not None:
+            await metrics.close()
     if config.json:
         print(json.dumps(summary, indent=2))
     else:
         sys.stdout.write(format_summary(summary))
     sys.stdout.flush()
     return 0 if summary["ok"] else 1
+
+
+async def _start_metrics(url: str, load_run: Any) -> Any:
+    from viowire.load.metrics import LoadCollector
+    from viowire.metrics import start_endpoint
+
+    endpoint = await start_endpoint(url, LoadCollector(load_run))
+    print(f"metrics on {endpoint.url}", file=sys.stderr, flush=True)
+    return endpoint
