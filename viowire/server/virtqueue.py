@@ -115,6 +115,9 @@ class DescriptorChain:
         self.readable_len = sum([length for _, length in self.readable]) if readable else 0
         self.writable_len = sum([length for _, length in self.writable]) if writable else 0
         self.readable_data: bytes | None = None
+        # Taken off the available ring (the ring walk makes the chain): where the request's
+        # latency starts (viowire.server.metrics).
+        self.popped = now()
         self.memory: GuestMemory | None = None
         """Guest memory as the device may touch it for this chain (refused once the queue is
         reset); set when the chain is handed to a device."""
@@ -283,9 +286,7 @@ class SplitVirtqueue:
                 await self._refill(memory)
         if self._cache:
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-            chain = self._cache.popleft()
-            chain.popped = now()  # the request's latency starts (viowire.server.metrics)
-            return chain
+            return self._cache.popleft()
         if self._cache_error is not None:
             raise self._cache_error
         return None
