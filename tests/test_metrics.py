@@ -20,12 +20,14 @@ from servers import running_server, url_of
 from viowire import load
 from viowire.client.connection import connect
 from viowire.client.drivers.blk import BlockDriver
+from viowire.client.drivers.net import NetDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.load.config import LoadConfig
 from viowire.load.metrics import LoadCollector
 from viowire.load.runner import LoadRun
 from viowire.metrics import MAX_CONNECTIONS, registry_with, start_endpoint
 from viowire.server.metrics import LATENCY_BOUNDS, ServerCollector
+from viowire.server.platform import DeviceSpec, PlatformSpec
 from viowire.virtio.constants import DeviceId
 
 TIMEOUT = 10
@@ -310,3 +312,42 @@ async def test_load_collector_reads_the_summary_figures(tmp_path):
     assert total == 120
     readback = value(samples, "viowire_load_requests_total", phase="readback", op="blk-read")
     assert readback == summary["readback"]["read"]
+
+
+# -- net devices and links ---------------------------------------------------------------------
+
+
+async def test_net_frames_by_link(tmp_path):
+    spec = PlatformSpec([DeviceSpec.parse("net,link=mlan"), DeviceSpec.parse("net,link=mfar")])
+    async with running_server(tmp_path, spec) as server:
+        endpoint = await start_endpoint("tcp://127.0.0.1:0", ServerCollector(server))
+        port = endpoint.endpoint.port
+        try:
+            async with (
+                await connect(url_of(server, "unix")) as one,
+                await connect(url_of(server, "unix")) as two,
+            ):
+                nets = []
+                for conn in (one, two):
+                    info = next(d for d in await conn.platform() if d.device_id == DeviceId.NET)
+                    drv = await NetDriver.attach(await conn.attach(info))
+                    await drv.config()  # a round trip: its port is on the link now
+                    nets.append(drv)
+                a, b = nets
+                before = await scrape(port)
+                hello = b"\xff" * 6 + a.mac + b"\x88\xb5" + b"metrics"
+                for _ in range(3):
+                    await a.send(hello)
+                    async with asyncio.timeout(TIMEOUT):
+                        assert await anext(b.frames()) == hello
+                after = await scrape(port)
+        finally:
+            await endpoint.close()
+    lan = {"link": "mlan"}
+    assert delta(before, after, "viowire_net_frames", direction="tx", **lan) == 3
+    assert delta(before, after, "viowire_net_frames", direction="rx", **lan) == 3
+    assert delta(before, after, "viowire_net_dropped", direction="rx", **lan) == 0
+    assert delta(before, after, "viowire_link_frames", switched="flooded", **lan) == 3
+    assert value(after, "viowire_link_ports", **lan) == 2
+    assert ("viowire_link_ports", (("link", "mfar"),)) not in after  # no port: no link yet
+    assert value(after, "viowire_devices", type="net") == 4

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 )
 
 from viowire.protocol import messages as m
+from viowire.server import link as links
 
 if TYPE_CHECKING:
     from viowire.device import Device
@@ -151,14 +152,18 @@ class ServerCollector:
         # Every type this process has made a device of, zeros included: a series that comes
         # and goes with the sessions breaks rate() and alerts.
         devices = dict.fromkeys([name for name, _ in _QUEUES] + list(_TYPES), 0)
+        nets: dict[str, list[int]] = {}  # link -> tx frames, tx dropped, rx frames, rx dropped
         memory = {"shared": 0, "proxied": 0}
         for session in sessions:
             platform = session.platform
             if platform is None:
                 continue  # no HELLO yet: no devices
             for slot in platform.slots:
-                name = type_name(slot.device.backend)
+                backend = slot.device.backend
+                name = type_name(backend)
                 devices[name] = devices.get(name, 0) + 1
+                if name == "net":
+                    _count_net(nets, backend)
             if session.memory is not None:
                 mode = "proxied" if session.memory is session._proxied else "shared"
                 memory[mode] += sum(region.size for region in session.memory.regions)
@@ -175,6 +180,48 @@ class ServerCollector:
         for mode, size in memory.items():
             family.add_metric([mode], size)
         yield family
+        yield from _net_families(nets)
+
+
+def _count_net(nets: dict[str, list[int]], backend: Device) -> None:
+    counts = nets.setdefault(getattr(backend, "link_name", ""), [0, 0, 0, 0])
+    for i, attr in enumerate(("tx_frames", "tx_dropped", "rx_frames", "rx_dropped")):
+        counts[i] += getattr(backend, attr, 0)
+
+
+def _net_families(nets: dict[str, list[int]]) -> Iterator[Metric]:
+    """Net devices of the open sessions by link, and the links' switches: gauges, as both
+    go when their devices go (a counter must never go down)."""
+    frames = GaugeMetricFamily(
+        "viowire_net_frames",
+        "Frames the open sessions' net devices sent (tx) and received (rx), by link",
+        labels=["link", "direction"],
+    )
+    dropped = GaugeMetricFamily(
+        "viowire_net_dropped",
+        "Frames they dropped: tx refused, rx with no receive buffer posted",
+        labels=["link", "direction"],
+    )
+    for name, (tx, tx_dropped, rx, rx_dropped) in sorted(nets.items()):
+        frames.add_metric([name, "tx"], tx)
+        frames.add_metric([name, "rx"], rx)
+        dropped.add_metric([name, "tx"], tx_dropped)
+        dropped.add_metric([name, "rx"], rx_dropped)
+    yield frames
+    yield dropped
+    switched = GaugeMetricFamily(
+        "viowire_link_frames",
+        "Frames each in-server link switched since it was made: to one port (forwarded), to "
+        "all (flooded), or not at all (filtered)",
+        labels=["link", "switched"],
+    )
+    ports = GaugeMetricFamily("viowire_link_ports", "Ports on each link", labels=["link"])
+    for name, link in sorted(links._links.items()):
+        for kind in ("forwarded", "flooded", "filtered"):
+            switched.add_metric([name, kind], getattr(link, kind))
+        ports.add_metric([name], len(link.ports))
+    yield switched
+    yield ports
 
 
 def _queue_families() -> Iterator[Metric]:
