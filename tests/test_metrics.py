@@ -10,6 +10,7 @@ import io
 import json
 import os
 import socket
+from typing import ClassVar
 
 import pytest
 from cli_run import serve, viowire
@@ -351,3 +352,23 @@ async def test_net_frames_by_link(tmp_path):
     assert value(after, "viowire_link_ports", **lan) == 2
     assert ("viowire_link_ports", (("link", "mfar"),)) not in after  # no port: no link yet
     assert value(after, "viowire_devices", type="net") == 4
+
+
+def test_queue_labels_are_bounded_per_type():
+    """A console of 64 ports has 130 queues: they make 5 queue labels, the last one "4+"."""
+    ports = ";".join(f"p{i}:echo" for i in range(1, 64))
+    platform = PlatformSpec([DeviceSpec.parse(f"console,ports={ports}")]).build(name_prefix="t ")
+    assert len(platform.slots[0].device.queues) == 130
+
+    class NoSessions:
+        sessions: ClassVar[set] = set()
+
+    text = generate_latest(registry_with(ServerCollector(NoSessions()))).decode()
+    queues = {
+        sample.labels["queue"]
+        for family in text_string_to_metric_families(text)
+        if family.name == "viowire_requests"
+        for sample in family.samples
+        if sample.labels["type"] == "console"
+    }
+    assert queues == {"0", "1", "2", "3", "4+"}

@@ -38,10 +38,14 @@ LATENCY_BOUNDS = (
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0,
 )  # fmt: skip
 now = time.perf_counter
+# Queues with a label of their own, per device type; the rest share the label "4+" (a console's
+# ports beyond the first, a multiqueue device's extra pairs), so series stay bounded by type.
+QUEUE_LABELS = 4
 
 
 class QueueStats:
-    """Every queue with index ``queue`` of devices of type ``device_type``, summed."""
+    """Every queue with index ``queue`` of devices of type ``device_type``, summed (index
+    :data:`QUEUE_LABELS`: every queue from there on)."""
 
     __slots__ = (
         "buckets",
@@ -114,7 +118,7 @@ def type_name(backend: Device) -> str:
 
 def queue_stats(backend: Device, index: int) -> QueueStats:
     """The shared counters of queue ``index`` of ``backend``'s type (made on first use)."""
-    key = (type_name(backend), index)
+    key = (type_name(backend), min(index, QUEUE_LABELS))
     stats = _QUEUES.get(key)
     if stats is None:
         stats = _QUEUES[key] = QueueStats(*key)
@@ -257,7 +261,7 @@ def _queue_families() -> Iterator[Metric]:
         labels=labels,
     )
     for stats in sorted(_QUEUES.values(), key=lambda s: (s.device_type, s.queue)):
-        values = [stats.device_type, str(stats.queue)]
+        values = [stats.device_type, _queue_label(stats.queue)]
         for attr, family in families.items():
             family.add_metric(values, getattr(stats, attr))
         counts, total = list(stats.buckets), 0
@@ -268,6 +272,10 @@ def _queue_families() -> Iterator[Metric]:
         latency.add_metric(values, buckets, stats.latency_sum)
     yield from families.values()
     yield latency
+
+
+def _queue_label(index: int) -> str:
+    return f"{QUEUE_LABELS}+" if index >= QUEUE_LABELS else str(index)
 
 
 def _le(bound: float) -> str:
