@@ -372,3 +372,11 @@ def test_queue_labels_are_bounded_per_type():
         if sample.labels["type"] == "console"
     }
     assert queues == {"0", "1", "2", "3", "4+"}
+
+
+def test_load_with_a_bad_metrics_address_is_one_line_and_exit_2():
+    result = viowire("load", "--device", "rng", "--requests", "5", "--metrics", "unix:///x")
+    assert result.returncode == 2, result
+    assert result.stderr == (
+        "viowire load: --metrics 'unix:///x': use tcp://HOST:PORT (HTTP for a scraper)\n"
+    )
