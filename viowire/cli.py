@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from viowire import __version__, bench, console_cli, load, logs
 from viowire.conform import cli as conform_cli
@@ -23,6 +24,10 @@ from viowire.options import (
 )
 from viowire.runtime import LOOPS, run, until_signalled
 from viowire.vhost_user import cli as vhost_user_cli
+
+if TYPE_CHECKING:
+    from viowire.metrics import MetricsEndpoint
+    from viowire.server.app import Server
 
 MAX_LISTED = 32  # devices serve prints at startup
 DEFAULT_LISTEN = ("tcp://127.0.0.1:7000", "unix:///tmp/viowire.sock")
@@ -313,7 +318,7 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _start_metrics(url: str, server):
+async def _start_metrics(url: str, server: Server) -> MetricsEndpoint:
     from viowire.metrics import start_endpoint
     from viowire.server.metrics import ServerCollector
 

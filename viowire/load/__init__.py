@@ -33,10 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from viowire.load.config import DEFAULT_MIX, OPS
 from viowire.options import add_device_types_option, add_memory_option
+
+if TYPE_CHECKING:
+    from viowire.load.runner import LoadRun
+    from viowire.metrics import MetricsEndpoint
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -170,7 +174,7 @@ async def run(args: argparse.Namespace) -> int:
     return 0 if summary["ok"] else 1
 
 
-async def _start_metrics(url: str, load_run: Any) -> Any:
+async def _start_metrics(url: str, load_run: LoadRun) -> MetricsEndpoint:
     from viowire.load.metrics import LoadCollector
     from viowire.metrics import start_endpoint
 
