@@ -23,7 +23,10 @@ RUN pip install . && rm -rf /src
 RUN apt-get update && apt-get install -y --no-install-recommends iproute2 iputils-ping \
     && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 10001 --user-group viowire
+# /results: where `viowire load --histogram-out /results/` writes (docker-compose.yml mounts a
+# volume there; a new volume takes the directory's owner from the image).
+RUN useradd --create-home --uid 10001 --user-group viowire \
+    && mkdir /results && chown viowire:viowire /results
 USER viowire
 WORKDIR /home/viowire
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import itertools
 import logging
@@ -41,6 +42,7 @@ from viowire.protocol import messages as m
 from viowire.protocol.codec import HEADER, decode_body, encode
 from viowire.protocol.framing import Frame, FrameReader
 from viowire.protocol.hostid import host_id
+from viowire.samehost import read_proof, segment_prefix
 from viowire.server.app import Server
 from viowire.server.session import MAX_QUEUED_FDS, MAX_REGIONS, ServerSession
 from viowire.virtio.blk import BlkStatus, BlkType
@@ -313,8 +315,18 @@ class RawPeer:
 
     # -- the session, by hand -------------------------------------------------------------------
     async def hello(self, **fields) -> object:
+        """HELLO, and over TCP the same-host proof (AUTH) where the server offers one, as the
+        real client does: the session then has MEMORY_SHM on both transports."""
         reply = await self.request(hello_msg(**fields))
         assert isinstance(reply, m.HelloReply), reply
+        self.session_id = reply.session_id
+        if reply.shm_proof:
+            proof = read_proof(reply.shm_proof)
+            assert proof is not None, reply.shm_proof
+            auth = m.Auth(nonce=bytes(32), mac=bytes(32), shm_proof=proof)
+            answer = await self.request(auth)
+            assert isinstance(answer, m.AuthReply), answer
+            reply = dataclasses.replace(reply, features=answer.features)
         return reply
 
     async def platform(self) -> object:
@@ -677,7 +689,7 @@ async def test_random_bytes_get_only_valid_frames(server, scheme):
 
 # == message types and bodies =====================================================================
 @SCHEMES
-@pytest.mark.parametrize("msg_type", [0x00, 0x05, 0x13, 0x7F, 0xFF])
+@pytest.mark.parametrize("msg_type", [0x00, 0x07, 0x13, 0x7F, 0xFF])
 @pytest.mark.parametrize("after_hello", [False, True], ids=["before-hello", "after-hello"])
 async def test_unknown_type_is_answered_and_the_session_goes_on(
     open_peer, scheme, msg_type, after_hello, caplog
@@ -812,12 +824,22 @@ async def test_second_hello_is_bad_state_and_changes_nothing(open_peer, scheme):
         {"magic": 0},
         {"magic": 0x56574952},  # byte-swapped
         {"version": 0},
-        {"version": 2},
+        {"version": 1},  # before AUTH: an old client is told which version this server speaks
+        {"version": 3},
         {"version": 0xFFFF},
         {"max_frame": 0},
         {"max_frame": m.MIN_MAX_FRAME - 1},
     ],
-    ids=["magic-0", "magic-swapped", "version-0", "version-2", "version-ffff", "max-0", "max-4095"],
+    ids=[
+        "magic-0",
+        "magic-swapped",
+        "version-0",
+        "version-1",
+        "version-3",
+        "version-ffff",
+        "max-0",
+        "max-4095",
+    ],
 )
 async def test_unacceptable_hello_is_unsupported_and_a_good_one_follows(open_peer, scheme, fields):
     peer = await open_peer(scheme)
@@ -887,8 +909,10 @@ def shm_path():
     """Make paths under /dev/shm named viowire-test-…; removed afterwards whatever they are."""
     made: list[Path] = []
 
-    def make() -> Path:
-        path = Path("/dev/shm") / f"viowire-test-{os.getpid()}-{secrets.token_hex(4)}"
+    def make(owner: object = None) -> Path:
+        """A path named for ``owner``'s session (it has a session_id), or for nobody's."""
+        prefix = segment_prefix(owner.session_id) if owner is not None else "viowire-"
+        path = Path("/dev/shm") / f"{prefix}test-{os.getpid()}-{secrets.token_hex(4)}"
         made.append(path)
         return path
 
@@ -901,8 +925,9 @@ def shm_path():
                 path.unlink()
 
 
-def shm_segment(make: Callable[[], Path], size: int = 64 << 10) -> str:
-    path = make()
+def shm_segment(make: Callable[..., Path], size: int = 64 << 10, *, owner: object = None) -> str:
+    """A 0600 segment of ``size`` bytes, named for ``owner``'s session (a server maps no other)."""
+    path = make(owner)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     os.ftruncate(fd, size)
     os.close(fd)
@@ -944,24 +969,25 @@ async def test_shm_segments_that_are_not_usable(open_peer, scheme, shm_path, kin
     await peer.hello()
     size, offset = 64 << 10, 0
     if kind == "symlink":
-        path = shm_path()
+        path = shm_path(peer)
         path.symlink_to("/etc/passwd")
         name = path.name
     elif kind == "fifo":
-        path = shm_path()
+        path = shm_path(peer)
         os.mkfifo(path)
         name = path.name
     elif kind == "directory":
-        path = shm_path()
+        path = shm_path(peer)
         path.mkdir()
         name = path.name
     elif kind == "too-small":
-        name, size = shm_segment(shm_path, 4096), 8192
+        name, size = shm_segment(shm_path, 4096, owner=peer), 8192
     else:
-        name, size, offset = shm_segment(shm_path, 64 << 10), 4096, 100
+        name, size, offset = shm_segment(shm_path, 64 << 10, owner=peer), 4096, 100
     msg = mem_register(RAM_BASE, size, m.MemoryKind.SHM, name, offset)
     await asyncio.wait_for(peer.request_error(msg, m.ErrorCode.MEMORY_FAULT), TIMEOUT)
-    await peer.expect_ok(mem_register(RAM_BASE, 4096, m.MemoryKind.SHM, shm_segment(shm_path)))
+    segment = shm_segment(shm_path, owner=peer)
+    await peer.expect_ok(mem_register(RAM_BASE, 4096, m.MemoryKind.SHM, segment))
 
 
 @SCHEMES
@@ -1162,7 +1188,7 @@ async def test_proxied_regions_must_be_addressable(open_peer, scheme):
 @SCHEMES
 async def test_overlapping_shared_regions_are_refused(open_conn, scheme, shm_path):
     conn = await open_conn(scheme)
-    name = shm_segment(shm_path)
+    name = shm_segment(shm_path, owner=conn)
     overlapping = mem_register(RAM_BASE + RAM_SIZE - 4096, 8192, m.MemoryKind.SHM, name)
     with pytest.raises(ProtocolError) as raised:
         await conn.request(overlapping)
@@ -1192,12 +1218,13 @@ async def test_mixing_proxied_and_shared_is_unsupported(server, open_peer, schem
     await shared.hello()
     await proxied.hello()
     high = RAM_BASE + (1 << 30)
-    await shared.expect_ok(mem_register(RAM_BASE, 4096, m.MemoryKind.SHM, shm_segment(shm_path)))
+    segment = shm_segment(shm_path, owner=shared)
+    await shared.expect_ok(mem_register(RAM_BASE, 4096, m.MemoryKind.SHM, segment))
     await shared.request_error(
         mem_register(high, 4096, m.MemoryKind.PROXIED), m.ErrorCode.UNSUPPORTED
     )
     await proxied.expect_ok(mem_register(RAM_BASE, 4096, m.MemoryKind.PROXIED))
-    shm = mem_register(high, 4096, m.MemoryKind.SHM, shm_segment(shm_path))
+    shm = mem_register(high, 4096, m.MemoryKind.SHM, shm_segment(shm_path, owner=proxied))
     await proxied.request_error(shm, m.ErrorCode.UNSUPPORTED)
     if scheme == "unix":
         fd = memfd()
@@ -1823,7 +1850,7 @@ async def test_shm_segment_open_to_others_is_refused(open_peer, shm_path, mode):
     """Another user could shrink a segment they can open, and crash the server with SIGBUS."""
     peer = await open_peer("tcp")
     await peer.hello()
-    name = shm_segment(shm_path)
+    name = shm_segment(shm_path, owner=peer)
     os.chmod(Path("/dev/shm") / name, mode)
     reply = await peer.request_error(
         mem_register(RAM_BASE, 64 << 10, m.MemoryKind.SHM, name), m.ErrorCode.MEMORY_FAULT

@@ -48,6 +48,8 @@ def test_every_case_runs_spawned(capsys):
         assert result["baseline"] is not None, result["name"]
     rtt = next(r for r in results if r["name"] == "mmio.read_rtt")
     assert "p99" in rtt and "baseline_p99" in rtt
+    assert rtt["value"] <= rtt["p99"] <= rtt["p99_9"] <= rtt["max"]
+    assert rtt["histogram"].startswith("HISTF")  # every sample of every run, mergeable
 
 
 def test_asyncio_over_tcp_subset(capsys):

@@ -389,14 +389,17 @@ def test_the_build_context_holds_what_pip_install_reads_and_little_else():
 # Every command, run here.
 
 
-def local(command: list[str], url: str) -> list[str]:
+def local(command: list[str], url: str, volumes: dict[str, Path] | None = None) -> list[str]:
     """A service's command as it runs on this host: the console script for ``viowire``, the
-    server at ``url`` for the compose names of it, and a one-second load."""
+    server at ``url`` for the compose names of it, a one-second load, and each volume's mount
+    point (a path prefix) in ``volumes`` replaced by a directory here."""
     port = server_port()
     out = [str(CONSOLE_SCRIPT)] + [
         url if arg in (f"tcp://server:{port}", f"tcp://127.0.0.1:{port}") else arg
         for arg in command
     ]
+    for mount, here in (volumes or {}).items():
+        out = [f"{here}/{arg[len(mount) :]}" if arg.startswith(mount) else arg for arg in out]
     if "--duration" in out:
         out[out.index("--duration") + 1] = "1"
     return out
@@ -414,7 +417,29 @@ def wait_healthy(test: list[str], url: str) -> subprocess.CompletedProcess[str]:
         time.sleep(HEALTH_INTERVAL)
 
 
-def test_the_services_run_here(tmp_path):
+def use_a_token(tmp_path, monkeypatch) -> None:
+    """What the compose secret gives every service: VIOWIRE_TOKEN_FILE naming the token."""
+    token = tmp_path / "viowire.token"
+    token.write_text("0123456789abcdef0123456789abcdef\n")
+    monkeypatch.setenv("VIOWIRE_TOKEN_FILE", str(token))
+    monkeypatch.delenv("VIOWIRE_TOKEN", raising=False)
+
+
+def test_every_service_proves_the_token_from_a_compose_secret():
+    config = compose()
+    assert config["secrets"] == {"viowire_token": {"file": "./viowire.token"}}
+    assert compose({"VIOWIRE_TOKEN_FILE": "/k/t"})["secrets"]["viowire_token"]["file"] == "/k/t"
+    for name, service in config["services"].items():
+        assert service["secrets"] == ["viowire_token"], name
+        assert service["environment"]["VIOWIRE_TOKEN_FILE"] == "/run/secrets/viowire_token", name
+    # the healthcheck runs in the server's container, with its environment
+    assert "--token-file" not in config["services"]["server"]["healthcheck"]["test"]
+    assert "viowire.token" in (ROOT / ".gitignore").read_text().split()
+    assert dockerignored("viowire.token")
+
+
+def test_the_services_run_here(tmp_path, monkeypatch):
+    use_a_token(tmp_path, monkeypatch)
     services = compose()["services"]
     assert exec_form("ENTRYPOINT") == ["viowire"]
     serve_command = argv(services["server"]["command"])
@@ -426,6 +451,17 @@ def test_the_services_run_here(tmp_path):
         assert health.returncode == 0, health.stderr
         assert health.stdout.count("virtio-blk") == 2 and health.stdout.count("virtio-rng") == 2
         assert health.stdout.count("virtio-net") == 1
+        # A client without the token gets nothing.
+        env = {k: v for k, v in os.environ.items() if k != "VIOWIRE_TOKEN_FILE"}
+        refused = subprocess.run(
+            local(services["server"]["healthcheck"]["test"][2:], url),
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            check=False,
+            env=env,
+        )
+        assert refused.returncode == 1 and "requires a token" in refused.stderr
 
         # As across containers: the server maps no client's /dev/shm segment, and a client that
         # insists on shared memory is told to proxy it.
@@ -444,7 +480,9 @@ def test_the_services_run_here(tmp_path):
                 out = tmp_path / f"{name}-{replica}.out"
                 err = tmp_path / f"{name}-{replica}.err"
                 with out.open("w") as stdout, err.open("w") as stderr:
-                    command = local(argv(services[name]["command"]), url)
+                    mounts = [v.split(":") for v in services[name].get("volumes", [])]
+                    volumes = {target: tmp_path / source for source, target in mounts}
+                    command = local(argv(services[name]["command"]), url, volumes)
                     proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
                 runs.append((f"{name}-{replica}", proc, out, err))
         try:
@@ -466,6 +504,16 @@ def test_the_services_run_here(tmp_path):
         stdout = outputs[replica][1]
         assert ": proxied memory," in stdout.splitlines()[0], stdout
         assert re.search(r"^result +OK", stdout, re.M), stdout
+    # The replicas' histogram files on the shared volume, merged as the compose file says.
+    histograms = sorted((tmp_path / "load-results").glob("load-*.json"))
+    assert len(histograms) == 2
+    merged = subprocess.run(
+        [str(CONSOLE_SCRIPT), "load", "merge", *map(str, histograms)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert merged.returncode == 0, merged.stderr
+    assert re.search(r"^merged +2 runs", merged.stdout, re.M), merged.stdout
+    assert "load merge /results/*.json" in COMPOSE_FILE.read_text()
 
 
 # The netpeer service: containers on one virtio-net link.
@@ -495,7 +543,8 @@ def test_netpeers_attach_a_net_device_of_the_server_in_their_own_namespace():
     assert peer["entrypoint"] == ["sh", target]
     assert peer["environment"]["VIOWIRE_TARGET"] == f"tcp://server:{server_port()}"
     assert compose({"VIOWIRE_TARGET": "tcp://h:1"})["services"][NETPEER]["environment"] == {
-        "VIOWIRE_TARGET": "tcp://h:1"
+        "VIOWIRE_TARGET": "tcp://h:1",
+        "VIOWIRE_TOKEN_FILE": "/run/secrets/viowire_token",
     }
     serve_args = argv(services["server"]["command"])
     assert "net,link=lan" in serve_args
@@ -505,7 +554,7 @@ def test_netpeers_attach_a_net_device_of_the_server_in_their_own_namespace():
     assert any("iproute2" in run and "iputils-ping" in run for run in instruction("RUN"))
 
 
-def test_netpeers_ping_each_other_here_in_network_namespaces():
+def test_netpeers_ping_each_other_here_in_network_namespaces(tmp_path, monkeypatch):
     """The server's command in namespace S, docker/netpeer.sh in C1 and C2 (as two replicas of
     the netpeer service; their sysctls from the compose file): each finds the other on the
     overlay and pings it, all 10 pings back. The overlay 10.204.0.0/16 is unreachable from the
@@ -513,6 +562,7 @@ def test_netpeers_ping_each_other_here_in_network_namespaces():
     from netns import Topology, require_netns, stderr_of, stdout_of
 
     require_netns("ping")
+    use_a_token(tmp_path, monkeypatch)  # the server listens on 0.0.0.0 (in its namespace)
     services = compose()["services"]
     peer = services[NETPEER]
     with Topology(["server", "c1", "c2"], "10.203.43", unreachable=["10.204.0.0/16"]) as topo:

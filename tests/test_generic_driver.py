@@ -478,6 +478,7 @@ async def test_detach_ends_receive_fails_requests_and_frees_everything(server):
 
 async def test_a_cancelled_request_keeps_its_buffer_until_the_device_returns_it(server):
     async with await connect(url_of(server, "unix")) as conn:
+        before = conn.ram.free_bytes
         drv = await attach_loopback(conn)
         free = conn.ram.free_bytes
         held = asyncio.ensure_future(drv.request(TX, b"Hk", 2))
@@ -487,9 +488,28 @@ async def test_a_cancelled_request_keeps_its_buffer_until_the_device_returns_it(
             await held
         assert conn.ram.free_bytes < free  # the device still writes into it when released
         async with asyncio.timeout(TIMEOUT):
-            await drv.request(TX, b"Rk", 2)
-        await wait_until(lambda: conn.ram.free_bytes == free)
+            await drv.request(TX, b"Rk", 2)  # its buffer is new (the held one is lent), then kept
+        await wait_until(lambda: device_of(server, conn, Loopback.device_id).held == 0)
         await drv.detach()
+        assert conn.ram.free_bytes == before  # the lent buffer came back once, the spare too
+
+
+async def test_request_buffers_are_reused_and_their_writable_part_zeroed(server):
+    """A spare buffer keeps the bytes of its last request: the next request's writable part is
+    zeroed again, so what the device did not write reads as zeros, as from a fresh buffer."""
+    async with await connect(url_of(server, "unix")) as conn:
+        free = conn.ram.free_bytes
+        drv = await attach_loopback(conn)
+        after_setup = conn.ram.free_bytes
+        async with asyncio.timeout(TIMEOUT):
+            first = await drv.request(TX, b"Rabcdefgh", 64)
+            kept = conn.ram.free_bytes
+            second = await drv.request(TX, b"Rx", 64)
+            assert conn.ram.free_bytes == kept < after_setup  # the same buffer, not a new one
+        assert first.data[:8] == b"abcdefgh" and first.data[8:] == bytes(56)
+        assert second.data[:1] == b"x" and second.data[1:] == bytes(63)
+        await drv.detach()
+        assert conn.ram.free_bytes == free  # spares go back at detach
 
 
 async def test_bad_arguments_say_what_to_pass(server):

@@ -1,4 +1,4 @@
-"""``viowire load``: the pieces (histogram, block pattern, pool, options), then whole runs against
+"""``viowire load``: the pieces (block pattern, pool, options), then whole runs against
 real servers (in-process and a subprocess), including a corrupted block and a hung request."""
 
 from __future__ import annotations
@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import itertools
 import json
-import random
 
 import pytest
 from cli_run import serve
@@ -17,7 +15,6 @@ from servers import running_server, url_of
 from viowire import load
 from viowire.client.connection import DeviceInfo
 from viowire.load.config import LoadConfig, parse_mix
-from viowire.load.histogram import LogHistogram, bucket_bounds, bucket_index, rows
 from viowire.load.pattern import MAGIC, BlockPattern
 from viowire.load.pool import DevicePool
 from viowire.load.progress import Progress
@@ -47,48 +44,6 @@ def platform(*specs: str) -> PlatformSpec:
 
 
 LOAD_PLATFORM = ("blk,size=1M,count=8", "rng,count=4")
-
-
-# -- histogram -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("sub_bits", [0, 1, 2, 4])
-def test_histogram_buckets_are_contiguous_and_contain_their_values(sub_bits):
-    previous_high = -1
-    for index in range(2000):
-        low, high = bucket_bounds(index, sub_bits)
-        assert low == previous_high + 1
-        assert bucket_index(low, sub_bits) == bucket_index(high, sub_bits) == index
-        previous_high = high
-
-
-def test_histogram_percentiles_are_within_one_sixteenth_of_the_truth():
-    rng = random.Random(7)
-    values = [int(rng.lognormvariate(7, 1.5)) for _ in range(20_000)]
-    hist = LogHistogram()
-    for value in values:
-        hist.record(value)
-    ordered = sorted(values)
-    for q in (50, 90, 99, 99.9):
-        exact = ordered[max(0, int(len(ordered) * q / 100 + 0.999999) - 1)]
-        assert exact <= hist.percentile(q) <= exact * 17 / 16 + 1
-    assert (hist.min, hist.max, hist.count) == (min(values), max(values), len(values))
-    assert hist.percentile(100) == max(values)
-    table = rows(hist.buckets())
-    assert sum(n for _, _, n in table) == len(values)
-    assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(table))  # contiguous rows
-    assert table[0][0] <= min(values) and table[-1][1] >= max(values)
-
-
-def test_histogram_merge_and_empty():
-    a, b = LogHistogram(), LogHistogram()
-    assert a.summary()["p99"] == 0
-    for v in (10, 20, 30):
-        a.record(v)
-    b.record(5000)
-    a.merge(b)
-    assert (a.count, a.min, a.max, a.total) == (4, 10, 5000, 5060)
-    assert a.percentile(50) == 20
 
 
 # -- block pattern ---------------------------------------------------------------------------

@@ -563,14 +563,14 @@ def test_config_reads_past_the_end_are_all_ones():
 
 @pytest.fixture
 def blk():
-    backend = BlockBackend(size=(1 << 20) + 100)
+    backend = BlockBackend(size=1 << 20)
     yield backend
     backend.close()
 
 
 def test_blk_config_layout(blk):
     dev = MmioDevice(blk, 2)
-    assert dev.read(0x100, 8) == (1 << 20) // 512  # capacity; the partial sector is not counted
+    assert dev.read(0x100, 8) == (1 << 20) // 512  # capacity in sectors
     assert dev.read(0x10C, 4) == 254  # seg_max = queue size - 2
     assert dev.read(0x114, 4) == 512  # blk_size
     assert dev.read(0x118, 4) == 0xFFFF_FFFF

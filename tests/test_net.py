@@ -208,11 +208,17 @@ async def test_broadcast_reply_isolation_and_flood(sessions):
     assert far.link_up
 
 
-@pytest.mark.parametrize("version, header", [(1, 10), (2, 12)])
-async def test_headers_round_trip(sessions, version, header):
-    """§5.1.6: 10 bytes for legacy without MRG_RXBUF, 12 (num_buffers) with VERSION_1."""
+MRG_RXBUF = 1 << 15  # §5.1.3
+
+
+@pytest.mark.parametrize(
+    "version, exclude, header", [(1, MRG_RXBUF, 10), (1, 0, 12), (2, MRG_RXBUF, 12), (2, 0, 12)]
+)
+async def test_headers_round_trip(sessions, version, exclude, header):
+    """§5.1.6: 10 bytes for legacy without MRG_RXBUF, 12 (num_buffers) with VERSION_1 or
+    MRG_RXBUF; num_buffers is 1 for a frame in one buffer."""
     sa, sb = await sessions(), await sessions()
-    a = await sa.attach(LAN_LEGACY if version == 1 else LAN)
+    a = await sa.attach(LAN_LEGACY if version == 1 else LAN, exclude_features=exclude)
     b = await sb.attach(LAN)  # modern on the other side: the frame itself is what crosses
     assert a.header_size == header
     out = frame(BROADCAST, a.mac, b"x" * 100)

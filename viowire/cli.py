@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -19,10 +22,13 @@ from viowire.options import (
     UsageError,
     add_device_types_option,
     add_memory_option,
+    add_serve_security_options,
     add_target_options,
+    apply_client_auth_options,
     names_device_type,
 )
 from viowire.runtime import LOOPS, run, until_signalled
+from viowire.trace import cli as trace_cli
 from viowire.vhost_user import cli as vhost_user_cli
 
 if TYPE_CHECKING:
@@ -50,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="viowire", description="virtio-mmio devices as network services"
     )
     parser.add_argument("--version", action="version", version=f"viowire {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("--loop", choices=LOOPS, default="auto", help="event loop (default: auto)")
+    _add_common_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a device server")
@@ -59,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         action="append",
         metavar="URL",
-        help=f"tcp://HOST:PORT or unix:///PATH, repeatable (default: "
-        f"{' and '.join(DEFAULT_LISTEN)})",
+        help=f"tcp://HOST:PORT, tls://HOST:PORT or unix:///PATH, repeatable (default: "
+        f"{' and '.join(DEFAULT_LISTEN)}); a non-loopback address needs a token or TLS client "
+        "certificates, or --insecure",
     )
+    add_serve_security_options(serve)
     serve.add_argument("--config", metavar="FILE", help="TOML platform description")
     serve.add_argument(
         "--workers",
@@ -155,7 +162,58 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     load.add_parser(sub)
     vhost_user_cli.add_parser(sub)
+    trace_cli.add_parser(sub)
+    for command in sub.choices.values():
+        _add_common_options(command, top=False)  # `viowire serve -v` as `viowire -v serve`
+        command.description = _plain_text(command.description)
     return parser
+
+
+def _plain_text(text: str | None) -> str | None:
+    """A docstring's reStructuredText markup (``code``, :mod:`name`) as --help prints it."""
+    if text is None:
+        return None
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Options every command takes, in front of the command or after it. After it, they are
+    stored apart (no default) so that they do not overwrite what came in front."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    def add(*names: str, **kw: object) -> None:
+        if any(name in parser._option_string_actions for name in names):
+            return  # the command's own option of that name wins (bench --loop)
+        parser.add_argument(*names, **kw)
+
+    suffix = "" if top else "_after"
+    add(
+        "-v",
+        "--verbose",
+        action="count",
+        dest="verbose" + suffix,
+        default=default(0),
+        help="more log output (-vv: debug)",
+    )
+    add(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=default(None),
+        help="log level (default: warning, or as -v says)",
+    )
+    add("--loop", choices=LOOPS, default=default("auto"), help="event loop (default: auto)")
+    add(
+        "--trace",
+        metavar="FILE",
+        default=default(None),
+        help="record every frame sent and received, with its time, in FILE (read it with "
+        "viowire trace show FILE; docs/trace.md)",
+    )
 
 
 def _add_net_attach(sub) -> None:
@@ -228,8 +286,10 @@ def _format_default(option) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int, log_level: str | None) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    if log_level is not None:
+        level = getattr(logging, log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
@@ -265,7 +325,7 @@ def _print_layout(spec) -> None:
 
 def _serve_workers(args: argparse.Namespace) -> int:
     """--workers N: bind here, fork the workers, supervise them (no event loop in this process)."""
-    from viowire.server.app import bind
+    from viowire.server.app import bind, security_from_args
     from viowire.server.workers import Supervisor
 
     if _link_specs(args):
@@ -277,7 +337,10 @@ def _serve_workers(args: argparse.Namespace) -> int:
         raise UsageError("--metrics counts one process: serve with --workers 1")
     spec = _platform_spec(args)
     spec.validate()
-    listeners = [bind(url) for url in args.listen or DEFAULT_LISTEN]
+    security = security_from_args(args)
+    urls = args.listen or list(DEFAULT_LISTEN)
+    security.check(urls)
+    listeners = [bind(url, security.socket_mode) for url in urls]
     supervisor = Supervisor(
         spec,
         listeners,
@@ -285,6 +348,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
         loop=args.loop,
         allow_shm=not args.no_shm,
         poll_us=args.poll_us,
+        security=security,
     )
 
     def ready(pids: list[int]) -> None:
@@ -297,10 +361,16 @@ def _serve_workers(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from viowire.server.app import Server
+    from viowire.server.app import Server, security_from_args
 
     spec = _platform_spec(args)
-    server = Server(spec, allow_shm=not args.no_shm, poll_us=args.poll_us, links=_link_specs(args))
+    server = Server(
+        spec,
+        allow_shm=not args.no_shm,
+        poll_us=args.poll_us,
+        links=_link_specs(args),
+        security=security_from_args(args),
+    )
     metrics = await _start_metrics(args.metrics, server) if args.metrics else None
     try:
         endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
@@ -387,9 +457,12 @@ async def _demo(args: argparse.Namespace) -> int:
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
 
-def _on_own_server(command: Command, *, one_device: bool = False, needs_url: bool = True):
+def _on_own_server(
+    command: Command, *, one_device: bool = False, needs_url: bool = True, quiet: bool = False
+):
     """``command`` as it is, or, when ``--device`` names device types, on a private server that
-    serves them (``viowire probe --device blk,size=1M``)."""
+    serves them (``viowire probe --device blk,size=1M``). ``quiet``: the command provokes the
+    devices' warnings on purpose (conform): they are logged as INFO, shown with -v."""
 
     async def run_command(args: argparse.Namespace) -> int:
         given = [args.device] if isinstance(args.device, str) else list(args.device)
@@ -406,10 +479,11 @@ def _on_own_server(command: Command, *, one_device: bool = False, needs_url: boo
         from viowire.server.private import private_server
 
         spec = PlatformSpec([DeviceSpec.parse(text) for text in types])
-        async with private_server(spec) as url:
-            args.url = url
-            args.device = "0" if one_device else []
-            return await command(args)
+        with logs.demoted() if quiet else contextlib.nullcontext():
+            async with private_server(spec) as url:
+                args.url = url
+                args.device = "0" if one_device else []
+                return await command(args)
 
     return run_command
 
@@ -437,19 +511,24 @@ COMMANDS: dict[str, Command] = {
     "probe": _on_own_server(_probe),
     "io": _on_own_server(_io, one_device=True),
     "demo": _demo,
-    "conform": _on_own_server(conform_cli.run, needs_url=False),
+    "conform": _on_own_server(conform_cli.run, needs_url=False, quiet=True),
     "bench": bench.run,
     "load": _on_own_server(load.run),
     "vhost-user": vhost_user_cli.run,
     "net-attach": _net_attach,
     "console": _on_own_server(console_cli.run, one_device=True),
+    "trace": trace_cli.run,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    args.verbose += getattr(args, "verbose_after", 0)
+    _setup_logging(args.verbose, args.log_level)
+    if args.command != "serve":
+        apply_client_auth_options(args)
     try:
+        _start_trace(args)
         if args.command == "serve" and args.list_devices:
             print(_list_devices())
             return 0
@@ -471,14 +550,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         from viowire.tap import TapError  # its message names the interface instead
 
         named = isinstance(exc, OSError) and not isinstance(exc, TapError)
-        where = f"{args.url}: " if named and hasattr(args, "url") else ""
-        print(f"viowire {args.command}: {where}{exc}", file=sys.stderr)
+        if named and getattr(args, "url", None):
+            print(f"viowire {args.command}: {args.url}: {_cause(exc)}", file=sys.stderr)
+        else:
+            print(f"viowire {args.command}: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # the client's precise errors: print them, not a traceback
         if os.environ.get("VIOWIRE_DEBUG"):
             raise
         print(f"viowire {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        from viowire.trace import recorder
+
+        recorder.stop()
+
+
+def _cause(exc: OSError) -> str:
+    """Why a server could not be reached, in words (no errno number)."""
+    if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+        return f"{exc.strerror}: no viowire server listens there (viowire serve --listen URL)"
+    return exc.strerror or str(exc)
+
+
+def _start_trace(args: argparse.Namespace) -> None:
+    from viowire.trace import recorder
+
+    if not args.trace:
+        return
+    if args.command == "serve" and args.workers != 1:
+        raise UsageError("--trace records one process: serve with --workers 1")
+    if args.command == "trace":
+        raise UsageError("viowire trace reads a trace: --trace records one of another command")
+    try:
+        recorder.start(args.trace)
+    except OSError as exc:
+        raise UsageError(f"--trace {args.trace}: {exc.strerror or exc}") from None
 
 
 def _bad_input(exc: Exception) -> bool:

@@ -4,7 +4,9 @@ It shows, in a few seconds, the whole virtio-mmio driver flow the Linux kernel r
 reset, status handshake, feature negotiation, queue setup, DRIVER_OK, I/O completed by
 interrupts, and teardown, with the register accesses of the setup and teardown phases printed by
 their spec names. The I/O: a disk is written and read back, entropy is read, and a net device
-sends a broadcast to a peer on its link (its own slot in a second session) and gets a reply.
+sends a broadcast to a peer on its link (its own slot in a second session) and gets a reply, and
+a console writes a line to its port 0 and reads what the host side answers (the default
+``echo`` backend: the same line).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from viowire import registry
 from viowire.client.connection import Connection, DeviceInfo, connect
 from viowire.client.drivers.blk import BlockDriver
+from viowire.client.drivers.console import ConsoleDriver
 from viowire.client.drivers.net import NetDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.client.mmio import VirtioMmioDevice
@@ -28,6 +31,7 @@ from viowire.virtio.net import BROADCAST, format_mac
 
 FRAME_TIMEOUT = 5.0  # a frame on an in-server link arrives in well under a millisecond
 ETHERTYPE = b"\x88\xb5"  # IEEE 802 local experimental
+ANSWER_TIMEOUT = 2.0  # what a console's host side says back to the demo's line
 
 
 def say(text: str = "") -> None:
@@ -84,6 +88,8 @@ async def _drive(conn: Connection, info: DeviceInfo) -> bool:
             ok = await _rng_io(driver)
         elif isinstance(driver, NetDriver):
             ok = await _net_io(conn, info, driver)
+        elif isinstance(driver, ConsoleDriver):
+            ok = await _console_io(driver)
         else:
             say("-- I/O: none that the demo knows for this device type")
             ok = True
@@ -191,6 +197,34 @@ async def _exchange(sender: NetDriver, receiver: NetDriver, frame: bytes) -> byt
     async with asyncio.timeout(FRAME_TIMEOUT):
         await sender.send(frame)
         return await anext(frames)
+
+
+async def _console_io(console: ConsoleDriver) -> bool:
+    """A line to port 0 and the host side's answer: the line itself from the default ``echo``
+    backend; another backend (a program, a socket) may answer anything, or nothing yet."""
+    port = await console.port(0)
+    size = f"{console.size[0]}x{console.size[1]}" if console.size else "not given"
+    ports = f"MULTIPORT, {len(console.ports)} port(s)" if console.multiport else "one port"
+    name = f" {port.name!r}" if port.name else ""
+    say(f"-- I/O: port 0{name}, console size {size}, {ports}")
+    line = b"hello, console\r\n"
+    start = time.perf_counter()
+    await port.write(line)
+    say(f"   wrote {len(line)} bytes in {_ms(start)}")
+    answer = b""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            while len(answer) < len(line):
+                chunk = await port.read(len(line) - len(answer))
+                if not chunk:
+                    break
+                answer += chunk
+    if not answer:
+        say(f"   the host side answered nothing within {ANSWER_TIMEOUT:g} s (not an echo backend)")
+        return True
+    echoed = ", the echo verified" if answer == line else ""
+    say(f"   the host side answered {answer!r} in {_ms(start)}{echoed}")
+    return True
 
 
 def _ms(start: float) -> str:

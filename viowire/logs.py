@@ -7,8 +7,10 @@ a session id or a device name) log a burst, then a steady trickle, and says how 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 BURST = 20
 PER_SECOND = 2.0
@@ -56,3 +58,27 @@ def install(loggers: tuple[str, ...] = ("viowire.server", "viowire.device")) -> 
     for name in loggers:
         logging.getLogger(name).addFilter(limit)
     return limit
+
+
+class Demote(logging.Filter):
+    """Passes WARNING records on as INFO: for a server of the command's own whose peer is a
+    test that misbehaves on purpose (``viowire conform``), so they show with -v only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
+@contextlib.contextmanager
+def demoted(loggers: tuple[str, ...] = ("viowire.server", "viowire.device")) -> Iterator[None]:
+    """While it lasts, warnings of ``loggers`` are logged as INFO."""
+    demote = Demote()
+    for name in loggers:
+        logging.getLogger(name).addFilter(demote)
+    try:
+        yield
+    finally:
+        for name in loggers:
+            logging.getLogger(name).removeFilter(demote)

@@ -19,6 +19,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from viowire import auth, tls
+from viowire.auth import AuthError, ClientCredentials
 from viowire.client.guest import DEFAULT_RAM_BASE, DEFAULT_RAM_SIZE, GuestRAM
 from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.notify import DriverChannel
@@ -38,6 +40,9 @@ from viowire.protocol.codec import (
 )
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
+from viowire.samehost import read_proof, segment_prefix
+from viowire.trace import recorder as wiretrace
+from viowire.trace.format import End, Event
 from viowire.urls import Endpoint, parse_endpoint
 from viowire.virtio.constants import device_name
 from viowire.virtio.memory import GuestMemoryError
@@ -140,6 +145,9 @@ class Connection(asyncio.Protocol):
         self._tasks: set[asyncio.Task] = set()  # background work of our own, kept referenced
         self._taking_back: dict[int, asyncio.Task] = {}  # device base -> its channel take-back
         self._sidecar: socket.socket | None = None  # FD_SIDECAR: where descriptors go
+        self.trace: wiretrace.Stream | None = None  # --trace: what this connection carries
+        if (recorder := wiretrace.active()) is not None:
+            self.trace = recorder.stream(End.CLIENT, peer=str(endpoint))
         # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
@@ -151,6 +159,8 @@ class Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.trace is not None:
+            self.trace.received(data)
         try:
             frames = self.reader.feed(data)
         except FrameError as exc:
@@ -161,6 +171,8 @@ class Connection(asyncio.Protocol):
             self._dispatch(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.trace is not None:
+            self.trace.closed()
         error = ConnectionClosed(
             f"connection to {self.endpoint} closed" + (f": {exc}" if exc else "")
         )
@@ -202,6 +214,8 @@ class Connection(asyncio.Protocol):
         frame = encode(msg, request_id, flags)
         if fds:
             self._flush()
+            if self.trace is not None:
+                self.trace.sent(frame)
             self.transport.write_with_fds(frame, fds)
             return
         self._queue(frame)
@@ -218,6 +232,8 @@ class Connection(asyncio.Protocol):
         if self._out or self._flush_pending or self._lazy_acks:
             self._queue(frame)
             return
+        if self.trace is not None:
+            self.trace.sent(frame)
         self.transport.write(frame)
         self._flush_pending = True  # gather what this turn queues after it
         self._loop.call_soon(self._flush)
@@ -228,7 +244,10 @@ class Connection(asyncio.Protocol):
             self._take_lazy_acks()
         if self._out and not self.closed:
             out, self._out = self._out, []
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            data = b"".join(out) if len(out) > 1 else out[0]
+            if self.trace is not None:
+                self.trace.sent(data)
+            self.transport.write(data)
 
     def ack_later(self, addr: int, bits: int) -> None:
         """Post an InterruptACK of ``bits`` at ``addr`` with the next frame that leaves, or
@@ -301,6 +320,8 @@ class Connection(asyncio.Protocol):
         """One packet with its descriptors. The reply comes on the connection, whose earlier
         frames go first (the server applies the two in any order)."""
         self._flush()
+        if self.trace is not None:
+            self.trace.record(Event.SIDECAR_SENT, frame)
         sidecar = self._sidecar
         while True:
             try:
@@ -567,8 +588,13 @@ async def connect(
     ram_base: int = DEFAULT_RAM_BASE,
     name: str = "viowire-client",
     irq_status: bool = True,
+    credentials: ClientCredentials | None = None,
 ) -> Connection:
-    """Connect to a server, shake hands and register guest RAM.
+    """Connect to a server, shake hands (and authenticate) and register guest RAM.
+
+    ``credentials``: the token and TLS files to prove ourselves with (default: from the
+    environment, ``ClientCredentials.from_env``: VIOWIRE_TOKEN, VIOWIRE_TOKEN_FILE,
+    VIOWIRE_TLS_CA, VIOWIRE_TLS_CERT, VIOWIRE_TLS_KEY); ``url`` may be ``tls://HOST:PORT``.
 
     ``irq_status``: take InterruptStatus from the raise frame and post the ACK (fewer round
     trips); off, the line is reported exactly as the register behaves (a conformance judge).
@@ -579,9 +605,11 @@ async def connect(
     """
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
-    endpoint = parse_endpoint(url)
+    endpoint = parse_endpoint(url, tls=True)
     features = CLIENT_FEATURES if irq_status else CLIENT_FEATURES & ~m.ProtoFeature.IRQ_STATUS
-    conn = await _open(endpoint, _hello(name, features))
+    if credentials is None:
+        credentials = ClientCredentials.from_env()
+    conn = await _open(endpoint, _hello(name, features), credentials, memory != "proxied")
     try:
         await _register_memory(conn, memory, ram_size, ram_base)
     except BaseException:
@@ -603,17 +631,43 @@ def _hello(name: str, features: int) -> object:
     )
 
 
-async def _open(endpoint: Endpoint, hello: object) -> Connection:
-    """Connect and shake hands; the connection is returned with its session established."""
+async def _open(
+    endpoint: Endpoint, hello: object, credentials: ClientCredentials, want_shm: bool
+) -> Connection:
+    """Connect, shake hands and authenticate; the connection is returned with its session
+    established."""
     loop = asyncio.get_running_loop()
     conn = Connection(endpoint)
-    if endpoint.scheme == "tcp":
-        await loop.create_connection(lambda: conn, endpoint.host, endpoint.port)
+    if endpoint.inet:
+        context = None
+        if endpoint.scheme == "tls":
+            context = tls.client_context(
+                credentials.tls_ca, credentials.tls_cert, credentials.tls_key
+            )
+        await loop.create_connection(
+            lambda: conn,
+            endpoint.host,
+            endpoint.port,
+            ssl=context,
+            server_hostname=endpoint.host if context else None,
+            ssl_handshake_timeout=REQUEST_TIMEOUT if context else None,
+        )
         sock = conn.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            _accept_hello(conn, await conn.request(hello))
+            reply = await conn.request(hello)
+            _accept_hello(conn, reply)
+            await _authenticate(conn, reply, credentials, want_shm)
+        except ConnectionClosed as exc:
+            await conn.close()
+            if context is not None and not credentials.tls_cert and conn.session_id == 0:
+                # TLS 1.3 servers refuse a missing client certificate after the handshake.
+                raise ConnectionClosed(
+                    f"{exc} (before HELLO_REPLY: if the server requires a client certificate, "
+                    "give --tls-cert FILE and --tls-key FILE)"
+                ) from None
+            raise
         except BaseException:
             await conn.close()
             raise
@@ -622,7 +676,7 @@ async def _open(endpoint: Endpoint, hello: object) -> Connection:
     sock.setblocking(False)
     try:
         await loop.sock_connect(sock, endpoint.path)
-        await _unix_handshake(conn, sock, hello)
+        reply = await _unix_handshake(conn, sock, hello)
     except BaseException:
         if conn.transport is None:
             sock.close()
@@ -630,10 +684,51 @@ async def _open(endpoint: Endpoint, hello: object) -> Connection:
         else:
             await conn.close()
         raise
+    try:
+        await _authenticate(conn, reply, credentials, want_shm)
+    except BaseException:
+        await conn.close()
+        raise
     return conn
 
 
-async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) -> None:
+async def _authenticate(
+    conn: Connection, reply: object, credentials: ClientCredentials, want_shm: bool
+) -> None:
+    """AUTH, where the server requires a token or offers named memory for a same-host proof."""
+    if reply.auth & ~int(m.AuthMethod.TOKEN):
+        raise AuthError(f"{conn.endpoint} requires authentication this client does not know")
+    required = bool(reply.auth & m.AuthMethod.TOKEN)
+    token = credentials.token
+    if required and token is None:
+        raise AuthError(
+            f"{conn.endpoint} requires a token: give --token-file FILE or set {auth.TOKEN_ENV}"
+        )
+    proof = read_proof(reply.shm_proof) if want_shm and reply.shm_proof else None
+    if not required and proof is None:
+        return
+    nonce = auth.new_nonce()
+    mac = auth.client_mac(token, reply.nonce, nonce) if required else bytes(auth.MAC_SIZE)
+    try:
+        answer = await conn.request(
+            m.Auth(nonce=nonce, mac=mac, shm_proof=proof or bytes(auth.NONCE_SIZE))
+        )
+    except ProtocolError as exc:
+        if exc.code == m.ErrorCode.AUTH_FAILED:
+            raise AuthError(f"{conn.endpoint} refused us: {exc}") from None
+        raise
+    if not isinstance(answer, m.AuthReply):
+        raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"unexpected reply to AUTH: {answer}")
+    if required and not auth.verify(auth.server_mac(token, reply.nonce, nonce), answer.mac):
+        raise AuthError(
+            f"{conn.endpoint} did not prove it holds our token (its AUTH_REPLY mac is wrong): "
+            "not the server we meant to reach, or another token"
+        )
+    # AUTH can add MEMORY_SHM (on proof) to what HELLO_REPLY settled, nothing else.
+    conn.features = answer.features & (reply.features | m.ProtoFeature.MEMORY_SHM)
+
+
+async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) -> object:
     """HELLO with a sidecar (FD_SIDECAR): descriptors will ride a SOCK_SEQPACKET socketpair, so
     the stream carries none after HELLO and can use the loop's own transport (uvloop's, in C;
     asyncio transports cannot receive descriptors). A server without the feature gets the
@@ -643,11 +738,14 @@ async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) 
     conn._sidecar = mine
     try:
         request_id = conn._new_id()
+        frame = encode(hello, request_id, 0)
+        if conn.trace is not None:
+            conn.trace.sent(frame)
         # A fresh socket's buffer takes a small frame whole: this send does not block.
-        socket.send_fds(sock, [encode(hello, request_id, 0)], [theirs.fileno()])
+        socket.send_fds(sock, [frame], [theirs.fileno()])
     finally:
         theirs.close()
-    frames = await asyncio.wait_for(_first_frames(loop, sock, conn.reader), REQUEST_TIMEOUT)
+    frames = await asyncio.wait_for(_first_frames(loop, sock, conn), REQUEST_TIMEOUT)
     reply, rest = frames[0], frames[1:]
     msg = decode_body(reply.type, reply.body)
     if isinstance(msg, m.Error):
@@ -664,14 +762,19 @@ async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) 
         await asyncio.sleep(0)  # let connection_made run
     for frame in rest:
         conn._dispatch(frame)
+    return msg
 
 
-async def _first_frames(loop: asyncio.AbstractEventLoop, sock: socket.socket, reader) -> list:
+async def _first_frames(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: Connection
+) -> list:
     while True:
         data = await loop.sock_recv(sock, 65536)
         if not data:
             raise ConnectionClosed("the server closed the connection during HELLO")
-        if frames := reader.feed(data):
+        if conn.trace is not None:
+            conn.trace.received(data)
+        if frames := conn.reader.feed(data):
             return frames
 
 
@@ -684,13 +787,13 @@ def _accept_hello(conn: Connection, reply: object) -> None:
     conn.features = reply.features
     conn.server_name = reply.name
     conn.reader.max_frame = reply.max_frame
-    conn.same_host = reply.host_id == host_id() and any(reply.host_id)
 
 
 async def _register_memory(conn: Connection, mode: str, size: int, base: int) -> None:
     unix = conn.endpoint.scheme == "unix"
     can_memfd = unix and conn.features & m.ProtoFeature.MEMORY_MEMFD
-    can_shm = conn.same_host and conn.features & m.ProtoFeature.MEMORY_SHM
+    can_shm = conn.features & m.ProtoFeature.MEMORY_SHM  # granted on proof only
+    conn.same_host = bool(unix or can_shm)
     if mode in ("auto", "shared") and (can_memfd or can_shm):
         backing = "memfd" if can_memfd else "shm"
         try:
@@ -714,7 +817,7 @@ async def _register_memory(conn: Connection, mode: str, size: int, base: int) ->
 
 
 async def _register_shared(conn: Connection, backing: str, size: int, base: int) -> None:
-    ram = GuestRAM(size, base, backing=backing)
+    ram = GuestRAM(size, base, backing=backing, shm_prefix=segment_prefix(conn.session_id))
     try:
         if backing == "memfd":
             msg = m.MemRegister(gpa=base, size=size, kind=m.MemoryKind.MEMFD, offset=0, name="")

@@ -155,8 +155,16 @@ class GuestRAM:
     """One region of guest RAM that this process owns, with an allocator for rings and buffers."""
 
     def __init__(
-        self, size: int = DEFAULT_RAM_SIZE, base: int = DEFAULT_RAM_BASE, backing: str = "memfd"
+        self,
+        size: int = DEFAULT_RAM_SIZE,
+        base: int = DEFAULT_RAM_BASE,
+        backing: str = "memfd",
+        *,
+        shm_prefix: str = SHM_PREFIX,
     ) -> None:
+        """``shm_prefix``: how a ``shm`` segment's name starts (a server maps only the names its
+        session gave out: viowire.samehost.segment_prefix).
+        """
         if size <= 0 or size % mmap.PAGESIZE:
             raise ValueError(
                 f"guest RAM size {size:#x} must be a positive multiple of the page size"
@@ -166,12 +174,12 @@ class GuestRAM:
         self.backing = backing
         self.fd: int | None = None
         self.shm_name = ""
-        self._map = self._create_mapping(size, backing)
+        self._map = self._create_mapping(size, backing, shm_prefix)
         self.memory = MappedGuestMemory()
         self.memory.add_region(base, self._map)
         self.allocator = RangeAllocator(base, size)
 
-    def _create_mapping(self, size: int, backing: str) -> mmap.mmap:
+    def _create_mapping(self, size: int, backing: str, shm_prefix: str) -> mmap.mmap:
         if backing == "anon":
             return mmap.mmap(-1, size)
         if backing == "memfd":
@@ -180,7 +188,7 @@ class GuestRAM:
             flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
             self.fd = os.memfd_create("viowire-guest-ram", flags)
         elif backing == "shm":
-            self.shm_name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+            self.shm_name = f"{shm_prefix}{os.getpid()}-{secrets.token_hex(6)}"
             path = os.path.join(SHM_DIR, self.shm_name)
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         else:

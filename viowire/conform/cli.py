@@ -53,6 +53,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_patterns(checks, patterns: list[str]) -> None:
+    """A --only that matches nothing would run no check and pass: refuse it, naming the checks."""
+    from viowire.conform.model import selected
+
+    for pattern in patterns:
+        if not selected(checks, [pattern]):
+            raise UsageError(
+                f"--only {pattern!r} matches no check; the checks are "
+                + ", ".join(check.id for check in checks)
+                + " (globs such as 'ring.*' match several)"
+            )
+
+
 async def run(args: argparse.Namespace) -> int:
     """Run the suite as ``args`` say; print the table (or JSON); 1 if any check FAILs."""
     from viowire.client import target as targets
@@ -62,6 +75,7 @@ async def run(args: argparse.Namespace) -> int:
     from viowire.conform.runner import run_suite
     from viowire.conform.vhost_user import target_bus
 
+    _check_patterns(CHECKS, args.only)
     if args.list:
         sys.stdout.write(format_checks(selected(CHECKS, args.only)))
         return 0

@@ -13,6 +13,11 @@ Any other device type is driven by a function of your own instead of the mix: ``
 package.module:function``, ``async def function(driver, rng) -> int`` called once per operation
 with the device's driver, returning the bytes it moved (:mod:`viowire.load.workload`).
 
+Latencies are HdrHistograms per operation (p50 to max within 1 %). ``--timeseries FILE`` writes
+a row a second (CSV or JSON lines), ``--report FILE.html`` a page with plots, ``--histogram-out
+FILE`` the run in a mergeable form; ``viowire load merge FILES...`` sums such files of many
+clients into one summary (docs/load.md).
+
 Wiring into ``viowire.cli``::
 
     from viowire import load
@@ -23,20 +28,21 @@ Modules: :mod:`~viowire.load.config` (options), :mod:`~viowire.load.runner` (the
 :mod:`~viowire.load.pool` (fair scheduling), :mod:`~viowire.load.pattern` (block contents and
 verification), :mod:`~viowire.load.frames` (frame contents and verification),
 :mod:`~viowire.load.net` (flows between net devices), :mod:`~viowire.load.workload` (a user's
-function), :mod:`~viowire.load.histogram`,
-:mod:`~viowire.load.stats`,
-:mod:`~viowire.load.progress`, :mod:`~viowire.load.report`.
+function), :mod:`~viowire.load.latency` (HdrHistogram), :mod:`~viowire.load.stats`,
+:mod:`~viowire.load.timeseries`, :mod:`~viowire.load.progress`, :mod:`~viowire.load.report`
+(text), :mod:`~viowire.load.html` (the page), :mod:`~viowire.load.merge` (many runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import TYPE_CHECKING, Any
 
 from viowire.load.config import DEFAULT_MIX, OPS
-from viowire.options import add_device_types_option, add_memory_option
+from viowire.options import UsageError, add_device_types_option, add_memory_option
 
 if TYPE_CHECKING:
     from viowire.load.runner import LoadRun
@@ -50,7 +56,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="load-test a server: many sessions and devices, a verified mixed workload",
         description=__doc__.split("\n\n")[1].replace("``", ""),
     )
-    parser.add_argument("url", nargs="?", help="a viowire server, tcp://HOST:PORT or unix:///PATH")
+    parser.add_argument(
+        "url",
+        nargs="?",
+        help="a viowire server, tcp://HOST:PORT or unix:///PATH; or 'merge' followed by files of "
+        "--histogram-out: one summary of those runs",
+    )
+    parser.add_argument("files", nargs="*", metavar="FILE", help=argparse.SUPPRESS)
     add_memory_option(parser)
     add_device_types_option(
         parser, "load devices served for this run alone, on a private server (give no URL then)"
@@ -141,6 +153,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
+        "--timeseries",
+        metavar="FILE",
+        help="a row per second of workload (ops/s, MB/s, p50, p99, errors, in total and per "
+        "operation) to FILE, as it comes: CSV for .csv, JSON lines for .jsonl",
+    )
+    parser.add_argument(
+        "--timeseries-format", choices=("csv", "jsonl"), help="of --timeseries, whatever its name"
+    )
+    parser.add_argument(
+        "--report",
+        metavar="FILE.html",
+        help="a self-contained page of the run: latency and rate over time, latency histograms",
+    )
+    parser.add_argument(
+        "--histogram-out",
+        metavar="FILE",
+        help="the run in a mergeable form (summary and HdrHistograms, JSON); a directory gets "
+        "load-HOST-PID.json; 'viowire load merge FILES...' combines such files",
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no live progress line on stderr"
     )
     parser.add_argument(
@@ -154,19 +186,45 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> int:
     """Run the load as ``args`` say, print the summary; 0 if everything was served intact."""
+    from viowire.load import merge
     from viowire.load.config import LoadConfig
-    from viowire.load.report import format_summary
     from viowire.load.runner import LoadRun
 
+    if args.url == "merge":
+        summary = merge.merge([merge.read(path) for path in args.files])
+        return _print(summary, json_out=args.json)
+    if args.files:
+        raise UsageError(
+            f"viowire load takes one URL, not {' '.join([args.url, *args.files])}; to combine "
+            "runs: viowire load merge FILES..."
+        )
     config = LoadConfig.from_args(args)
-    load_run = LoadRun(config, stderr=sys.stderr)
-    metrics = await _start_metrics(args.metrics, load_run) if args.metrics else None
-    try:
-        summary = await load_run.execute()
-    finally:
-        if metrics is not None:
-            await metrics.close()
-    if config.json:
+    with contextlib.ExitStack() as files:
+        series = None
+        if config.timeseries:
+            series = files.enter_context(open(config.timeseries, "w", newline=""))
+        load = LoadRun(config, stderr=sys.stderr, timeseries=series)
+        metrics = await _start_metrics(args.metrics, load) if args.metrics else None
+        try:
+            summary = await load.execute()
+        finally:
+            if metrics is not None:
+                await metrics.close()
+    if config.histogram_out:
+        merge.write(config.histogram_out, merge.document(summary, load.mergeable()))
+    if config.report:
+        from viowire.load.html import write_report
+
+        rows = load.series.rows if load.series else []
+        histograms = {op: s.latency.rows() for op, s in load.stats.ops.items()}
+        write_report(config.report, summary, rows, histograms)
+    return _print(summary, json_out=config.json)
+
+
+def _print(summary: dict[str, Any], *, json_out: bool) -> int:
+    from viowire.load.report import format_summary
+
+    if json_out:
         print(json.dumps(summary, indent=2))
     else:
         sys.stdout.write(format_summary(summary))

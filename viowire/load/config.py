@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass
 
 from viowire.load.frames import MIN_FRAME
+from viowire.load.timeseries import timeseries_format
 from viowire.options import UsageError
 from viowire.units import format_size, parse_size
 from viowire.virtio.blk import BLK_SECTOR_SIZE
@@ -62,6 +63,10 @@ class LoadConfig:
     mix_given: bool = False  # False: the default mix, narrowed to the platform's kinds
     frame_size: int = 1514  # bytes of each net frame, Ethernet header included
     allow_loss: bool = False  # frames a link dropped are counted, not errors
+    timeseries: str | None = None  # a row a second to this file (load/timeseries.py)
+    timeseries_format: str = "csv"  # csv or jsonl
+    report: str | None = None  # an HTML page of the run (load/html.py)
+    histogram_out: str | None = None  # the run in a mergeable form (load/merge.py)
 
     def __post_init__(self) -> None:
         positive = {
@@ -121,6 +126,8 @@ class LoadConfig:
                 "--mix weighs the built-in blk, rng and net operations, --workload replaces them: "
                 "give one of the two"
             )
+        series = getattr(args, "timeseries", None)
+        fmt = getattr(args, "timeseries_format", None)
         return cls(
             url=args.url,
             sessions=args.sessions,
@@ -142,4 +149,8 @@ class LoadConfig:
             mix_given=args.mix is not None,
             frame_size=parse_size(args.frame_size),
             allow_loss=args.allow_loss,
+            timeseries=series,
+            timeseries_format=timeseries_format(series, fmt) if series else "csv",
+            report=getattr(args, "report", None),
+            histogram_out=getattr(args, "histogram_out", None),
         )

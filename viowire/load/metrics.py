@@ -3,7 +3,7 @@
 :class:`LoadCollector` reads what the run counts anyway (:mod:`viowire.load.stats`): nothing is
 added to the request path. Labels are the operation (``blk-read``, ``rng``, ...) and the phase
 (``workload``, ``readback``), never a session or a device. Latency is given as quantile gauges
-from the run's own histogram (the same figures the summary prints), not as a second histogram.
+from the run's own HdrHistograms (the figures the summary prints), not as a second histogram.
 """
 
 from __future__ import annotations
@@ -66,5 +66,5 @@ def _add_phase(name: str, stats: Stats, *families: Metric) -> None:
         requests.add_metric(values, counts.requests)
         errors.add_metric(values, counts.errors)
         moved.add_metric(values, counts.bytes)
-        for q in QUANTILES:
-            latency.add_metric([*values, f"{q / 100:g}"], counts.latency.percentile(q) * _US)
+        for q, us in zip(QUANTILES, counts.latency.percentiles_us(QUANTILES), strict=True):
+            latency.add_metric([*values, f"{q / 100:g}"], us * _US)

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from viowire.load.histogram import rows
 from viowire.units import format_size
 
 BAR = 40  # characters of the longest histogram bar
-MAX_ROWS = 16  # of the histogram, at the finest of 4, 2 or 1 rows per power of two
 
 
 def format_us(us: float) -> str:
-    """1234 -> '1.23 ms'; 87 -> '87 us'."""
-    if us >= 1_000_000:
-        return f"{us / 1e6:.2f} s"
-    if us >= 1000:
-        return f"{us / 1000:.2f} ms"
-    return f"{us:.0f} us"
+    """1234 -> '1.23 ms'; 8000 -> '8.00 ms'; 87.25 -> '87.2 us'; 5.125 -> '5.12 us': three
+    significant digits, as exact as the histogram's 1 %."""
+    for unit, scale in (("s", 1e6), ("ms", 1e3)):
+        if us >= scale:
+            return f"{_three_digits(us / scale)} {unit}"
+    return f"{_three_digits(us)} us"
+
+
+def _three_digits(x: float) -> str:
+    if x >= 100:
+        return f"{x:.0f}"
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
 
 
 def format_bytes(n: float) -> str:
@@ -30,9 +34,11 @@ def format_bytes(n: float) -> str:
 def format_summary(s: dict[str, Any]) -> str:
     workload = s.get("workload")
     what = f"workload {workload}" if workload else f"block {format_size(s['block_size'])}"
+    runs = s.get("runs")  # a summary of viowire load merge
     lines = [
         f"viowire load {s['url']}: {s['memory']} memory, {s['loop']}, seed {s['seed']}, "
         f"{what}, depth {s['depth']}, concurrency {s['concurrency']}",
+        *_merged(runs, s.get("overlap", 1.0)),
         f"sessions   {s['sessions']}/{s['sessions_target']}",
         f"devices    {s['devices']:,}/{s['devices_target']:,} up in {s['bringup_s']:.2f} s "
         f"({s['devices_per_s']:,.0f} devices/s): "
@@ -79,6 +85,18 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merged(runs: int | None, overlap: float) -> list[str]:
+    if runs is None:
+        return []
+    line = (
+        f"merged     {runs} runs (viowire load merge): counts and rates added, percentiles of "
+        f"the merged histograms; the runs ran together {overlap:.0%} of the longest"
+    )
+    if overlap < 0.9:
+        line += " (rates of runs that did not overlap add up to more than the server saw)"
+    return [line]
+
+
 def _promises(s: dict[str, Any], disks: bool) -> list[str]:
     """What an OK run vouches for: its requests, its disks' blocks, its frames."""
     kept = ["every request completed"]
@@ -90,7 +108,7 @@ def _promises(s: dict[str, Any], disks: bool) -> list[str]:
     return kept
 
 
-def _latency(lat: dict[str, Any], buckets: list[list[int]]) -> list[str]:
+def _latency(lat: dict[str, Any], table: list[list[float]]) -> list[str]:
     if not lat["count"]:
         return ["latency    no request completed"]
     out = [
@@ -99,17 +117,13 @@ def _latency(lat: dict[str, Any], buckets: list[list[int]]) -> list[str]:
         f"p99.9 {format_us(lat['p99_9'])}, max {format_us(lat['max'])} "
         f"(mean {format_us(lat['mean'])})"
     ]
-    for sub_bits in (2, 1, 0):  # quarter octaves, else half octaves, else octaves
-        table = rows(buckets, sub_bits)
-        if len(table) <= MAX_ROWS:
-            break
     peak = max(n for _, _, n in table)
     for low, high, n in table:
         bar = "#" * (round(BAR * n / peak) if n else 0)
         if n and not bar:
             bar = "."
         out.append(
-            f"  {format_us(low):>9} .. {format_us(high + 1):>9} |{bar:<{BAR}}| "
+            f"  {format_us(low):>9} .. {format_us(high):>9} |{bar:<{BAR}}| "
             f"{n:>10,} {100 * n / lat['count']:5.1f}%"
         )
     return out

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import mmap
 import random
 import resource
@@ -58,7 +59,9 @@ from viowire.load.net import LOST, NetTraffic
 from viowire.load.pattern import BlockPattern
 from viowire.load.pool import DevicePool
 from viowire.load.progress import Progress
+from viowire.load.report import format_us
 from viowire.load.stats import MAX_SAMPLES, Stats, error_kind, fairness
+from viowire.load.timeseries import RowWriter, TimeSeries, per_second
 from viowire.load.workload import Workload, failure
 from viowire.runtime import loop_name
 from viowire.virtio.net import ETH_HEADER
@@ -73,7 +76,6 @@ CONNECT_CONCURRENCY = 32
 SESSION_BRINGUP = 128
 # Virtio requests in flight per session, on average (workers go round-robin over the sessions).
 SESSION_CONCURRENCY = 128
-NS_PER_US = 1000
 # Devices, rings and drivers live until the end of the run. Frozen out of the collector's sight
 # as they come up, full collections stop walking them: with 10,000 devices each one paused the
 # load for 300 ms, which showed as the load generator's own latency tail.
@@ -165,8 +167,11 @@ def _raise_fd_limit(wanted: int) -> None:
 class LoadRun:
     """One run of ``viowire load``; :meth:`execute` returns the summary as a dict."""
 
-    def __init__(self, config: LoadConfig, *, stderr: TextIO) -> None:
+    def __init__(
+        self, config: LoadConfig, *, stderr: TextIO, timeseries: TextIO | None = None
+    ) -> None:
         self.cfg = config
+        self.timeseries_out = timeseries  # --timeseries: a row a second, as it comes
         self.rng = random.Random(config.seed)
         self.pattern = BlockPattern(config.seed, config.block_size)
         self.net: NetTraffic | None = None
@@ -199,13 +204,16 @@ class LoadRun:
         self.pools: dict[str, DevicePool[LoadDevice]] = {}
         self._stopping = False
         self._limit = config.requests
-        self._last = (0.0, 0)
+        self.run_start = time.monotonic()
+        self.workload_start = 0.0
+        self.workload_end: float | None = None
+        self.series: TimeSeries | None = None
         self.progress = Progress(stderr, self._status, enabled=config.progress)
 
     # -- the run -----------------------------------------------------------------------------
 
     async def execute(self) -> dict[str, Any]:
-        start = time.monotonic()
+        start = self.run_start = time.monotonic()
         per_session = await self._plan()
         self.progress.start()
         try:
@@ -466,8 +474,6 @@ class LoadRun:
 
     async def _workload(self) -> None:
         cfg = self.cfg
-        self.phase, self.phase_start = "workload", time.monotonic()
-        self._last = (0.0, 0)
         self.pools = {kind: DevicePool() for kind in self.kinds}
         live = [dev for dev in self.devices if not dev.out]
         for _ in range(cfg.depth):
@@ -483,14 +489,45 @@ class LoadRun:
         timer = None
         if cfg.duration is not None:
             timer = asyncio.get_running_loop().call_later(cfg.duration, self._stop)
-        start = time.monotonic()
+        # One start and one end for every rate of the workload: the progress line's, the
+        # summary's and the time series'.
+        start = self.workload_start = self.phase_start = time.monotonic()
+        self.phase = "workload"
+        self.series = TimeSeries(self.stats, start)
+        writer = None
+        if self.timeseries_out is not None:
+            writer = RowWriter(self.timeseries_out, self.cfg.timeseries_format, list(self.ops))
+        ticker = asyncio.get_running_loop().create_task(self._tick(writer), name="load ticks")
         try:
             await asyncio.gather(*(self._worker() for _ in range(workers)))
         finally:
             if timer is not None:
                 timer.cancel()
-        self.timing["workload_s"] = time.monotonic() - start
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+        end = self.workload_end = time.monotonic()
+        if end > self.series.last_t:
+            self._row(writer, end)  # the last, shorter second
+        self.timing["workload_s"] = end - start
         self.progress.show()
+
+    async def _tick(self, writer: RowWriter | None) -> None:
+        """A time-series row at each whole second of the workload."""
+        for second in itertools.count(1):
+            await asyncio.sleep(max(0.0, self.workload_start + second - time.monotonic()))
+            self._row(writer, time.monotonic())
+
+    def _row(self, writer: RowWriter | None, now: float) -> None:
+        row = self.series.tick(now)
+        if writer is not None:
+            writer.write(row)
+
+    def workload_seconds(self) -> float:
+        """Seconds of workload so far (all of it, once it ended)."""
+        if not self.workload_start:
+            return 0.0
+        return (self.workload_end or time.monotonic()) - self.workload_start
 
     def _stop(self) -> None:
         self._stopping = True
@@ -583,7 +620,7 @@ class LoadRun:
         except Exception as exc:
             self._failed(self.stats, "rng", dev, exc)
             return
-        self.stats.ok("rng", dev.index, (time.perf_counter_ns() - start) // NS_PER_US, size)
+        self.stats.ok("rng", dev.index, time.perf_counter_ns() - start, size)
         if len(data) != size or data == self.pattern.zeroes:
             self.stats.error("verify:rng", f"{dev.name}: {len(data)} bytes, all zero")
 
@@ -607,7 +644,7 @@ class LoadRun:
             what = f"{dev.name}: frame {seq} to {flow.receiver.name} never arrived"
             self.stats.lost("net", dev.index, what, error=not self.cfg.allow_loss)
             return
-        self.stats.ok("net", dev.index, (arrived - start) // NS_PER_US, self.cfg.frame_size)
+        self.stats.ok("net", dev.index, arrived - start, self.cfg.frame_size)
 
     async def _custom(self, op: str, dev: LoadDevice, workload: Workload) -> None:
         """One call of the user's workload function: one operation."""
@@ -624,7 +661,7 @@ class LoadRun:
             if leaves and not dev.out:
                 dev.out = f"left the workload after {kind}"
             return
-        self.stats.ok(op, dev.index, (time.perf_counter_ns() - start) // NS_PER_US, moved)
+        self.stats.ok(op, dev.index, time.perf_counter_ns() - start, moved)
 
     async def _blk_write(self, dev: LoadDevice, block: int) -> None:
         size = self.cfg.block_size
@@ -643,7 +680,7 @@ class LoadRun:
             dev.uncertain[block] = {*before, generation}  # it may or may not have landed
             self._failed(self.stats, "blk-write", dev, exc)
             return
-        latency = (time.perf_counter_ns() - start) // NS_PER_US
+        latency = time.perf_counter_ns() - start
         dev.expected[block] = generation
         dev.uncertain.pop(block, None)
         self.stats.ok("blk-write", dev.index, latency, size)
@@ -660,7 +697,7 @@ class LoadRun:
         except Exception as exc:
             self._failed(stats, op, dev, exc)
             return False
-        stats.ok(op, dev.index, (time.perf_counter_ns() - start) // NS_PER_US, size)
+        stats.ok(op, dev.index, time.perf_counter_ns() - start, size)
         if not self.pattern.matches(data, dev.index, offset, want):
             kind, detail = self.pattern.diagnose(data, dev.index, offset, want)
             where = f"{dev.name} block {block} (offset {offset:#x})"
@@ -680,7 +717,6 @@ class LoadRun:
     async def _read_back(self) -> None:
         """Read every block ever written, device by device interleaved, and verify it."""
         self.phase, self.phase_start = "read-back", time.monotonic()
-        self._last = (0.0, 0)
         todo_per_device = [
             [(dev, block) for block in sorted(dev.written)] for dev in self.devices if dev.written
         ]
@@ -714,24 +750,28 @@ class LoadRun:
         target = len(self.devices)
         if self.phase == "bring-up":
             done = self.devices_up + sum(1 for d in self.devices if d.out)
-            rate = self.devices_up / now if now else 0.0
+            # as the summary's devices/s: from the start of the run
+            rate = per_second(self.devices_up, time.monotonic() - self.run_start)
             return (
                 f"bring-up: {self.devices_up:,}/{target:,} devices up ({rate:,.0f}/s), "
                 f"{sum(self.setup_errors.values())} errors, {done:,} done, {elapsed:.1f} s"
             )
         stats = self.stats if self.phase == "workload" else self.readback
-        last_t, last_n = self._last
-        rate = (stats.completed - last_n) / (now - last_t) if now > last_t else 0.0
-        self._last = (now, stats.completed)
         errors = stats.error_count
         if self.phase == "workload":
+            # The summary's rate: every request so far over the workload's seconds so far.
+            seconds = self.workload_seconds()
+            rate = per_second(stats.completed, seconds)
             live = sum(1 for d in self.devices if not d.out and d.driver is not None)
             left = f"/{self.cfg.duration:g}" if self.cfg.duration else ""
+            rows = self.series.rows if self.series else []
+            last = f" | p99 {format_us(rows[-1]['p99_us'])} (last s)" if rows else ""
             return (
                 f"load: {live:,}/{target:,} devices | {rate:,.0f} req/s | "
-                f"{stats.completed:,} requests | {errors} errors "
-                f"({stats.verify_failures} verify) | {now:.1f}{left} s"
+                f"{stats.completed:,} requests{last} | {errors} errors "
+                f"({stats.verify_failures} verify) | {seconds:.1f}{left} s"
             )
+        rate = per_second(stats.completed, now)
         return (
             f"read-back: {stats.completed + self.unverified:,}/{self.readback_blocks:,} blocks "
             f"| {rate:,.0f} req/s | {errors} errors ({stats.verify_failures} verify)"
@@ -752,6 +792,7 @@ class LoadRun:
         lost = stats.issued - stats.completed + back.issued - back.completed
         total_errors = errors.total()
         net = self._net_summary()
+        latency = stats.latency
         return {
             "ok": not total_errors and not self.unverified and not lost and not net["loss_error"],
             "url": cfg.url,
@@ -772,36 +813,38 @@ class LoadRun:
             "devices_by_kind": dict(sorted(kinds.items())),
             "devices_out": dict(Counter(d.out for d in self.devices if d.out)),
             "bringup_s": round(bringup_s, 3),
-            "devices_per_s": round(self.devices_up / bringup_s, 1) if bringup_s else 0.0,
+            "devices_per_s": per_second(self.devices_up, bringup_s),
             "duration_s": round(workload_s, 3),
             "interrupted": self.interrupted,
             "requests": stats.issued,
             "completed": stats.completed,
             "lost": lost,
-            "requests_per_s": round(stats.completed / workload_s, 1) if workload_s else 0.0,
+            "requests_per_s": per_second(stats.completed, workload_s),
             "bytes": stats.bytes,
-            "bytes_per_s": round(stats.bytes / workload_s, 1) if workload_s else 0.0,
+            "bytes_per_s": per_second(stats.bytes, workload_s),
             "errors": total_errors,
             "errors_by_kind": dict(errors.most_common()),
             "error_samples": self.setup_samples + stats.samples + back.samples,
             "verify_failures": stats.verify_failures + back.verify_failures,
-            "latency_us": stats.latency.summary(),
-            "histogram_us": [[low, high, n] for low, high, n in stats.latency.buckets()],
+            "latency_us": latency.summary(),
+            "histogram_us": [list(row) for row in latency.rows()],
             "ops": {
                 op: {
                     "requests": s.requests,
                     "bytes": s.bytes,
                     "errors": s.errors,
                     "lost": s.lost,
-                    "per_s": round(s.requests / workload_s, 1) if workload_s else 0.0,
-                    "bytes_per_s": round(s.bytes / workload_s, 1) if workload_s else 0.0,
+                    "per_s": per_second(s.requests, workload_s),
+                    "bytes_per_s": per_second(s.bytes, workload_s),
                     "latency_us": s.latency.summary(),
                 }
                 for op, s in stats.ops.items()
             },
             "net": net,
             "fairness": {
-                kind: fairness(stats, names, [d.index for d in self.devices if d.kind == kind])
+                kind: fairness(
+                    stats.per_device(), names, [d.index for d in self.devices if d.kind == kind]
+                )
                 for kind in self.kinds
             },
             "written_blocks": written,
@@ -826,3 +869,19 @@ class LoadRun:
         out["allow_loss"] = self.cfg.allow_loss
         out["loss_error"] = bool(out["lost"]) and not self.cfg.allow_loss
         return out
+
+    def mergeable(self) -> dict[str, Any]:
+        """What ``viowire load merge`` needs beside the summary: each operation's latency
+        histogram (encoded) and the per-device counts behind the fairness lines."""
+        ago = time.monotonic() - self.workload_start
+        now = time.time()
+        return {
+            "workload_unix": (now - ago, now - ago + self.workload_seconds()),
+            "ops": {op: s.latency.encode() for op, s in self.stats.ops.items()},
+            "readback": {op: s.latency.encode() for op, s in self.readback.ops.items()},
+            "devices": {
+                "names": [d.name for d in self.devices],
+                "kinds": [d.kind for d in self.devices],
+                **self.stats.per_device(),
+            },
+        }

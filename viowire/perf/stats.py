@@ -6,6 +6,11 @@ A result is a plain dict, so it goes to JSON as it is::
      "runs", "spread", "value_range", "baseline_range", "ratio_range",
      "target", "meets_target", "note", ...}
 
+Latency figures add the tail of every sample of every run (:func:`tails`): ``p90``, ``p99``,
+``p99_9``, ``max`` and ``histogram``, the encoded HdrHistogram of those samples (the form of
+:mod:`viowire.load.latency`: results of several processes or machines merge exactly), and
+``baseline_p99`` and ``baseline_histogram`` for the baseline.
+
 ``ratio`` is the median of the per-run ratios (each run measures viowire and its baseline back
 to back), which cancels most of the drift of a shared machine; ``value`` and ``baseline`` are
 the medians of their own runs. ``spread`` is (max - min) / median of ``value``.
@@ -17,6 +22,8 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from viowire.load.latency import NS_PER_US, Latency
 
 KEYS = ("name", "value", "unit", "baseline", "ratio", "loop", "socket")
 
@@ -47,6 +54,29 @@ def percentile(samples: Sequence[float], q: float) -> float:
         return math.nan
     rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[rank]
+
+
+def tails(values: Sequence[Sequence[float]], baselines: Sequence[Sequence[float] | None]) -> dict:
+    """p90, p99, p99.9 and max (µs) of every sample of every run, within 1 % (an HdrHistogram
+    of them all: one run's p99 rests on few samples, the median of runs' p99s on fewer); the
+    encoded histograms of the samples and of the baseline's."""
+    ours = _histogram(values)
+    summary = ours.summary()
+    out: dict[str, object] = {key: summary[key] for key in ("p90", "p99", "p99_9", "max")}
+    out["histogram"] = ours.encode()
+    theirs = _histogram([b for b in baselines if b])
+    if theirs.count:
+        out["baseline_p99"] = theirs.summary()["p99"]
+        out["baseline_histogram"] = theirs.encode()
+    return out
+
+
+def _histogram(runs: Sequence[Sequence[float]]) -> Latency:
+    latency = Latency()
+    for samples in runs:
+        for us in samples:
+            latency.record(round(us * NS_PER_US))
+    return latency
 
 
 def _median(values: Sequence[float | None]) -> float | None:

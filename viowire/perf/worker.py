@@ -22,7 +22,7 @@ from viowire.client.drivers.blk import BlockDriver
 from viowire.client.drivers.rng import EntropyDriver
 from viowire.perf import bare, cases, ring
 from viowire.perf import net as netperf
-from viowire.perf.stats import Target, percentile, summarise
+from viowire.perf.stats import Target, percentile, summarise, tails
 from viowire.runtime import run as run_loop
 from viowire.virtio.constants import DeviceId
 
@@ -259,8 +259,7 @@ class Worker:
                 "µs p50",
                 [percentile(v, 50) for v in values],
                 [percentile(b, 50) if b else None for b in baselines],
-                p99=[percentile(v, 99) for v in values],
-                baseline_p99=[percentile(b, 99) for b in baselines if b],
+                **tails(values, baselines),
                 frame_bytes=list(cases.READ_SIZES),
                 baseline_name="bare asyncio.Protocol request/reply, same frame sizes",
             )
@@ -370,8 +369,7 @@ class Worker:
             "µs p50",
             [percentile(v, 50) for v in values],
             [percentile(b, 50) if b else None for b in baselines],
-            p99=[percentile(v, 99) for v in values],
-            baseline_p99=[percentile(b, 99) for b in baselines if b],
+            **tails(values, baselines),
             frames_per_s=[1e6 / percentile(v, 50) for v in values],
             frame_bytes=size,
             baseline_name=(
@@ -537,8 +535,7 @@ class Worker:
             "µs p50",
             [percentile(v, 50) for v in values],
             [percentile(b, 50) if b else None for b in baselines],
-            p99=[percentile(v, 99) for v in values],
-            baseline_p99=[percentile(b, 99) for b in baselines if b],
+            **tails(values, baselines),
             baseline_name="bare ring: used.idx stored to the driver task running",
         )
 

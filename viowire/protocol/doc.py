@@ -32,6 +32,8 @@ ANSWERS: dict[m.MsgType, str] = {
     T.HELLO_REPLY: "— (reply)",
     T.ERROR: "— (reply)",
     T.OK: "— (reply)",
+    T.AUTH: "AUTH_REPLY",
+    T.AUTH_REPLY: "— (reply)",
     T.MMIO_READ: "MMIO_READ_REPLY",
     T.MMIO_READ_REPLY: "— (reply)",
     T.MMIO_WRITE: "OK, none if POSTED",
@@ -60,9 +62,11 @@ and signals interrupts (IRQ).
 
 ## 1. Transport and framing
 
-The transport is any reliable, ordered byte stream: a Unix stream socket or TCP. **All integers
-are little-endian** and unsigned; there is no padding or alignment anywhere. Each message is
-one frame: a {header_size}-byte header followed by the body.
+The transport is any reliable, ordered byte stream: a Unix stream socket, TCP, or TLS (1.2 or
+later) over TCP (`tls://HOST:PORT`; the frames are the TLS application data, and a server may
+require a client certificate). **All integers are little-endian** and unsigned; there is no
+padding or alignment anywhere. Each message is one frame: a {header_size}-byte header followed
+by the body.
 
 {header_table}
 
@@ -113,14 +117,34 @@ sends MEM_READ / MEM_WRITE (proxied memory) and IRQ events.
    for logs.
 2. The server answers HELLO_REPLY (REPLY, same request_id): `features` = the intersection of
    both offers, `max_frame` and `max_inflight` = the smaller of both offers, a `session_id`
-   that names the session in the server's logs, its own `host_id` and `name`. From this frame
-   on both sides use these values. A wrong magic or an unsupported version gets ERROR
-   UNSUPPORTED instead.
-3. Any other request before HELLO gets ERROR BAD_STATE, and so does a second HELLO.
+   that names the session in the server's logs, its own `host_id` and `name`, `auth` (what it
+   requires before anything else), a fresh 32-byte `nonce`, and `shm_proof` (section 4). From
+   this frame on both sides use these values. A wrong magic or an unsupported version gets
+   ERROR UNSUPPORTED instead.
+3. If `auth` has TOKEN, the client's next request must be AUTH, proving that it holds the
+   shared-secret token without sending it: `mac` = HMAC-SHA256(token, "viowire-auth client\\0"
+   ‖ server nonce ‖ client nonce), with 32 fresh random bytes of its own as `nonce`. The server
+   answers AUTH_REPLY with its own proof, HMAC-SHA256(token, "viowire-auth server\\0" ‖ server
+   nonce ‖ client nonce), which the client checks (so it knows the server holds the token too).
+   A wrong `mac`, or any other request before AUTH, gets ERROR AUTH_FAILED (as a reply to that
+   request) and the connection is closed. The server builds no device of the session before
+   the token is proven. A recorded AUTH is worth nothing on another connection: the server's
+   nonce is new each time. The token travels nowhere; TLS protects the rest of the traffic.
+4. If `auth` is 0 the session is open with HELLO_REPLY. The client may still send AUTH (all-zero
+   `mac`) as its first request after HELLO_REPLY, to claim MEMORY_SHM with the proof of
+   section 4; AUTH at any other time gets ERROR BAD_STATE.
+5. Any other request before HELLO gets ERROR BAD_STATE, and so does a second HELLO. A peer that
+   has not finished the handshake (HELLO, and AUTH where required) within 10 s is sent ERROR
+   BAD_STATE and disconnected.
 
 `host_id` is the 16 bytes of the kernel boot id (`/proc/sys/kernel/random/boot_id` parsed as a
-UUID), or 16 zero bytes when unknown. Equal, nonzero host ids mean the peers share a kernel,
-and so share `/dev/shm`.
+UUID), or 16 zero bytes when unknown. It is a hint for logs and for the server's choice to
+offer a proof file; it proves nothing (a peer can echo the id HELLO_REPLY shows it).
+
+**Version 2** (this one) added AUTH and AUTH_REPLY, the HELLO_REPLY fields `auth`, `nonce` and
+`shm_proof`, and ERROR AUTH_FAILED, and grants MEMORY_SHM only on proof (section 4) instead of
+for equal host ids. HELLO's layout is unchanged, so a version 1 peer is told, with ERROR
+UNSUPPORTED, which version the other side speaks.
 
 ## 4. Guest memory
 
@@ -135,8 +159,20 @@ After the handshake the client describes guest RAM with MEM_REGISTER, one region
   MEM_REGISTER frame; the server maps `size` bytes from `offset` in it. Each MEM_REGISTER of kind
   MEMFD takes the oldest descriptor received and not yet used.
 * **SHM** (MEMORY_SHM, same host, e.g. over TCP): `name` names a POSIX shared-memory segment
-  (under `/dev/shm` on Linux) that the server opens and maps from `offset`. Only meaningful when
-  the HELLO and HELLO_REPLY `host_id`s are equal and nonzero.
+  (under `/dev/shm` on Linux) that the server opens and maps from `offset`. The name must start
+  with `viowire-` and the session id as 16 lowercase hex digits and a dash
+  (`viowire-%016x-`, e.g. `viowire-00003039000000a1-guest`): a session maps only segments named
+  for it, never another session's or any other file (else ERROR MEMORY_FAULT). The segment must
+  belong to the server's user and be closed to others (mode 0600).
+
+  MEMORY_SHM is granted only where the peer has proven it sees the server's `/dev/shm` as the
+  server's user (or root). Over a Unix socket the kernel vouches for the peer (SO_PEERCRED): it
+  is in HELLO_REPLY's features when the peer runs as the server's user or root. Over TCP the
+  server may instead name, in HELLO_REPLY `shm_proof`, a file it has just created under
+  `/dev/shm` with mode 0600, holding 32 random bytes; a client that can read it sends those
+  bytes as AUTH `shm_proof`, and AUTH_REPLY's features then include MEMORY_SHM. The file is
+  removed at AUTH or when the connection ends. A peer on another host, in another container
+  (its own `/dev/shm`) or under another user cannot read it and keeps proxied memory.
 
 Guest addresses and lengths are untrusted: a range outside registered memory is answered with
 ERROR MEMORY_FAULT.

@@ -30,7 +30,7 @@ from construct import (
     Struct,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: AUTH after HELLO; MEMORY_SHM only with a same-host proof
 HELLO_MAGIC = 0x52495756  # "VWIR"
 HEADER_SIZE = 12
 LENGTH_FIELD_SIZE = 4
@@ -52,6 +52,8 @@ class MsgType(enum.IntEnum):
     HELLO_REPLY = 0x02
     ERROR = 0x03
     OK = 0x04
+    AUTH = 0x05
+    AUTH_REPLY = 0x06
     MMIO_READ = 0x10
     MMIO_READ_REPLY = 0x11
     MMIO_WRITE = 0x12
@@ -77,10 +79,16 @@ class ProtoFeature(enum.IntFlag):
     POSTED_WRITES = 1 << 0  # MMIO_WRITE with POSTED gets no reply
     MEMORY_PROXIED = 1 << 1  # the server reaches guest RAM with MEM_READ / MEM_WRITE
     MEMORY_MEMFD = 1 << 2  # memfd passed with SCM_RIGHTS (Unix sockets)
-    MEMORY_SHM = 1 << 3  # named POSIX shared-memory segment (same host)
+    MEMORY_SHM = 1 << 3  # named POSIX shared-memory segment (same host, proven in AUTH or Unix)
     IRQ_STATUS = 1 << 4  # the driver trusts IRQ.status and posts its ACK; no lower after an ACK
     NOTIFY_CHANNEL = 1 << 5  # notifications of a device on a datagram socket passed once (Unix)
     FD_SIDECAR = 1 << 6  # descriptors ride a SOCK_SEQPACKET socket passed with HELLO (Unix)
+
+
+class AuthMethod(enum.IntFlag):
+    """What a server requires in AUTH before it opens the session (HELLO_REPLY ``auth``)."""
+
+    TOKEN = 1 << 0  # an HMAC-SHA256 proof of the shared-secret token
 
 
 class MemoryKind(enum.IntEnum):
@@ -101,6 +109,7 @@ class ErrorCode(enum.IntEnum):
     FRAME_TOO_LARGE = 9  # a length field above max_frame; the connection is closed after this
     BAD_STATE = 10  # e.g. a request before HELLO
     INTERNAL = 11  # a server bug; the session goes on, the log has the traceback
+    AUTH_FAILED = 12  # authentication missing or wrong; the connection is closed after this
 
 
 Range = Struct("gpa" / Int64ul, "length" / Int32ul)
@@ -135,10 +144,15 @@ SCHEMAS: dict[MsgType, Struct] = {
         "max_inflight" / Int32ul,
         "session_id" / Int64ul,
         "host_id" / Bytes(16),
+        "auth" / Int8ul,
+        "nonce" / Bytes(32),
         "name" / Text,
+        "shm_proof" / Text,
     ),
     MsgType.ERROR: Struct("code" / Int32ul, "message" / Text),
     MsgType.OK: Struct(),
+    MsgType.AUTH: Struct("nonce" / Bytes(32), "mac" / Bytes(32), "shm_proof" / Bytes(32)),
+    MsgType.AUTH_REPLY: Struct("features" / Int64ul, "mac" / Bytes(32)),
     MsgType.MMIO_READ: Struct("addr" / Int64ul, "width" / Int8ul),
     MsgType.MMIO_READ_REPLY: Struct("value" / Int64ul),
     MsgType.MMIO_WRITE: Struct("addr" / Int64ul, "width" / Int8ul, "value" / Int64ul),
@@ -163,7 +177,7 @@ SCHEMAS: dict[MsgType, Struct] = {
 
 DOCS: dict[MsgType, str] = {
     MsgType.HELLO: "client → server, first frame of a session. magic = 0x52495756; host_id = "
-    "the client's kernel boot id (16 bytes) so the server can tell a same-host peer. Over a Unix "
+    "the client's kernel boot id (16 bytes), a hint only: it proves nothing. Over a Unix "
     "socket, a client that offers FD_SIDECAR sends one end of an AF_UNIX SOCK_SEQPACKET "
     "socketpair as SCM_RIGHTS with this frame; if the server accepts it, the frames that carry "
     "descriptors (MEM_REGISTER of a memfd, NOTIFY_CHANNEL; no other type is accepted there) go "
@@ -172,7 +186,21 @@ DOCS: dict[MsgType, str] = {
     "own transport). The two are read apart: a frame on one may be applied before an earlier "
     "one on the other.",
     MsgType.HELLO_REPLY: "server → client. features = intersection of both offers; limits = the "
-    "smaller of both; session_id names the session in the server's logs.",
+    "smaller of both; session_id names the session in the server's logs. auth = the AuthMethod "
+    "bits the server requires in AUTH before any other request (0: none, the session is open "
+    "now); nonce = 32 fresh random bytes, the server's half of the AUTH proofs; shm_proof = the "
+    "name of a file under /dev/shm that a client on this host may read to prove it shares the "
+    "server's /dev/shm (empty: MEMORY_SHM is not on offer).",
+    MsgType.AUTH: "client → server, the first request after HELLO_REPLY: required when "
+    "HELLO_REPLY auth has TOKEN, optional otherwise (to claim MEMORY_SHM). nonce = 32 fresh "
+    'random bytes; mac = HMAC-SHA256(token, "viowire-auth client\\0" | server nonce | client '
+    "nonce), or 32 zero bytes without a token; shm_proof = the 32 bytes of the shm_proof file, or "
+    "32 zero bytes. A wrong or missing mac where TOKEN is required gets ERROR AUTH_FAILED and the "
+    "connection is closed.",
+    MsgType.AUTH_REPLY: "server → client. features = the session's features from now on (those "
+    "of HELLO_REPLY, plus MEMORY_SHM if the shm_proof matched); mac = HMAC-SHA256(token, "
+    '"viowire-auth server\\0" | server nonce | client nonce) when TOKEN was required (the '
+    "client checks it: the server knows the token too), else 32 zero bytes.",
     MsgType.ERROR: "reply to any request that failed, or to a POSTED request that failed "
     "(carrying its request_id). A MALFORMED_FRAME error is followed by closing the connection.",
     MsgType.OK: "empty reply to a request that succeeded and returns nothing.",
@@ -235,6 +263,8 @@ Hello = MESSAGE_CLASSES[MsgType.HELLO]
 HelloReply = MESSAGE_CLASSES[MsgType.HELLO_REPLY]
 Error = MESSAGE_CLASSES[MsgType.ERROR]
 Ok = MESSAGE_CLASSES[MsgType.OK]
+Auth = MESSAGE_CLASSES[MsgType.AUTH]
+AuthReply = MESSAGE_CLASSES[MsgType.AUTH_REPLY]
 MmioRead = MESSAGE_CLASSES[MsgType.MMIO_READ]
 MmioReadReply = MESSAGE_CLASSES[MsgType.MMIO_READ_REPLY]
 MmioWrite = MESSAGE_CLASSES[MsgType.MMIO_WRITE]

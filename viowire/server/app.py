@@ -1,4 +1,5 @@
-"""The device server: listeners on TCP and Unix sockets, one ServerSession per connection."""
+"""The device server: listeners on TCP (plain or TLS) and Unix sockets, one ServerSession per
+connection, and what a listener requires of its clients (:class:`Security`)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,54 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import stat
+from dataclasses import dataclass
 
+from viowire import auth
 from viowire.fdsocket import FdSocketTransport
+from viowire.options import UsageError
 from viowire.server.linkpeer import LinkPeer, LinkSpec
 from viowire.server.platform import PlatformSpec
-from viowire.server.session import ServerSession
-from viowire.urls import Endpoint, parse_endpoint
+from viowire.server.session import HELLO_TIMEOUT, ServerSession
+from viowire.urls import Endpoint, is_loopback, parse_endpoint
 
 log = logging.getLogger("viowire.server")
 ACCEPT_RETRY = 0.5  # seconds: how long to stop accepting when out of file descriptors
+SOCKET_MODE = 0o600  # a Unix socket is the server's user's alone unless told otherwise
+PROBE_TIMEOUT = 1.0  # seconds a live server has to accept the takeover probe
+
+
+@dataclass(frozen=True)
+class Security:
+    """What the listeners require: ``token`` (every session proves it in AUTH, on every
+    listener), ``tls`` (the context of ``tls://`` listeners; ``client_certs`` when it requires
+    client certificates), ``insecure`` (serve a non-loopback TCP listener that authenticates
+    nobody), ``socket_mode`` (of Unix socket files)."""
+
+    token: bytes | None = None
+    tls: ssl.SSLContext | None = None
+    client_certs: bool = False
+    insecure: bool = False
+    socket_mode: int = SOCKET_MODE
+
+    def check(self, urls: list[str]) -> None:
+        """Refuse, before anything is bound, a listener that would serve devices to anyone on
+        the network: a non-loopback TCP address without a token or client certificates."""
+        for url in urls:
+            endpoint = parse_endpoint(url, tls=True)
+            if endpoint.scheme == "tls" and self.tls is None:
+                raise UsageError(
+                    f"{url}: a tls:// listener needs --tls-cert FILE and --tls-key FILE"
+                )
+            if not endpoint.inet or self.insecure or is_loopback(endpoint.host):
+                continue
+            if self.token is None and not (endpoint.scheme == "tls" and self.client_certs):
+                raise UsageError(
+                    f"refusing to listen on {url} without authentication (anyone who reaches it "
+                    f"would get devices): give a token (--token-file FILE or {auth.TOKEN_ENV}), or "
+                    "tls:// with --tls-client-ca, or say --insecure"
+                )
 
 
 class Server:
@@ -30,19 +69,23 @@ class Server:
         allow_shm: bool = True,
         poll_us: int = 0,
         links: list[LinkSpec] | None = None,
+        security: Security | None = None,
     ) -> None:
         """``allow_shm=False`` refuses named /dev/shm segments: a same-host peer could shrink
         its segment under the server (a SIGBUS); memfds over Unix sockets are sealed instead.
         ``poll_us``: after serving a queue in shared memory, poll it up to this long for more with
         the driver's notifications off (vhost's busy-polling: fewer wake-ups, more CPU); the
         window adapts to the traffic (viowire.server.service). ``links``: in-server links to
-        join with other servers' (viowire.server.linkpeer), once the server listens."""
+        join with other servers' (viowire.server.linkpeer), once the server listens.
+        ``security``: the token, TLS and socket mode of the listeners (default: none of them,
+        and only loopback TCP addresses)."""
         if poll_us < 0:
             raise ValueError(f"poll_us {poll_us}: 0 (off) or a number of microseconds")
         self.spec = spec or PlatformSpec.default()
         self.name = name
         self.allow_shm = allow_shm
         self.poll_us = poll_us
+        self.security = security or Security()
         self.endpoints: list[Endpoint] = []
         self.sessions: set[ServerSession] = set()
         self._tcp_servers: list[asyncio.base_events.Server] = []
@@ -53,7 +96,8 @@ class Server:
     async def start(self, urls: list[str]) -> list[Endpoint]:
         """Listen on every URL; TCP port 0 picks a free port (the endpoint tells which)."""
         self.spec.validate()
-        listeners = [bind(url) for url in urls]
+        self.security.check(urls)
+        listeners = [bind(url, self.security.socket_mode) for url in urls]
         self._own_paths = [endpoint.path for endpoint, _ in listeners if endpoint.path]
         endpoints = await self.serve(listeners)
         for peer in self.link_peers:
@@ -63,8 +107,8 @@ class Server:
     async def serve(self, listeners: list[tuple[Endpoint, socket.socket]]) -> list[Endpoint]:
         """Accept on sockets bound already (by :func:`bind`, maybe in a parent process)."""
         for endpoint, sock in listeners:
-            if endpoint.scheme == "tcp":
-                await self._serve_tcp(sock)
+            if endpoint.inet:
+                await self._serve_tcp(sock, self.security.tls if endpoint.scheme == "tls" else None)
             else:
                 self._serve_unix(sock, endpoint.path)
             self.endpoints.append(endpoint)
@@ -77,20 +121,32 @@ class Server:
             allow_shm=self.allow_shm,
             name=self.name,
             poll_us=self.poll_us,
+            token=self.security.token,
         )
-        self.sessions.add(session)
-        original = session.connection_lost
+        made, lost = session.connection_made, session.connection_lost
+
+        # A session counts from its connection: a TLS handshake that fails never makes it (and
+        # never loses it either), so it must not be counted at creation.
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            self.sessions.add(session)
+            made(transport)
 
         def connection_lost(exc: Exception | None) -> None:
             self.sessions.discard(session)
-            original(exc)
+            lost(exc)
 
+        session.connection_made = connection_made
         session.connection_lost = connection_lost
         return session
 
-    async def _serve_tcp(self, sock: socket.socket) -> None:
+    async def _serve_tcp(self, sock: socket.socket, context: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: self._session(False), sock=sock)
+        server = await loop.create_server(
+            lambda: self._session(False),
+            sock=sock,
+            ssl=context,
+            ssl_handshake_timeout=HELLO_TIMEOUT if context else None,
+        )
         self._tcp_servers.append(server)
 
     def _serve_unix(self, sock: socket.socket, path: str) -> None:
@@ -149,14 +205,32 @@ class Server:
         await self.close()
 
 
-def bind(url: str) -> tuple[Endpoint, socket.socket]:
+class ListenError(OSError):
+    """A listener that cannot be opened; the message names it."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def bind(url: str, socket_mode: int = SOCKET_MODE) -> tuple[Endpoint, socket.socket]:
+    """:func:`_bind`, with an error that names the listener (a server may have several)."""
+    try:
+        return _bind(url, socket_mode)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        reason = reason.removeprefix(url.split("://", 1)[-1] + ": ")  # said once is enough
+        raise ListenError(exc.errno, f"cannot listen on {url}: {reason}") from exc
+
+
+def _bind(url: str, socket_mode: int = SOCKET_MODE) -> tuple[Endpoint, socket.socket]:
     """A listening socket for ``url``; TCP port 0 becomes a free port (the endpoint says which).
+    A Unix socket file gets ``socket_mode``; a live server's socket is never taken over.
 
     Separate from serving, so that a supervisor can bind once and its forked workers share the
     sockets (the kernel hands each connection to one of them).
     """
-    endpoint = parse_endpoint(url)
-    if endpoint.scheme == "tcp":
+    endpoint = parse_endpoint(url, tls=True)
+    if endpoint.inet:
         sock = socket.create_server(
             (endpoint.host, endpoint.port),
             family=socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET,
@@ -165,16 +239,70 @@ def bind(url: str) -> tuple[Endpoint, socket.socket]:
         )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         host, port = sock.getsockname()[:2]
-        return Endpoint("tcp", host=host, port=port), sock
+        return Endpoint(endpoint.scheme, host=host, port=port), sock
     path = endpoint.path
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)  # a stale socket from an earlier run
+    _reclaim(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Created closed (umask), then opened as far as asked: never a moment open to everyone.
+    umask = os.umask(0o177)
     try:
         sock.bind(path)
+        os.chmod(path, socket_mode)
         sock.listen(512)
     except OSError:
         sock.close()
         raise
+    finally:
+        os.umask(umask)
     return endpoint, sock
+
+
+def _reclaim(path: str) -> None:
+    """Remove a stale socket file from an earlier run; refuse one a live server accepts on."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return  # bind fails with EADDRINUSE and says so
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # nobody listens: stale
+        return
+    except OSError as exc:  # a timeout (a full backlog), no permission: someone may be there
+        raise OSError(
+            f"{path}: cannot tell whether a server listens there ({exc}); not taking it over"
+        ) from None
+    finally:
+        probe.close()
+    raise OSError(
+        f"{path}: another server is listening there; stop it or listen on another path "
+        "(not taking over a live socket)"
+    )
+
+
+def security_from_args(args: object) -> Security:
+    """The Security of ``serve``'s options (viowire.options.add_serve_security_options)."""
+    from viowire import tls
+
+    context = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise UsageError("TLS needs both --tls-cert FILE and --tls-key FILE")
+        context = tls.server_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+    elif args.tls_client_ca:
+        raise UsageError("--tls-client-ca needs a tls:// listener with --tls-cert and --tls-key")
+    try:
+        token = auth.token_from(args.token_file)
+    except auth.AuthError as exc:
+        raise UsageError(str(exc)) from None
+    return Security(
+        token=token,
+        tls=context,
+        client_certs=bool(args.tls_client_ca),
+        insecure=args.insecure,
+        socket_mode=args.socket_mode,
+    )

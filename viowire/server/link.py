@@ -13,6 +13,10 @@ Besides the devices' ports a link can have uplinks: ports to the world outside t
 TAP interface, :mod:`viowire.server.tap`; a peer server, :mod:`viowire.server.linkpeer`). They
 switch like any port; an uplink with ``on_idle`` is told when the last device port leaves (a TAP
 closes then), one without stays as long as its owner keeps it.
+
+A link has a state, up or down (:meth:`Link.set_up`), which it tells every port through the
+port's optional ``carrier`` callback, as a cable pulled and plugged again: net devices turn it
+into their config space's LINK_UP (§5.1.4). A down link forwards nothing.
 """
 
 from __future__ import annotations
@@ -29,24 +33,27 @@ MAX_ENTRIES = 4096
 """Learned MACs per link; past this the switch floods frames to unknown MACs instead of learning."""
 
 Deliver = Callable[[bytes], None]
+Carrier = Callable[[bool], None]
 
 
 class Port:
-    """One connection to a link: ``deliver(frame)`` hands it a frame to receive. ``uplink``:
-    not a device's; ``on_idle``: an uplink's callback for when no device port is left."""
+    """One connection to a link: ``deliver(frame)`` hands it a frame to receive; ``carrier(up)``,
+    if given, hears when the link goes down or up. ``uplink``: not a device's; ``on_idle``: an
+    uplink's callback for when no device port is left."""
 
-    __slots__ = ("deliver", "link", "name", "on_idle", "uplink")
+    __slots__ = ("carrier", "deliver", "link", "name", "on_idle", "uplink")
 
     def __init__(
         self,
         link: Link,
         name: str,
         deliver: Deliver,
+        carrier: Carrier | None = None,
         *,
         uplink: bool = False,
         on_idle: Callable[[], None] | None = None,
     ) -> None:
-        self.link, self.name, self.deliver = link, name, deliver
+        self.link, self.name, self.deliver, self.carrier = link, name, deliver, carrier
         self.uplink, self.on_idle = uplink, on_idle
 
     def send(self, frame: bytes) -> None:
@@ -77,16 +84,30 @@ class Link:
         self.ports: list[Port] = []
         self.table: dict[bytes, tuple[Port, float]] = {}  # MAC -> (port, last seen)
         self.forwarded = self.flooded = self.filtered = 0
+        self.up = True
 
-    def attach(self, name: str, deliver: Deliver, **kind: Any) -> Port:
-        """A new port; frames for it arrive through ``deliver``; ``kind``: uplink=, on_idle=
-        (see :class:`Port`)."""
-        port = Port(self, name, deliver, **kind)
+    def attach(
+        self, name: str, deliver: Deliver, carrier: Carrier | None = None, **kind: Any
+    ) -> Port:
+        """A new port; frames for it arrive through ``deliver``; a link that is down says so
+        through ``carrier`` at once; ``kind``: uplink=, on_idle= (see :class:`Port`)."""
+        port = Port(self, name, deliver, carrier, **kind)
         self.ports.append(port)
+        if not self.up and carrier is not None:
+            carrier(False)
         return port
 
     def has_devices(self) -> bool:
         return any(not port.uplink for port in self.ports)
+
+    def set_up(self, up: bool) -> None:
+        """Bring the link up or down; every port's ``carrier`` hears of a change."""
+        if up == self.up:
+            return
+        self.up = up
+        for port in list(self.ports):
+            if port.carrier is not None:
+                port.carrier(up)
 
     def detach(self, port: Port) -> None:
         if port in self.ports:
@@ -118,7 +139,7 @@ class Link:
 
     def forward(self, sender: Port, frame: bytes) -> None:
         """Switch one frame from ``sender``: learn its source, then deliver it."""
-        if sender not in self.ports or len(frame) < ETH_HEADER:
+        if not self.up or sender not in self.ports or len(frame) < ETH_HEADER:
             return
         dst, src = bytes(frame[0:6]), bytes(frame[6:12])
         self.learn(src, sender)
@@ -148,9 +169,9 @@ def link(name: str) -> Link:
     return found
 
 
-def attach(name: str, port_name: str, deliver: Deliver) -> Port:
+def attach(name: str, port_name: str, deliver: Deliver, carrier: Carrier | None = None) -> Port:
     """Plug a new port into link ``name``."""
-    return link(name).attach(port_name, deliver)
+    return link(name).attach(port_name, deliver, carrier)
 
 
 def attach_uplink(
@@ -162,11 +183,12 @@ def attach_uplink(
 
 
 def release(port: Port) -> None:
-    """Unplug ``port``; a link with no ports left is forgotten (a new one starts empty)."""
+    """Unplug ``port``; a link with no ports left is forgotten (a new one starts empty), unless
+    it is down: that is someone's decision, which outlives the devices."""
     port.detach()
     here = port.link
     if not port.uplink and not here.has_devices():
         for uplink in [p for p in here.ports if p.on_idle is not None]:
             uplink.on_idle()  # the last device left: a TAP closes
-    if not here.ports and _links.get(here.name) is here:
+    if not here.ports and here.up and _links.get(here.name) is here:
         del _links[here.name]

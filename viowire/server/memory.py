@@ -64,10 +64,15 @@ def _seals(fd: int) -> int:
         return 0
 
 
-def open_shm(name: str, size: int, offset: int) -> mmap.mmap:
-    """Map a named segment that a same-host client created under /dev/shm."""
-    if not SHM_NAME.fullmatch(name):
-        raise GuestMemoryError(f"shared-memory name {name!r} must look like 'viowire-…'")
+def open_shm(name: str, size: int, offset: int, prefix: str) -> mmap.mmap:
+    """Map a named segment that a same-host client created under /dev/shm for this session:
+    its name starts with ``prefix`` (viowire.samehost.segment_prefix), so a client can name
+    neither another session's segment nor any other file there."""
+    if not SHM_NAME.fullmatch(name) or not name.startswith(prefix):
+        raise GuestMemoryError(
+            f"shared-memory name {name!r} is not one of this session's: it must look like "
+            f"'{prefix}…'"
+        )
     try:
         fd = os.open(os.path.join("/dev/shm", name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:

@@ -73,6 +73,13 @@ class Queue:
         of the turn. A stale chain (the queue was reset since) is dropped."""
         self._service._complete_held(self._service.queues[self.index], chain, written)
 
+    def fail(self, reason: str) -> None:
+        """The driver made a chain it must never make on this queue (wrong direction, a header
+        too short): the device needs a reset (§2.1.2), as when ``handle()`` raises
+        :class:`~viowire.device.ChainError`. For devices that hold chains, where no
+        ``handle()`` call can raise; ``reason`` goes into the log line."""
+        self._service._fail(f"queue {self.index}: {reason}")
+
     def serve(self) -> None:
         """Serve every available chain through the device's ``handle`` (the default
         :meth:`~viowire.device.Device.queue_notify`)."""

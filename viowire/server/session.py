@@ -16,6 +16,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
+from viowire import auth
 from viowire.fdsocket import FdSocketTransport, SidecarReader, is_seqpacket_socket
 from viowire.protocol import messages as m
 from viowire.protocol.codec import (
@@ -30,10 +31,13 @@ from viowire.protocol.codec import (
 )
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.hostid import host_id
+from viowire.samehost import ShmProof, peer_uid, segment_prefix, trusted_uid
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
 from viowire.server.metrics import SERVER
 from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
+from viowire.trace import recorder as wiretrace
+from viowire.trace.format import End, Event
 from viowire.virtio.constants import Reg
 from viowire.virtio.memory import GuestMemory, GuestMemoryError
 
@@ -61,6 +65,7 @@ _session_ids = itertools.count(1)
 _REPLY = int(m.Flags.REPLY)
 _POSTED = int(m.Flags.POSTED)
 _HELLO = int(m.MsgType.HELLO)
+_AUTH = int(m.MsgType.AUTH)
 _ERROR = int(m.MsgType.ERROR)
 _QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
 _MEM_READ_REPLY = int(m.MsgType.MEM_READ_REPLY)
@@ -100,7 +105,10 @@ class ServerSession(asyncio.Protocol):
         allow_shm: bool = True,
         name: str = "viowire",
         poll_us: int = 0,
+        token: bytes | None = None,
     ) -> None:
+        """``token``: the shared secret every client must prove in AUTH before anything else
+        (viowire.auth); None lets a client in after HELLO."""
         self.session_id = next(_session_ids) | (os.getpid() << 32)
         self.spec = spec
         self.fd_passing = fd_passing
@@ -133,6 +141,13 @@ class ServerSession(asyncio.Protocol):
         self._peer = "?"
         self._closed = False
         self._hello_timer: asyncio.TimerHandle | None = None
+        self.token = token
+        self._hello_seen = False
+        self._server_nonce = b""
+        self._awaiting_auth = False  # HELLO answered, the token not proven yet: nothing else goes
+        self._auth_open = False  # AUTH may still come: nothing but HELLO has been received
+        self._shm_proof: ShmProof | None = None
+        self.trace: wiretrace.Stream | None = None  # --trace: what this connection carries
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -146,13 +161,17 @@ class ServerSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
         log.info("session %x: connected from %s", self.session_id, self._peer)
-        # A peer that never completes HELLO (a port scanner, a half-sent frame) is dropped.
+        if (recorder := wiretrace.active()) is not None:
+            self.trace = recorder.stream(End.SERVER, self.session_id, self._peer)
+        # A peer that never completes the handshake (a port scanner, a half-sent frame, a client
+        # without the token) is dropped.
         self._hello_timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_timed_out)
 
     def _hello_timed_out(self) -> None:
         if self.platform is None and not self._closed:
+            what = "AUTH" if self._awaiting_auth else "HELLO"
             self._fail_connection(
-                m.ErrorCode.BAD_STATE, f"no HELLO within {HELLO_TIMEOUT:g} s of connecting"
+                m.ErrorCode.BAD_STATE, f"no {what} within {HELLO_TIMEOUT:g} s of connecting"
             )
 
     def fds_received(self, fds: list[int]) -> None:
@@ -162,6 +181,8 @@ class ServerSession(asyncio.Protocol):
             os.close(self._fds.pop(0))
 
     def data_received(self, data: bytes) -> None:
+        if self.trace is not None:
+            self.trace.received(data)
         try:
             frames = self.reader.feed(data)
         except FrameError as exc:
@@ -185,6 +206,9 @@ class ServerSession(asyncio.Protocol):
         self._closed = True
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        if self.trace is not None:
+            self.trace.closed()
+        self._drop_shm_proof()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(GuestMemoryError("the client disconnected"))
@@ -248,7 +272,10 @@ class ServerSession(asyncio.Protocol):
         if self._out and not self._closed and self.transport is not None:
             out, self._out = self._out, []
             SERVER.frames_out += len(out)
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            data = b"".join(out) if len(out) > 1 else out[0]
+            if self.trace is not None:
+                self.trace.sent(data)
+            self.transport.write(data)
 
     def _reply_error(self, frame: Frame, code: m.ErrorCode, message: str) -> None:
         log.warning("session %x: %s: %s", self.session_id, code.name, message)
@@ -278,9 +305,18 @@ class ServerSession(asyncio.Protocol):
                 frame, m.ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type:#x}"
             )
             return
-        if self.platform is None and msg_type != _HELLO:
+        if self.platform is None and msg_type != _HELLO and not self._awaiting_auth:
             self._reply_error(frame, m.ErrorCode.BAD_STATE, "the first message must be HELLO")
             return
+        if self._auth_open and msg_type != _AUTH:
+            if self._awaiting_auth and msg_type != _HELLO:
+                self._refuse_auth(
+                    frame,
+                    f"message type {msg_type:#x} before AUTH: this server requires a token "
+                    f"(viowire clients: --token-file FILE or {auth.TOKEN_ENV})",
+                )
+                return
+            self._auth_open = self._awaiting_auth  # too late for an optional AUTH now
         fields, handler = entry
         try:
             if fields is None:
@@ -305,7 +341,7 @@ class ServerSession(asyncio.Protocol):
             self.send(msg, frame.request_id, _REPLY)
 
     def _on_hello(self, frame: Frame, msg: m.Hello) -> None:
-        if self.platform is not None:
+        if self._hello_seen:
             raise ProtocolFault(m.ErrorCode.BAD_STATE, "HELLO was already received")
         if msg.magic != m.HELLO_MAGIC:
             raise ProtocolFault(m.ErrorCode.UNSUPPORTED, f"bad HELLO magic {msg.magic:#x}")
@@ -313,7 +349,7 @@ class ServerSession(asyncio.Protocol):
             raise ProtocolFault(
                 m.ErrorCode.UNSUPPORTED,
                 f"protocol version {msg.version} is not supported (this server speaks "
-                f"{m.PROTOCOL_VERSION})",
+                f"{m.PROTOCOL_VERSION}; version 2 added AUTH): upgrade the client",
             )
         if msg.max_inflight < 1:
             raise ProtocolFault(m.ErrorCode.UNSUPPORTED, "max_inflight 0 allows no request")
@@ -328,30 +364,36 @@ class ServerSession(asyncio.Protocol):
                 | m.ProtoFeature.NOTIFY_CHANNEL
                 | m.ProtoFeature.FD_SIDECAR
             )
-        if self.allow_shm and msg.host_id == host_id() and any(msg.host_id):
-            # Only a peer on this kernel can name a segment here; anyone else would be naming
-            # this host's segments blind.
-            offered |= m.ProtoFeature.MEMORY_SHM
+            if self.allow_shm and trusted_uid(peer_uid(self.transport)):
+                # The kernel vouches for a Unix peer: same host, and our user (or root).
+                offered |= m.ProtoFeature.MEMORY_SHM
         self.features = msg.features & offered
+        self._hello_seen = True
+        self._auth_open = True
+        self._server_nonce = auth.new_nonce()
+        self._awaiting_auth = self.token is not None
+        if self._may_prove_same_host(msg):
+            try:
+                self._shm_proof = ShmProof()
+            except OSError as exc:  # no /dev/shm, or it is full: the session goes on without
+                log.info("session %x: no same-host proof file (%s)", self.session_id, exc)
         self.max_frame = min(msg.max_frame, m.DEFAULT_MAX_FRAME)
         self.reader.max_frame = self.max_frame
         if self.features & m.ProtoFeature.FD_SIDECAR and not self._adopt_sidecar():
             self.features &= ~m.ProtoFeature.FD_SIDECAR
         while self._fds:  # HELLO carries no descriptor but the sidecar: never pair one later
             os.close(self._fds.pop())
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
-        self.platform = self.spec.build(name_prefix=f"session {self.session_id:x} ")
-        for slot in self.platform.slots:
-            slot.device.on_irq = self._irq_sender(slot)
-            slot.device.posted_ack = bool(self.features & m.ProtoFeature.IRQ_STATUS)
-            if self.poll_us:  # idle devices keep the class default: a smaller dict each
-                slot.device.poll_us = self.poll_us
         log.info(
-            "session %x: HELLO from %r, features %#x", self.session_id, msg.name, self.features
+            "session %x: HELLO from %r, features %#x%s",
+            self.session_id,
+            msg.name,
+            self.features,
+            ", awaiting the token" if self._awaiting_auth else "",
         )
         self.max_inflight = min(msg.max_inflight, m.DEFAULT_MAX_INFLIGHT)
         self._inflight = asyncio.Semaphore(self.max_inflight)
+        if not self._awaiting_auth:
+            self._open()
         reply = m.HelloReply(
             version=m.PROTOCOL_VERSION,
             reserved=0,
@@ -360,9 +402,75 @@ class ServerSession(asyncio.Protocol):
             max_inflight=self.max_inflight,
             session_id=self.session_id,
             host_id=host_id(),
+            auth=int(m.AuthMethod.TOKEN) if self._awaiting_auth else 0,
+            nonce=self._server_nonce,
             name=self.name,
+            shm_proof=self._shm_proof.name if self._shm_proof is not None else "",
         )
         self.send(reply, frame.request_id, _REPLY)
+
+    def _may_prove_same_host(self, msg: m.Hello) -> bool:
+        """Whether to offer a TCP peer the proof file (MEMORY_SHM): it asks for named memory and
+        claims our boot id. The claim is a hint, to spare other hosts a file; the proof decides."""
+        return (
+            self.allow_shm
+            and not self.fd_passing
+            and bool(msg.features & m.ProtoFeature.MEMORY_SHM)
+            and msg.host_id == host_id()
+            and any(msg.host_id)
+        )
+
+    def _open(self) -> None:
+        """The session is established: only now are its devices built."""
+        self._awaiting_auth = False
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        self.platform = self.spec.build(name_prefix=f"session {self.session_id:x} ")
+        for slot in self.platform.slots:
+            slot.device.on_irq = self._irq_sender(slot)
+            slot.device.posted_ack = bool(self.features & m.ProtoFeature.IRQ_STATUS)
+            if self.poll_us:  # idle devices keep the class default: a smaller dict each
+                slot.device.poll_us = self.poll_us
+
+    def _on_auth(self, frame: Frame, msg: m.Auth) -> None:
+        if not self._auth_open:
+            raise ProtocolFault(
+                m.ErrorCode.BAD_STATE, "AUTH comes once, as the first request after HELLO"
+            )
+        self._auth_open = False
+        mac = bytes(auth.MAC_SIZE)
+        if self.token is not None:
+            expected = auth.client_mac(self.token, self._server_nonce, msg.nonce)
+            if not auth.verify(expected, msg.mac):
+                self._refuse_auth(
+                    frame,
+                    "wrong token: the AUTH proof does not match this server's token (give "
+                    f"both ends the same --token-file or {auth.TOKEN_ENV})",
+                )
+                return
+            mac = auth.server_mac(self.token, self._server_nonce, msg.nonce)
+        if self._shm_proof is not None and self._shm_proof.matches(msg.shm_proof):
+            self.features |= m.ProtoFeature.MEMORY_SHM
+        self._drop_shm_proof()
+        if self.platform is None:
+            self._open()
+        log.info("session %x: AUTH accepted, features %#x", self.session_id, self.features)
+        self.send(m.AuthReply(features=self.features, mac=mac), frame.request_id, _REPLY)
+
+    def _refuse_auth(self, frame: Frame, message: str) -> None:
+        """ERROR AUTH_FAILED as the reply to ``frame``, then the connection closes."""
+        log.warning("session %x: AUTH_FAILED from %s: %s", self.session_id, self._peer, message)
+        error = m.Error(code=m.ErrorCode.AUTH_FAILED, message=message + "; closing the connection")
+        self.send(error, frame.request_id, _REPLY)
+        self._flush()
+        if self.transport is not None:  # else (moving to the native transport) it closes there
+            self.transport.close()
+        self._closed = True
+
+    def _drop_shm_proof(self) -> None:
+        if self._shm_proof is not None:
+            self._shm_proof.remove()
+            self._shm_proof = None
 
     # -- the descriptor sidecar -------------------------------------------------------------------
     def _adopt_sidecar(self) -> bool:
@@ -389,6 +497,8 @@ class ServerSession(asyncio.Protocol):
             self._sidecar = None  # ended; descriptors cannot arrive any more
             return
         self.fds_received(fds)
+        if self.trace is not None:
+            self.trace.record(Event.SIDECAR_RECEIVED, data)
         try:
             frames = self._sidecar_frames.feed(data)
             if self._sidecar_frames.buffered:  # a packet is whole frames: no waiting for more
@@ -519,7 +629,8 @@ class ServerSession(asyncio.Protocol):
                     )
                 self._add_mapping(msg.gpa, map_fd(fd, msg.size, msg.offset, sealed=True))
             else:
-                self._add_mapping(msg.gpa, open_shm(msg.name, msg.size, msg.offset))
+                prefix = segment_prefix(self.session_id)
+                self._add_mapping(msg.gpa, open_shm(msg.name, msg.size, msg.offset, prefix))
         except (GuestMemoryError, OSError, ValueError, OverflowError) as exc:
             raise ProtocolFault(m.ErrorCode.MEMORY_FAULT, str(exc)) from None
 
@@ -714,6 +825,7 @@ def _expire(future: asyncio.Future) -> None:
 # None and the handler gets the decoded message object.
 _HANDLERS: dict[int, tuple[Callable[[bytes], tuple] | None, Callable[..., None]]] = {
     int(m.MsgType.HELLO): (None, ServerSession._on_hello),
+    int(m.MsgType.AUTH): (None, ServerSession._on_auth),
     int(m.MsgType.MMIO_READ): (_MMIO_READ_FIELDS, ServerSession._on_mmio_read),
     int(m.MsgType.MMIO_WRITE): (_MMIO_WRITE_FIELDS, ServerSession._on_mmio_write),
     int(m.MsgType.PLATFORM_QUERY): (None, ServerSession._on_platform_query),

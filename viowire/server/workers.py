@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from viowire import logs
 from viowire.runtime import run, until_signalled
-from viowire.server.app import Server
+from viowire.server.app import Security, Server
 from viowire.server.platform import PlatformSpec
 from viowire.urls import Endpoint
 
@@ -52,6 +52,7 @@ class Supervisor:
         loop: str = "auto",
         allow_shm: bool = True,
         poll_us: int = 0,
+        security: Security | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"--workers {workers}: at least 1")
@@ -59,7 +60,8 @@ class Supervisor:
         self.listeners = listeners
         self.count = workers
         self.loop = loop
-        self.server_options = {"allow_shm": allow_shm, "poll_us": poll_us}  # Server(**these)
+        # Server(**these)
+        self.server_options = {"allow_shm": allow_shm, "poll_us": poll_us, "security": security}
         self.children: dict[int, float] = {}  # pid -> start time
         self.stopping = False
         self.quick_deaths = 0

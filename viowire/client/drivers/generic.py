@@ -64,6 +64,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SPARE_MIN, SPARE_MAX = 256, 64 * 1024
+"""Request buffers of these sizes (rounded up to a power of two) are reused, not freed."""
+SPARE_KEEP = 64
+"""Spare request buffers kept per size class; more are freed."""
+
 ConfigCallback = Callable[["GenericDriver"], object]
 
 
@@ -205,6 +210,7 @@ class GenericDriver(VirtioDriver):
         self._config_seq = 0  # config changes seen
         self._config_signal = _Signal()
         self._detached = False
+        self._spare: dict[int, list[DmaBuffer]] = {}  # request buffers to reuse, by size class
 
     def _queue_plan(
         self, queues: int | Sequence[int | None] | None, names: Sequence[str] | None
@@ -302,13 +308,45 @@ class GenericDriver(VirtioDriver):
         try:
             if buffer is not None:
                 return await self._exchange(vq, buffer, outs, ins, zero=False)
-            own = self.alloc(sum(map(len, outs)) + sum(ins))
+            own = self._take_buffer(sum(map(len, outs)) + sum(ins))
             try:
                 return await self._exchange(vq, own, outs, ins, zero=True)
             finally:
-                own.free_unless_lent()
+                self._give_buffer(own)
         finally:
             limit.give()
+
+    def _take_buffer(self, size: int) -> DmaBuffer:
+        """A request buffer for ``size`` bytes: a spare one of its size class, else a new one.
+        Reused because a first-fit allocation over guest RAM costs more than a small request
+        (a frame, an rng read) itself, once rings have left the free list in pieces."""
+        if size > SPARE_MAX:
+            return self.alloc(size)
+        size_class = max(SPARE_MIN, 1 << (size - 1).bit_length())
+        spare = self._spare.get(size_class)
+        if spare:
+            return spare.pop()
+        try:
+            return self.alloc(size_class)
+        except MemoryError:
+            self._free_spares()  # guest RAM is short: the spares go first
+            return self.alloc(size_class)
+
+    def _give_buffer(self, buffer: DmaBuffer) -> None:
+        """A request is over: keep its buffer for the next one, unless the device still holds
+        it (cancelled: freed when the device gives it back) or there are spares enough."""
+        if buffer.lent:
+            return
+        spare = self._spare.setdefault(buffer.size, [])
+        if buffer.size > SPARE_MAX or self._detached or len(spare) >= SPARE_KEEP:
+            buffer.free()
+        else:
+            spare.append(buffer)
+
+    def _free_spares(self) -> None:
+        for spare in self._spare.values():
+            while spare:
+                spare.pop().free()
 
     async def _exchange(
         self, vq: Virtqueue, buffer: DmaBuffer, outs: list[bytes], ins: list[int], *, zero: bool
@@ -470,6 +508,7 @@ class GenericDriver(VirtioDriver):
         await super().detach()
 
     def free_buffers(self) -> None:
+        self._free_spares()
         for receiver in self._receivers.values():
             receiver.free()
 

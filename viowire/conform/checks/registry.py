@@ -29,6 +29,7 @@ guest memory, and after a violation runs a correct I/O round (see :mod:`viowire.
 
 from __future__ import annotations
 
+from viowire.conform import net
 from viowire.conform.checks import (
     access,
     config,
@@ -72,6 +73,7 @@ CHECKS: list[Check] = [
     devices.io_blk_status,
     devices.io_rng,
     *console.CHECKS,  # virtio-console's own (§5.3)
+    *net.CHECKS,  # virtio-net's own (§5.1)
     io.io_indirect,
     # interrupts (§4.2.2.1, §2.7.7)
     interrupts.irq_ack_exact,

@@ -41,7 +41,7 @@ from concurrent.futures import Future
 from viowire import blocking
 from viowire.device import Device, Option, SampleRequest
 from viowire.server.virtqueue import ChainError, DescriptorChain, scatter, slice_segments
-from viowire.units import parse_duration
+from viowire.units import format_size, parse_duration
 from viowire.virtio.blk import (
     BLK_CONFIG,
     BLK_ID_BYTES,
@@ -306,6 +306,7 @@ class BlockBackend(Device):
         completion is delayed; 0 serves RAM disk requests inline, as fast as they come."""
         super().__init__()
         self._file: _FileImage | None = None
+        _check_whole_sectors(size)
         if path is None:
             if size is None or size < 0:
                 raise ValueError("a RAM disk needs size=<bytes>")
@@ -560,3 +561,15 @@ class BlockBackend(Device):
             log.error("%s: flush failed: %s", self.name, exc)
             return BlkStatus.IOERR, b""
         return BlkStatus.OK, b""
+
+
+def _check_whole_sectors(size: int | None) -> None:
+    """A size the driver cannot see whole (capacity counts 512-byte sectors) is a mistake."""
+    if size is None or size < 0 or size % BLK_SECTOR_SIZE == 0:
+        return
+    below = size - size % BLK_SECTOR_SIZE
+    nearest = [value for value in (below, below + BLK_SECTOR_SIZE) if value > 0]
+    raise ValueError(
+        f"size={size} is not a whole number of {BLK_SECTOR_SIZE}-byte sectors: use "
+        + " or ".join(f"size={format_size(value)}" for value in nearest)
+    )

@@ -389,8 +389,8 @@ class ConsoleDevice(Device):
         while port.host_connected or port.pending:
             chain = await rxq.get()
             if not chain.writable_len or chain.readable_len:
-                self._malformed(
-                    f"queue {rxq.index}: a receive chain has {chain.readable_len} readable and "
+                rxq.fail(
+                    f"console: a receive chain has {chain.readable_len} readable and "
                     f"{chain.writable_len} writable bytes (§5.3.6.1: device-writable only)"
                 )
                 return
@@ -414,13 +414,6 @@ class ConsoleDevice(Device):
         if event is None:
             event = self._guest_event = asyncio.Event()
         return event
-
-    def _malformed(self, reason: str) -> None:
-        """A chain the driver must never make: the device needs a reset (§2.1.2), as when a
-        request raises ChainError."""
-        fail = getattr(self.transport, "_fail", None)  # the device API has no public verb yet
-        if fail is not None:
-            fail(f"console: {reason}")
 
     # -- control: the MULTIPORT handshake -------------------------------------------------------
     def _control(self, data: bytes, length: int) -> None:
@@ -498,8 +491,8 @@ class ConsoleDevice(Device):
                 chain = await crq.get()
                 data = self._outbox[0].encode()
                 if chain.readable_len or chain.writable_len < len(data):
-                    self._malformed(
-                        f"control receiveq: a buffer of {chain.readable_len} readable and "
+                    crq.fail(
+                        f"console: control receiveq: a buffer of {chain.readable_len} readable and "
                         f"{chain.writable_len} writable bytes cannot take a {len(data)}-byte "
                         "message"
                     )
