@@ -279,6 +279,8 @@ async def test_load_metrics_are_scraped_while_it_runs(tmp_path, capsys):
     assert value(live, "viowire_load_sessions") == 2
     assert value(live, "viowire_load_devices") == summary["devices"]
     assert value(live, "viowire_load_phase", phase="workload") == 1
+    assert ("viowire_load_phase", (("phase", "read-back"),)) in live  # at 0, but there
+    assert sum(v for (name, _), v in live.items() if name == "viowire_load_phase") == 1
     requests = value(live, "viowire_load_requests_total", phase="workload", op="rng")
     assert 0 < requests <= summary["ops"]["rng"]["requests"]
     p50 = value(live, "viowire_load_latency_seconds", phase="workload", op="rng", quantile="0.5")

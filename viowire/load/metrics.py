@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from viowire.load.stats import Stats
 
 QUANTILES = (50.0, 90.0, 99.0, 99.9)
+PHASES = ("plan", "connect", "bring-up", "workload", "read-back")  # LoadRun.phase, in order
 _US = 1e-6
 
 
@@ -37,7 +38,8 @@ class LoadCollector:
         phase = GaugeMetricFamily(
             "viowire_load_phase", "The run's phase (1: now)", labels=["phase"]
         )
-        phase.add_metric([run.phase], 1)
+        for name in dict.fromkeys((*PHASES, run.phase)):  # every phase, so no series vanishes
+            phase.add_metric([name], int(name == run.phase))
         yield phase
         labels = ["phase", "op"]
         requests = CounterMetricFamily("viowire_load_requests", "Requests completed", labels=labels)
