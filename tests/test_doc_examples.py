@@ -47,6 +47,7 @@ NOT_HERE: list[tuple[str, str]] = [
     (r"--port org\.qemu\.guest_agent|ports=org\.qemu\.guest_agent", "a guest agent socket"),
     (r"^python -m pytest", "the test suite itself"),
     (r"2a0000000001", "a session id of the reader's own trace"),
+    (r"^curl ", "a scraper of --metrics (tests/test_metrics.py scrapes it over HTTP)"),
     (r"^kubectl ", "needs a Kubernetes cluster (tests/test_load_k8s.py checks the manifests)"),
     (r"tls://", "needs a certificate authority and certificates (tests/test_auth.py makes them)"),
     (r"10\.203\.", "addresses of a test network (docs/containers.md sets it up by hand)"),

@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from viowire import __version__, bench, console_cli, load, logs
 from viowire.conform import cli as conform_cli
@@ -30,6 +31,10 @@ from viowire.runtime import LOOPS, run, until_signalled
 from viowire.server.limits import add_limit_options, limits_from_args
 from viowire.trace import cli as trace_cli
 from viowire.vhost_user import cli as vhost_user_cli
+
+if TYPE_CHECKING:
+    from viowire.metrics import MetricsEndpoint
+    from viowire.server.app import Server
 
 MAX_LISTED = 32  # devices serve prints at startup
 DEFAULT_LISTEN = ("tcp://127.0.0.1:7000", "unix:///tmp/viowire.sock")
@@ -95,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="after serving a queue in shared memory, poll it up to US microseconds for more "
         "with the driver's notifications off (as vhost's busy-polling: fewer wake-ups, more "
         "CPU; the window adapts to the traffic, as KVM's halt-polling; default 0, off)",
+    )
+    serve.add_argument(
+        "--metrics",
+        metavar="tcp://HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md)",
     )
     add_device_types_option(
         serve,
@@ -325,6 +335,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
             "--link joins one process's links: serve with --workers 1 (each worker has "
             "links of its own)"
         )
+    if args.metrics:
+        raise UsageError("--metrics counts one process: serve with --workers 1")
     spec = _platform_spec(args)
     spec.validate()
     security = security_from_args(args)
@@ -363,14 +375,28 @@ async def _serve(args: argparse.Namespace) -> int:
         security=security_from_args(args),
         limits=limits_from_args(args),
     )
-    endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
-    logs.install()  # once it serves: a description that fails leaves the loggers as they were
-    _print_layout(spec)
-    for endpoint in endpoints:
-        print(f"listening on {endpoint}", flush=True)
-    await until_signalled()
-    await server.close()
+    metrics = await _start_metrics(args.metrics, server) if args.metrics else None
+    try:
+        endpoints = await server.start(args.listen or list(DEFAULT_LISTEN))
+        logs.install()  # once it serves: a description that fails leaves the loggers as they were
+        if metrics is not None:  # before the listening lines, which tell that it is ready
+            print(f"metrics on {metrics.url}", flush=True)
+        _print_layout(spec)
+        for endpoint in endpoints:
+            print(f"listening on {endpoint}", flush=True)
+        await until_signalled()
+        await server.close()
+    finally:
+        if metrics is not None:
+            await metrics.close()
     return 0
+
+
+async def _start_metrics(url: str, server: Server) -> MetricsEndpoint:
+    from viowire.metrics import start_endpoint
+    from viowire.server.metrics import ServerCollector
+
+    return await start_endpoint(url, ServerCollector(server))
 
 
 def _write_device_tree(spec, dts: str | None, dtb: str | None) -> None:

@@ -39,10 +39,14 @@ import argparse
 import contextlib
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from viowire.load.config import DEFAULT_MIX, OPS
 from viowire.options import UsageError, add_device_types_option, add_memory_option
+
+if TYPE_CHECKING:
+    from viowire.load.runner import LoadRun
+    from viowire.metrics import MetricsEndpoint
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -171,6 +175,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", action="store_true", help="no live progress line on stderr"
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="tcp://HOST:PORT",
+        help="serve the run's counters as Prometheus metrics at http://HOST:PORT/metrics "
+        "(docs/metrics.md)",
+    )
     return parser
 
 
@@ -194,7 +204,12 @@ async def run(args: argparse.Namespace) -> int:
         if config.timeseries:
             series = files.enter_context(open(config.timeseries, "w", newline=""))
         load = LoadRun(config, stderr=sys.stderr, timeseries=series)
-        summary = await load.execute()
+        metrics = await _start_metrics(args.metrics, load) if args.metrics else None
+        try:
+            summary = await load.execute()
+        finally:
+            if metrics is not None:
+                await metrics.close()
     if config.histogram_out:
         merge.write(config.histogram_out, merge.document(summary, load.mergeable()))
     if config.report:
@@ -215,3 +230,12 @@ def _print(summary: dict[str, Any], *, json_out: bool) -> int:
         sys.stdout.write(format_summary(summary))
     sys.stdout.flush()
     return 0 if summary["ok"] else 1
+
+
+async def _start_metrics(url: str, load_run: LoadRun) -> MetricsEndpoint:
+    from viowire.load.metrics import LoadCollector
+    from viowire.metrics import start_endpoint
+
+    endpoint = await start_endpoint(url, LoadCollector(load_run))
+    print(f"metrics on {endpoint.url}", file=sys.stderr, flush=True)
+    return endpoint

@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -220,10 +221,13 @@ class Children:
         devices: Sequence[str] = (),
         config: str = "",
         poll_us: int = 0,
+        metrics: str = "",
     ):
         argv = ["viowire.perf.server", "--loop", loop, "serve", "--listen", url]
         if poll_us:
             argv += ["--poll-us", str(poll_us)]
+        if metrics:
+            argv += ["--metrics", metrics]
         for spec in devices:
             argv += ["--device", spec]
         if config:
@@ -240,6 +244,14 @@ class Children:
         for proc in reversed(self.procs):
             self.stop(proc)
         self.procs.clear()
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now (for a child's --metrics, which prints no line a
+    benchmark waits for)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _listen_url(kind: str, tmp: Path, name: str) -> str:
@@ -427,6 +439,14 @@ def run_suite(args: argparse.Namespace, names: list[str], tmp: Path) -> list[dic
                         _listen_url(kind, tmp, f"poll-{loop}"),
                         devices=SPAWNED_DEVICES,
                         poll_us=worker.POLL_US,
+                    )
+                if set(worker.METRICS_CASES) & wanted:
+                    cfg["metrics_port"] = free_port()
+                    _, cfg["metrics_url"] = kids.viowire(
+                        loop,
+                        _listen_url(kind, tmp, f"metrics-{loop}"),
+                        devices=SPAWNED_DEVICES,
+                        metrics=f"tcp://127.0.0.1:{cfg['metrics_port']}",
                     )
                 if "platform.bringup" in wanted:
                     count = cfg["bringup"]["limit"]

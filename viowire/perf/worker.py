@@ -10,6 +10,7 @@ results go to stdout as ``{"results": [...]}``; progress goes to stderr.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sys
@@ -42,6 +43,10 @@ NET_STREAM_DEPTH = 32  # frames sent and not yet received, in the stream cases
 
 POLL_US = 200  # both ends poll this long after each request in the .poll cases
 POLL_CASES = {f"blk.read.shared.qd{depth}.poll": depth for depth in (1, 32)}
+# Issue 13's figure: each case on a server with --metrics, scraped every METRICS_SCRAPE_S
+# meanwhile, against the same case on the plain server (the baseline), run by run.
+METRICS_CASES = ("metrics.mmio.read_rtt", "metrics.blk.read.shared.qd32")
+METRICS_SCRAPE_S = 1.0
 
 TARGETS = {
     "mmio.read_rtt": Target("ratio", "<=", 1.25),
@@ -51,6 +56,8 @@ TARGETS = {
     "blk.read.shared.qd32": Target("ratio", ">=", 0.5),
     "blk.read.proxied.qd32": Target("ratio", ">=", 0.25),
     "platform.bringup": Target("value", ">=", 10_000 / 30),
+    "metrics.mmio.read_rtt": Target("ratio", "<=", 1.05),
+    "metrics.blk.read.shared.qd32": Target("ratio", ">=", 0.95),
 }
 
 
@@ -67,7 +74,31 @@ def case_names() -> list[str]:
     names = ["mmio.read_rtt", "mmio.posted_write", "mmio.queue_notify"]
     names += [f"blk.{op}.{memory}.qd{depth}" for op, memory, depth in BLK_CASES]
     names += [f"net.{kind}.{memory}.{size}" for kind, memory, size in NET_CASES]
-    return [*names, *POLL_CASES, "irq.latency", "platform.bringup"]
+    return [*names, *POLL_CASES, "irq.latency", "platform.bringup", *METRICS_CASES]
+
+
+class Scraper:
+    """GET /metrics from 127.0.0.1:``port`` every ``seconds`` while it runs, as Prometheus
+    would; ``count`` says how many answered 200."""
+
+    def __init__(self, port: int, seconds: float) -> None:
+        self.port, self.seconds, self.count = port, seconds, 0
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+            if not (await reader.read()).startswith(b"HTTP/1.1 200"):
+                raise RuntimeError("the metrics endpoint did not answer 200")
+            writer.close()
+            self.count += 1
+            await asyncio.sleep(self.seconds)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
 
 
 def log(message: str) -> None:
@@ -197,6 +228,8 @@ class Worker:
                 await self.interrupts()
             if "platform.bringup" in self.selected and self.cfg.get("bringup_url"):
                 await self.bringup()
+            if self.selected & set(METRICS_CASES) and self.cfg.get("metrics_url"):
+                await self.metrics_on()
             for op, depth in VHOST_USER_CASES:
                 if f"vhost-user.blk.{op}.qd{depth}" in self.selected:
                     await self.vhost_user_block(op, depth)
@@ -433,6 +466,52 @@ class Worker:
             baseline_name="bare split ring over a memfd, eventfd notifications (no polling), "
             "same depth",
         )
+
+    async def metrics_on(self) -> None:
+        """Register reads and blk QD32 on the server with ``--metrics`` (scraped meanwhile)
+        against the same on the server without."""
+        on_conn, on_blk = self._blk["metrics"] = await cases.open_blk(
+            self.cfg["metrics_url"], "shared"
+        )
+        off_conn, off_blk = await self.blk("shared")
+        scraper = Scraper(self.cfg["metrics_port"], METRICS_SCRAPE_S)
+        off_name = "the same case on the same devices served without --metrics"
+        try:
+            name = "metrics.mmio.read_rtt"
+            if name in self.selected:
+                on, off = cases.magic_addr(on_blk.dev.base), cases.magic_addr(off_blk.dev.base)
+                values, baselines = await self.paired(
+                    name,
+                    lambda budget, least: cases.mmio_rtt(on_conn, on, budget, least),
+                    lambda budget, least: cases.mmio_rtt(off_conn, off, budget, least),
+                )
+                self.add(
+                    name,
+                    "µs p50",
+                    [percentile(v, 50) for v in values],
+                    [percentile(b, 50) for b in baselines],
+                    scrape_every_s=METRICS_SCRAPE_S,
+                    baseline_name=off_name,
+                )
+            name = "metrics.blk.read.shared.qd32"
+            if name in self.selected:
+                values, baselines = await self.paired(
+                    name,
+                    lambda budget, n: cases.blk_iops(on_blk, "read", 32, budget, n),
+                    lambda budget, n: cases.blk_iops(off_blk, "read", 32, budget, n),
+                    max(self.least // 10, 4 * 32),
+                )
+                self.add(
+                    name,
+                    "IOPS",
+                    values,
+                    baselines,
+                    scrape_every_s=METRICS_SCRAPE_S,
+                    scrapes=scraper.count,
+                    baseline_name=off_name,
+                )
+        finally:
+            await scraper.stop()
 
     async def interrupts(self) -> None:
         index = self.cfg.get("irq_device")

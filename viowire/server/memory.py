@@ -14,6 +14,7 @@ import stat
 from collections.abc import Awaitable, Callable, Sequence
 
 from viowire.protocol.messages import DEFAULT_MAX_FRAME, HEADER_SIZE
+from viowire.server.metrics import SERVER
 from viowire.virtio.memory import GuestMemory, GuestMemoryError, MappedGuestMemory, Region
 
 SHM_NAME = re.compile(r"viowire-[A-Za-z0-9._-]{1,200}")
@@ -168,6 +169,7 @@ class ProxiedGuestMemory(GuestMemory):
                     "the client answered a guest-memory read with the wrong size"
                 )
             chunks.append(chunk)
+            SERVER.proxied_read += len(chunk)
         data = b"".join(chunks)  # one batch, the usual case: no copy
         out, pos = [], 0
         for _, length in ranges:
@@ -180,6 +182,7 @@ class ProxiedGuestMemory(GuestMemory):
             self.check(gpa, len(data))
         ranges = [(gpa, len(data)) for gpa, data in segments]
         blob = b"".join(data for _, data in segments)
+        SERVER.proxied_written += len(blob)
         pos = 0
         for batch in self.batches(ranges):
             size = sum(length for _, length in batch)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 
 from viowire.device import Device
+from viowire.server.metrics import queue_stats, type_stats
 from viowire.server.service import QueuePass, QueueService
 from viowire.server.virtqueue import (
     RingError,
@@ -89,6 +90,7 @@ class MmioDevice(QueueService):
         self.queues = [SplitVirtqueue(i, backend.queue_num_max) for i in range(backend.num_queues)]
         for queue in self.queues:
             queue.legacy = version == 1
+            queue.stats = queue_stats(backend, queue.index)
         # Modern devices offer per-queue reset (virtio 1.2 §2.6.1); legacy has no QueueReset.
         extra = (
             (1 << Feature.VERSION_1 | 1 << Feature.RING_RESET)
@@ -298,6 +300,7 @@ class MmioDevice(QueueService):
         """Enter DEVICE_NEEDS_RESET (§2.1.2): one log line, stop processing until reset, and
         tell a modern driver through a configuration change notification."""
         log.warning("%s: %s; device needs reset", self.name, reason)
+        type_stats(self.backend).failures += 1
         self._broken = True
         self._cancel_requests()
         self._status = int(self._status | Status.DEVICE_NEEDS_RESET)
@@ -347,6 +350,7 @@ class MmioDevice(QueueService):
         notification channel if there is one, which needs no edge and no ACK to signal again,
         else the line. virtio-mmio has one line for every queue; vhost-user has one eventfd
         per queue, hence the index."""
+        self.queues[index].stats.interrupts += 1
         notifier = self.used_notifier
         if notifier is None:
             self._raise_interrupt(_VRING_IRQ)
@@ -379,6 +383,7 @@ class MmioDevice(QueueService):
         """The backend changed its config space: new generation, and once the driver is up a
         configuration change notification (QEMU also sets bit 0; bit 1 alone is enough)."""
         self._config_generation = (self._config_generation + 1) & _WORD
+        type_stats(self.backend).config_changes += 1
         if self._status & _DRIVER_OK:
             self._raise_interrupt(Interrupt.CONFIG)
 
@@ -506,9 +511,11 @@ class MmioDevice(QueueService):
         elif (blocked := self._processing_blocked()) is not None:
             self._guest_error(f"QUEUE_NOTIFY for queue {index} {blocked}: ignored")
         else:
+            queue = self.queues[index]
+            queue.stats.notifications += 1
             if self.poll_us:
                 self._kick_came(index)
-            self._schedule(self.queues[index])
+            self._schedule(queue)
 
     def _processing_blocked(self) -> str | None:
         """Why queues may not be served now, or None. Modern devices consume buffers only after

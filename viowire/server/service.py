@@ -189,7 +189,7 @@ class QueueService:
         chain.memory = RETURNED
         if guarded.epoch != queue.epoch or self._broken:
             return  # the ring it came from is gone: nothing more is written to it
-        self._add_completion(queue, guarded.epoch, chain.head, written, chain.writable_len)
+        self._add_completion(queue, guarded.epoch, chain, written)
 
     def _schedule_pass(self, queue: SplitVirtqueue) -> None:
         """Serve ``queue`` once the frames at hand are dispatched (the notifies among them make
@@ -362,6 +362,7 @@ class QueueService:
         handle = self.backend.handle
         inline = self.backend.handle_inline
         index = queue.index
+        stats = queue.stats
         done: list[tuple[int, int]] = []
         served = 0
         while (chain := await queue.pop(memory)) is not None:
@@ -391,7 +392,9 @@ class QueueService:
             self._check_epoch(queue, epoch)
             if written is not None and chain.memory is guarded:
                 chain.memory = RETURNED
-                done.append((chain.head, self._used_len(queue, written, chain.writable_len)))
+                used = self._used_len(queue, written, chain.writable_len)
+                done.append((chain.head, used))
+                stats.done(chain.popped, chain.readable_len, used)
             if not queue.has_cached:  # the batch one avail.idx read exposed is done
                 if done:
                     await self._complete(queue, memory, done, epoch)
@@ -443,7 +446,7 @@ class QueueService:
                 )
                 return
             chain.memory = RETURNED
-            self._add_completion(queue, epoch, chain.head, task.result(), chain.writable_len)
+            self._add_completion(queue, epoch, chain, task.result())
         elif isinstance(exc, (RingError, GuestMemoryError)):
             self._fail(f"queue {queue.index}: {exc}")
         elif not isinstance(exc, StaleQueueError):
@@ -451,7 +454,7 @@ class QueueService:
             self._fail(f"queue {queue.index}: internal error {exc!r}")
 
     def _add_completion(
-        self, queue: SplitVirtqueue, epoch: int, head: int, written: int, writable: int
+        self, queue: SplitVirtqueue, epoch: int, chain: DescriptorChain, written: int
     ) -> None:
         """Queue a used element; those of one loop turn are published together."""
         pending = self._completions
@@ -463,7 +466,9 @@ class QueueService:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             self._loop.call_soon(self._flush_completions, queue, entry)
-        entry[1].append((head, self._used_len(queue, written, writable)))
+        used = self._used_len(queue, written, chain.writable_len)
+        entry[1].append((chain.head, used))
+        queue.stats.done(chain.popped, chain.readable_len, used)
 
     def _flush_completions(
         self, queue: SplitVirtqueue, entry: tuple[int, list[tuple[int, int]]]

@@ -35,6 +35,7 @@ from viowire.protocol.hostid import host_id
 from viowire.samehost import ShmProof, peer_uid, segment_prefix, trusted_uid
 from viowire.server.limits import Budget, LimitExceeded, RamAccount
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
+from viowire.server.metrics import SERVER
 from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
 from viowire.trace import recorder as wiretrace
@@ -250,12 +251,16 @@ class ServerSession(asyncio.Protocol):
             return
         try:
             room = max(SLICE_FRAMES - len(self._backlog), 0)
-            self._backlog.extend(self.reader.feed(data, room))
+            frames = self.reader.feed(data, room)
         except FrameError as exc:
             # The frames complete before the bad header are answered, in order; then it closes.
+            SERVER.frames_in += len(exc.frames)
             self._backlog.extend(exc.frames)
             self._fatal = exc
             self._pause("fatal")
+            return
+        SERVER.frames_in += len(frames)
+        self._backlog.extend(frames)
 
     def _schedule_slice(self) -> None:
         # Nothing is answered while the peer does not read its replies: a pipelining peer
@@ -398,6 +403,7 @@ class ServerSession(asyncio.Protocol):
             self._take_writes()
         if self._out and not self._closed and self.transport is not None:
             out, self._out = self._out, []
+            SERVER.frames_out += len(out)
             data = b"".join(out) if len(out) > 1 else out[0]
             if self.trace is not None:
                 self.trace.sent(data)
@@ -405,10 +411,12 @@ class ServerSession(asyncio.Protocol):
 
     def _reply_error(self, frame: Frame, code: m.ErrorCode, message: str) -> None:
         log.warning("session %x: %s: %s", self.session_id, code.name, message)
+        SERVER.error(code)
         self.send(m.Error(code=code, message=message), frame.request_id, _REPLY)
 
     def _fail_connection(self, code: m.ErrorCode, message: str) -> None:
         log.warning("session %x: %s: %s; closing", self.session_id, code.name, message)
+        SERVER.error(code)
         self.send(m.Error(code=code, message=message + "; closing the connection"), 0, 0)
         self._flush()
         if self.transport is not None:  # else connection_made closes it once it arrives

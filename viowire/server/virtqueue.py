@@ -27,6 +27,7 @@ import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
 
+from viowire.server.metrics import QueueStats, now
 from viowire.virtio.constants import PAGE_SIZE
 from viowire.virtio.memory import (
     GuestMemory,
@@ -94,6 +95,7 @@ class DescriptorChain:
     __slots__ = (
         "head",
         "memory",
+        "popped",
         "readable",
         "readable_data",
         "readable_len",
@@ -113,6 +115,9 @@ class DescriptorChain:
         self.readable_len = sum([length for _, length in self.readable]) if readable else 0
         self.writable_len = sum([length for _, length in self.writable]) if writable else 0
         self.readable_data: bytes | None = None
+        # Taken off the available ring (the ring walk makes the chain): where the request's
+        # latency starts (viowire.server.metrics).
+        self.popped = now()
         self.memory: GuestMemory | None = None
         """Guest memory as the device may touch it for this chain (refused once the queue is
         reset); set when the chain is handed to a device."""
@@ -194,6 +199,10 @@ class SplitVirtqueue:
     coroutine checks it after each await and raises :class:`StaleQueueError` rather than touch a
     ring the driver may already have freed or re-programmed.
     """
+
+    # Where its requests are counted: the device sets its type's (viowire.server.metrics); a
+    # queue of no device counts into one that no scrape reads.
+    stats = QueueStats("", 0)
 
     def __init__(self, index: int, num_max: int) -> None:
         if not valid_queue_size(num_max):
