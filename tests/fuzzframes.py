@@ -351,26 +351,63 @@ class _Peer:
                 self.writer.write(encode(m.MemReadReply(data=data), frame.request_id, 1))
 
 
-async def fuzz_session(
-    rng: random.Random, target: Target, count: int, tally: Tally, url: str | None = None
-) -> None:
+@dataclass
+class Plan:
+    """Everything a session sends, drawn before it starts: what the server does (and when) then
+    changes nothing of what is drawn, so a seed, or hypothesis, replays the same session."""
+
+    url: str
+    hello: bytes  # a HELLO frame, or raw bytes
+    auth: str  # "right", "wrong" or "none"
+    auth_fields: tuple[bytes, bytes]  # a wrong mac, a shm_proof
+    chunks: list[bytes]  # the frames, cut and joined anywhere, in writes
+    count: int
+    size: int
+    peer_seed: int  # the answers to MEM_READ draw from a stream of their own
+
+
+def plan(rng: random.Random, target: Target, count: int) -> Plan:
+    pick = rng.random()
+    if pick < 0.05:
+        hello = rng.randbytes(rng.randrange(1, 40))
+    else:
+        hello = encode(_hello(rng) if pick < 0.15 else _hello_ok(rng), 1)
+    pick = rng.random()
+    auth_mode = "none" if pick < 0.05 else "wrong" if pick < 0.15 else "right"
+    if not hello.startswith(m.HELLO_MAGIC.to_bytes(4, "little"), HEADER.size):
+        auth_mode = "none"  # raw bytes, or a HELLO the server refuses: no reply to wait for
+    auth_fields = (rng.randbytes(32), rng.randbytes(32))
+    sent = list(frames(rng, target, count))
+    stream = b"".join(sent)
+    cuts = sorted({rng.randrange(len(stream) + 1) for _ in range(rng.randrange(len(sent) + 1))})
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True) if b > a]
+    return Plan(
+        rng.choice(target.urls),
+        hello,
+        auth_mode,
+        auth_fields,
+        chunks,
+        len(sent),
+        len(stream),
+        rng.getrandbits(64),
+    )
+
+
+async def fuzz_session(rng: random.Random, target: Target, count: int, tally: Tally) -> None:
     """One connection: handshake, ``count`` hostile frames, half-close; the server must close
     it within HANG_AFTER seconds, having sent only valid frames. Failures raise."""
-    reader, writer = await asyncio.wait_for(_open(url or rng.choice(target.urls)), HANG_AFTER)
-    peer = _Peer(reader, writer, rng, tally)
+    session = plan(rng, target, count)
+    reader, writer = await asyncio.wait_for(_open(session.url), HANG_AFTER)
+    peer = _Peer(reader, writer, random.Random(session.peer_seed), tally)
     tally.sessions += 1
+    tally.frames += session.count
+    tally.bytes += session.size
     try:
         with contextlib.suppress(OSError):  # the server may end the connection at any point
-            await _handshake(rng, target, writer, peer)
-            batch = []
-            for frame in frames(rng, target, count):
-                tally.frames += 1
-                tally.bytes += len(frame)
-                batch.append(frame)
-                if rng.random() < 0.3:  # split and coalesced anywhere
-                    await _send(writer, b"".join(batch), rng)
-                    batch = []
-            await _send(writer, b"".join(batch), rng)
+            await _handshake(session, target, writer, peer)
+            for chunk in session.chunks:
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), HANG_AFTER)
             await _while_reading_memory(peer)
             peer.half_closed = True
             if writer.can_write_eof():
@@ -395,15 +432,10 @@ async def _while_reading_memory(peer: _Peer, quiet: float = 0.02, most: float = 
         await asyncio.sleep(0.005)
 
 
-async def _handshake(rng: random.Random, target: Target, writer, peer: _Peer) -> None:
-    pick = rng.random()
-    if pick < 0.05:
-        writer.write(rng.randbytes(rng.randrange(1, 40)))
-        return
-    hello = _hello(rng) if pick < 0.15 else _hello_ok(rng)
-    writer.write(encode(hello, 1))
+async def _handshake(session: Plan, target: Target, writer, peer: _Peer) -> None:
+    writer.write(session.hello)
     await writer.drain()
-    if rng.random() < 0.05:
+    if session.auth == "none":
         return  # no AUTH: every request is refused, then the handshake deadline ends it
     try:
         reply = await asyncio.wait_for(asyncio.shield(peer.hello_reply), HANG_AFTER)
@@ -415,9 +447,9 @@ async def _handshake(rng: random.Random, target: Target, writer, peer: _Peer) ->
         return  # refused: the frames that follow meet a session without a handshake
     nonce = auth.new_nonce()
     mac = auth.client_mac(target.token, reply.nonce, nonce)
-    if rng.random() < 0.1:
-        mac = rng.randbytes(32)
-    writer.write(encode(m.Auth(nonce=nonce, mac=mac, shm_proof=rng.randbytes(32)), 2))
+    if session.auth == "wrong":
+        mac = session.auth_fields[0]
+    writer.write(encode(m.Auth(nonce=nonce, mac=mac, shm_proof=session.auth_fields[1]), 2))
 
 
 def _hello_ok(rng: random.Random) -> object:
@@ -431,14 +463,6 @@ def _hello_ok(rng: random.Random) -> object:
         host_id=rng.randbytes(16),
         name="fuzz",
     )
-
-
-async def _send(writer, data: bytes, rng: random.Random) -> None:
-    while data:
-        cut = rng.randrange(1, len(data) + 1) if rng.random() < 0.2 else len(data)
-        writer.write(data[:cut])
-        data = data[cut:]
-        await asyncio.wait_for(writer.drain(), HANG_AFTER)
 
 
 # -- a fresh client, timed ------------------------------------------------------------------------
