@@ -569,13 +569,14 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(workdir: Path, *args: str) -> Iterator[Served]:
+def serve(workdir: Path, *args: str, loop: str = "auto") -> Iterator[Served]:
     """``viowire serve`` on loopback TCP and a Unix socket in ``workdir``, token required, its
     log in ``workdir/server.err``; killed (its process group) on the way out."""
     token = workdir / "token"
     token.write_bytes(TOKEN)
     stderr = workdir / "server.err"
-    command = [sys.executable, "-m", "viowire.cli", "serve", "--token-file", str(token)]
+    command = [sys.executable, "-m", "viowire.cli", "--loop", loop, "serve"]
+    command += ["--token-file", str(token)]
     command += ["--listen", "tcp://127.0.0.1:0", "--listen", f"unix://{workdir}/s.sock", *args]
     with stderr.open("w") as err:
         proc = subprocess.Popen(
