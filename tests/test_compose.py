@@ -276,7 +276,10 @@ def test_a_server_with_a_healthcheck_and_clients_that_wait_for_it():
     services = compose()["services"]
     assert set(services) == {"server", *CLIENTS, NETPEER}
     server = services["server"]
-    assert server["build"] == "."
+    assert server["build"] == {"context": ".", "args": {"BASE": "python:3.11-slim"}}
+    assert compose({"BASE": "b:1"})["services"]["server"]["build"]["args"] == {"BASE": "b:1"}
+    for name, service in services.items():  # PID 1 an init: SIGTERM stops every service at once
+        assert service["init"] is True, name
     test = server["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1] == "viowire"
     for key in ("interval", "timeout", "start_period"):
@@ -293,7 +296,11 @@ def test_a_server_with_a_healthcheck_and_clients_that_wait_for_it():
 def test_one_port_everywhere():
     port = server_port()
     services = compose()["services"]
-    assert services["server"]["ports"] == [f"{port}:{port}"]
+    # published on the host's loopback only
+    assert services["server"]["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert compose({"VIOWIRE_PORT": "7777"})["services"]["server"]["ports"] == [
+        f"127.0.0.1:7777:{port}"
+    ]
     assert f"tcp://127.0.0.1:{port}" in services["server"]["healthcheck"]["test"]
     for name in CLIENTS:
         assert f"tcp://server:{port}" in argv(services[name]["command"]), name
@@ -366,7 +373,11 @@ def test_docker_compose_config_accepts_the_file():
 
 
 def test_the_image_installs_the_package_and_runs_the_console_script():
-    base = instruction("FROM")[0]
+    (base,) = instruction("FROM")
+    assert base == "${BASE}", "FROM ${BASE}: buildable where no registry is reachable"
+    (arg,) = [a for a in instruction("ARG") if a.startswith("BASE=")]
+    assert dockerfile().index(("ARG", arg)) < dockerfile().index(("FROM", base))
+    base = arg.removeprefix("BASE=")
     match = re.fullmatch(r"python:3\.(\d+)(-slim\S*)?", base)
     assert match and int(match.group(1)) >= 11, f"FROM {base}: Python 3.11+ (requires-python)"
     copied = {src for args in instruction("COPY") for src in args.split()[:-1] if src[:2] != "--"}
