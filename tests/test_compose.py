@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import tomllib
@@ -583,3 +584,63 @@ def test_netpeers_ping_each_other_here_in_network_namespaces(tmp_path, monkeypat
             print(out)
             assert code == 0, f"netpeer exited with {code}: {out}{stderr_of(proc)}"
             assert re.search(r" 0% packet loss", out), out
+
+
+# The whole file on a real Docker engine: scripts/compose-test.
+
+COMPOSE_TEST = ROOT / "scripts" / "compose-test"
+COMPOSE_TEST_TIMEOUT = 600  # about 85 s from nothing on 2 busy cores; the base image is most
+
+
+def compose_test_args() -> list[str] | str:
+    """How scripts/compose-test can run here (its arguments), or why it cannot."""
+    if os.environ.get("VIOWIRE_COMPOSE_TEST") != "1":
+        return (
+            "VIOWIRE_COMPOSE_TEST=1 runs it (about 85 s; it fetches a base image from the apt "
+            "mirror and wheels from the package index while it runs)"
+        )
+    if docker_compose() is None:
+        return "no docker-compose (scripts/install-test-tools installs it)"
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode == 0:
+        return []  # an engine runs here: use it
+    tools = [t for t in ("dockerd", "mmdebstrap") if shutil.which(t, path="/usr/sbin:/usr/bin")]
+    if len(tools) < 2 or os.geteuid() != 0:
+        return "no Docker engine, and no root with dockerd and mmdebstrap to start one"
+    if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "0":
+        return "IPv4 forwarding is on: compose-test starts no engine then (packets could leave)"
+    return ["--engine"]
+
+
+@pytest.mark.timeout(COMPOSE_TEST_TIMEOUT + 90)
+def test_the_services_run_on_a_real_docker_engine():
+    """Build, up with two load clients and two netpeers, conform + load + the netpeers' ping
+    across containers pass, down, nothing left (the script checks each; see its header)."""
+    args = compose_test_args()
+    if isinstance(args, str):
+        pytest.skip(args)
+    proc = subprocess.Popen(
+        [str(COMPOSE_TEST), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=COMPOSE_TEST_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # its trap stops the engine and removes what it made
+        try:
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        pytest.fail(f"compose-test took more than {COMPOSE_TEST_TIMEOUT} s:\n{out}")
+    print(out)
+    assert proc.returncode == 0, out
+    assert re.search(r"_conform_1: 5 device\(s\), \d+ checks: .* 0 FAIL", out), out
+    assert len(re.findall(r"_load_\d+: result +OK", out)) == 2, out
+    assert len(re.findall(r"_netpeer_\d+: netpeer: .* 0% packet loss", out)) == 2, out
+    assert out.rstrip().endswith("compose-test: OK"), out
