@@ -68,6 +68,7 @@ class Target:
     urls: list[str]
     token: bytes
     windows: list[int] = field(default_factory=list)
+    versions: dict[int, int] = field(default_factory=dict)  # window -> virtio-mmio Version
 
 
 @dataclass
@@ -247,18 +248,24 @@ def _bring_up(rng: random.Random, target: Target) -> list[object]:
     """Proxied RAM, then one device brought up as Linux does with its queues in that RAM: the
     server then walks rings whose bytes the peer makes up as it answers MEM_READ."""
     base = rng.choice(target.windows)
+    legacy = target.versions.get(base, 2) == 1
+    if rng.random() < 0.15:
+        legacy = not legacy  # the other version's registers, now and then
+    high = (0 if legacy else 1) if rng.random() < 0.85 else rng.choice([0, 1, 5])  # VERSION_1
     steps: list[tuple[int, int]] = [(Reg.STATUS, 0), (Reg.STATUS, 1), (Reg.STATUS, 3)]
-    steps += [(Reg.DRIVER_FEATURES_SEL, 1), (Reg.DRIVER_FEATURES, rng.choice([1, 1, 0, 5]))]
+    steps += [(Reg.DRIVER_FEATURES_SEL, 1), (Reg.DRIVER_FEATURES, high)]
     pick = rng.random()  # no feature, INDIRECT_DESC, or anything
     low = 0 if pick < 0.6 else 1 << 28 if pick < 0.9 else _int(rng, 32)
     steps += [(Reg.DRIVER_FEATURES_SEL, 0), (Reg.DRIVER_FEATURES, low)]
-    steps += [(Reg.GUEST_PAGE_SIZE, 4096), (Reg.STATUS, 11)]
+    steps += [(Reg.GUEST_PAGE_SIZE, 4096)] if legacy else [(Reg.STATUS, 11)]
     for queue in range(1 if rng.random() < 0.8 else 2):
         ring = RAM_GPA + rng.randrange(0, RAM_SIZE // 2, 4096)
         steps += [(Reg.QUEUE_SEL, queue), (Reg.QUEUE_NUM, rng.choice([2, 8, 16, 128]))]
-        steps += [(Reg.QUEUE_ALIGN, 4096), (Reg.QUEUE_PFN, ring >> 12)]
-        steps += [(Reg.QUEUE_DESC_LOW, ring), (Reg.QUEUE_AVAIL_LOW, ring + 2048)]
-        steps += [(Reg.QUEUE_USED_LOW, ring + 4096), (Reg.QUEUE_READY, 1)]
+        if legacy:
+            steps += [(Reg.QUEUE_ALIGN, 4096), (Reg.QUEUE_PFN, ring >> 12)]
+        else:
+            steps += [(Reg.QUEUE_DESC_LOW, ring), (Reg.QUEUE_AVAIL_LOW, ring + 2048)]
+            steps += [(Reg.QUEUE_USED_LOW, ring + 4096), (Reg.QUEUE_READY, 1)]
     steps += [(Reg.STATUS, 15)] + [(Reg.QUEUE_NOTIFY, 0)] * rng.randrange(1, 6)
     memory = m.MemRegister(gpa=RAM_GPA, size=RAM_SIZE, kind=m.MemoryKind.PROXIED, offset=0, name="")
     return [memory] + [m.MmioWrite(addr=base + reg, width=4, value=v) for reg, v in steps]
@@ -457,7 +464,7 @@ def _hello_ok(rng: random.Random) -> object:
         magic=m.HELLO_MAGIC,
         version=m.PROTOCOL_VERSION,
         reserved=0,
-        features=rng.choice([0, 2, 2, 3, rng.getrandbits(7)]),
+        features=rng.choice([0, 2, 2, 2, 3, rng.getrandbits(7) | 2]),  # mostly MEMORY_PROXIED
         max_frame=rng.choice([m.DEFAULT_MAX_FRAME, m.MIN_MAX_FRAME]),
         max_inflight=rng.choice([m.DEFAULT_MAX_INFLIGHT, 2, 16]),
         host_id=rng.randbytes(16),
@@ -466,9 +473,12 @@ def _hello_ok(rng: random.Random) -> object:
 
 
 # -- a fresh client, timed ------------------------------------------------------------------------
-def fresh_session(url: str, token: bytes, timeout: float = 5.0) -> tuple[float, list[int]]:
+def fresh_session(
+    url: str, token: bytes, timeout: float = 5.0
+) -> tuple[float, list[tuple[int, int]]]:
     """Seconds from connect to the answer of one register read (HELLO, AUTH, PLATFORM_QUERY,
-    MMIO_READ of the first window's MagicValue, blocking sockets); and the device windows."""
+    MMIO_READ of the first window's MagicValue, blocking sockets); and each device's window
+    and virtio-mmio Version."""
     started = time.perf_counter()
     if url.startswith("unix://"):
         sock = socket.socket(socket.AF_UNIX)
@@ -499,8 +509,8 @@ def fresh_session(url: str, token: bytes, timeout: float = 5.0) -> tuple[float, 
         answer = ask(m.Auth(nonce=nonce, mac=mac, shm_proof=bytes(32)), 2)
         assert isinstance(answer, m.AuthReply), answer
         info = ask(m.PlatformQuery(first=0, max_count=64), 3)
-        windows = [entry[0] for entry in info.devices]  # (base, size, irq, ...)
-        value = ask(m.MmioRead(addr=windows[0] + Reg.MAGIC_VALUE, width=4), 4)
+        windows = [(entry[0], entry[3]) for entry in info.devices]  # (base, size, irq, version..)
+        value = ask(m.MmioRead(addr=windows[0][0] + Reg.MAGIC_VALUE, width=4), 4)
         assert value.value == MAGIC, value
     return time.perf_counter() - started, windows
 
@@ -592,7 +602,9 @@ def serve(workdir: Path, *args: str, loop: str = "auto") -> Iterator[Served]:
                 urls.append(found.group(1))
         proc.stdout.close()  # nothing more is printed there
         served = Served(proc, Target(urls, TOKEN), stderr)
-        served.target.windows = fresh_session(urls[0], TOKEN)[1]
+        devices = fresh_session(urls[0], TOKEN)[1]
+        served.target.windows = [base for base, _ in devices]
+        served.target.versions = dict(devices)
         yield served
     finally:
         with contextlib.suppress(ProcessLookupError):
