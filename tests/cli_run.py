@@ -1,7 +1,7 @@
 """The ``viowire`` command as a user runs it: real subprocesses, every wait bounded.
 
 Each command runs in a process group of its own (``start_new_session``), and the whole group is
-ended on the way out: ``serve --workers N`` forks workers that outlive a killed supervisor.
+ended on the way out: whatever a command started goes with it, even when the command is broken.
 """
 
 from __future__ import annotations
@@ -107,15 +107,18 @@ def _pump(stream, out: queue.Queue[str | None]) -> None:
 
 
 @contextlib.contextmanager
-def serve(*args: str, cwd: str | os.PathLike[str] | None = None) -> Iterator[Served]:
+def serve(
+    *args: str, cwd: str | os.PathLike[str] | None = None, command: list[str] = VIOWIRE
+) -> Iterator[Served]:
     """Start ``viowire serve ARGS`` and wait until it prints a 'listening on' line per --listen.
 
-    The server and every process it started are killed on the way out.
+    ``command`` is what runs ``viowire``: another program that ends in viowire's ``main``. The
+    server and every process it started are killed on the way out.
     """
     expected = sum(arg == "--listen" or arg.startswith("--listen=") for arg in args)
     assert expected, "give --listen: the default tcp://127.0.0.1:7000 may be taken"
     proc = subprocess.Popen(
-        [*VIOWIRE, "serve", *args],
+        [*command, "serve", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import tomllib
@@ -276,7 +277,10 @@ def test_a_server_with_a_healthcheck_and_clients_that_wait_for_it():
     services = compose()["services"]
     assert set(services) == {"server", *CLIENTS, NETPEER}
     server = services["server"]
-    assert server["build"] == "."
+    assert server["build"] == {"context": ".", "args": {"BASE": "python:3.11-slim"}}
+    assert compose({"BASE": "b:1"})["services"]["server"]["build"]["args"] == {"BASE": "b:1"}
+    for name, service in services.items():  # PID 1 an init: SIGTERM stops every service at once
+        assert service["init"] is True, name
     test = server["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1] == "viowire"
     for key in ("interval", "timeout", "start_period"):
@@ -293,7 +297,11 @@ def test_a_server_with_a_healthcheck_and_clients_that_wait_for_it():
 def test_one_port_everywhere():
     port = server_port()
     services = compose()["services"]
-    assert services["server"]["ports"] == [f"{port}:{port}"]
+    # published on the host's loopback only
+    assert services["server"]["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert compose({"VIOWIRE_PORT": "7777"})["services"]["server"]["ports"] == [
+        f"127.0.0.1:7777:{port}"
+    ]
     assert f"tcp://127.0.0.1:{port}" in services["server"]["healthcheck"]["test"]
     for name in CLIENTS:
         assert f"tcp://server:{port}" in argv(services[name]["command"]), name
@@ -366,7 +374,11 @@ def test_docker_compose_config_accepts_the_file():
 
 
 def test_the_image_installs_the_package_and_runs_the_console_script():
-    base = instruction("FROM")[0]
+    (base,) = instruction("FROM")
+    assert base == "${BASE}", "FROM ${BASE}: buildable where no registry is reachable"
+    (arg,) = [a for a in instruction("ARG") if a.startswith("BASE=")]
+    assert dockerfile().index(("ARG", arg)) < dockerfile().index(("FROM", base))
+    base = arg.removeprefix("BASE=")
     match = re.fullmatch(r"python:3\.(\d+)(-slim\S*)?", base)
     assert match and int(match.group(1)) >= 11, f"FROM {base}: Python 3.11+ (requires-python)"
     copied = {src for args in instruction("COPY") for src in args.split()[:-1] if src[:2] != "--"}
@@ -587,3 +599,63 @@ def test_netpeers_ping_each_other_here_in_network_namespaces(tmp_path, monkeypat
             print(out)
             assert code == 0, f"netpeer exited with {code}: {out}{stderr_of(proc)}"
             assert re.search(r" 0% packet loss", out), out
+
+
+# The whole file on a real Docker engine: scripts/compose-test.
+
+COMPOSE_TEST = ROOT / "scripts" / "compose-test"
+COMPOSE_TEST_TIMEOUT = 600  # about 85 s from nothing on 2 busy cores; the base image is most
+
+
+def compose_test_args() -> list[str] | str:
+    """How scripts/compose-test can run here (its arguments), or why it cannot."""
+    if os.environ.get("VIOWIRE_COMPOSE_TEST") != "1":
+        return (
+            "VIOWIRE_COMPOSE_TEST=1 runs it (about 85 s; it fetches a base image from the apt "
+            "mirror and wheels from the package index while it runs)"
+        )
+    if docker_compose() is None:
+        return "no docker-compose (scripts/install-test-tools installs it)"
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode == 0:
+        return []  # an engine runs here: use it
+    tools = [t for t in ("dockerd", "mmdebstrap") if shutil.which(t, path="/usr/sbin:/usr/bin")]
+    if len(tools) < 2 or os.geteuid() != 0:
+        return "no Docker engine, and no root with dockerd and mmdebstrap to start one"
+    if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "0":
+        return "IPv4 forwarding is on: compose-test starts no engine then (packets could leave)"
+    return ["--engine"]
+
+
+@pytest.mark.timeout(COMPOSE_TEST_TIMEOUT + 90)
+def test_the_services_run_on_a_real_docker_engine():
+    """Build, up with two load clients and two netpeers, conform + load + the netpeers' ping
+    across containers pass, down, nothing left (the script checks each; see its header)."""
+    args = compose_test_args()
+    if isinstance(args, str):
+        pytest.skip(args)
+    proc = subprocess.Popen(
+        [str(COMPOSE_TEST), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=COMPOSE_TEST_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # its trap stops the engine and removes what it made
+        try:
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        pytest.fail(f"compose-test took more than {COMPOSE_TEST_TIMEOUT} s:\n{out}")
+    print(out)
+    assert proc.returncode == 0, out
+    assert re.search(r"_conform_1: 5 device\(s\), \d+ checks: .* 0 FAIL", out), out
+    assert len(re.findall(r"_load_\d+: result +OK", out)) == 2, out
+    assert len(re.findall(r"_netpeer_\d+: netpeer: .* 0% packet loss", out)) == 2, out
+    assert out.rstrip().endswith("compose-test: OK"), out

@@ -202,7 +202,10 @@ class ServerSession(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        if self.platform is not None:  # the same connection, now on the loop's own transport
+        # The same connection, now on the loop's own transport (the session may be open, or wait
+        # for AUTH, or have refused it): a second handshake timer would keep the session alive
+        # for HELLO_TIMEOUT after the connection is gone.
+        if self._loop is not None:
             if self._closed:
                 transport.close()
             elif self._paused:
