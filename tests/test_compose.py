@@ -25,7 +25,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-CLIENTS = ("conform", "load")
+CLIENTS = ("conform", "load", "console")
 NETPEER = "netpeer"  # runs docker/netpeer.sh (net-attach, then ping), not a viowire command
 NETPEER_SCRIPT = ROOT / "docker" / "netpeer.sh"
 SCALE = {"load": 2}  # as `docker compose up --scale load=2`
@@ -463,6 +463,7 @@ def test_the_services_run_here(tmp_path, monkeypatch):
         assert health.returncode == 0, health.stderr
         assert health.stdout.count("virtio-blk") == 2 and health.stdout.count("virtio-rng") == 2
         assert health.stdout.count("virtio-net") == 1
+        assert health.stdout.count("virtio-console") == 1
         # A client without the token gets nothing.
         env = {k: v for k, v in os.environ.items() if k != "VIOWIRE_TOKEN_FILE"}
         refused = subprocess.run(
@@ -511,7 +512,9 @@ def test_the_services_run_here(tmp_path, monkeypatch):
     }
     for name, (code, stdout, stderr) in outputs.items():
         assert code == 0, f"{name} exited with {code}: {stderr}{stdout[-2000:]}"
-    assert re.search(r"^5 device\(s\), \d+ checks: .* 0 FAIL", outputs["conform-1"][1], re.M)
+    assert re.search(r"^6 device\(s\), \d+ checks: .* 0 FAIL", outputs["conform-1"][1], re.M)
+    # the console session: what the program on the port's host side wrote (uname -a)
+    assert outputs["console-1"][1].startswith(os.uname().sysname), outputs["console-1"]
     for replica in ("load-1", "load-2"):
         stdout = outputs[replica][1]
         assert ": proxied memory," in stdout.splitlines()[0], stdout
