@@ -26,6 +26,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 NOT_HERE: list[tuple[str, str]] = [
     (r"^docker ", "needs a Docker engine (tests/test_compose.py checks the compose file)"),
+    (r"^mmdebstrap ", "a base image for a Docker engine (scripts/compose-test makes one)"),
     (r"docker compose", "needs a Docker engine (tests/test_compose.py checks the compose file)"),
     (
         r"^qemu-system|^qemu-storage-daemon|^\s*-|qtest\+unix",
