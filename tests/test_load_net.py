@@ -5,15 +5,19 @@ corrupted and reordered on the server's side to see each one caught."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from servers import running_server, url_of
 from test_load import LOAD_PLATFORM, assert_clean, parse, platform, run_load
 
 from viowire import load
+from viowire.client.connection import connect
+from viowire.client.drivers.net import NetDriver
 from viowire.load.frames import FramePattern, announce
 from viowire.load.net import LOST, Flow, ring_pairs
 from viowire.server.devices.net import NetDevice
+from viowire.virtio.net import DEVICE_ID as NET
 
 A, B = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
 BROADCAST = b"\xff" * 6
@@ -142,8 +146,9 @@ async def test_a_frame_too_large_for_the_mtu_is_a_clear_error(tmp_path, capsys):
 
 
 def drop_one(monkeypatch, nth: int) -> list[bytes]:
-    """The receiving device drops the ``nth`` load frame it is handed, as it drops a frame it
-    has no buffer for (announce frames never reach a device: the switch filters them)."""
+    """The receiving device drops the ``nth`` load frame it is handed, as it drops a frame its
+    full backlog has no room for (announce frames never reach a device: the switch filters
+    them)."""
     deliver = NetDevice._deliver
     seen: list[bytes] = []
 
@@ -291,3 +296,39 @@ async def test_a_partner_that_goes_away_ends_its_senders_flows(tmp_path, capsys)
     assert "ConnectionClosed" in s["errors_by_kind"]
     assert s["devices_out"].get("its partner stopped receiving") == 2
     assert sum(s["devices_out"].values()) == 4
+
+
+async def test_bursts_of_broadcasts_on_the_link_lose_no_frame(tmp_path, capsys):
+    """Another session floods the link with bursts of broadcasts (conform and the netpeers did,
+    in the compose test): each burst reaches every load device at once, more frames than it
+    has buffers posted. They wait for the driver to post its buffers again, as QEMU holds them
+    (virtio_net_has_buffers), instead of a flow's frame being dropped in the crowd and its
+    sender waiting --timeout for it."""
+    async with running_server(tmp_path, platform("net,count=2")) as server:
+        url = url_of(server, "unix")
+        bursts = 0
+
+        async def burst() -> None:
+            nonlocal bursts
+            async with await connect(url) as conn:
+                info = next(d for d in await conn.platform() if d.device_id == NET)
+                drv = await NetDriver.attach(await conn.attach(info))
+                noise = BROADCAST + drv.mac + b"\x88\xb6" + bytes(1000)
+                while True:  # until cancelled, after the run
+                    await asyncio.gather(*(drv.send(noise) for _ in range(64)))
+                    bursts += 1
+                    await asyncio.sleep(0.05)
+
+        burster = asyncio.create_task(burst())
+        try:
+            status, s = await run_load(
+                capsys, url, "--sessions", "2", "--duration", "2", "--timeout", "1",
+                "--no-progress",
+            )  # fmt: skip
+        finally:
+            burster.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await burster
+    assert bursts > 10 and s["net"]["foreign"] > 0  # the bursts reached the load's devices
+    assert status == 0 and s["net"]["flows"] == 4
+    assert s["net"]["lost"] == 0 and s["net"]["sent"] == s["net"]["received"]

@@ -27,8 +27,9 @@ flow has at most that many frames on the way. Frames enter the transmit ring in 
   wrong length: verify errors;
 - its sequence number: one below the next expected is ``verify:net-order`` (reordered or
   duplicated); one above it means the frames in between were dropped: *lost*, as is a frame
-  not received within ``--timeout``. A link drops frames a receiver has no buffer for, as a
-  NIC does, so losses are counted apart from errors; ``--allow-loss`` says they are not errors.
+  not received within ``--timeout``. A link drops frames once a receiver's backlog is full
+  (its driver does not post buffers again fast enough), as a NIC does, so losses are counted
+  apart from errors; ``--allow-loss`` says they are not errors.
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def _net_families(nets: dict[str, list[int]]) -> Iterator[Metric]:
     )
     dropped = GaugeMetricFamily(
         "viowire_net_dropped",
-        "Frames they dropped: tx refused, rx with no receive buffer posted",
+        "Frames they dropped: tx refused, rx with no room (receive buffers, backlog)",
         labels=["link", "direction"],
     )
     for name, (tx, tx_dropped, rx, rx_dropped) in sorted(nets.items()):

@@ -22,8 +22,12 @@ driver has made available, after a header. Without MRG_RXBUF one buffer holds on
 frame that does not fit is dropped and counted, never written past the buffer (which waits for
 the next frame, as QEMU's goes back to the ring); with it a frame
 spreads over as many buffers as it needs, all used together, ``num_buffers`` in the first
-header saying how many (§5.1.6.4). A frame that finds too few buffers is dropped and counted
-(``rx_dropped``); at most ``queue_num_max`` frames per pair wait to be written, never more.
+header saying how many (§5.1.6.4). A frame that finds the ring empty waits for the driver to
+make buffers available (its next notification of the receiveq), as QEMU holds it
+(``virtio_net_has_buffers``): a burst on the link waits for a driver that reads and reposts,
+instead of dropping a frame in the crowd. At most ``queue_num_max`` frames per pair wait, never
+more: past that a frame is dropped and counted (``rx_dropped``), as is a merged frame that
+finds too few buffers after its first.
 
 Control (§5.1.6.5): CTRL_RX (promiscuous, all-multicast; CTRL_RX_EXTRA's all-unicast, no-
 multicast, no-unicast, no-broadcast), MAC_TABLE_SET, MAC_ADDR_SET (CTRL_MAC_ADDR), ANNOUNCE_ACK
@@ -211,16 +215,23 @@ class Steering:
 
 
 class _RxPair:
-    """One receiveq's side: frames waiting to be written, the task writing them, and buffers
+    """One receiveq's side: frames waiting to be written, the task writing them, buffers
     taken from the ring but not used yet (a merged frame that found too few: QEMU leaves them
-    in the ring, which is the same to the driver)."""
+    in the ring, which is the same to the driver), and what wakes the task when it waits for
+    the driver to make buffers available (its next notification of the receiveq)."""
 
-    __slots__ = ("held", "inbox", "pump")
+    __slots__ = ("held", "inbox", "kicked", "pump")
 
     def __init__(self) -> None:
         self.inbox: collections.deque[bytes] = collections.deque()
         self.held: collections.deque[DescriptorChain] = collections.deque()
         self.pump: asyncio.Task[None] | None = None
+        self.kicked: asyncio.Future[None] | None = None
+
+    def kick(self) -> None:
+        """The driver notified the receiveq: it made buffers available."""
+        if self.kicked is not None and not self.kicked.done():
+            self.kicked.set_result(None)
 
     def stop(self) -> int:
         """Forget everything (the ring was reset); returns the frames dropped."""
@@ -394,10 +405,12 @@ class NetDevice(Device):
     # -- transmit and control -------------------------------------------------------------------
     def queue_notify(self, queue: Queue) -> None:
         self._plug()  # the driver is live: frames may come from the link now
-        role, _ = self._role(queue.index)
+        role, pair = self._role(queue.index)
         if role in ("tx", "ctrl"):
             queue.serve()
-        # rx: its buffers stay in the ring until a frame needs one; "none": not a queue in use
+        elif role == "rx":  # its buffers stay in the ring until a frame needs one
+            self._rx[pair].kick()  # a frame waiting for a buffer looks again
+        # "none": not a queue in use
 
     async def handle(self, queue: int, chain: DescriptorChain, memory: GuestMemory) -> int:
         role, pair = self._role(queue)
@@ -495,6 +508,7 @@ class NetDevice(Device):
         for path in self._rx[pairs:old]:
             self.rx_dropped += len(path.inbox)
             path.inbox.clear()
+            path.kick()  # a frame waiting for a buffer there is dropped
             if path.pump is not None and not path.pump.done():
                 writing.append(path.pump)
         if writing:
@@ -529,21 +543,39 @@ class NetDevice(Device):
         while path.inbox:
             frame = path.inbox.popleft()
             if self._has(NetFeature.MRG_RXBUF):
-                written = await self._write_merged(receiveq, path, frame)
+                written = await self._write_merged(receiveq, pair, frame)
             else:
-                written = await self._write_one(receiveq, path, frame)
+                written = await self._write_one(receiveq, pair, frame)
             if written:
                 self.rx_frames += 1
                 self.rx_pair_frames[pair] += 1
             else:
                 self.rx_dropped += 1
 
-    @staticmethod
-    async def _take(receiveq: Queue, path: _RxPair) -> DescriptorChain | None:
-        return path.held.popleft() if path.held else await receiveq.pop()
+    async def _take(self, receiveq: Queue, pair: int, *, wait: bool) -> DescriptorChain | None:
+        """A buffer for pair ``pair``'s frame at hand: one held, else the ring's next. With
+        ``wait``, a ring the driver has not refilled yet is waited on until its next
+        notification, as QEMU holds a frame while the guest has no buffers
+        (virtio_net_has_buffers) rather than drop it: a burst on the link (broadcasts reach
+        every port at once) waits for a driver that reads and reposts its buffers, and only
+        the bounded inbox behind it overflows. None: no buffer now (without ``wait``), or the
+        pair went out of use meanwhile (VQ_PAIRS_SET)."""
+        path = self._rx[pair]
+        if path.held:
+            return path.held.popleft()
+        while pair < self.pairs:
+            # armed before the look, so that a notification that comes while pop() awaits
+            # guest memory (proxied) is not lost
+            kicked = path.kicked = asyncio.get_running_loop().create_future()
+            chain = await receiveq.pop()
+            if chain is not None or not wait:
+                return chain
+            await kicked
+        return None
 
-    async def _write_one(self, receiveq: Queue, path: _RxPair, frame: bytes) -> bool:
-        chain = await self._take(receiveq, path)
+    async def _write_one(self, receiveq: Queue, pair: int, frame: bytes) -> bool:
+        path = self._rx[pair]
+        chain = await self._take(receiveq, pair, wait=True)
         if chain is None:
             return False
         data = receive_header(self.header_size) + frame
@@ -555,14 +587,17 @@ class NetDevice(Device):
         receiveq.complete(chain, await chain.write(data))
         return True
 
-    async def _write_merged(self, receiveq: Queue, path: _RxPair, frame: bytes) -> bool:
+    async def _write_merged(self, receiveq: Queue, pair: int, frame: bytes) -> bool:
         """MRG_RXBUF (§5.1.6.4): the header and frame across as many buffers as they need,
-        each but the last filled completely, all completed in one go."""
+        each but the last filled completely, all completed in one go. The first is waited for;
+        a frame that finds too few after it is dropped (a driver whose ring can never hold it
+        must not stall the frames behind it)."""
+        path = self._rx[pair]
         hdr = self.header_size
         need, room = hdr + len(frame), 0
         chains: list[DescriptorChain] = []
         while room < need:
-            chain = await self._take(receiveq, path)
+            chain = await self._take(receiveq, pair, wait=not chains)
             if chain is None:
                 path.held.extendleft(reversed(chains))  # for the next frame, in ring order
                 return False
