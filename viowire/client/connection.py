@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from viowire import auth, tls
+from viowire import tls
 from viowire.auth import AuthError, ClientCredentials
 from viowire.client.guest import DEFAULT_RAM_BASE, DEFAULT_RAM_SIZE, GuestRAM
 from viowire.client.mmio import VirtioMmioDevice
@@ -39,6 +39,7 @@ from viowire.protocol.codec import (
     unpack_mem_write,
 )
 from viowire.protocol.framing import Frame, FrameError, FrameReader
+from viowire.protocol.handshake import ClientHandshake, HandshakeError, Negotiated
 from viowire.protocol.hostid import host_id
 from viowire.samehost import read_proof, segment_prefix
 from viowire.trace import recorder as wiretrace
@@ -661,10 +662,10 @@ async def _open(
         sock = conn.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        handshake = ClientHandshake(hello, str(endpoint))
         try:
-            reply = await conn.request(hello)
-            _accept_hello(conn, reply)
-            await _authenticate(conn, reply, credentials, want_shm)
+            _accept_hello(conn, handshake, await conn.request(hello))
+            await _authenticate(conn, handshake, credentials, want_shm)
         except ConnectionClosed as exc:
             await conn.close()
             if context is not None and not credentials.tls_cert and conn.session_id == 0:
@@ -682,7 +683,8 @@ async def _open(
     sock.setblocking(False)
     try:
         await loop.sock_connect(sock, endpoint.path)
-        reply = await _unix_handshake(conn, sock, hello)
+        handshake = ClientHandshake(hello, str(endpoint))
+        await _unix_handshake(conn, sock, handshake)
     except BaseException:
         if conn.transport is None:
             sock.close()
@@ -691,7 +693,7 @@ async def _open(
             await conn.close()
         raise
     try:
-        await _authenticate(conn, reply, credentials, want_shm)
+        await _authenticate(conn, handshake, credentials, want_shm)
     except BaseException:
         await conn.close()
         raise
@@ -699,42 +701,29 @@ async def _open(
 
 
 async def _authenticate(
-    conn: Connection, reply: object, credentials: ClientCredentials, want_shm: bool
+    conn: Connection, handshake: ClientHandshake, credentials: ClientCredentials, want_shm: bool
 ) -> None:
     """AUTH, where the server requires a token or offers named memory for a same-host proof."""
-    if reply.auth & ~int(m.AuthMethod.TOKEN):
-        raise AuthError(f"{conn.endpoint} requires authentication this client does not know")
-    required = bool(reply.auth & m.AuthMethod.TOKEN)
-    token = credentials.token
-    if required and token is None:
-        raise AuthError(
-            f"{conn.endpoint} requires a token: give --token-file FILE or set {auth.TOKEN_ENV}"
-        )
-    proof = read_proof(reply.shm_proof) if want_shm and reply.shm_proof else None
-    if not required and proof is None:
+    name = handshake.shm_proof
+    proof = read_proof(name) if want_shm and name else None
+    request = handshake.auth_request(credentials.token, proof)
+    if request is None:
         return
-    nonce = auth.new_nonce()
-    mac = auth.client_mac(token, reply.nonce, nonce) if required else bytes(auth.MAC_SIZE)
     try:
-        answer = await conn.request(
-            m.Auth(nonce=nonce, mac=mac, shm_proof=proof or bytes(auth.NONCE_SIZE))
-        )
+        answer = await conn.request(request)
     except ProtocolError as exc:
         if exc.code == m.ErrorCode.AUTH_FAILED:
             raise AuthError(f"{conn.endpoint} refused us: {exc}") from None
         raise
-    if not isinstance(answer, m.AuthReply):
-        raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"unexpected reply to AUTH: {answer}")
-    if required and not auth.verify(auth.server_mac(token, reply.nonce, nonce), answer.mac):
-        raise AuthError(
-            f"{conn.endpoint} did not prove it holds our token (its AUTH_REPLY mac is wrong): "
-            "not the server we meant to reach, or another token"
-        )
-    # AUTH can add MEMORY_SHM (on proof) to what HELLO_REPLY settled, nothing else.
-    conn.features = answer.features & (reply.features | m.ProtoFeature.MEMORY_SHM)
+    try:
+        conn.features = handshake.receive_auth_reply(answer)
+    except HandshakeError as exc:
+        raise ProtocolError(exc.code, str(exc)) from None
 
 
-async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) -> object:
+async def _unix_handshake(
+    conn: Connection, sock: socket.socket, handshake: ClientHandshake
+) -> None:
     """HELLO with a sidecar (FD_SIDECAR): descriptors will ride a SOCK_SEQPACKET socketpair, so
     the stream carries none after HELLO and can use the loop's own transport (uvloop's, in C;
     asyncio transports cannot receive descriptors). A server without the feature gets the
@@ -744,7 +733,7 @@ async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) 
     conn._sidecar = mine
     try:
         request_id = conn._new_id()
-        frame = encode(hello, request_id, 0)
+        frame = encode(handshake.hello, request_id, 0)
         if conn.trace is not None:
             conn.trace.sent(frame)
         # A fresh socket's buffer takes a small frame whole: this send does not block.
@@ -754,11 +743,9 @@ async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) 
     frames = await asyncio.wait_for(_first_frames(loop, sock, conn), REQUEST_TIMEOUT)
     reply, rest = frames[0], frames[1:]
     msg = decode_body(reply.type, reply.body)
-    if isinstance(msg, m.Error):
-        raise ProtocolError(msg.code, msg.message)
-    if not isinstance(msg, m.HelloReply) or reply.request_id != request_id:
+    if reply.request_id != request_id and not isinstance(msg, m.Error):
         raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"unexpected reply to HELLO: {msg}")
-    _accept_hello(conn, msg)
+    _accept_hello(conn, handshake, msg)
     if conn.features & _FD_SIDECAR:
         mine.setblocking(False)
         await loop.create_unix_connection(lambda: conn, sock=sock)
@@ -768,7 +755,6 @@ async def _unix_handshake(conn: Connection, sock: socket.socket, hello: object) 
         await asyncio.sleep(0)  # let connection_made run
     for frame in rest:
         conn._dispatch(frame)
-    return msg
 
 
 async def _first_frames(
@@ -784,15 +770,17 @@ async def _first_frames(
             return frames
 
 
-def _accept_hello(conn: Connection, reply: object) -> None:
-    if reply.max_inflight < 1:
-        raise ProtocolError(m.ErrorCode.UNSUPPORTED, "the server allows no request in flight")
-    conn.max_inflight = reply.max_inflight
-    conn._inflight = Slots(reply.max_inflight)  # nothing is in flight yet
-    conn.session_id = reply.session_id
-    conn.features = reply.features
-    conn.server_name = reply.name
-    conn.reader.max_frame = reply.max_frame
+def _accept_hello(conn: Connection, handshake: ClientHandshake, reply: object) -> None:
+    try:
+        negotiated: Negotiated = handshake.receive_hello_reply(reply)
+    except HandshakeError as exc:
+        raise ProtocolError(exc.code, str(exc)) from None
+    conn.max_inflight = negotiated.max_inflight
+    conn._inflight = Slots(negotiated.max_inflight)  # nothing is in flight yet
+    conn.session_id = handshake.reply.session_id
+    conn.features = negotiated.features
+    conn.server_name = handshake.reply.name
+    conn.reader.max_frame = negotiated.max_frame
 
 
 async def _register_memory(conn: Connection, mode: str, size: int, base: int) -> None:

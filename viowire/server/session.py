@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import mmap
@@ -17,7 +18,6 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
-from viowire import auth
 from viowire.fdsocket import FdSocketTransport, SidecarReader, is_seqpacket_socket
 from viowire.protocol import messages as m
 from viowire.protocol.codec import (
@@ -31,6 +31,12 @@ from viowire.protocol.codec import (
     pack_mem_write,
 )
 from viowire.protocol.framing import Frame, FrameError, FrameReader
+from viowire.protocol.handshake import (
+    HandshakeError,
+    ServerHandshake,
+    ServerState,
+    may_prove_same_host,
+)
 from viowire.protocol.hostid import host_id
 from viowire.samehost import ShmProof, peer_uid, segment_prefix, trusted_uid
 from viowire.server.limits import Budget, LimitExceeded, RamAccount
@@ -67,8 +73,6 @@ _session_ids = itertools.count(1)
 # every `&` (about a microsecond each), and frames carry plain ints anyway.
 _REPLY = int(m.Flags.REPLY)
 _POSTED = int(m.Flags.POSTED)
-_HELLO = int(m.MsgType.HELLO)
-_AUTH = int(m.MsgType.AUTH)
 _ERROR = int(m.MsgType.ERROR)
 _QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
 _MEM_READ_REPLY = int(m.MsgType.MEM_READ_REPLY)
@@ -185,10 +189,8 @@ class ServerSession(asyncio.Protocol):
         self._paused: set[str] = set()  # why reading is paused (see _pause)
         self._fatal: FrameError | None = None  # answer the backlog, then close with this
         self.token = token
-        self._hello_seen = False
-        self._server_nonce = b""
-        self._awaiting_auth = False  # HELLO answered, the token not proven yet: nothing else goes
-        self._auth_open = False  # AUTH may still come: nothing but HELLO has been received
+        self.handshake = ServerHandshake(token)
+        self._handshaking = True  # until the handshake is OPEN: each request is checked by it
         self._shm_proof: ShmProof | None = None
         self.trace: wiretrace.Stream | None = None  # --trace: what this connection carries
         self.budget = budget or Budget()
@@ -230,7 +232,7 @@ class ServerSession(asyncio.Protocol):
 
     def _hello_timed_out(self) -> None:
         if self.platform is None and not self._closed:
-            what = "AUTH" if self._awaiting_auth else "HELLO"
+            what = "AUTH" if self.handshake.awaiting_auth else "HELLO"
             self._fail_connection(
                 m.ErrorCode.BAD_STATE, f"no {what} within {HELLO_TIMEOUT:g} s of connecting"
             )
@@ -440,18 +442,13 @@ class ServerSession(asyncio.Protocol):
                 frame, m.ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type:#x}"
             )
             return
-        if self.platform is None and msg_type != _HELLO and not self._awaiting_auth:
-            self._reply_error(frame, m.ErrorCode.BAD_STATE, "the first message must be HELLO")
-            return
-        if self._auth_open and msg_type != _AUTH:
-            if self._awaiting_auth and msg_type != _HELLO:
-                self._refuse_auth(
-                    frame,
-                    f"message type {msg_type:#x} before AUTH: this server requires a token "
-                    f"(viowire clients: --token-file FILE or {auth.TOKEN_ENV})",
-                )
+        if self._handshaking:
+            try:
+                self.handshake.check_request(msg_type)
+            except HandshakeError as exc:
+                self._handshake_refused(frame, exc)
                 return
-            self._auth_open = self._awaiting_auth  # too late for an optional AUTH now
+            self._handshaking = self.handshake.state is not ServerState.OPEN
         if frame.flags & _POSTED and not self.features & _POSTED_WRITES:
             self._reply_error(
                 frame,
@@ -484,22 +481,6 @@ class ServerSession(asyncio.Protocol):
             self.send(msg, frame.request_id, _REPLY)
 
     def _on_hello(self, frame: Frame, msg: m.Hello) -> None:
-        if self._hello_seen:
-            raise ProtocolFault(m.ErrorCode.BAD_STATE, "HELLO was already received")
-        if msg.magic != m.HELLO_MAGIC:
-            raise ProtocolFault(m.ErrorCode.UNSUPPORTED, f"bad HELLO magic {msg.magic:#x}")
-        if msg.version != m.PROTOCOL_VERSION:
-            raise ProtocolFault(
-                m.ErrorCode.UNSUPPORTED,
-                f"protocol version {msg.version} is not supported (this server speaks "
-                f"{m.PROTOCOL_VERSION}; version 2 added AUTH): upgrade the client",
-            )
-        if msg.max_inflight < 1:
-            raise ProtocolFault(m.ErrorCode.UNSUPPORTED, "max_inflight 0 allows no request")
-        if msg.max_frame < m.MIN_MAX_FRAME:
-            raise ProtocolFault(
-                m.ErrorCode.UNSUPPORTED, f"max_frame {msg.max_frame} is below {m.MIN_MAX_FRAME}"
-            )
         offered = SERVER_FEATURES & ~m.ProtoFeature.MEMORY_SHM
         if self.fd_passing:
             offered |= (
@@ -510,17 +491,18 @@ class ServerSession(asyncio.Protocol):
             if self.allow_shm and trusted_uid(peer_uid(self.transport)):
                 # The kernel vouches for a Unix peer: same host, and our user (or root).
                 offered |= m.ProtoFeature.MEMORY_SHM
-        self.features = msg.features & offered
-        self._hello_seen = True
-        self._auth_open = True
-        self._server_nonce = auth.new_nonce()
-        self._awaiting_auth = self.token is not None
-        if self._may_prove_same_host(msg):
+        try:
+            negotiated = self.handshake.receive_hello(msg, offered)
+        except HandshakeError as exc:
+            raise ProtocolFault(exc.code, str(exc)) from None
+        self.features = negotiated.features
+        awaiting_auth = self.handshake.awaiting_auth
+        if self.allow_shm and not self.fd_passing and may_prove_same_host(msg, host_id()):
             try:
                 self._shm_proof = ShmProof()
             except OSError as exc:  # no /dev/shm, or it is full: the session goes on without
                 log.info("session %x: no same-host proof file (%s)", self.session_id, exc)
-        self.max_frame = min(msg.max_frame, m.DEFAULT_MAX_FRAME)
+        self.max_frame = negotiated.max_frame
         self.reader.max_frame = self.max_frame
         if self.features & m.ProtoFeature.FD_SIDECAR and not self._adopt_sidecar():
             self.features &= ~m.ProtoFeature.FD_SIDECAR
@@ -531,42 +513,24 @@ class ServerSession(asyncio.Protocol):
             self.session_id,
             msg.name,
             self.features,
-            ", awaiting the token" if self._awaiting_auth else "",
+            ", awaiting the token" if awaiting_auth else "",
         )
-        self.max_inflight = min(msg.max_inflight, m.DEFAULT_MAX_INFLIGHT)
+        self.max_inflight = negotiated.max_inflight
         self._inflight = asyncio.Semaphore(self.max_inflight)
-        if not self._awaiting_auth and not self._open(frame):
+        if not awaiting_auth and not self._open(frame):
             return
-        reply = m.HelloReply(
-            version=m.PROTOCOL_VERSION,
-            reserved=0,
-            features=self.features,
-            max_frame=self.max_frame,
-            max_inflight=self.max_inflight,
+        reply = self.handshake.hello_reply(
+            dataclasses.replace(negotiated, features=self.features),
             session_id=self.session_id,
             host_id=host_id(),
-            auth=int(m.AuthMethod.TOKEN) if self._awaiting_auth else 0,
-            nonce=self._server_nonce,
             name=self.name,
             shm_proof=self._shm_proof.name if self._shm_proof is not None else "",
         )
         self.send(reply, frame.request_id, _REPLY)
 
-    def _may_prove_same_host(self, msg: m.Hello) -> bool:
-        """Whether to offer a TCP peer the proof file (MEMORY_SHM): it asks for named memory and
-        claims our boot id. The claim is a hint, to spare other hosts a file; the proof decides."""
-        return (
-            self.allow_shm
-            and not self.fd_passing
-            and bool(msg.features & m.ProtoFeature.MEMORY_SHM)
-            and msg.host_id == host_id()
-            and any(msg.host_id)
-        )
-
     def _open(self, frame: Frame) -> bool:
         """The session is established: only now are its devices built, if the budget has room
         for them; else ``frame`` (HELLO or AUTH) is refused and the connection closes."""
-        self._awaiting_auth = False
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         self._give_handshake()
@@ -595,32 +559,29 @@ class ServerSession(asyncio.Protocol):
         return True
 
     def _on_auth(self, frame: Frame, msg: m.Auth) -> None:
-        if not self._auth_open:
-            raise ProtocolFault(
-                m.ErrorCode.BAD_STATE, "AUTH comes once, as the first request after HELLO"
-            )
-        self._auth_open = False
-        mac = bytes(auth.MAC_SIZE)
-        if self.token is not None:
-            expected = auth.client_mac(self.token, self._server_nonce, msg.nonce)
-            if not auth.verify(expected, msg.mac):
-                self._refuse_auth(
-                    frame,
-                    "wrong token: the AUTH proof does not match this server's token (give "
-                    f"both ends the same --token-file or {auth.TOKEN_ENV})",
-                )
-                return
-            mac = auth.server_mac(self.token, self._server_nonce, msg.nonce)
-        if self._shm_proof is not None and self._shm_proof.matches(msg.shm_proof):
-            self.features |= m.ProtoFeature.MEMORY_SHM
+        proof = self._shm_proof
+        try:
+            reply = self.handshake.receive_auth(msg, proof.secret if proof is not None else None)
+        except HandshakeError as exc:
+            if not exc.fatal:
+                raise ProtocolFault(exc.code, str(exc)) from None
+            self._handshake_refused(frame, exc)
+            return
+        self.features |= reply.features & m.ProtoFeature.MEMORY_SHM
+        reply = dataclasses.replace(reply, features=self.features)
         self._drop_shm_proof()
         if self.platform is None and not self._open(frame):
             return
         log.info("session %x: AUTH accepted, features %#x", self.session_id, self.features)
-        self.send(m.AuthReply(features=self.features, mac=mac), frame.request_id, _REPLY)
+        self.send(reply, frame.request_id, _REPLY)
 
-    def _refuse_auth(self, frame: Frame, message: str) -> None:
-        self._refuse(frame, m.ErrorCode.AUTH_FAILED, message)
+    def _handshake_refused(self, frame: Frame, exc: HandshakeError) -> None:
+        """A request out of the handshake's order, or a wrong token: ERROR, and where it is
+        fatal (authentication) the connection closes."""
+        if exc.fatal:
+            self._refuse(frame, exc.code, str(exc))
+        else:
+            self._reply_error(frame, exc.code, str(exc))
 
     def _refuse(self, frame: Frame, code: m.ErrorCode, message: str) -> None:
         """ERROR ``code`` as the reply to ``frame``, then the connection closes."""
