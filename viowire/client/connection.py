@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
 import struct
@@ -41,6 +40,7 @@ from viowire.protocol.codec import (
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.handshake import ClientHandshake, HandshakeError, Negotiated
 from viowire.protocol.hostid import host_id
+from viowire.protocol.requests import client_ids
 from viowire.samehost import read_proof, segment_prefix
 from viowire.trace import recorder as wiretrace
 from viowire.trace.format import End, Event
@@ -125,7 +125,7 @@ class Connection(asyncio.Protocol):
         self.memory_mode = ""
         self.ram: GuestRAM | None = None
         self.posted_errors: list[ProtocolError] = []
-        self._ids = itertools.count(1)
+        self._new_id = client_ids().next  # the id of each request we send
         self._pending: dict[int, asyncio.Future] = {}
         self._reads: dict[int, asyncio.Future] = {}  # MMIO reads: resolved with the bare value
         # One watchdog for every request, not a timer each (a timer costs more than the rest of
@@ -267,10 +267,6 @@ class Connection(asyncio.Protocol):
             return
         for addr, bits in acks.items():
             self._out.append(_WRITE_FRAME(self._new_id(), _POSTED, addr, 4, bits))
-
-    def _new_id(self) -> int:
-        request_id = next(self._ids) & 0xFFFFFFFF
-        return request_id or next(self._ids) & 0xFFFFFFFF
 
     async def request(self, msg: object, *, fds: list[int] | None = None) -> object:
         """Send a request and await its reply; an ERROR reply raises :class:`ProtocolError`."""

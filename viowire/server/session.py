@@ -38,6 +38,7 @@ from viowire.protocol.handshake import (
     may_prove_same_host,
 )
 from viowire.protocol.hostid import host_id
+from viowire.protocol.requests import SERVER_WRITE_TAG, server_read_ids, server_write_ids
 from viowire.samehost import ShmProof, peer_uid, segment_prefix, trusted_uid
 from viowire.server.limits import Budget, LimitExceeded, RamAccount
 from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
@@ -77,10 +78,6 @@ _ERROR = int(m.MsgType.ERROR)
 _QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
 _MEM_READ_REPLY = int(m.MsgType.MEM_READ_REPLY)
 _POSTED_WRITES = int(m.ProtoFeature.POSTED_WRITES)
-# The server's own request ids tell its MEM_WRITEs (bit 31 set) from its MEM_READs, so that an
-# ERROR answering a posted MEM_WRITE is recognised without remembering every write.
-_WRITE_ID = 0x8000_0000
-_READ_IDS = _WRITE_ID - 1
 _RANGE_BYTES = 12  # a Range on the wire
 _MEM_WRITE_OVERHEAD = m.HEADER_SIZE + 4  # header and range count
 _SIDECAR_TYPES = frozenset((int(m.MsgType.MEM_REGISTER), int(m.MsgType.NOTIFY_CHANNEL)))
@@ -178,8 +175,8 @@ class ServerSession(asyncio.Protocol):
         self._writes_data: list[bytes] = []
         self._writes_size = 0
         self._flush_pending = False
-        self._next_id = itertools.count(1)  # MEM_READ request ids: bit 31 clear
-        self._write_ids = itertools.count(0)  # MEM_WRITE request ids: bit 31 set
+        self._read_id = server_read_ids().next  # MEM_READ request ids: bit 31 clear
+        self._write_id = server_write_ids().next  # MEM_WRITE request ids: bit 31 set
         self._pending: dict[int, asyncio.Future] = {}
         self._peer = "?"
         self._closed = False
@@ -910,7 +907,7 @@ class ServerSession(asyncio.Protocol):
         async with self._inflight:
             if self._closed:
                 raise GuestMemoryError("the client disconnected")
-            request_id = next(self._next_id) & _READ_IDS or next(self._next_id) & _READ_IDS
+            request_id = self._read_id()
             loop = self._loop or asyncio.get_running_loop()
             future = loop.create_future()
             self._pending[request_id] = future
@@ -942,7 +939,7 @@ class ServerSession(asyncio.Protocol):
         self._writes_ranges, self._writes_data, self._writes_size = [], [], 0
         # Posted only where the client agreed to POSTED_WRITES; else it answers OK to each.
         flags = _POSTED if self.features & _POSTED_WRITES else 0
-        request_id = _WRITE_ID | next(self._write_ids) & _READ_IDS
+        request_id = self._write_id()
         self._out.append(pack_mem_write(ranges, data, request_id, flags))
 
     def _memory_write_failed(self, frame: Frame) -> None:
@@ -961,7 +958,7 @@ class ServerSession(asyncio.Protocol):
                 slot.device.fail(reason)
 
     def _complete(self, frame: Frame) -> None:
-        if frame.request_id & _WRITE_ID:  # an answer to one of our MEM_WRITEs
+        if frame.request_id & SERVER_WRITE_TAG:  # an answer to one of our MEM_WRITEs
             if frame.type == _ERROR:
                 self._memory_write_failed(frame)
             return
