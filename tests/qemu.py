@@ -33,8 +33,9 @@ BLK_SLOT = (0xFEB0_0E00, 0x200, 23)  # slot 7, GSI 16 + 7 (microvm with ACPI)
 RNG_SLOT = (0xFEB0_0C00, 0x200, 22)  # slot 6
 
 
-def qemu_command(socket_path: str, image: str, *, legacy: bool) -> list[str]:
-    """The command line of the issue: microvm, qtest on a Unix socket, one blk and one rng."""
+def microvm_qtest_command(socket_path: str, devices: list[str], *, legacy: bool) -> list[str]:
+    """microvm with qtest on a Unix socket and ``devices`` (QEMU arguments), its virtio-mmio
+    transports legacy (QEMU 7.2's default) or modern."""
     command = [
         QEMU or QEMU_BINARY,
         "-M", "microvm,ioapic2=off",
@@ -43,13 +44,21 @@ def qemu_command(socket_path: str, image: str, *, legacy: bool) -> list[str]:
         "-display", "none",
         "-nodefaults",
         "-m", "64M",
-        "-drive", f"if=none,id=d0,file={image},format=raw",
-        "-device", "virtio-blk-device,drive=d0",
-        "-device", "virtio-rng-device",
+        *devices,
     ]  # fmt: skip
     if not legacy:
         command += ["-global", "virtio-mmio.force-legacy=false"]
     return command
+
+
+def qemu_command(socket_path: str, image: str, *, legacy: bool) -> list[str]:
+    """The command line of the issue: microvm, qtest on a Unix socket, one blk and one rng."""
+    devices = [
+        "-drive", f"if=none,id=d0,file={image},format=raw",
+        "-device", "virtio-blk-device,drive=d0",
+        "-device", "virtio-rng-device",
+    ]  # fmt: skip
+    return microvm_qtest_command(socket_path, devices, legacy=legacy)
 
 
 @dataclass

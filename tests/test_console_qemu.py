@@ -10,7 +10,7 @@ import shutil
 import tempfile
 
 import pytest
-from qemu import QEMU, QEMU_BINARY, _stop, _wait_for_socket, needs_qemu
+from qemu import _stop, _wait_for_socket, microvm_qtest_command, needs_qemu
 
 from viowire.client.drivers.console import ConsoleDriver
 from viowire.client.qtest import connect_qtest
@@ -28,20 +28,12 @@ async def qemu_with_a_console(tmp_path, *, legacy: bool):
     'org.example.agent', both on null chardevs."""
     sock_dir = tempfile.mkdtemp(prefix="vw-qtest-")
     socket_path = os.path.join(sock_dir, "qtest.sock")
-    command = [
-        QEMU or QEMU_BINARY,
-        "-M", "microvm,ioapic2=off",
-        "-qtest", f"unix:{socket_path},server=on,wait=off",
-        "-qtest-log", "/dev/null",
-        "-display", "none",
-        "-nodefaults",
-        "-m", "64M",
+    devices = [
         "-device", "virtio-serial-device",
         "-chardev", "null,id=c0", "-device", "virtconsole,chardev=c0,name=hvc",
         "-chardev", "null,id=c1", "-device", "virtserialport,chardev=c1,name=org.example.agent",
     ]  # fmt: skip
-    if not legacy:
-        command += ["-global", "virtio-mmio.force-legacy=false"]
+    command = microvm_qtest_command(socket_path, devices, legacy=legacy)
     stderr_path = tmp_path / "qemu.stderr"
     with open(stderr_path, "wb") as stderr:
         process = await asyncio.create_subprocess_exec(

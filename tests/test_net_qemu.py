@@ -16,7 +16,7 @@ import time
 
 import pytest
 from cli_run import end_group, viowire
-from qemu import QEMU, STARTUP_TIMEOUT, needs_qemu
+from qemu import STARTUP_TIMEOUT, microvm_qtest_command, needs_qemu
 from servers import running_server, url_of
 
 from viowire.client.connection import connect
@@ -38,22 +38,13 @@ async def next_frame(drv: NetDriver) -> bytes:
 
 
 def qemu_with_two_nics(socket_path: str, *, legacy: bool) -> list[str]:
-    command = [
-        QEMU or "qemu-system-x86_64",
-        "-M", "microvm,ioapic2=off",
-        "-qtest", f"unix:{socket_path},server=on,wait=off",
-        "-qtest-log", "/dev/null",
-        "-display", "none",
-        "-nodefaults",
-        "-m", "64M",
+    devices = [
         "-netdev", "hubport,id=n0,hubid=0",
         "-netdev", "hubport,id=n1,hubid=0",
         "-device", "virtio-net-device,netdev=n0",
         "-device", "virtio-net-device,netdev=n1",
     ]  # fmt: skip
-    if not legacy:
-        command += ["-global", "virtio-mmio.force-legacy=false"]
-    return command
+    return microvm_qtest_command(socket_path, devices, legacy=legacy)
 
 
 @contextlib.contextmanager
