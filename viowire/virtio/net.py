@@ -247,6 +247,22 @@ def parse_mac_table(data: bytes) -> tuple[list[bytes] | None, list[bytes] | None
     return tables[0], tables[1]
 
 
+IMPLEMENTED = (
+    1 << NetFeature.MAC
+    | 1 << NetFeature.STATUS
+    | 1 << NetFeature.MTU
+    | 1 << NetFeature.MRG_RXBUF
+    | 1 << NetFeature.CTRL_VQ
+    | 1 << NetFeature.CTRL_RX
+    | 1 << NetFeature.CTRL_RX_EXTRA
+    | 1 << NetFeature.CTRL_MAC_ADDR
+    | 1 << NetFeature.MQ
+    | 1 << NetFeature.GUEST_ANNOUNCE
+)
+"""The virtio-net feature bits viowire implements, on both sides: the driver accepts them all
+where offered; the device offers them all, MQ only when it has more than one queue pair."""
+
+
 def header_size(features: int) -> int:
     """Bytes of ``virtio_net_hdr`` before every frame, given the negotiated feature bits
     (§5.1.6.1): 12 with VERSION_1 or MRG_RXBUF (``num_buffers`` present), else 10."""

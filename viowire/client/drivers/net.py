@@ -45,6 +45,7 @@ from viowire.virtio.net import (
     DEVICE_ID,
     ETH_HEADER,
     ETH_VLAN_TAG,
+    IMPLEMENTED,
     MAX_QUEUE_PAIRS,
     NET_CONFIG,
     VQ_PAIRS,
@@ -114,18 +115,7 @@ class NetDriver(GenericDriver):
     space, ``await send(frame)``, ``async for frame in frames()`` and the control commands."""
 
     device_id = DEVICE_ID
-    feature_table = (
-        1 << NetFeature.MAC
-        | 1 << NetFeature.STATUS
-        | 1 << NetFeature.MTU
-        | 1 << NetFeature.MRG_RXBUF
-        | 1 << NetFeature.CTRL_VQ
-        | 1 << NetFeature.CTRL_RX
-        | 1 << NetFeature.CTRL_RX_EXTRA
-        | 1 << NetFeature.CTRL_MAC_ADDR
-        | 1 << NetFeature.MQ
-        | 1 << NetFeature.GUEST_ANNOUNCE
-    )
+    feature_table = IMPLEMENTED
     queue_names = ("receiveq0", "transmitq0")
     config_layout = NET_CONFIG
 

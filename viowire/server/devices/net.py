@@ -72,6 +72,7 @@ from viowire.virtio.net import (
     DEVICE_ID,
     ETH_HEADER,
     ETH_VLAN_TAG,
+    IMPLEMENTED,
     NET_CONFIG,
     RECEIVEQ,
     TRANSMITQ,
@@ -108,17 +109,7 @@ CTRL_MAX_DATA = 65536
 STEERING_FLOWS = 1024
 """Flows whose transmit pair the device remembers for steering; the oldest is forgotten."""
 
-OFFERED = (
-    1 << NetFeature.MAC
-    | 1 << NetFeature.STATUS
-    | 1 << NetFeature.MTU
-    | 1 << NetFeature.MRG_RXBUF
-    | 1 << NetFeature.CTRL_VQ
-    | 1 << NetFeature.CTRL_RX
-    | 1 << NetFeature.CTRL_RX_EXTRA
-    | 1 << NetFeature.CTRL_MAC_ADDR
-    | 1 << NetFeature.GUEST_ANNOUNCE
-)
+OFFERED = IMPLEMENTED & ~(1 << NetFeature.MQ)
 """What every viowire net device offers; MQ too when it has more than one pair."""
 
 
