@@ -134,6 +134,67 @@ def test_a_recorded_auth_proves_nothing_on_another_connection():
     assert info.value.fatal
 
 
+# -- TLS channel binding -------------------------------------------------------------------------
+BINDING = bytes(range(48))  # as a TLS 1.3 connection's (viowire.tls.channel_binding): opaque here
+
+
+def test_the_proofs_over_tls_are_the_documented_hmacs_of_the_binding():
+    """docs/protocol.md section 3, exactly: HMAC-SHA256(token, label | server nonce | client
+    nonce | binding), written out here with hmac and hashlib."""
+    import hashlib
+    import hmac
+
+    server = ServerHandshake(TOKEN, nonce=b"s" * 32)
+    client = ClientHandshake(hello())
+    server_hello(server, client)
+    request = client.auth_request(TOKEN, nonce=b"c" * 32, binding=BINDING)
+    expected = hmac.new(
+        TOKEN, b"viowire-auth client\x00" + b"s" * 32 + b"c" * 32 + BINDING, hashlib.sha256
+    )
+    assert request.mac == expected.digest()
+    answer = server.receive_auth(wire(request), binding=BINDING)
+    expected = hmac.new(
+        TOKEN, b"viowire-auth server\x00" + b"s" * 32 + b"c" * 32 + BINDING, hashlib.sha256
+    )
+    assert answer.mac == expected.digest()
+    assert client.receive_auth_reply(wire(answer, flags=int(m.Flags.REPLY))) == server.features
+    # Without TLS the binding is empty, and the proof is the one of version 2 before binding.
+    assert auth.client_mac(TOKEN, b"s" * 32, b"c" * 32) == hmac.new(
+        TOKEN, b"viowire-auth client\x00" + b"s" * 32 + b"c" * 32, hashlib.sha256
+    ).digest()
+
+
+def test_a_proof_made_for_another_tls_connection_is_refused():
+    """A man in the middle who terminates the client's TLS and opens his own to the server
+    relays the client's AUTH: the server, on another TLS connection, has another binding."""
+    server, client = ServerHandshake(TOKEN), ClientHandshake(hello(), "srv:1")
+    server_hello(server, client)
+    relayed = wire(client.auth_request(TOKEN, binding=b"client side" * 4))
+    with pytest.raises(HandshakeError, match="bound to the TLS connection") as info:
+        server.receive_auth(relayed, binding=b"server side" * 4)
+    assert info.value.code == m.ErrorCode.AUTH_FAILED and info.value.fatal
+    # The same AUTH on the connection it was made for passes: only the channel differed.
+    honest = ServerHandshake(TOKEN, nonce=server.nonce)
+    honest.receive_hello(wire(hello()), SERVER_OFFER)
+    honest.receive_auth(relayed, binding=b"client side" * 4)
+
+
+def test_a_server_proof_made_for_another_tls_connection_is_refused():
+    """The other way: the relay hands the client the real server's AUTH_REPLY, made on the
+    relay's own TLS connection to it; the client's binding differs."""
+    server = ServerHandshake(TOKEN, nonce=b"s" * 32)
+    client = ClientHandshake(hello(), "srv:1")
+    server_hello(server, client)
+    request = client.auth_request(TOKEN, nonce=b"c" * 32, binding=b"client side" * 4)
+    relayed = m.AuthReply(
+        features=server.features,
+        mac=auth.server_mac(TOKEN, b"s" * 32, b"c" * 32, b"server side" * 4),
+    )
+    assert request.nonce == b"c" * 32
+    with pytest.raises(AuthError, match="did not prove it holds our token"):
+        client.receive_auth_reply(wire(relayed, flags=int(m.Flags.REPLY)))
+
+
 def test_an_impostor_server_without_the_token_is_found_out():
     server, client = ServerHandshake(TOKEN), ClientHandshake(hello(), "srv:1")
     server_hello(server, client)

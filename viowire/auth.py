@@ -2,9 +2,13 @@
 
 The token never crosses the wire. After HELLO_REPLY (which carries the server's fresh nonce), the
 client sends AUTH with a fresh nonce of its own and ``HMAC-SHA256(token, CLIENT_LABEL | server
-nonce | client nonce)``; the server answers AUTH_REPLY with the same HMAC under SERVER_LABEL, so
-the client learns the server holds the token too. A recorded AUTH proves nothing on another
-connection: the server's nonce differs. docs/protocol.md, section 3, is the specification.
+nonce | client nonce | channel binding)``; the server answers AUTH_REPLY with the same HMAC under
+SERVER_LABEL, so the client learns the server holds the token too. A recorded AUTH proves nothing
+on another connection: the server's nonce differs. Over TLS the channel binding
+(:func:`viowire.tls.channel_binding`) ties both proofs to that TLS connection, so a man in the
+middle who terminates TLS cannot relay them; elsewhere it is empty. docs/protocol.md, section 3,
+is the specification. Links between servers (viowire.server.linkpeer) prove the same token the
+same way, under labels of their own, so a proof made for one cannot serve the other.
 
 A token comes from a file (``--token-file``, or ``VIOWIRE_TOKEN_FILE``) or from ``VIOWIRE_TOKEN``,
 never from the command line, which every local user can read in ``ps`` and ``/proc/PID/cmdline``.
@@ -19,11 +23,15 @@ import secrets
 import stat
 from dataclasses import dataclass
 
+from viowire.urls import Endpoint, is_loopback
+
 NONCE_SIZE = 32
 MAC_SIZE = 32
 MIN_TOKEN_BYTES = 16
 CLIENT_LABEL = b"viowire-auth client\x00"
 SERVER_LABEL = b"viowire-auth server\x00"
+LINK_CONNECT_LABEL = b"viowire-link connect\x00"  # the connect= end of a --link
+LINK_LISTEN_LABEL = b"viowire-link listen\x00"  # the listen= end
 TOKEN_ENV = "VIOWIRE_TOKEN"
 TOKEN_FILE_ENV = "VIOWIRE_TOKEN_FILE"
 NO_TOKEN_ON_COMMAND_LINE = (
@@ -41,19 +49,50 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_SIZE)
 
 
-def client_mac(token: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+def proof(
+    token: bytes, label: bytes, server_nonce: bytes, client_nonce: bytes, binding: bytes = b""
+) -> bytes:
+    """``HMAC-SHA256(token, label | server_nonce | client_nonce | binding)``: proof of ``token``
+    by the end ``label`` names, bound to both nonces and to the channel (``binding``: the TLS
+    channel binding, empty without TLS). The nonces have a fixed size, so the binding, last,
+    needs no length."""
+    message = label + server_nonce + client_nonce + binding
+    return hmac.new(token, message, hashlib.sha256).digest()
+
+
+def client_mac(
+    token: bytes, server_nonce: bytes, client_nonce: bytes, binding: bytes = b""
+) -> bytes:
     """What the client sends in AUTH: proof it holds ``token``, bound to both nonces."""
-    return hmac.new(token, CLIENT_LABEL + server_nonce + client_nonce, hashlib.sha256).digest()
+    return proof(token, CLIENT_LABEL, server_nonce, client_nonce, binding)
 
 
-def server_mac(token: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+def server_mac(
+    token: bytes, server_nonce: bytes, client_nonce: bytes, binding: bytes = b""
+) -> bytes:
     """What the server sends in AUTH_REPLY: its own proof (another label, so no reflection)."""
-    return hmac.new(token, SERVER_LABEL + server_nonce + client_nonce, hashlib.sha256).digest()
+    return proof(token, SERVER_LABEL, server_nonce, client_nonce, binding)
+
+
+def binding_hint(binding: bytes) -> str:
+    """For a refused proof: where the channel was TLS, that a TLS proxy between the ends fails
+    it too (it is bound to one TLS connection), so the user does not only suspect the token."""
+    if not binding:
+        return ""
+    return "; over TLS the proof is bound to the TLS connection: a proxy ending TLS fails it"
 
 
 def verify(expected: bytes, given: bytes) -> bool:
     """Constant-time comparison: the time taken tells nothing about how much of it matched."""
     return hmac.compare_digest(expected, given)
+
+
+def exposed(endpoint: Endpoint, *, proven: bool, insecure: bool) -> bool:
+    """The one rule for a socket that could reach past this host: a TCP ``endpoint`` (listened
+    on or connected to) that is not loopback, where nobody's identity is ``proven`` (a token, or
+    TLS certificates that name the other end) and the user did not say ``insecure``. Serve's
+    listeners and its links (viowire.server.linkpeer) are refused on it, before any bind."""
+    return endpoint.inet and not (proven or insecure or is_loopback(endpoint.host))
 
 
 def read_token_file(path: str) -> bytes:

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--link",
         action="append",
         default=[],
-        metavar="NAME,listen=URL|NAME,connect=URL",
+        metavar="NAME,listen=URL|NAME,connect=URL[,auth=token|none]",
         help="join in-server link NAME with another server's (or a QEMU -netdev stream) over "
         "tcp://HOST:PORT or unix:///PATH, with QEMU's stream framing; connect= retries "
         "(repeatable)",

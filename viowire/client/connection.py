@@ -702,7 +702,8 @@ async def _authenticate(
     """AUTH, where the server requires a token or offers named memory for a same-host proof."""
     name = handshake.shm_proof
     proof = read_proof(name) if want_shm and name else None
-    request = handshake.auth_request(credentials.token, proof)
+    binding = tls.channel_binding(conn.transport)
+    request = handshake.auth_request(credentials.token, proof, binding=binding)
     if request is None:
         return
     try:

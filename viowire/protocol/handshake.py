@@ -148,9 +148,13 @@ class ServerHandshake:
             shm_proof=shm_proof,
         )
 
-    def receive_auth(self, msg: m.Auth, shm_secret: bytes | None = None) -> m.AuthReply:
-        """Check AUTH: the token's proof where one is required; MEMORY_SHM is added where
-        ``shm_secret`` (the proof file's bytes, None if none was offered) comes back."""
+    def receive_auth(
+        self, msg: m.Auth, shm_secret: bytes | None = None, binding: bytes = b""
+    ) -> m.AuthReply:
+        """Check AUTH: the token's proof where one is required, bound to ``binding`` (the
+        connection's TLS channel binding, viowire.tls.channel_binding; b"" without TLS);
+        MEMORY_SHM is added where ``shm_secret`` (the proof file's bytes, None if none was
+        offered) comes back."""
         if self.state not in (ServerState.AWAIT_AUTH, ServerState.AUTH_OPTIONAL):
             raise HandshakeError(
                 m.ErrorCode.BAD_STATE, "AUTH comes once, as the first request after HELLO"
@@ -158,15 +162,15 @@ class ServerHandshake:
         self.state = ServerState.OPEN
         mac = bytes(auth.MAC_SIZE)
         if self.token is not None:
-            expected = auth.client_mac(self.token, self.nonce, msg.nonce)
+            expected = auth.client_mac(self.token, self.nonce, msg.nonce, binding)
             if not auth.verify(expected, msg.mac):
                 raise HandshakeError(
                     m.ErrorCode.AUTH_FAILED,
-                    "wrong token: the AUTH proof does not match this server's token (give "
-                    f"both ends the same --token-file or {auth.TOKEN_ENV})",
+                    "wrong token: the AUTH proof does not match this server's token (give both "
+                    f"ends the same --token-file or {auth.TOKEN_ENV}){auth.binding_hint(binding)}",
                     fatal=True,
                 )
-            mac = auth.server_mac(self.token, self.nonce, msg.nonce)
+            mac = auth.server_mac(self.token, self.nonce, msg.nonce, binding)
         if shm_secret is not None and auth.verify(shm_secret, msg.shm_proof):
             self.features |= _MEMORY_SHM
         return m.AuthReply(features=self.features, mac=mac)
@@ -194,6 +198,7 @@ class ClientHandshake:
         self.features = 0
         self._token: bytes | None = None
         self._nonce = b""
+        self._binding = b""
 
     def receive_hello_reply(self, reply: object) -> Negotiated:
         if self.reply is not None:
@@ -214,10 +219,16 @@ class ClientHandshake:
         return self.reply.shm_proof if self.reply is not None else ""
 
     def auth_request(
-        self, token: bytes | None, shm_proof: bytes | None = None, nonce: bytes | None = None
+        self,
+        token: bytes | None,
+        shm_proof: bytes | None = None,
+        nonce: bytes | None = None,
+        binding: bytes = b"",
     ) -> m.Auth | None:
         """AUTH, where the server requires a token or ``shm_proof`` (the proof file's bytes)
-        can prove same-host; else None and the session is established."""
+        can prove same-host; else None and the session is established. ``binding``: the
+        connection's TLS channel binding (viowire.tls.channel_binding; b"" without TLS), which
+        both proofs are bound to."""
         reply = self.reply
         if reply is None:
             raise HandshakeError(m.ErrorCode.BAD_STATE, "AUTH before HELLO_REPLY")
@@ -232,7 +243,8 @@ class ClientHandshake:
             return None
         self._token = token if required else None
         self._nonce = nonce if nonce is not None else auth.new_nonce()
-        mac = auth.client_mac(token, reply.nonce, self._nonce) if required else None
+        self._binding = binding
+        mac = auth.client_mac(token, reply.nonce, self._nonce, binding) if required else None
         return m.Auth(
             nonce=self._nonce,
             mac=mac or bytes(auth.MAC_SIZE),
@@ -252,7 +264,7 @@ class ClientHandshake:
             raise HandshakeError(m.ErrorCode.BAD_MESSAGE, f"unexpected reply to AUTH: {answer}")
         token = self._token
         if token is not None:
-            expected = auth.server_mac(token, self.reply.nonce, self._nonce)
+            expected = auth.server_mac(token, self.reply.nonce, self._nonce, self._binding)
             if not auth.verify(expected, answer.mac):
                 raise auth.AuthError(
                     f"{self.peer} did not prove it holds our token (its AUTH_REPLY mac is "

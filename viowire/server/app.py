@@ -19,7 +19,7 @@ from viowire.server.limits import Budget, Limits
 from viowire.server.linkpeer import LinkPeer, LinkSpec
 from viowire.server.platform import PlatformSpec
 from viowire.server.session import HELLO_TIMEOUT, ServerSession, Turns
-from viowire.urls import Endpoint, is_loopback, parse_endpoint
+from viowire.urls import Endpoint, parse_endpoint
 
 log = logging.getLogger("viowire.server")
 ACCEPT_RETRY = 0.5  # seconds: how long to stop accepting when out of file descriptors
@@ -32,11 +32,13 @@ class Security:
     """What the listeners require: ``token`` (every session proves it in AUTH, on every
     listener), ``tls`` (the context of ``tls://`` listeners; ``client_certs`` when it requires
     client certificates), ``insecure`` (serve a non-loopback TCP listener that authenticates
-    nobody), ``socket_mode`` (of Unix socket files)."""
+    nobody), ``socket_mode`` (of Unix socket files). ``peer_tls``: the client context of
+    ``--link NAME,connect=tls://`` (viowire.server.linkpeer)."""
 
     token: bytes | None = None
     tls: ssl.SSLContext | None = None
     client_certs: bool = False
+    peer_tls: ssl.SSLContext | None = None
     insecure: bool = False
     socket_mode: int = SOCKET_MODE
 
@@ -49,9 +51,8 @@ class Security:
                 raise UsageError(
                     f"{url}: a tls:// listener needs --tls-cert FILE and --tls-key FILE"
                 )
-            if not endpoint.inet or self.insecure or is_loopback(endpoint.host):
-                continue
-            if self.token is None and not (endpoint.scheme == "tls" and self.client_certs):
+            proven = self.token is not None or (endpoint.scheme == "tls" and self.client_certs)
+            if auth.exposed(endpoint, proven=proven, insecure=self.insecure):
                 raise UsageError(
                     f"refusing to listen on {url} without authentication (anyone who reaches it "
                     f"would get devices): give a token (--token-file FILE or {auth.TOKEN_ENV}), or "
@@ -96,12 +97,14 @@ class Server:
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._unix_socks: list[tuple[socket.socket, str]] = []
         self._own_paths: list[str] = []
-        self.link_peers = [LinkPeer(spec) for spec in links or ()]
+        self.link_peers = [LinkPeer(spec, security=self.security) for spec in links or ()]
 
     async def start(self, urls: list[str]) -> list[Endpoint]:
         """Listen on every URL; TCP port 0 picks a free port (the endpoint tells which)."""
         self.spec.validate()
         self.security.check(urls)
+        for peer in self.link_peers:
+            peer.check()
         listeners = [bind(url, self.security.socket_mode) for url in urls]
         self._own_paths = [endpoint.path for endpoint, _ in listeners if endpoint.path]
         endpoints = await self.serve(listeners)
@@ -295,11 +298,13 @@ def security_from_args(args: object) -> Security:
     """The Security of ``serve``'s options (viowire.options.add_serve_security_options)."""
     from viowire import tls
 
-    context = None
+    context = peer_tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise UsageError("TLS needs both --tls-cert FILE and --tls-key FILE")
         context = tls.server_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+        # --link connect=tls://: the same certificate, and the same CA for the peer's
+        peer_tls = tls.client_context(args.tls_client_ca, args.tls_cert, args.tls_key)
     elif args.tls_client_ca:
         raise UsageError("--tls-client-ca needs a tls:// listener with --tls-cert and --tls-key")
     try:
@@ -310,6 +315,7 @@ def security_from_args(args: object) -> Security:
         token=token,
         tls=context,
         client_certs=bool(args.tls_client_ca),
+        peer_tls=peer_tls,
         insecure=args.insecure,
         socket_mode=args.socket_mode,
     )

@@ -45,6 +45,7 @@ from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, o
 from viowire.server.metrics import SERVER
 from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
+from viowire.tls import channel_binding
 from viowire.trace import recorder as wiretrace
 from viowire.trace.format import End, Event
 from viowire.virtio.constants import Reg
@@ -558,7 +559,8 @@ class ServerSession(asyncio.Protocol):
     def _on_auth(self, frame: Frame, msg: m.Auth) -> None:
         proof = self._shm_proof
         try:
-            reply = self.handshake.receive_auth(msg, proof.secret if proof is not None else None)
+            secret = proof.secret if proof is not None else None
+            reply = self.handshake.receive_auth(msg, secret, channel_binding(self.transport))
         except HandshakeError as exc:
             if not exc.fatal:
                 raise ProtocolFault(exc.code, str(exc)) from None
