@@ -186,6 +186,65 @@ def test_tls_and_token_from_the_command_line_on_both_loops(pki, tmp_path, client
         assert "requires a token: give --token-file FILE or set VIOWIRE_TOKEN" in result.stderr
 
 
+# == the token's proof, bound to the TLS connection ==============================================
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def relay(target: str, terminate: ssl.SSLContext | None, ca: str):
+    """A man in the middle on 127.0.0.1 that passes bytes on to ``target`` (a tls:// URL). With
+    ``terminate`` it ends the client's TLS with that context (a certificate the client trusts)
+    and opens its own TLS to the server, seeing and relaying every frame, AUTH included;
+    without, it relays the TLS bytes themselves (a TCP proxy: TLS stays end to end)."""
+    host, port = target.removeprefix("tls://").rsplit(":", 1)
+    upstream = tls.client_context(ca) if terminate is not None else None
+    pumps: set[asyncio.Task] = set()
+
+    async def relay_one(reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection(
+            host, int(port), ssl=upstream, server_hostname=host if upstream else None
+        )
+        for pair in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(_pump(*pair))
+            pumps.add(task)
+            task.add_done_callback(pumps.discard)
+
+    listener = await asyncio.start_server(relay_one, "127.0.0.1", 0, ssl=terminate)
+    try:
+        yield f"tls://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    finally:
+        listener.close()
+        for task in list(pumps):
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await listener.wait_closed()
+
+
+async def test_a_relay_that_terminates_tls_cannot_pass_the_token_proof_on(pki):
+    """The client's AUTH is made for its TLS connection to the relay, and the server checks it
+    on the relay's connection to it: another channel binding, so AUTH_FAILED, although the relay
+    changed no byte. The same relay without terminating TLS (a TCP proxy) lets the client in:
+    what fails the first is the binding, not the relay."""
+    context = tls.server_context(pki["server"] + ".pem", pki["server"] + ".key")
+    credentials = ClientCredentials(token=TOKEN, tls_ca=pki["ca"] + ".pem")
+    async with started(["tls://127.0.0.1:0"], Security(token=TOKEN, tls=context)) as server:
+        target = url_of(server, "tls")
+        async with relay(target, None, pki["ca"] + ".pem") as proxy:
+            await works(proxy, credentials)
+        async with relay(target, context, pki["ca"] + ".pem") as mitm:
+            with pytest.raises(AuthError, match="bound to the TLS connection"):
+                await connect(mitm, credentials=credentials)
+        await works(target, credentials)  # and the server goes on
+
+
 # == the token ==================================================================================
 @pytest.fixture
 async def token_server(tmp_path):

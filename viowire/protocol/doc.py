@@ -149,19 +149,39 @@ sends MEM_READ / MEM_WRITE (proxied memory) and IRQ events.
    ERROR UNSUPPORTED instead.
 3. If `auth` has TOKEN, the client's next request must be AUTH, proving that it holds the
    shared-secret token without sending it: `mac` = HMAC-SHA256(token, "viowire-auth client\\0"
-   ‖ server nonce ‖ client nonce), with 32 fresh random bytes of its own as `nonce`. The server
-   answers AUTH_REPLY with its own proof, HMAC-SHA256(token, "viowire-auth server\\0" ‖ server
-   nonce ‖ client nonce), which the client checks (so it knows the server holds the token too).
-   A wrong `mac`, or any other request before AUTH, gets ERROR AUTH_FAILED (as a reply to that
-   request) and the connection is closed. The server builds no device of the session before
-   the token is proven. A recorded AUTH is worth nothing on another connection: the server's
-   nonce is new each time. The token travels nowhere; TLS protects the rest of the traffic.
+   ‖ server nonce ‖ client nonce ‖ binding), with 32 fresh random bytes of its own as `nonce`.
+   The server answers AUTH_REPLY with its own proof, HMAC-SHA256(token, "viowire-auth
+   server\\0" ‖ server nonce ‖ client nonce ‖ binding), which the client checks (so it knows the
+   server holds the token too). `binding` is the TLS channel binding below, and empty (no bytes
+   at all) on a connection without TLS. A wrong `mac`, or any other request before AUTH, gets
+   ERROR AUTH_FAILED (as a reply to that request) and the connection is closed. The server
+   builds no device of the session before the token is proven. A recorded AUTH is worth nothing
+   on another connection: the server's nonce is new each time. The token travels nowhere; TLS
+   protects the rest of the traffic.
 4. If `auth` is 0 the session is open with HELLO_REPLY. The client may still send AUTH (all-zero
    `mac`) as its first request after HELLO_REPLY, to claim MEMORY_SHM with the proof of
    section 4; AUTH at any other time gets ERROR BAD_STATE.
 5. Any other request before HELLO gets ERROR BAD_STATE, and so does a second HELLO. A peer that
    has not finished the handshake (HELLO, and AUTH where required) within 10 s is sent ERROR
    BAD_STATE and disconnected.
+
+**Channel binding.** Over TLS, `binding` ties both proofs to that one TLS connection, so that
+a man in the middle who terminates the client's TLS (with a certificate the client wrongly
+trusts) and opens his own to the server cannot relay the AUTH (the two connections' bindings
+differ, and the server answers AUTH_FAILED) nor the AUTH_REPLY. `binding` is the verify_data of
+the client's Finished message of the TLS handshake (a full handshake; of the server's Finished
+in a resumed one), as both ends' TLS libraries hold it once the handshake is done: under TLS 1.2
+this is RFC 5929 `tls-unique` (12 bytes); under TLS 1.3 it is the client's Finished verify_data
+(as long as the cipher suite's hash: 32 or 48 bytes). That is what Python 3.11's ssl module
+offers (`SSLObject.get_channel_binding("tls-unique")`, on either version; OpenSSL:
+`SSL_get_finished` at the client, `SSL_get_peer_finished` at the server). It has no RFC 5705
+keying-material exporter, so the binding RFC 9266 defines for TLS 1.3, `tls-exporter`, is out
+of its reach. The limits this leaves: RFC 8446 does not define `tls-unique` for TLS 1.3, so a
+peer in another language needs its TLS library's Finished message (Go's `TLSUnique` and
+rustls give none under TLS 1.3); under TLS 1.2 `tls-unique` is sound only with the extended
+master secret (RFC 7627), which OpenSSL negotiates by default but Python cannot confirm, so
+prefer TLS 1.3. A proxy that terminates TLS between client and server fails AUTH by design:
+end TLS in the server itself. Without a token (all-zero `mac`) there is nothing to bind.
 
 `host_id` is the 16 bytes of the kernel boot id (`/proc/sys/kernel/random/boot_id` parsed as a
 UUID), or 16 zero bytes when unknown. It is a hint for logs and for the server's choice to
@@ -170,7 +190,10 @@ offer a proof file; it proves nothing (a peer can echo the id HELLO_REPLY shows 
 **Version 2** (this one) added AUTH and AUTH_REPLY, the HELLO_REPLY fields `auth`, `nonce` and
 `shm_proof`, ERROR AUTH_FAILED and LIMIT_EXCEEDED (section 9), and grants MEMORY_SHM only on
 proof (section 4) instead of for equal host ids. HELLO's layout is unchanged, so a version 1
-peer is told, with ERROR UNSUPPORTED, which version the other side speaks.
+peer is told, with ERROR UNSUPPORTED, which version the other side speaks. Within version 2,
+before any release, the AUTH and AUTH_REPLY proofs gained their last input, `binding`: on
+connections without TLS it is empty and the proofs are as they were; over TLS a peer that
+leaves it out fails AUTH.
 
 ## 4. Guest memory
 

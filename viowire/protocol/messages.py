@@ -195,13 +195,14 @@ DOCS: dict[MsgType, str] = {
     MsgType.AUTH: "client → server, the first request after HELLO_REPLY: required when "
     "HELLO_REPLY auth has TOKEN, optional otherwise (to claim MEMORY_SHM). nonce = 32 fresh "
     'random bytes; mac = HMAC-SHA256(token, "viowire-auth client\\0" | server nonce | client '
-    "nonce), or 32 zero bytes without a token; shm_proof = the 32 bytes of the shm_proof file, or "
+    "nonce | binding), binding being the TLS channel binding (section 3; empty without TLS), or "
+    "32 zero bytes without a token; shm_proof = the 32 bytes of the shm_proof file, or "
     "32 zero bytes. A wrong or missing mac where TOKEN is required gets ERROR AUTH_FAILED and the "
     "connection is closed.",
     MsgType.AUTH_REPLY: "server → client. features = the session's features from now on (those "
     "of HELLO_REPLY, plus MEMORY_SHM if the shm_proof matched); mac = HMAC-SHA256(token, "
-    '"viowire-auth server\\0" | server nonce | client nonce) when TOKEN was required (the '
-    "client checks it: the server knows the token too), else 32 zero bytes.",
+    '"viowire-auth server\\0" | server nonce | client nonce | binding) when TOKEN was required '
+    "(the client checks it: the server knows the token too), else 32 zero bytes.",
     MsgType.ERROR: "reply to any request that failed, or to a POSTED request that failed "
     "(carrying its request_id). A MALFORMED_FRAME error is followed by closing the connection.",
     MsgType.OK: "empty reply to a request that succeeded and returns nothing.",
