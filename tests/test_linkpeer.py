@@ -15,12 +15,13 @@ import hashlib
 import hmac
 import logging
 import socket
+import ssl
 import struct
 
 import pytest
 from cli_run import serve, viowire
 from qemu import QEMU, needs_qemu
-from test_auth import pki  # noqa: F401 (a fixture: a CA, a server and a client certificate)
+from test_auth import pki, relay  # noqa: F401 (pki: a fixture, a CA and certificates)
 
 from viowire import auth, tls
 from viowire.auth import ClientCredentials
@@ -450,6 +451,60 @@ async def test_a_tls_link_refuses_a_connect_end_without_a_certificate_of_its_ca(
         # TLS 1.3 ends the client's handshake before the server checks its certificate: the
         # connect end may join, then learns of the refusal, and retries at its backoff's pace.
         assert cp.stats.connections <= 4
+
+
+async def test_a_relay_that_terminates_tls_cannot_join_a_token_link(pki, caplog):  # noqa: F811
+    """Between the two ends a relay with a certificate they trust ends each TLS connection and
+    passes every byte on: the preamble's proofs are bound to one TLS connection each, so the
+    listen end refuses the ANSWER and no frame crosses."""
+    caplog.set_level(logging.WARNING, logger="viowire.linkpeer")
+    context = tls.server_context(pki["server"] + ".pem", pki["server"] + ".key")
+    listener = LinkPeer(LinkSpec("lr-l", "listen", "tls://127.0.0.1:0"),
+                        security=Security(token=TOKEN, tls=context))  # fmt: skip
+    got: list[bytes] = []
+    port = links.attach("lr-l", "test port", got.append)
+    await listener.start()
+    try:
+        async with relay(str(listener.endpoint).replace("tcp://", "tls://"), context,
+                         pki["ca"] + ".pem") as mitm:  # fmt: skip
+            connect = Security(token=TOKEN, peer_tls=tls.client_context(pki["ca"] + ".pem"))
+            connector = LinkPeer(LinkSpec("lr-c", "connect", mitm), security=connect)
+            await connector.start()
+            try:
+                await wait_until(lambda: listener.stats.refused >= 1)
+            finally:
+                await connector.close()
+        assert "bound to the TLS connection" in caplog.text
+        assert got == [] and listener.stats.connections == connector.stats.connections == 0
+    finally:
+        await listener.close()
+        links.release(port)
+
+
+async def test_a_connect_end_refuses_a_listener_its_ca_did_not_sign(pki, caplog):  # noqa: F811
+    caplog.set_level(logging.WARNING, logger="viowire.linkpeer")
+    listen = Security(tls=tls.server_context(pki["server"] + ".pem", pki["server"] + ".key"))
+    wrong_ca = Security(peer_tls=tls.client_context(pki["other-ca"] + ".pem"))
+    async with joined("tls://127.0.0.1:0", listen, wrong_ca, "wrong-ca") as (lp, cp, _, _):
+        await wait_until(lambda: "certificate verify failed" in caplog.text)
+        assert not lp.peers and lp.stats.connections == cp.stats.connections == 0
+
+
+def test_serve_options_give_a_tls_link_both_ends_contexts(pki):  # noqa: F811
+    """--tls-cert/--tls-key/--tls-client-ca as serve parses them: the listen end's context
+    asks for client certificates, the connect end's checks the peer and its name."""
+    from viowire.cli import build_parser
+    from viowire.server.app import security_from_args
+
+    args = build_parser().parse_args(
+        ["serve", "--tls-cert", pki["server"] + ".pem", "--tls-key", pki["server"] + ".key",
+         "--tls-client-ca", pki["ca"] + ".pem"]
+    )  # fmt: skip
+    security = security_from_args(args)
+    assert security.tls.verify_mode == ssl.CERT_REQUIRED and security.client_certs
+    assert security.peer_tls.verify_mode == ssl.CERT_REQUIRED and security.peer_tls.check_hostname
+    for spec in ("lan,listen=tls://0.0.0.0:7100", "lan,connect=tls://192.0.2.1:7100"):
+        LinkPeer(LinkSpec.parse(spec), security=security).check()  # checks only: binds nothing
 
 
 # -- the rule: no link anyone could join --------------------------------------------------------

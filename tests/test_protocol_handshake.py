@@ -159,9 +159,12 @@ def test_the_proofs_over_tls_are_the_documented_hmacs_of_the_binding():
     assert answer.mac == expected.digest()
     assert client.receive_auth_reply(wire(answer, flags=int(m.Flags.REPLY))) == server.features
     # Without TLS the binding is empty, and the proof is the one of version 2 before binding.
-    assert auth.client_mac(TOKEN, b"s" * 32, b"c" * 32) == hmac.new(
-        TOKEN, b"viowire-auth client\x00" + b"s" * 32 + b"c" * 32, hashlib.sha256
-    ).digest()
+    assert (
+        auth.client_mac(TOKEN, b"s" * 32, b"c" * 32)
+        == hmac.new(
+            TOKEN, b"viowire-auth client\x00" + b"s" * 32 + b"c" * 32, hashlib.sha256
+        ).digest()
+    )
 
 
 def test_a_proof_made_for_another_tls_connection_is_refused():

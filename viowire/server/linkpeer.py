@@ -399,7 +399,7 @@ class PeerConnection(asyncio.Protocol):
             links.release(self.port)
             self.port = None
         self.owner.peers.discard(self)
-        self.owner.pending.discard(self)
+        self.owner.open_conns.discard(self)
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -425,7 +425,7 @@ class LinkPeer:
         self.preamble_timeout = preamble_timeout
         self.stats = PeerStats()
         self.peers: set[PeerConnection] = set()  # open now and joined to the link
-        self.pending: set[PeerConnection] = set()  # open now, in the preamble or joined
+        self.open_conns: set[PeerConnection] = set()  # open now, in the preamble or joined
         self.endpoint: Endpoint | None = None  # where it listens (a port 0 resolved)
         self._server: asyncio.base_events.Server | None = None
         self._path: str | None = None
@@ -491,7 +491,7 @@ class LinkPeer:
 
     def _connection(self) -> PeerConnection:
         conn = PeerConnection(self)
-        self.pending.add(conn)
+        self.open_conns.add(conn)
         return conn
 
     async def _listen(self) -> None:
@@ -565,7 +565,7 @@ class LinkPeer:
                 await self._task
         if self._server is not None:
             self._server.close()
-        for conn in list(self.pending):
+        for conn in list(self.open_conns):
             if conn.transport is not None:
                 conn.transport.abort()
         if self._server is not None:
