@@ -117,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME,listen=URL|NAME,connect=URL[,auth=token|none]",
         help="join in-server link NAME with another server's (or a QEMU -netdev stream) over "
-        "tcp://HOST:PORT or unix:///PATH, with QEMU's stream framing; connect= retries "
-        "(repeatable)",
+        "tcp://HOST:PORT, tls://HOST:PORT or unix:///PATH, with QEMU's stream framing; "
+        "connect= retries (repeatable). auth=token (the default with a token) proves the token "
+        "both ways before the first frame; auth=none for QEMU, which cannot. A non-loopback "
+        "address needs a token or TLS certificates, or --insecure (docs/containers.md)",
     )
     serve.add_argument(
         "--list-devices",

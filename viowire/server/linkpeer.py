@@ -471,14 +471,12 @@ class LinkPeer:
         if auth.exposed(
             endpoint, proven=self.token is not None or tls_proves, insecure=security.insecure
         ):
-            doing = (
-                f"listen on {spec.url} for"
-                if spec.mode == "listen"
-                else f"connect to {spec.url} for"
-            )
+            verb, who = ("listen on", "anyone who reaches it")
+            if spec.mode == "connect":
+                verb, who = ("connect to", "whoever answers there")
             raise UsageError(
-                f"refusing to {doing} link {spec.name} without authentication (anyone who "
-                "reaches it could put frames on the link): give both servers the same token "
+                f"refusing to {verb} {spec.url} for link {spec.name} without authentication "
+                f"({who} could put frames on the link): give both servers the same token "
                 f"(--token-file FILE or {auth.TOKEN_ENV}; links then default to auth=token), "
                 "or use tls:// (for listen=, with --tls-client-ca), or say --insecure"
             )
