@@ -655,6 +655,8 @@ def test_links_from_the_config_file(tmp_path):
         '[[link]]\nname = "lan"\nconnect = "tcp://127.0.0.1:7100"\n'
     )
     assert from_toml(str(config)) == [LinkSpec("lan", "connect", "tcp://127.0.0.1:7100")]
+    config.write_text('[[link]]\nname = "q"\nlisten = "unix:///run/q.sock"\nauth = "none"\n')
+    assert from_toml(str(config)) == [LinkSpec("q", "listen", "unix:///run/q.sock", "none")]
     config.write_text('[[link]]\nname = "lan"\nlisten = "x"\nconnect = "y"\n')
     result = viowire("serve", "--config", str(config), "--listen", f"unix://{tmp_path}/s.sock")
     assert result.returncode == 2 and "one of listen= or connect=" in result.stderr
