@@ -7,8 +7,8 @@ temporary directory with /tmp/ moved into it, against servers of the test's own 
 becomes a free port, 0.0.0.0 becomes 127.0.0.1: no test listens beyond loopback), and load's
 --duration is cut to 1 s, and its --sessions and --devices from 20 up to a tenth (the README's
 40 sessions of 250 devices become 4 of 250: what a session brings up stays as written; 10,000
-devices took 14 s here, 30 s on busy cores). The listings of docs/devices.md and the README's Python example are
-tests/test_docs_devices.py's and tests/test_readme.py's.
+devices took 14 s here, 30 s on busy cores). The listings of docs/devices.md and the README's
+Python example are tests/test_docs_devices.py's and tests/test_readme.py's.
 """
 
 from __future__ import annotations
