@@ -11,8 +11,10 @@
 - **Nothing left behind.** After the last test, the run fails if a test left a process (the
   pytest process is made a child subreaper, so a server's orphaned workers count too), a
   temporary file or directory outside pytest's ``tmp_path``, a ``/dev/shm/viowire-*`` segment,
-  a mount, a network namespace, a network interface or a Docker container. Each is reported
-  with the test during which it appeared; processes are then killed and temporary files removed.
+  a mount, a network namespace, a network interface or a Docker container, or changed the
+  host's forwarding switches or firewall rules (a Docker engine a test starts sets both). Each
+  is reported with the test during which it appeared; processes are then killed and temporary
+  files removed.
   To tell its temporary files apart from other programs', the run gets a ``TMPDIR`` of its own.
 
 conftest.py installs it (:func:`install`); ``-p no:viowire_guards`` turns it off.
@@ -42,6 +44,7 @@ import pytest
 NAME = "viowire_guards"
 SETTLE = 3.0  # seconds for processes a test has just signalled to exit, at the end of the run
 PR_SET_CHILD_SUBREAPER = 36
+NETNS_DIRS = ("/run/netns", "/var/run/netns")  # where `ip netns` mounts namespaces
 
 
 def in_ci() -> bool:
@@ -204,6 +207,27 @@ def _containers() -> set[str] | None:
     return set(result.stdout.split()) if result.returncode == 0 else None
 
 
+def _host_network() -> set[str]:
+    """IP forwarding and the firewall rules (packet counters left out), one line each."""
+    state = set()
+    for name in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
+        with contextlib.suppress(OSError), open(f"/proc/sys/net/{name}") as f:
+            state.add(f"{name} = {f.read().strip()}")
+    for tool in ("iptables-save", "ip6tables-save"):
+        path = shutil.which(tool, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+        if path is None or os.geteuid() != 0:
+            continue
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            out = subprocess.run(
+                [path], capture_output=True, text=True, timeout=20, check=False,
+                stdin=subprocess.DEVNULL,
+            ).stdout  # fmt: skip
+            for line in out.splitlines():
+                if line and not line.startswith("#"):
+                    state.add(f"{tool}: {line.split(' [')[0]}")
+    return state
+
+
 @dataclass
 class Leftover:
     kind: str
@@ -228,6 +252,7 @@ class SuiteGuards:
     known_pids: set[int] = field(default_factory=set)
     baseline: set[tuple[str, str]] = field(default_factory=set)
     containers: set[str] | None = None
+    host_network: set[str] = field(default_factory=set)
     first_seen: dict[tuple[str, str], str] = field(default_factory=dict)
     leftovers: list[Leftover] = field(default_factory=list)
     asyncio_errors: AsyncioErrors = field(default_factory=AsyncioErrors)
@@ -270,6 +295,7 @@ class SuiteGuards:
         self.tmpdir = _own_tmpdir(session.config)
         self.baseline = self.snapshot()
         self.containers = _containers()
+        self.host_network = _host_network()
         logging.getLogger("asyncio").addHandler(self.asyncio_errors)
 
     @pytest.hookimpl(wrapper=True)
@@ -343,11 +369,13 @@ class SuiteGuards:
                 write(str(leftover))
             write(
                 "a test must end what it starts: processes (and their process groups), "
-                "temporary files outside tmp_path, mounts, namespaces, interfaces, containers"
+                "temporary files outside tmp_path, mounts, namespaces, interfaces, containers, "
+                "firewall rules and forwarding switches"
             )
 
     # -- the end of the run -----------------------------------------------------------------
     def _collect_leftovers(self) -> list[Leftover]:
+        self._unmount_netns_dir()
         deadline = time.monotonic() + SETTLE
         while any(kind == "process" for kind, _ in self.snapshot() - self.baseline):
             if time.monotonic() > deadline:
@@ -362,7 +390,19 @@ class SuiteGuards:
                 Leftover("container", name, None)
                 for name in sorted((_containers() or set()) - self.containers)
             ]
+        now = _host_network()
+        found += [Leftover("host network, new", s, None) for s in sorted(now - self.host_network)]
+        found += [Leftover("host network, gone", s, None) for s in sorted(self.host_network - now)]
         return found
+
+    def _unmount_netns_dir(self) -> None:
+        """The first ``ip netns add`` on a machine makes /run/netns a mount point (shared, so
+        that namespaces mounted there are seen everywhere) and iproute2 never removes it: on a
+        fresh machine the run made it, and unmounts it when no namespace is left there."""
+        for path in NETNS_DIRS:
+            if ("mount", path) not in self.baseline and path in _mounts() and not _listdir(path):
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    subprocess.run(["umount", path], capture_output=True, timeout=20, check=False)
 
     def _clean_up(self) -> None:
         """Kill what is left, reap every child, and remove the run's TMPDIR."""

@@ -608,23 +608,38 @@ def test_netpeers_ping_each_other_here_in_network_namespaces(tmp_path, monkeypat
 
 COMPOSE_TEST = ROOT / "scripts" / "compose-test"
 COMPOSE_TEST_TIMEOUT = 600  # about 85 s from nothing on 2 busy cores; the base image is most
+CANNOT_RUN_HERE = 77  # compose-test's exit status when this machine cannot run it
+ENGINE_STATUS = (
+    Path(os.environ.get("VIOWIRE_CACHE") or Path.home() / ".cache" / "viowire") / "docker-engine"
+)  # what scripts/install-test-tools wrote: "ok", or why the engine was not installed
+
+
+def engine_install_note() -> str:
+    try:
+        status = ENGINE_STATUS.read_text().strip()
+    except OSError:
+        return "scripts/install-test-tools has not been run here (it installs docker.io)"
+    return "" if status == "ok" else f"scripts/install-test-tools: {status}"
 
 
 def compose_test_args() -> list[str] | str:
     """How scripts/compose-test can run here (its arguments), or why it cannot."""
-    if os.environ.get("VIOWIRE_COMPOSE_TEST") != "1":
-        return (
-            "VIOWIRE_COMPOSE_TEST=1 runs it (about 85 s; it fetches a base image from the apt "
-            "mirror and wheels from the package index while it runs)"
-        )
+    if os.environ.get("VIOWIRE_COMPOSE_TEST") == "0":
+        return "VIOWIRE_COMPOSE_TEST=0 turns it off"
     if docker_compose() is None:
         return "no docker-compose (scripts/install-test-tools installs it)"
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode == 0:
         return []  # an engine runs here: use it
-    tools = [t for t in ("dockerd", "mmdebstrap") if shutil.which(t, path="/usr/sbin:/usr/bin")]
-    if len(tools) < 2 or os.geteuid() != 0:
-        return "no Docker engine, and no root with dockerd and mmdebstrap to start one"
+    missing = [
+        t for t in ("dockerd", "mmdebstrap") if not shutil.which(t, path="/usr/sbin:/usr/bin")
+    ]
+    if missing or os.geteuid() != 0:
+        why = f"{' and '.join(missing)} not installed" if missing else "not root"
+        note = engine_install_note()
+        return f"no Docker engine runs here, and none can be started ({why})" + (
+            f"; {note}" if note else ""
+        )
     if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "0":
         return "IPv4 forwarding is on: compose-test starts no engine then (packets could leave)"
     return ["--engine"]
@@ -633,7 +648,9 @@ def compose_test_args() -> list[str] | str:
 @pytest.mark.timeout(COMPOSE_TEST_TIMEOUT + 90)
 def test_the_services_run_on_a_real_docker_engine():
     """Build, up with two load clients and two netpeers, conform + load + the netpeers' ping
-    across containers pass, down, nothing left (the script checks each; see its header)."""
+    across containers pass, down, nothing left (the script checks each; see its header). Runs
+    wherever an engine runs or can be started (root, dockerd, mmdebstrap: scripts/install-test-
+    tools installs them within a time budget); skips, saying why, only where neither holds."""
     args = compose_test_args()
     if isinstance(args, str):
         pytest.skip(args)
@@ -657,8 +674,14 @@ def test_the_services_run_on_a_real_docker_engine():
                 proc.wait()
         pytest.fail(f"compose-test took more than {COMPOSE_TEST_TIMEOUT} s:\n{out}")
     print(out)
+    if proc.returncode == CANNOT_RUN_HERE:
+        reason = out.strip().splitlines()[-1].removeprefix("compose-test: ")
+        note = engine_install_note()
+        pytest.skip(reason + (f"; {note}" if note else ""))
     assert proc.returncode == 0, out
-    assert re.search(r"_conform_1: 5 device\(s\), \d+ checks: .* 0 FAIL", out), out
+    devices = argv(compose()["services"]["server"]["command"]).count("--device")
+    conform = rf"_conform_1: {devices} device\(s\), \d+ checks: .* 0 FAIL"
+    assert re.search(conform, out), out
     assert len(re.findall(r"_load_\d+: result +OK", out)) == 2, out
     assert len(re.findall(r"_netpeer_\d+: netpeer: .* 0% packet loss", out)) == 2, out
     assert out.rstrip().endswith("compose-test: OK"), out

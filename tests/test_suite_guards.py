@@ -27,9 +27,15 @@ def pytest_configure(config):
 
 
 def run_pytest(
-    tmp_path: Path, tests: str, *args: str, ci: bool, allowlist: str = ""
+    tmp_path: Path,
+    tests: str,
+    *args: str,
+    ci: bool,
+    allowlist: str = "",
+    prefix: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """pytest on a project of one test file, with this suite's conftest guards."""
+    """pytest on a project of one test file, with this suite's conftest guards; ``prefix``: a
+    command to run it under (a namespace of its own)."""
     project = tmp_path / "project"
     (project / "tests").mkdir(parents=True)
     (project / "pyproject.toml").write_text(
@@ -46,6 +52,7 @@ def run_pytest(
     basetemp = str(tmp_path / "basetemp")
     return subprocess.run(
         [
+            *prefix,
             sys.executable,
             "-m",
             "pytest",
@@ -181,6 +188,32 @@ def test_a_clean_run_passes(tmp_path):
     assert "left behind" not in result.stdout
 
 
+HOST_NETWORK = """
+import subprocess
+
+def test_turns_forwarding_on():
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1")
+
+def test_adds_a_firewall_rule():
+    subprocess.run(["iptables", "-A", "INPUT", "-s", "10.203.99.1", "-j", "DROP"], check=True)
+"""
+
+
+def test_a_forwarding_switch_or_firewall_rule_changed_fails_the_run(tmp_path):
+    """What a Docker engine changes on the host (and compose-test's own engine must not), in a
+    network namespace of the run's own: the host's are not touched."""
+    from netns import require_netns
+
+    require_netns("iptables")
+    result = run_pytest(tmp_path, HOST_NETWORK, ci=False, prefix=("unshare", "--net"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    left = result.stdout.split("left behind by the tests", 1)[1]
+    assert "host network, new: ipv4/ip_forward = 1" in left
+    assert "host network, gone: ipv4/ip_forward = 0" in left
+    assert re.search(r"host network, new: iptables-save: -A INPUT -s 10.203.99.1/32 -j DROP", left)
+
+
 LOST = """
 import asyncio
 
@@ -228,10 +261,10 @@ def test_a_hang_fails_with_its_traceback_and_the_run_goes_on(tmp_path, ci):
     and the tests after it still run."""
     result = run_pytest(
         tmp_path, HANGS, "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path / "project"),
-        "-o", "timeout=1", ci=ci,
+        "-o", "timeout=0.5", ci=ci,
     )  # fmt: skip
     assert result.returncode == 1, result.stdout
     assert "2 failed, 1 passed" in result.stdout
-    assert result.stdout.count("Failed: Timeout (>1.0s) from pytest-timeout.") == 2
+    assert result.stdout.count("Failed: Timeout (>0.5s) from pytest-timeout.") == 2
     assert "time.sleep(3600)" in result.stdout  # the line that hung, in the traceback
     assert "await asyncio.Event().wait()" in result.stdout

@@ -114,7 +114,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-loss",
         action="store_true",
-        help="frames a link dropped (a receiver without a free buffer) are counted, not errors",
+        help="frames a link dropped are counted, not errors: for a link busy with other "
+        "traffic, which can fill a receiver's backlog (without it a lost frame is an error)",
     )
     parser.add_argument(
         "--depth",

@@ -27,9 +27,20 @@ flow has at most that many frames on the way. Frames enter the transmit ring in 
   wrong length: verify errors;
 - its sequence number: one below the next expected is ``verify:net-order`` (reordered or
   duplicated); one above it means the frames in between were dropped: *lost*, as is a frame
-  not received within ``--timeout``. A link drops frames once a receiver's backlog is full
-  (its driver does not post buffers again fast enough), as a NIC does, so losses are counted
-  apart from errors; ``--allow-loss`` says they are not errors.
+  not received within ``--timeout``. Losses are counted apart from errors, and are errors too
+  unless ``--allow-loss``.
+
+Why a lost frame is an error by default: a user reads errors as "something is wrong", and on a
+link that only the load keeps busy nothing should be lost. A frame that finds its receiver's
+ring empty waits there for the driver to post buffers again (as QEMU holds it), and the link
+drops a frame only when that backlog (``queue_num_max`` frames per receive queue) is full; a
+load flow has at most ``--depth`` frames on the way, and its receiver reads all the time, so
+its own frames never fill it, nor does light traffic beside it (the compose file's conform and
+netpeers on the load's link). A loss there means a device or link lost a frame it should have
+kept. Only a link that others flood faster than a receiver reads can drop by design, as a NIC's
+full ring does: ``--allow-loss`` is for that. (The compose test's load clients once lost a frame
+per flow: the device dropped a frame that found the ring empty; tests/test_load_net.py's
+bursts test reproduces that without Docker.)
 """
 
 from __future__ import annotations
