@@ -19,7 +19,8 @@ flood and this process are three processes.
 
 The figures of a run, in milliseconds: ``first`` (the attempt started as the flood begins to
 connect: the server accepts its connections and builds their sessions meanwhile), ``p50``,
-``p99`` and ``max`` of every attempt; ``idle``, the best of the attempts before the flood. The
+``p99`` and ``max`` of every attempt (and when the worst began, seconds after the flood began
+to connect); ``idle``, the best of the attempts before the flood. The
 summary gives the median of the runs' figures; ``over`` counts attempts past issue 12's bar of
 100 ms, in all runs. With ``--baseline TREE`` the runs take turns between this checkout's server
 and the one imported from TREE (a directory holding a ``viowire`` package); flood and client are
@@ -79,6 +80,7 @@ async def probe_flood(url: str, connections: int, duration: float, every: float)
         stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )  # fmt: skip
     attempts: list[float] = []
+    starts: list[float] = []  # seconds after the flood began to connect
     failures: list[str] = []
     try:
         async with asyncio.timeout(duration + 60):
@@ -87,9 +89,11 @@ async def probe_flood(url: str, connections: int, duration: float, every: float)
             flooding = asyncio.ensure_future(flood.stdout.readline())
             ended = None
             while ended is None or not ended.done():
+                starts.append(time.perf_counter() - started)
                 try:
                     attempts.append(await fresh_client(url))
                 except Exception as exc:  # a failed attempt is a finding, reported
+                    starts.pop()
                     failures.append(f"{type(exc).__name__}: {exc}")
                 if ended is None and flooding.done():
                     connected = time.perf_counter() - started
@@ -109,12 +113,14 @@ async def probe_flood(url: str, connections: int, duration: float, every: float)
         "p99": percentile(ms, 99),
         "max": max(ms, default=float("nan")),
         "max_after_first": max(ms[1:], default=float("nan")),
+        "worst_at": starts[ms.index(max(ms))] if ms else float("nan"),
         "attempts": len(ms),
         "over": sum(t > BAR_MS for t in ms),
         "failures": failures,
         "connect_s": connected,
         "sent_bytes": sent,
         "ms": [round(t, 1) for t in ms],
+        "starts": [round(t, 3) for t in starts],
     }
 
 
@@ -167,7 +173,8 @@ def main() -> int:
                     print(
                         f"  {name:<8} run {n + 1}: first {result['first']:.1f} ms, p50 "
                         f"{result['p50']:.1f}, p99 {result['p99']:.1f}, max {result['max']:.1f} "
-                        f"(after the first {result['max_after_first']:.1f}), idle "
+                        f"({result['worst_at']:.2f} s in; after the first "
+                        f"{result['max_after_first']:.1f}), idle "
                         f"{result['idle']:.1f}; {result['attempts']} attempts, {result['over']} "
                         f"over {BAR_MS:g} ms, {len(result['failures'])} failed; connected in "
                         f"{result['connect_s'] * 1000:.0f} ms, {result['sent_bytes'] / 1e6:.0f} "
