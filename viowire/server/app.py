@@ -20,6 +20,7 @@ from viowire.options import UsageError
 from viowire.server.limits import Budget, Limits
 from viowire.server.linkpeer import LinkPeer, LinkSpec
 from viowire.server.platform import PlatformSpec
+from viowire.server.service import Started
 from viowire.server.session import HELLO_TIMEOUT, ServerSession, Turns
 from viowire.urls import Endpoint, is_loopback, parse_endpoint
 
@@ -190,7 +191,9 @@ class Server:
         FdSocketTransport(asyncio.get_running_loop(), conn, self._session(True))
 
     def _adopt_tcp(self, conn: socket.socket, tls: ssl.SSLContext | None) -> None:
-        """The loop's own transport for a TCP connection (TLS: once its handshake is done)."""
+        """The loop's own transport for a TCP connection (TLS: once its handshake is done).
+        Both loops build the transport before the coroutine first waits, so it is stepped here
+        at once: the connection is made in this turn of the loop, not a task's turn later."""
         conn.setblocking(False)
         loop = asyncio.get_running_loop()
         adopting = loop.connect_accepted_socket(
@@ -199,7 +202,14 @@ class Server:
             ssl=tls,
             ssl_handshake_timeout=HELLO_TIMEOUT if tls else None,
         )
-        task = loop.create_task(adopting)
+        try:
+            waiting_on = adopting.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:  # the loop has closed the socket
+            log.info("connection not adopted: %s", exc)
+            return
+        task = loop.create_task(Started(adopting, waiting_on))
         self._adopting.add(task)
         task.add_done_callback(self._adopted)
 
