@@ -206,8 +206,9 @@ class Server:
             waiting_on = adopting.send(None)
         except StopIteration:
             return
-        except Exception as exc:  # the loop has closed the socket
-            log.info("connection not adopted: %s", exc)
+        except Exception:  # before a transport owns it: only the protocol factory raises here
+            log.exception("an accepted connection could not be adopted; closed")
+            conn.close()
             return
         task = loop.create_task(Started(adopting, waiting_on))
         self._adopting.add(task)
