@@ -317,11 +317,13 @@ table has at most Queue Size descriptors (a longer walk is a loop), an indirect 
 32768 entries, and indirect tables do not nest. A ring or chain that breaks a rule puts its
 device in DEVICE_NEEDS_RESET; the session goes on.
 
-**Fairness.** The server answers a session's frames in slices of at most {slice}, as they
-arrive. A session with frames left after its slice waits its turn: the sessions with more to
-answer are served round-robin, at most {turn} slices per turn of the server's event loop. So
-however many clients pipeline thousands of requests, a turn stays short, and a session with a
-few frames to send is answered within about one turn. The server stops reading a session's
+**Fairness.** The server answers a session's frames in slices of at most {slice}. A read of
+at most {slice} frames is answered as it arrives; a session with more waits its turn: the
+sessions with more to answer are served round-robin, at most {turn} slices per turn of the
+server's event loop. So however many clients pipeline thousands of requests, a turn stays
+short, and a session with a few frames to send is answered within about one turn. A listener
+accepts up to {accepts} waiting connections per turn, so a new client's connection does not
+queue behind a burst of others for more than a few turns. The server stops reading a session's
 connection while frames it sent wait to be answered, and while its replies wait unsent above
 its transport's high-water mark (the client is not reading them): nothing more from that
 client is read or answered until it reads, and no other session is paused with it.
@@ -333,6 +335,7 @@ second, the next line let through saying how many were dropped.
 
 def _limits() -> str:
     # The server's defaults, read where they are defined (the doc generator may look anywhere).
+    from viowire.server.app import ACCEPTS_PER_TURN
     from viowire.server.limits import GIB, OPTIONS, Limits
     from viowire.server.session import SLICE_FRAMES, SLICES_PER_TURN
 
@@ -342,7 +345,12 @@ def _limits() -> str:
         value = getattr(defaults, option.field)
         shown = f"{value // GIB} GiB" if option.is_size and value % GIB == 0 else str(value)
         rows.append(f"| `{option.flag}` | {option.help} | {shown} |")
-    return LIMITS.format(limits_table="\n".join(rows), slice=SLICE_FRAMES, turn=SLICES_PER_TURN)
+    return LIMITS.format(
+        limits_table="\n".join(rows),
+        slice=SLICE_FRAMES,
+        turn=SLICES_PER_TURN,
+        accepts=ACCEPTS_PER_TURN,
+    )
 
 
 def _example() -> str:

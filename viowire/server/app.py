@@ -10,7 +10,9 @@ import os
 import socket
 import ssl
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from viowire import auth
 from viowire.fdsocket import FdSocketTransport
@@ -18,6 +20,7 @@ from viowire.options import UsageError
 from viowire.server.limits import Budget, Limits
 from viowire.server.linkpeer import LinkPeer, LinkSpec
 from viowire.server.platform import PlatformSpec
+from viowire.server.service import Started
 from viowire.server.session import HELLO_TIMEOUT, ServerSession, Turns
 from viowire.urls import Endpoint, parse_endpoint
 
@@ -25,6 +28,8 @@ log = logging.getLogger("viowire.server")
 ACCEPT_RETRY = 0.5  # seconds: how long to stop accepting when out of file descriptors
 SOCKET_MODE = 0o600  # a Unix socket is the server's user's alone unless told otherwise
 PROBE_TIMEOUT = 1.0  # seconds a live server has to accept the takeover probe
+ACCEPTS_PER_TURN = 64  # connections a listener accepts per turn of the event loop
+LISTEN_BACKLOG = 512  # connections the kernel holds until they are accepted
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,8 @@ class Server:
         self.turns = Turns()
         self.endpoints: list[Endpoint] = []
         self.sessions: set[ServerSession] = set()
-        self._tcp_servers: list[asyncio.base_events.Server] = []
-        self._unix_socks: list[tuple[socket.socket, str]] = []
+        self._listeners: list[tuple[socket.socket, Callable[[socket.socket], None]]] = []
+        self._adopting: set[asyncio.Task] = set()  # TCP connections becoming transports
         self._own_paths: list[str] = []
         self.link_peers = [LinkPeer(spec, security=self.security) for spec in links or ()]
 
@@ -116,9 +121,10 @@ class Server:
         """Accept on sockets bound already (by :func:`bind`, maybe in a parent process)."""
         for endpoint, sock in listeners:
             if endpoint.inet:
-                await self._serve_tcp(sock, self.security.tls if endpoint.scheme == "tls" else None)
+                tls = self.security.tls if endpoint.scheme == "tls" else None
+                self._listen(sock, partial(self._adopt_tcp, tls=tls))
             else:
-                self._serve_unix(sock, endpoint.path)
+                self._listen(sock, self._adopt_unix)
             self.endpoints.append(endpoint)
         return self.endpoints
 
@@ -149,64 +155,94 @@ class Server:
         session.connection_lost = connection_lost
         return session
 
-    async def _serve_tcp(self, sock: socket.socket, context: ssl.SSLContext | None) -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: self._session(False),
-            sock=sock,
-            ssl=context,
-            ssl_handshake_timeout=HELLO_TIMEOUT if context else None,
-        )
-        self._tcp_servers.append(server)
-
-    def _serve_unix(self, sock: socket.socket, path: str) -> None:
+    # -- accepting ---------------------------------------------------------------------------
+    # The listeners are accepted on here, not by loop.create_server: uvloop (libuv) accepts one
+    # connection per turn of the event loop, and under a flood a turn serves many slices, so a
+    # burst of connections (200 in issue 12's flood) queued for a second in the kernel, and a
+    # fresh client's connection waited behind them. Here every turn takes up to
+    # ACCEPTS_PER_TURN of them.
+    def _listen(self, sock: socket.socket, adopt: Callable[[socket.socket], None]) -> None:
         sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_unix, sock)
-        self._unix_socks.append((sock, path))
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock, adopt)
+        self._listeners.append((sock, adopt))
 
-    def _accept_unix(self, listener: socket.socket) -> None:
-        # Unix connections use our own transport so the guest's memfd can arrive by SCM_RIGHTS.
+    def _accept(self, listener: socket.socket, adopt: Callable[[socket.socket], None]) -> None:
         loop = asyncio.get_running_loop()
-        for _ in range(64):
+        for _ in range(ACCEPTS_PER_TURN):
             try:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 # EMFILE and friends: the listener stays readable, so watching it now would spin.
-                # Look away for a moment (TCP listeners: asyncio does the same).
+                # Look away for a moment (asyncio's own servers do the same).
                 log.warning("accept on %s failed: %s; retrying in %g s", listener.getsockname(),
                             exc, ACCEPT_RETRY)  # fmt: skip
                 loop.remove_reader(listener.fileno())
-                loop.call_later(ACCEPT_RETRY, self._resume_accepting, listener)
+                loop.call_later(ACCEPT_RETRY, self._resume_accepting, listener, adopt)
                 return
-            FdSocketTransport(loop, conn, self._session(True))
+            adopt(conn)
 
-    def _resume_accepting(self, listener: socket.socket) -> None:
-        if any(sock is listener for sock, _ in self._unix_socks) and listener.fileno() >= 0:
-            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept_unix, listener)
+    def _resume_accepting(
+        self, listener: socket.socket, adopt: Callable[[socket.socket], None]
+    ) -> None:
+        if any(sock is listener for sock, _ in self._listeners) and listener.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener, adopt)
+
+    def _adopt_unix(self, conn: socket.socket) -> None:
+        # Unix connections use our own transport so the guest's memfd can arrive by SCM_RIGHTS.
+        FdSocketTransport(asyncio.get_running_loop(), conn, self._session(True))
+
+    def _adopt_tcp(self, conn: socket.socket, tls: ssl.SSLContext | None) -> None:
+        """The loop's own transport for a TCP connection (TLS: once its handshake is done).
+        Both loops build the transport before the coroutine first waits, so it is stepped here
+        at once: the connection is made in this turn of the loop, not a task's turn later."""
+        conn.setblocking(False)
+        loop = asyncio.get_running_loop()
+        adopting = loop.connect_accepted_socket(
+            lambda: self._session(False),
+            conn,
+            ssl=tls,
+            ssl_handshake_timeout=HELLO_TIMEOUT if tls else None,
+        )
+        try:
+            waiting_on = adopting.send(None)
+        except StopIteration:
+            return
+        except Exception:  # before a transport owns it: only the protocol factory raises here
+            log.exception("an accepted connection could not be adopted; closed")
+            conn.close()
+            return
+        task = loop.create_task(Started(adopting, waiting_on))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopted)
+
+    def _adopted(self, task: asyncio.Task) -> None:
+        self._adopting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A peer's failed TLS handshake, or a connection gone before it was adopted: the
+            # loop has closed its socket.
+            log.info("connection not adopted: %s", task.exception())
 
     async def close(self) -> None:
         """Stop listening and close every session."""
         loop = asyncio.get_running_loop()
         for peer in self.link_peers:
             await peer.close()
-        for server in self._tcp_servers:
-            server.close()
-        for sock, _path in self._unix_socks:
+        for sock, _adopt in self._listeners:
             loop.remove_reader(sock.fileno())
             sock.close()
         for path in self._own_paths:  # a worker leaves the socket file to its supervisor
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        for task in list(self._adopting):
+            task.cancel()
+        await asyncio.gather(*self._adopting, return_exceptions=True)
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.close()
-        for server in self._tcp_servers:
-            await server.wait_closed()
         await asyncio.sleep(0)
-        self._tcp_servers.clear()
-        self._unix_socks.clear()
+        self._listeners.clear()
 
     async def __aenter__(self) -> Server:
         return self
@@ -244,7 +280,7 @@ def _bind(url: str, socket_mode: int = SOCKET_MODE) -> tuple[Endpoint, socket.so
         sock = socket.create_server(
             (endpoint.host, endpoint.port),
             family=socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET,
-            backlog=512,
+            backlog=LISTEN_BACKLOG,
             reuse_port=False,
         )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -258,7 +294,7 @@ def _bind(url: str, socket_mode: int = SOCKET_MODE) -> tuple[Endpoint, socket.so
     try:
         sock.bind(path)
         os.chmod(path, socket_mode)
-        sock.listen(512)
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         raise

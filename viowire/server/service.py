@@ -221,7 +221,7 @@ class QueueService:
         except StopIteration:
             return
         run.task = self._loop.create_task(
-            _Started(coro, waiting_on), name=f"{self.name} q{queue.index}"
+            Started(coro, waiting_on), name=f"{self.name} q{queue.index}"
         )
 
     async def _queue_task(self, queue: SplitVirtqueue, run: QueuePass) -> None:
@@ -387,7 +387,7 @@ class QueueService:
                     await self._complete_quietly(queue, memory, done, epoch)
                     raise
                 else:
-                    self._start_request(queue, epoch, chain, _Started(request, waiting_on))
+                    self._start_request(queue, epoch, chain, Started(request, waiting_on))
                     written = None
             self._check_epoch(queue, epoch)
             if written is not None and chain.memory is guarded:
@@ -484,7 +484,7 @@ class QueueService:
             waiting_on = publish.send(None)
         except StopIteration:
             return
-        task = self._loop.create_task(_Started(publish, waiting_on))
+        task = self._loop.create_task(Started(publish, waiting_on))
         requests = self._requests
         if requests is None:
             requests = self._requests = {}
@@ -599,7 +599,7 @@ class QueuePass:
         self.task: asyncio.Task[None] | None = None
 
 
-class _Started(collections.abc.Coroutine):
+class Started(collections.abc.Coroutine):
     """A coroutine that was started by hand and yielded ``waiting_on``, as a coroutine a task
     runs: the task's first step gets that yield (a future, or None for a bare yield), and what
     the task sends or throws afterwards goes on to the coroutine. A task cancelled before its

@@ -245,7 +245,21 @@ class ServerSession(asyncio.Protocol):
         if self.trace is not None:
             self.trace.received(data)
         self._read_frames(data)
+        if len(self._backlog) >= SLICE_FRAMES and self.reader.buffered:
+            # More than a slice in one read: a pipelining peer. It waits for its turn behind
+            # the others (Turns) instead of taking a slice now: when 200 peers start to flood
+            # in the same turn of the loop, that turn serves SLICES_PER_TURN slices, not 200.
+            self._wait_turn()
+            return
         self._schedule_slice()
+
+    def _wait_turn(self) -> None:
+        """Stop reading until the frames at hand are answered, a slice a turn (:class:`Turns`);
+        while the peer does not read its replies, resume_writing serves them instead."""
+        self._pause("backlog")
+        if not self._slice_scheduled and "writing" not in self._paused:
+            self._slice_scheduled = True
+            self.turns.add(self, self._loop)
 
     def _read_frames(self, data: bytes) -> None:
         """Cut at most a slice's worth of frames into the backlog; the rest of the read waits,
@@ -293,10 +307,7 @@ class ServerSession(asyncio.Protocol):
             return
         self._read_frames(b"")
         if backlog:
-            self._pause("backlog")
-            if "writing" not in self._paused:  # else resume_writing serves the rest
-                self._slice_scheduled = True
-                self.turns.add(self, self._loop)
+            self._wait_turn()
             return
         if self._fatal is not None:
             self._fail_connection(self._fatal.code, str(self._fatal))
