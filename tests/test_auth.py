@@ -457,16 +457,17 @@ def proof_files() -> set[str]:
 async def test_shm_is_refused_to_a_tcp_peer_that_only_echoes_the_host_id(server, shm_path):  # noqa: F811
     """The attack of issue 12: HELLO_REPLY shows the host id; echoing it grants nothing. A peer
     that cannot read the proof file (another host, another container's /dev/shm) keeps proxied."""
-    before = proof_files()
     peer = await RawPeer.connect(server, "tcp")
     try:
         reply = await peer.request(hello_msg(host_id=host_id()))
         assert reply.host_id == host_id() and not reply.features & m.ProtoFeature.MEMORY_SHM
-        assert reply.shm_proof in proof_files() - before
+        assert reply.shm_proof in proof_files()
         guess = auth.new_nonce()
         answer = await peer.request(m.Auth(nonce=bytes(32), mac=bytes(32), shm_proof=guess))
         assert not answer.features & m.ProtoFeature.MEMORY_SHM
-        assert proof_files() == before  # the proof file is gone once answered
+        # The session's own proof file is gone once answered: only it, as other test runs on the
+        # machine make and remove theirs in the same /dev/shm meanwhile.
+        assert reply.shm_proof not in proof_files()
         peer.session_id = reply.session_id
         segment = shm_segment(shm_path, owner=peer)
         await peer.request_error(

@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,33 @@ def test_demo_through_the_console_script():
     taken = re.findall(r"interrupts taken: (\d+)", result.stdout)
     assert len(taken) == 4 and all(int(n) >= 1 for n in taken), taken
     no_traceback(result)
+
+
+# What building the parser (every `viowire` process does) and serving must not import: the
+# verbs' implementations are imported by the verb that runs, the metrics library at a scrape.
+NOT_FOR_THE_PARSER = (
+    "viowire.client.connection", "viowire.perf.suite", "viowire.conform.runner",
+    "viowire.trace.show", "viowire.load.latency", "prometheus_client",
+)  # fmt: skip
+NOT_FOR_SERVING = ("viowire.client.connection", "viowire.perf.suite", "prometheus_client")
+
+
+def test_the_parser_and_a_server_import_only_what_they_use():
+    script = (
+        "import sys\n"
+        "from viowire import cli\n"
+        "cli.build_parser()\n"
+        "print(*sys.modules)\n"
+        "from viowire.server.app import Server\n"
+        "from viowire.server.platform import PlatformSpec\n"
+        "Server(PlatformSpec.default())\n"
+        "print(*sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+    parser, serving = (set(line.split()) for line in done.stdout.splitlines())
+    assert "viowire.cli" in parser and "viowire.server.app" in serving  # the lists are real
+    assert parser.isdisjoint(NOT_FOR_THE_PARSER), parser & set(NOT_FOR_THE_PARSER)
+    assert serving.isdisjoint(NOT_FOR_SERVING), serving & set(NOT_FOR_SERVING)

@@ -23,7 +23,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from viowire.perf import suite
+from viowire.perf.options import add_arguments
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,22 +33,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="benchmarks against bare baselines (spawns its own servers without a URL)",
         description=__doc__.split("\n\n")[0],
     )
-    suite.add_arguments(parser)
+    add_arguments(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the suite as ``args`` say (blocking; spawns and stops its own processes)."""
+    from viowire.perf import suite  # the client, server and codec it measures: only to run it
+
     return suite.main(args)
 
 
 async def run(args: argparse.Namespace) -> int:
     """``main`` for an event loop: the suite runs in a thread, its children in processes."""
-    return await asyncio.to_thread(suite.main, args)
+    return await asyncio.to_thread(main, args)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """``python -m viowire.bench [options] [URL]``."""
+    from viowire.perf import suite
+
     return suite.main(suite.parse(argv))
 
 

@@ -403,6 +403,8 @@ async def _start_metrics(url: str, server: Server) -> MetricsEndpoint:
 
 def _write_device_tree(spec, dts: str | None, dtb: str | None) -> None:
     """The platform as a board's device tree, for a guest kernel or another tool to read."""
+    if not (dts or dtb):
+        return
     from viowire.declarations import Declaration, build_dtb, build_dts
 
     windows = [Declaration(base, spec.window, irq) for base, irq, _ in spec.layout()]
@@ -567,9 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"viowire {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
-        from viowire.trace import recorder
+        if args.trace:
+            from viowire.trace import recorder
 
-        recorder.stop()
+            recorder.stop()
 
 
 def _cause(exc: OSError) -> str:
@@ -580,10 +583,10 @@ def _cause(exc: OSError) -> str:
 
 
 def _start_trace(args: argparse.Namespace) -> None:
-    from viowire.trace import recorder
-
     if not args.trace:
         return
+    from viowire.trace import recorder
+
     if args.command == "serve" and args.workers != 1:
         raise UsageError("--trace records one process: serve with --workers 1")
     if args.command == "trace":

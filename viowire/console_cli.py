@@ -20,11 +20,12 @@ import os
 import sys
 import termios
 import tty
+from typing import TYPE_CHECKING
 
-from viowire.client.drivers.console import ConsoleDriver, ConsolePort
-from viowire.client.target import devices, open_target
 from viowire.options import DEVICE_TYPE, OWN_SERVER_HELP, UsageError, add_target_options
-from viowire.virtio.constants import DeviceId, device_name
+
+if TYPE_CHECKING:  # imported when the command runs: every `viowire` command builds its parser
+    from viowire.client.drivers.console import ConsoleDriver, ConsolePort
 
 ESCAPE = 0x1D  # Ctrl-]
 ESCAPE_NAME = "^]"
@@ -64,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    from viowire.client.drivers.console import ConsoleDriver
+    from viowire.client.target import devices, open_target
+
     async with await open_target(args.url, memory=args.memory or "auto") as conn:
         platform = await devices(conn)
         info = _pick(platform, args.device, args.url)
@@ -93,6 +97,8 @@ async def _find_port(driver: ConsoleDriver, text: str) -> ConsolePort:
 
 
 def _pick(platform, device: str | list, url: str):
+    from viowire.virtio.constants import DeviceId, device_name
+
     consoles = [i for i, d in enumerate(platform) if d.device_id == DeviceId.CONSOLE]
     if not device:
         if not consoles:

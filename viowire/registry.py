@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import enum
 import importlib
-import importlib.metadata
 import logging
 import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from viowire.device import Device
+
+if TYPE_CHECKING:
+    import importlib.metadata
 
 log = logging.getLogger("viowire.registry")
 
@@ -87,6 +89,8 @@ def register(name: str, device_class: type[Device] | str) -> None:
 def entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     """The types installed packages offer (group ``viowire.devices``), by name, read afresh
     from ``sys.path`` each time: the first distribution that offers a name wins."""
+    import importlib.metadata  # only for a name that is not built in: it is slow to import
+
     found: dict[str, importlib.metadata.EntryPoint] = {}
     for entry in importlib.metadata.entry_points(group=GROUP):
         found.setdefault(entry.name, entry)

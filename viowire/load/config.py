@@ -7,7 +7,6 @@ import secrets
 from dataclasses import dataclass
 
 from viowire.load.frames import MIN_FRAME
-from viowire.load.timeseries import timeseries_format
 from viowire.options import UsageError
 from viowire.units import format_size, parse_size
 from viowire.virtio.blk import BLK_SECTOR_SIZE
@@ -126,6 +125,8 @@ class LoadConfig:
                 "--mix weighs the built-in blk, rng and net operations, --workload replaces them: "
                 "give one of the two"
             )
+        from viowire.load.timeseries import timeseries_format  # hdrh: for `viowire load` alone
+
         series = getattr(args, "timeseries", None)
         fmt = getattr(args, "timeseries_format", None)
         return cls(

@@ -9,5 +9,6 @@ event loop and socket kind, and reported as the ratio of the two (``stats``). Th
 - ``server``: the viowire server as a child process, with a timestamping entropy device;
 - ``memory``: server RSS per idle device, and its bare floor;
 - ``worker``: one client process per (event loop, socket kind) that runs the cases;
+- ``options``: the command's options (light: the ``viowire`` parser imports them);
 - ``suite``: spawns the processes, collects the results, prints the table or JSON, profiles.
 """

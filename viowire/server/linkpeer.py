@@ -30,7 +30,6 @@ import logging
 import os
 import ssl
 import struct
-import tomllib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -270,6 +269,8 @@ class LinkSpec:
 def from_toml(path: str) -> list[LinkSpec]:
     """The ``[[link]]`` tables of a serve --config file: ``name = "lan"`` and ``listen = URL``
     or ``connect = URL``, and optionally ``auth = "token"`` or ``"none"``, as ``--link``."""
+    import tomllib  # with --config alone
+
     with open(path, "rb") as f:
         entries = tomllib.load(f).get("link", [])
     if not isinstance(entries, list):

@@ -18,17 +18,14 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-
 from viowire.protocol import messages as m
 from viowire.server import link as links
 
+# prometheus_client is imported by the functions that build the families, at scrape time: a
+# server without --metrics never loads it (it is most of the import time of `viowire serve`).
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from viowire.device import Device
     from viowire.server.app import Server
 
@@ -151,6 +148,8 @@ class ServerCollector:
         yield from _server_families()
 
     def _gauges(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         sessions = list(self.server.sessions)
         yield GaugeMetricFamily("viowire_sessions", "Open sessions", value=len(sessions))
         # Every type this process has made a device of, zeros included: a series that comes
@@ -196,6 +195,8 @@ def _count_net(nets: dict[str, list[int]], backend: Device) -> None:
 def _net_families(nets: dict[str, list[int]]) -> Iterator[Metric]:
     """Net devices of the open sessions by link, and the links' switches: gauges, as both
     go when their devices go (a counter must never go down)."""
+    from prometheus_client.core import GaugeMetricFamily
+
     frames = GaugeMetricFamily(
         "viowire_net_frames",
         "Frames the open sessions' net devices sent (tx) and received (rx), by link",
@@ -229,6 +230,8 @@ def _net_families(nets: dict[str, list[int]]) -> Iterator[Metric]:
 
 
 def _queue_families() -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
     labels = ["type", "queue"]
     families = {
         "requests": CounterMetricFamily(
@@ -283,6 +286,8 @@ def _le(bound: float) -> str:
 
 
 def _type_families() -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
     failures = CounterMetricFamily(
         "viowire_device_failures",
         "Devices that entered DEVICE_NEEDS_RESET (a malformed ring, a request that raised)",
@@ -299,6 +304,8 @@ def _type_families() -> Iterator[Metric]:
 
 
 def _server_families() -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
     frames = CounterMetricFamily(
         "viowire_frames", "Protocol frames received and sent", labels=["direction"]
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +159,8 @@ class PlatformSpec:
     @classmethod
     def from_toml(cls, path: str | Path) -> PlatformSpec:
         """Read ``[platform]`` (base, stride, window, first_irq) and ``[[device]]`` tables."""
+        import tomllib  # with --config alone: it is a good part of `viowire serve`'s start-up
+
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:

@@ -6,10 +6,12 @@ import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from viowire.options import UsageError
-from viowire.protocol.messages import MsgType
-from viowire.trace import dissector, show
+
+if TYPE_CHECKING:  # imported when the command runs: every `viowire` command builds its parser
+    from viowire.trace import show
 
 
 def add_parser(sub) -> None:
@@ -50,6 +52,9 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
 
 
 def _selected(args: argparse.Namespace, trace: show.Trace) -> Iterator[show.Message]:
+    from viowire.protocol.messages import MsgType
+    from viowire.trace import show
+
     names = {name.upper().replace("-", "_") for name in args.type}
     unknown = sorted(names - set(MsgType.__members__))
     if unknown:
@@ -74,6 +79,8 @@ def _selected(args: argparse.Namespace, trace: show.Trace) -> Iterator[show.Mess
 
 
 async def run(args: argparse.Namespace) -> int:
+    from viowire.trace import dissector, show
+
     if args.trace_command == "dissector":
         sys.stdout.write(dissector.generate())
         return 0
