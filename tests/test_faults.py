@@ -53,6 +53,14 @@ async def settled(pid: int, fds: int) -> int:
     return fz.fd_count(pid)
 
 
+async def rss_within_slack(pid: int, rss0: int) -> int:
+    """The server's RSS, waiting (bounded) for the last sessions' teardown to free theirs."""
+    deadline = time.monotonic() + WAIT
+    while (rss := fz.rss_kib(pid)) - rss0 >= RSS_SLACK_KIB and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return rss
+
+
 async def test_a_thousand_aborted_sessions_leave_no_descriptor_or_memory_behind(tmp_path):
     with fz.serve(tmp_path) as served:
         pid = served.proc.pid
@@ -67,9 +75,15 @@ async def test_a_thousand_aborted_sessions_leave_no_descriptor_or_memory_behind(
             await asyncio.wait_for(abort_cycle(*kinds[i % 3], i), WAIT)
         elapsed = time.monotonic() - started
         fds1 = await settled(pid, fds0)
-        deadline = time.monotonic() + WAIT  # the last sessions' teardown may still be under way
-        while (rss1 := fz.rss_kib(pid)) - rss0 >= RSS_SLACK_KIB and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        rss1 = await rss_within_slack(pid, rss0)
+        if rss1 - rss0 >= RSS_SLACK_KIB:
+            # Over the slack once may be the allocator (an arena grown for one burst and kept);
+            # a leak grows again, by as much, over as many more cycles.
+            rss0 = rss1
+            for i in range(CYCLES):
+                await asyncio.wait_for(abort_cycle(*kinds[i % 3], i), WAIT)
+            fds1 = await settled(pid, fds0)
+            rss1 = await rss_within_slack(pid, rss0)
         print(
             f"{CYCLES} abort cycles in {elapsed:.1f} s: server fds {fds0} -> {fds1}, "
             f"RSS {rss0} -> {rss1} KiB"
