@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from viowire import tls
 from viowire.auth import AuthError, ClientCredentials
+from viowire.awaited import AwaitedRequests, Unmatched
 from viowire.client.guest import DEFAULT_RAM_BASE, DEFAULT_RAM_SIZE, GuestRAM
 from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.notify import DriverChannel
-from viowire.client.slots import Slots
 from viowire.fdsocket import FdSocketTransport
 from viowire.protocol import messages as m
 from viowire.protocol.codec import (
@@ -40,6 +40,7 @@ from viowire.protocol.codec import (
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.handshake import ClientHandshake, HandshakeError, Negotiated
 from viowire.protocol.hostid import host_id
+from viowire.protocol.outstanding import Outstanding
 from viowire.protocol.requests import client_ids
 from viowire.samehost import read_proof, segment_prefix
 from viowire.trace import recorder as wiretrace
@@ -71,12 +72,19 @@ _FD_SIDECAR = int(m.ProtoFeature.FD_SIDECAR)
 _IRQ, _MEM_READ = int(m.MsgType.IRQ), int(m.MsgType.MEM_READ)
 _MEM_REQUESTS = (_MEM_READ, int(m.MsgType.MEM_WRITE))
 MEMORY_MODES = ("auto", "shared", "proxied")
-WATCH_INTERVAL = 1.0  # how often requests are checked against REQUEST_TIMEOUT
 # Register accesses skip the message objects (the same bytes; tests/test_codec.py checks).
 _READ_REPLY = int(m.MsgType.MMIO_READ_REPLY)
 _READ_FRAME = named(frame_packer(m.MsgType.MMIO_READ), ("addr", "width"))
 _WRITE_FRAME = named(frame_packer(m.MsgType.MMIO_WRITE), ("addr", "width", "value"))
 _READ_REPLY_FIELDS = named(body_fields(m.MsgType.MMIO_READ_REPLY), ("value",))
+
+
+class _Label(str):
+    """A request's label that is also a mark: an MMIO_READ of :meth:`Connection.mmio_read`,
+    whose future takes the bare value (``request(MmioRead(...))`` gets the message)."""
+
+
+_MMIO_READ = _Label("MmioRead")
 
 
 class ProtocolError(Exception):
@@ -125,16 +133,13 @@ class Connection(asyncio.Protocol):
         self.memory_mode = ""
         self.ram: GuestRAM | None = None
         self.posted_errors: list[ProtocolError] = []
-        self._new_id = client_ids().next  # the id of each request we send
-        self._pending: dict[int, asyncio.Future] = {}
-        self._reads: dict[int, asyncio.Future] = {}  # MMIO reads: resolved with the bare value
-        # One watchdog for every request, not a timer each (a timer costs more than the rest of
-        # a register read's client work): request id -> (deadline, what it was).
-        self._deadlines: dict[int, tuple[float, str]] = {}
-        self._watchdog: asyncio.TimerHandle | None = None
-        # Requests awaiting replies, at most the session's max_inflight (HELLO sets it); more wait.
-        self.max_inflight = m.DEFAULT_MAX_INFLIGHT
-        self._inflight = Slots(self.max_inflight)
+        # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
+        # Requests awaiting replies, at most the session's max_inflight (HELLO sets it); more
+        # wait. Each has a future; one timer fails those past REQUEST_TIMEOUT.
+        table: Outstanding = Outstanding(client_ids(), m.DEFAULT_MAX_INFLIGHT, REQUEST_TIMEOUT)
+        self.outstanding = AwaitedRequests(self._loop, table, self._timed_out)
+        self._new_id = table.ids.next  # the id of a posted request: no reply is awaited
         self._irq_handlers: dict[int, Callable[[bool], None]] = {}
         self._devices: weakref.WeakSet = weakref.WeakSet()
         self._out: list[bytes] = []
@@ -149,8 +154,6 @@ class Connection(asyncio.Protocol):
         self.trace: wiretrace.Stream | None = None  # --trace: what this connection carries
         if (recorder := wiretrace.active()) is not None:
             self.trace = recorder.stream(End.CLIENT, peer=str(endpoint))
-        # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
-        self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -177,15 +180,7 @@ class Connection(asyncio.Protocol):
         error = ConnectionClosed(
             f"connection to {self.endpoint} closed" + (f": {exc}" if exc else "")
         )
-        for future in (*self._pending.values(), *self._reads.values()):
-            if not future.done():
-                future.set_exception(error)
-        self._pending.clear()
-        self._reads.clear()
-        self._deadlines.clear()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        self.outstanding.close(error)
         if not self._closed.done():
             self._closed.set_result(None)
         self._can_write.set()
@@ -205,6 +200,11 @@ class Connection(asyncio.Protocol):
     @property
     def closed(self) -> bool:
         return self._closed.done()
+
+    @property
+    def max_inflight(self) -> int:
+        """Requests that may await replies at once (as HELLO settled it); more wait."""
+        return self.outstanding.table.window
 
     # -- requests ------------------------------------------------------------------------------
     def _send(self, msg: object, request_id: int = 0, flags: int = 0, fds: list[int] | None = None):
@@ -270,15 +270,10 @@ class Connection(asyncio.Protocol):
 
     async def request(self, msg: object, *, fds: list[int] | None = None) -> object:
         """Send a request and await its reply; an ERROR reply raises :class:`ProtocolError`."""
-        if not self._inflight.take_now():
-            await self._inflight.take()
-        if self.closed:  # closed while waiting for a slot: nothing would ever answer
-            self._inflight.give()
+        if self.closed:
             raise ConnectionClosed(f"connection to {self.endpoint} is closed")
-        request_id = self._new_id()
-        future = self._loop.create_future()
-        self._pending[request_id] = future
-        self._watch(request_id, type(msg).__name__)
+        label = type(msg).__name__
+        request_id, future = self.outstanding.open_now(label) or await self.outstanding.open(label)
         try:
             if fds and self._sidecar is not None:
                 await self._send_on_sidecar(encode(msg, request_id, 0), fds)
@@ -286,32 +281,12 @@ class Connection(asyncio.Protocol):
                 self._send(msg, request_id, 0, fds)
             return await future
         finally:
-            self._pending.pop(request_id, None)
-            self._deadlines.pop(request_id, None)
-            self._inflight.give()
+            self.outstanding.release(request_id)
 
-    def _watch(self, request_id: int, what: str) -> None:
-        self._deadlines[request_id] = (self._loop.time() + REQUEST_TIMEOUT, what)
-        if self._watchdog is None:
-            self._watchdog = self._loop.call_later(WATCH_INTERVAL, self._check_deadlines)
-
-    def _check_deadlines(self) -> None:
-        """Fail the requests past REQUEST_TIMEOUT (within WATCH_INTERVAL of it)."""
-        self._watchdog = None
-        now = self._loop.time()
-        for request_id, (deadline, what) in list(self._deadlines.items()):
-            if deadline > now:
-                continue
-            del self._deadlines[request_id]
-            future = self._pending.get(request_id) or self._reads.get(request_id)
-            if future is not None and not future.done():
-                future.set_exception(
-                    ConnectionClosed(
-                        f"{self.endpoint} did not answer {what} within {REQUEST_TIMEOUT} s"
-                    )
-                )
-        if self._deadlines and not self.closed:
-            self._watchdog = self._loop.call_later(WATCH_INTERVAL, self._check_deadlines)
+    def _timed_out(self, label: str) -> Exception:
+        return ConnectionClosed(
+            f"{self.endpoint} did not answer {label} within {REQUEST_TIMEOUT} s"
+        )
 
     async def _send_on_sidecar(self, frame: bytes, fds: list[int]) -> None:
         """One packet with its descriptors. The reply comes on the connection, whose earlier
@@ -349,7 +324,9 @@ class Connection(asyncio.Protocol):
 
     def _complete(self, frame: Frame) -> None:
         request_id = frame.request_id
-        if frame.type == _READ_REPLY and (future := self._reads.get(request_id)) is not None:
+        awaited = self.outstanding.answer(request_id)
+        future = None if awaited.__class__ is Unmatched else awaited[1]
+        if frame.type == _READ_REPLY and future is not None and awaited[0] is _MMIO_READ:
             try:
                 (value,) = _READ_REPLY_FIELDS(frame.body)
             except struct.error:
@@ -362,7 +339,6 @@ class Connection(asyncio.Protocol):
             msg = decode_body(frame.type, frame.body)
         except DecodeError as exc:
             msg = m.Error(code=exc.code, message=f"undecodable reply: {exc}")
-        future = self._pending.get(request_id) or self._reads.get(request_id)
         if isinstance(msg, m.Error):
             error = ProtocolError(msg.code, msg.message)
             if future is not None and not future.done():
@@ -373,11 +349,11 @@ class Connection(asyncio.Protocol):
             if not request_id and not frame.flags & _REPLY:
                 # Fatal (the server closes now): every request waiting learns why, not just
                 # that the connection closed.
-                for waiting in (*self._pending.values(), *self._reads.values()):
-                    if not waiting.done():
-                        waiting.set_exception(error)
+                self.outstanding.fail_all(error)
         elif future is not None and not future.done():
             future.set_result(msg)
+        elif future is None:
+            log.debug("%s: a %s reply %#x dropped", self.endpoint, awaited.value, request_id)
 
     def _on_irq(self, frame: Frame) -> None:
         msg = decode_body(frame.type, frame.body)
@@ -421,22 +397,13 @@ class Connection(asyncio.Protocol):
     async def mmio_read(self, addr: int, width: int) -> int:
         if self.closed:
             raise ConnectionClosed(f"connection to {self.endpoint} is closed")
-        if not self._inflight.take_now():
-            await self._inflight.take()
-        if self.closed:
-            self._inflight.give()
-            raise ConnectionClosed(f"connection to {self.endpoint} is closed")
-        request_id = self._new_id()
-        future = self._loop.create_future()
-        self._reads[request_id] = future
-        self._watch(request_id, "MmioRead")
+        outstanding = self.outstanding
+        request_id, future = outstanding.open_now(_MMIO_READ) or await outstanding.open(_MMIO_READ)
         try:
             self._queue_awaited(_READ_FRAME(request_id, 0, addr, width))
             value = await future
         finally:
-            self._reads.pop(request_id, None)  # connection_lost may have emptied it
-            self._deadlines.pop(request_id, None)
-            self._inflight.give()
+            outstanding.release(request_id)
         if type(value) is not int:
             raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"MMIO_READ answered with {value}")
         return value
@@ -771,8 +738,7 @@ def _accept_hello(conn: Connection, handshake: ClientHandshake, reply: object) -
         negotiated: Negotiated = handshake.receive_hello_reply(reply)
     except HandshakeError as exc:
         raise ProtocolError(exc.code, str(exc)) from None
-    conn.max_inflight = negotiated.max_inflight
-    conn._inflight = Slots(negotiated.max_inflight)  # nothing is in flight yet
+    conn.outstanding.table.window = negotiated.max_inflight
     conn.session_id = handshake.reply.session_id
     conn.features = negotiated.features
     conn.server_name = handshake.reply.name

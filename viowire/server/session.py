@@ -18,6 +18,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
+from viowire.awaited import AwaitedRequests, Unmatched
 from viowire.fdsocket import FdSocketTransport, SidecarReader, is_seqpacket_socket
 from viowire.protocol import messages as m
 from viowire.protocol.codec import (
@@ -38,10 +39,17 @@ from viowire.protocol.handshake import (
     may_prove_same_host,
 )
 from viowire.protocol.hostid import host_id
-from viowire.protocol.requests import SERVER_WRITE_TAG, server_read_ids, server_write_ids
+from viowire.protocol.outstanding import Outstanding
+from viowire.protocol.requests import server_read_ids, server_write_ids
 from viowire.samehost import ShmProof, peer_uid, segment_prefix, trusted_uid
 from viowire.server.limits import Budget, LimitExceeded, RamAccount
-from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
+from viowire.server.memory import (
+    PROXY_TIMEOUT,
+    ProxiedGuestMemory,
+    SessionMappings,
+    map_fd,
+    open_shm,
+)
 from viowire.server.metrics import SERVER
 from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
@@ -78,6 +86,7 @@ _ERROR = int(m.MsgType.ERROR)
 _QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
 _MEM_READ_REPLY = int(m.MsgType.MEM_READ_REPLY)
 _POSTED_WRITES = int(m.ProtoFeature.POSTED_WRITES)
+_MEM_READ = "MemRead"  # the label of our MEM_READs
 _RANGE_BYTES = 12  # a Range on the wire
 _MEM_WRITE_OVERHEAD = m.HEADER_SIZE + 4  # header and range count
 _SIDECAR_TYPES = frozenset((int(m.MsgType.MEM_REGISTER), int(m.MsgType.NOTIFY_CHANNEL)))
@@ -161,7 +170,10 @@ class ServerSession(asyncio.Protocol):
         self.features = 0
         self.max_frame = m.DEFAULT_MAX_FRAME
         self.max_inflight = m.DEFAULT_MAX_INFLIGHT
-        self._inflight = asyncio.Semaphore(self.max_inflight)  # our MEM_READs to the client
+        # Our MEM_READs to a proxied client awaiting replies (at most max_inflight; more wait),
+        # ids with bit 31 clear; a reply past its timeout fails the read with TimeoutError.
+        reads: Outstanding = Outstanding(server_read_ids(), self.max_inflight, PROXY_TIMEOUT)
+        self.outstanding = AwaitedRequests(asyncio.get_running_loop(), reads, _timed_out)
         self.memory: GuestMemory | None = None
         self._mappings = SessionMappings()
         self._proxied: ProxiedGuestMemory | None = None
@@ -175,9 +187,10 @@ class ServerSession(asyncio.Protocol):
         self._writes_data: list[bytes] = []
         self._writes_size = 0
         self._flush_pending = False
-        self._read_id = server_read_ids().next  # MEM_READ request ids: bit 31 clear
-        self._write_id = server_write_ids().next  # MEM_WRITE request ids: bit 31 set
-        self._pending: dict[int, asyncio.Future] = {}
+        # Posted MEM_WRITEs are not remembered: their ids (bit 31 set) tell an ERROR answering
+        # one apart from the rest.
+        self._write_ids = server_write_ids()
+        self._write_id = self._write_ids.next
         self._peer = "?"
         self._closed = False
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -312,10 +325,7 @@ class ServerSession(asyncio.Protocol):
         if self.trace is not None:
             self.trace.closed()
         self._drop_shm_proof()
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(GuestMemoryError("the client disconnected"))
-        self._pending.clear()
+        self.outstanding.close(GuestMemoryError("the client disconnected"))
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
@@ -513,7 +523,7 @@ class ServerSession(asyncio.Protocol):
             ", awaiting the token" if awaiting_auth else "",
         )
         self.max_inflight = negotiated.max_inflight
-        self._inflight = asyncio.Semaphore(self.max_inflight)
+        self.outstanding.table.window = self.max_inflight
         if not awaiting_auth and not self._open(frame):
             return
         reply = self.handshake.hello_reply(
@@ -904,20 +914,14 @@ class ServerSession(asyncio.Protocol):
             raise GuestMemoryError("the client disconnected")
         # At most the client's max_inflight MEM_READs await replies; the rest wait their turn
         # (thousands of proxied queues could otherwise each have one out).
-        async with self._inflight:
-            if self._closed:
-                raise GuestMemoryError("the client disconnected")
-            request_id = self._read_id()
-            loop = self._loop or asyncio.get_running_loop()
-            future = loop.create_future()
-            self._pending[request_id] = future
-            timer = loop.call_later(timeout, _expire, future)
+        outstanding = self.outstanding
+        opened = outstanding.open_now(_MEM_READ, timeout)
+        request_id, future = opened or await outstanding.open(_MEM_READ, timeout)
+        try:
             self._send_frame(pack_mem_read(ranges, request_id))
-            try:
-                return await future
-            finally:
-                timer.cancel()
-                self._pending.pop(request_id, None)
+            return await future
+        finally:
+            outstanding.release(request_id)
 
     def _write_remote(self, ranges: Sequence[tuple[int, int]], data: bytes) -> None:
         """A posted MEM_WRITE. Writes in a row become one frame (a request's data, then the
@@ -958,19 +962,21 @@ class ServerSession(asyncio.Protocol):
                 slot.device.fail(reason)
 
     def _complete(self, frame: Frame) -> None:
-        if frame.request_id & SERVER_WRITE_TAG:  # an answer to one of our MEM_WRITEs
+        if frame.request_id in self._write_ids:  # an answer to one of our MEM_WRITEs
             if frame.type == _ERROR:
                 self._memory_write_failed(frame)
             return
-        future = self._pending.get(frame.request_id)
-        if future is None or future.done():
+        awaited = self.outstanding.answer(frame.request_id)
+        if awaited.__class__ is Unmatched or awaited[1].done():
             if frame.type == _ERROR:
                 log.warning(
-                    "session %x: client reported an error for request %d",
+                    "session %x: client reported an error for request %d (%s)",
                     self.session_id,
                     frame.request_id,
+                    awaited.value if awaited.__class__ is Unmatched else "given up",
                 )
             return
+        future = awaited[1]
         if frame.type == _MEM_READ_REPLY:  # the body is the data: nothing to decode
             future.set_result(frame.body)
             return
@@ -1000,9 +1006,8 @@ def _later(task: asyncio.Task) -> None:
     task.add_done_callback(_TEARDOWNS.discard)
 
 
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
+def _timed_out(_label: str) -> TimeoutError:
+    return TimeoutError()  # ProxiedGuestMemory says what it was
 
 
 # type byte -> (fields, handler): ``fields`` unpacks the body into the handler's arguments, or is
