@@ -101,7 +101,12 @@ class AwaitedRequests:
     def fail_all(self, error: BaseException) -> None:
         """Every request awaiting an answer fails with ``error`` (a fatal ERROR: the connection
         is closing); requests may still open until :meth:`close`."""
-        for _label, future in self.table.fail_all():
+        self.fail(self.table.fail_all(), error)
+
+    @staticmethod
+    def fail(failed: list[tuple[str, asyncio.Future]], error: BaseException) -> None:
+        """Fail requests the table has handed back already (``Closing.failed``)."""
+        for _label, future in failed:
             if not future.done():
                 future.set_exception(error)
 

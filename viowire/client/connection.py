@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from viowire import tls
 from viowire.auth import AuthError, ClientCredentials
-from viowire.awaited import AwaitedRequests, Unmatched
+from viowire.awaited import AwaitedRequests
 from viowire.client.guest import DEFAULT_RAM_BASE, DEFAULT_RAM_SIZE, GuestRAM
 from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.notify import DriverChannel
@@ -37,11 +37,14 @@ from viowire.protocol.codec import (
     unpack_mem_read,
     unpack_mem_write,
 )
-from viowire.protocol.framing import Frame, FrameError, FrameReader
+from viowire.protocol.events import Answer, Closing, Request
+from viowire.protocol.events import Event as SessionEvent
+from viowire.protocol.framing import Frame
 from viowire.protocol.handshake import ClientHandshake, HandshakeError, Negotiated
 from viowire.protocol.hostid import host_id
 from viowire.protocol.outstanding import Outstanding
 from viowire.protocol.requests import client_ids
+from viowire.protocol.session import BrokenStream, SessionCore
 from viowire.samehost import read_proof, segment_prefix
 from viowire.trace import recorder as wiretrace
 from viowire.trace.format import End, Event
@@ -119,13 +122,19 @@ class DeviceInfo:
         return device_name(self.device_id)
 
 
+def _decode_reply(frame: Frame) -> object:
+    try:
+        return decode_body(frame.type, frame.body)
+    except DecodeError as exc:
+        return m.Error(code=exc.code, message=f"undecodable reply: {exc}")
+
+
 class Connection(asyncio.Protocol):
     """A session with a viowire server; use :func:`connect` to make one."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.transport: asyncio.Transport | None = None
-        self.reader = FrameReader()
         self.session_id = 0
         self.features = 0
         self.server_name = ""
@@ -139,6 +148,7 @@ class Connection(asyncio.Protocol):
         # wait. Each has a future; one timer fails those past REQUEST_TIMEOUT.
         table: Outstanding = Outstanding(client_ids(), m.DEFAULT_MAX_INFLIGHT, REQUEST_TIMEOUT)
         self.outstanding = AwaitedRequests(self._loop, table, self._timed_out)
+        self.core = SessionCore(table)  # what the server's bytes are: answers, requests, events
         self._new_id = table.ids.next  # the id of a posted request: no reply is awaited
         self._irq_handlers: dict[int, Callable[[bool], None]] = {}
         self._devices: weakref.WeakSet = weakref.WeakSet()
@@ -166,13 +176,13 @@ class Connection(asyncio.Protocol):
         if self.trace is not None:
             self.trace.received(data)
         try:
-            frames = self.reader.feed(data)
-        except FrameError as exc:
+            events = self.core.receive_data(data)
+        except BrokenStream as exc:
             log.error("server sent a malformed frame (%s); closing", exc)
             self.transport.close()
             return
-        for frame in frames:
-            self._dispatch(frame)
+        for event in events:
+            self._dispatch(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.trace is not None:
@@ -312,21 +322,33 @@ class Connection(asyncio.Protocol):
             self._sidecar.close()
             self._sidecar = None
 
-    def _dispatch(self, frame: Frame) -> None:
-        if frame.flags & _REPLY or frame.type == _ERROR:
-            self._complete(frame)
-        elif frame.type == _IRQ:
-            self._on_irq(frame)
-        elif frame.type in _MEM_REQUESTS:
-            self._serve_memory(frame)
+    def _dispatch(self, event: SessionEvent) -> None:
+        kind = event.__class__
+        if kind is Answer:
+            self._complete(event.frame, event.what)
+            return
+        frame = event.frame
+        if kind is Request:
+            if frame.type == _IRQ:
+                self._on_irq(frame)
+            elif frame.type in _MEM_REQUESTS:
+                self._serve_memory(frame)
+            else:
+                log.warning("server sent unexpected message type %#x", frame.type)
+        elif kind is Closing:
+            # The server closes now: every request waiting learns why, not just that the
+            # connection closed.
+            error = self._posted_error(frame)
+            if error is not None:
+                self.outstanding.fail(event.failed, error)
+        elif frame.type == _ERROR:  # a posted write failed (or its request gave up waiting)
+            self._posted_error(frame)
         else:
-            log.warning("server sent unexpected message type %#x", frame.type)
+            log.debug("%s: %s reply %#x dropped", self.endpoint, event, frame.request_id)
 
-    def _complete(self, frame: Frame) -> None:
-        request_id = frame.request_id
-        awaited = self.outstanding.answer(request_id)
-        future = None if awaited.__class__ is Unmatched else awaited[1]
-        if frame.type == _READ_REPLY and future is not None and awaited[0] is _MMIO_READ:
+    def _complete(self, frame: Frame, what: tuple[str, asyncio.Future]) -> None:
+        label, future = what
+        if frame.type == _READ_REPLY and label is _MMIO_READ:
             try:
                 (value,) = _READ_REPLY_FIELDS(frame.body)
             except struct.error:
@@ -335,25 +357,24 @@ class Connection(asyncio.Protocol):
                 if not future.done():
                     future.set_result(value)
                 return
-        try:
-            msg = decode_body(frame.type, frame.body)
-        except DecodeError as exc:
-            msg = m.Error(code=exc.code, message=f"undecodable reply: {exc}")
-        if isinstance(msg, m.Error):
-            error = ProtocolError(msg.code, msg.message)
-            if future is not None and not future.done():
-                future.set_exception(error)
-            else:  # a posted write failed, or the server is closing the session
-                log.warning("%s: %s", self.endpoint, error)
-                self.posted_errors.append(error)
-            if not request_id and not frame.flags & _REPLY:
-                # Fatal (the server closes now): every request waiting learns why, not just
-                # that the connection closed.
-                self.outstanding.fail_all(error)
-        elif future is not None and not future.done():
+        msg = _decode_reply(frame)
+        if future.done():  # its sender stopped waiting
+            if isinstance(msg, m.Error):
+                self._posted_error(frame)
+        elif isinstance(msg, m.Error):
+            future.set_exception(ProtocolError(msg.code, msg.message))
+        else:
             future.set_result(msg)
-        elif future is None:
-            log.debug("%s: a %s reply %#x dropped", self.endpoint, awaited.value, request_id)
+
+    def _posted_error(self, frame: Frame) -> ProtocolError | None:
+        """An ERROR nobody awaits: logged, and kept in ``posted_errors``."""
+        msg = _decode_reply(frame)
+        if not isinstance(msg, m.Error):
+            return None
+        error = ProtocolError(msg.code, msg.message)
+        log.warning("%s: %s", self.endpoint, error)
+        self.posted_errors.append(error)
+        return error
 
     def _on_irq(self, frame: Frame) -> None:
         msg = decode_body(frame.type, frame.body)
@@ -666,11 +687,13 @@ async def _open(
 async def _authenticate(
     conn: Connection, handshake: ClientHandshake, credentials: ClientCredentials, want_shm: bool
 ) -> None:
-    """AUTH, where the server requires a token or offers named memory for a same-host proof."""
+    """AUTH, where the server requires a token or offers named memory for a same-host proof;
+    then the session is open."""
     name = handshake.shm_proof
     proof = read_proof(name) if want_shm and name else None
     request = handshake.auth_request(credentials.token, proof)
     if request is None:
+        conn.core.open()
         return
     try:
         answer = await conn.request(request)
@@ -682,6 +705,7 @@ async def _authenticate(
         conn.features = handshake.receive_auth_reply(answer)
     except HandshakeError as exc:
         raise ProtocolError(exc.code, str(exc)) from None
+    conn.core.open()
 
 
 async def _unix_handshake(
@@ -695,7 +719,7 @@ async def _unix_handshake(
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn._sidecar = mine
     try:
-        request_id = conn._new_id()
+        request_id, _future = conn.outstanding.open_now("Hello")  # answered right here
         frame = encode(handshake.hello, request_id, 0)
         if conn.trace is not None:
             conn.trace.sent(frame)
@@ -703,8 +727,11 @@ async def _unix_handshake(
         socket.send_fds(sock, [frame], [theirs.fileno()])
     finally:
         theirs.close()
-    frames = await asyncio.wait_for(_first_frames(loop, sock, conn), REQUEST_TIMEOUT)
-    reply, rest = frames[0], frames[1:]
+    try:
+        events = await asyncio.wait_for(_first_events(loop, sock, conn), REQUEST_TIMEOUT)
+    finally:
+        conn.outstanding.release(request_id)
+    reply, rest = events[0].frame, events[1:]
     msg = decode_body(reply.type, reply.body)
     if reply.request_id != request_id and not isinstance(msg, m.Error):
         raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"unexpected reply to HELLO: {msg}")
@@ -716,11 +743,11 @@ async def _unix_handshake(
         conn._close_sidecar()
         FdSocketTransport(loop, sock, conn)
         await asyncio.sleep(0)  # let connection_made run
-    for frame in rest:
-        conn._dispatch(frame)
+    for event in rest:
+        conn._dispatch(event)
 
 
-async def _first_frames(
+async def _first_events(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: Connection
 ) -> list:
     while True:
@@ -729,8 +756,8 @@ async def _first_frames(
             raise ConnectionClosed("the server closed the connection during HELLO")
         if conn.trace is not None:
             conn.trace.received(data)
-        if frames := conn.reader.feed(data):
-            return frames
+        if events := conn.core.receive_data(data):
+            return events
 
 
 def _accept_hello(conn: Connection, handshake: ClientHandshake, reply: object) -> None:
@@ -738,11 +765,10 @@ def _accept_hello(conn: Connection, handshake: ClientHandshake, reply: object) -
         negotiated: Negotiated = handshake.receive_hello_reply(reply)
     except HandshakeError as exc:
         raise ProtocolError(exc.code, str(exc)) from None
-    conn.outstanding.table.window = negotiated.max_inflight
+    conn.core.settle(negotiated)
     conn.session_id = handshake.reply.session_id
     conn.features = negotiated.features
     conn.server_name = handshake.reply.name
-    conn.reader.max_frame = negotiated.max_frame
 
 
 async def _register_memory(conn: Connection, mode: str, size: int, base: int) -> None:

@@ -18,7 +18,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
-from viowire.awaited import AwaitedRequests, Unmatched
+from viowire.awaited import AwaitedRequests
 from viowire.fdsocket import FdSocketTransport, SidecarReader, is_seqpacket_socket
 from viowire.protocol import messages as m
 from viowire.protocol.codec import (
@@ -31,6 +31,8 @@ from viowire.protocol.codec import (
     pack_mem_read,
     pack_mem_write,
 )
+from viowire.protocol.events import Answer, Closing, PostedAnswer, Request, Stray
+from viowire.protocol.events import Event as SessionEvent
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.handshake import (
     HandshakeError,
@@ -41,6 +43,7 @@ from viowire.protocol.handshake import (
 from viowire.protocol.hostid import host_id
 from viowire.protocol.outstanding import Outstanding
 from viowire.protocol.requests import server_read_ids, server_write_ids
+from viowire.protocol.session import BrokenStream, SessionCore
 from viowire.samehost import ShmProof, peer_uid, segment_prefix, trusted_uid
 from viowire.server.limits import Budget, LimitExceeded, RamAccount
 from viowire.server.memory import (
@@ -163,7 +166,6 @@ class ServerSession(asyncio.Protocol):
         self.allow_shm = allow_shm
         self.name = name
         self.poll_us = poll_us
-        self.reader = FrameReader()
         self.transport: asyncio.BaseTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.platform: Platform | None = None
@@ -174,6 +176,12 @@ class ServerSession(asyncio.Protocol):
         # ids with bit 31 clear; a reply past its timeout fails the read with TimeoutError.
         reads: Outstanding = Outstanding(server_read_ids(), self.max_inflight, PROXY_TIMEOUT)
         self.outstanding = AwaitedRequests(asyncio.get_running_loop(), reads, _timed_out)
+        # Posted MEM_WRITEs are not remembered: their ids (bit 31 set) tell an ERROR answering
+        # one apart from the rest.
+        self._write_ids = server_write_ids()
+        self._write_id = self._write_ids.next
+        # What the client's bytes are: requests, answers to our MEM_READs and MEM_WRITEs.
+        self.core = SessionCore(reads, posted=self._write_ids)
         self.memory: GuestMemory | None = None
         self._mappings = SessionMappings()
         self._proxied: ProxiedGuestMemory | None = None
@@ -187,17 +195,13 @@ class ServerSession(asyncio.Protocol):
         self._writes_data: list[bytes] = []
         self._writes_size = 0
         self._flush_pending = False
-        # Posted MEM_WRITEs are not remembered: their ids (bit 31 set) tell an ERROR answering
-        # one apart from the rest.
-        self._write_ids = server_write_ids()
-        self._write_id = self._write_ids.next
         self._peer = "?"
         self._closed = False
         self._hello_timer: asyncio.TimerHandle | None = None
-        self._backlog: collections.deque[Frame] = collections.deque()  # read, not yet answered
+        self._backlog: collections.deque[SessionEvent] = collections.deque()  # not acted on yet
         self._slice_scheduled = False
         self._paused: set[str] = set()  # why reading is paused (see _pause)
-        self._fatal: FrameError | None = None  # answer the backlog, then close with this
+        self._fatal: BrokenStream | None = None  # answer the backlog, then close with this
         self.token = token
         self.handshake = ServerHandshake(token)
         self._handshaking = True  # until the handshake is OPEN: each request is checked by it
@@ -266,16 +270,16 @@ class ServerSession(asyncio.Protocol):
             return
         try:
             room = max(SLICE_FRAMES - len(self._backlog), 0)
-            frames = self.reader.feed(data, room)
-        except FrameError as exc:
+            events = self.core.receive_data(data, room)
+        except BrokenStream as exc:
             # The frames complete before the bad header are answered, in order; then it closes.
-            SERVER.frames_in += len(exc.frames)
-            self._backlog.extend(exc.frames)
+            SERVER.frames_in += len(exc.events)
+            self._backlog.extend(exc.events)
             self._fatal = exc
             self._pause("fatal")
             return
-        SERVER.frames_in += len(frames)
-        self._backlog.extend(frames)
+        SERVER.frames_in += len(events)
+        self._backlog.extend(events)
 
     def _schedule_slice(self) -> None:
         # Nothing is answered while the peer does not read its replies: a pipelining peer
@@ -326,6 +330,7 @@ class ServerSession(asyncio.Protocol):
             self.trace.closed()
         self._drop_shm_proof()
         self.outstanding.close(GuestMemoryError("the client disconnected"))
+        self.core.close()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
@@ -436,12 +441,13 @@ class ServerSession(asyncio.Protocol):
         self._closed = True
 
     # -- dispatch ------------------------------------------------------------------------------
-    def _dispatch(self, frame: Frame) -> None:
+    def _dispatch(self, event: SessionEvent) -> None:
         if self._closed:
             return
-        if frame.flags & _REPLY:
-            self._complete(frame)
+        if event.__class__ is not Request:
+            self._on_answer(event)
             return
+        frame = event.frame
         msg_type = frame.type
         entry = _HANDLERS.get(msg_type)
         if entry is None:
@@ -456,6 +462,8 @@ class ServerSession(asyncio.Protocol):
                 self._handshake_refused(frame, exc)
                 return
             self._handshaking = self.handshake.state is not ServerState.OPEN
+            if not self._handshaking:
+                self.core.open()
         if frame.flags & _POSTED and not self.features & _POSTED_WRITES:
             self._reply_error(
                 frame,
@@ -510,7 +518,7 @@ class ServerSession(asyncio.Protocol):
             except OSError as exc:  # no /dev/shm, or it is full: the session goes on without
                 log.info("session %x: no same-host proof file (%s)", self.session_id, exc)
         self.max_frame = negotiated.max_frame
-        self.reader.max_frame = self.max_frame
+        self.core.settle(negotiated)
         if self.features & m.ProtoFeature.FD_SIDECAR and not self._adopt_sidecar():
             self.features &= ~m.ProtoFeature.FD_SIDECAR
         while self._fds:  # HELLO carries no descriptor but the sidecar: never pair one later
@@ -523,7 +531,6 @@ class ServerSession(asyncio.Protocol):
             ", awaiting the token" if awaiting_auth else "",
         )
         self.max_inflight = negotiated.max_inflight
-        self.outstanding.table.window = self.max_inflight
         if not awaiting_auth and not self._open(frame):
             return
         reply = self.handshake.hello_reply(
@@ -645,7 +652,7 @@ class ServerSession(asyncio.Protocol):
             return
         for frame in frames:
             if frame.type in _SIDECAR_TYPES:
-                self._dispatch(frame)
+                self._dispatch(self.core.event(frame))
             else:  # anything else has the connection, with its back-pressure
                 self._reply_error(
                     frame,
@@ -961,22 +968,30 @@ class ServerSession(asyncio.Protocol):
             if slot.device.status:
                 slot.device.fail(reason)
 
-    def _complete(self, frame: Frame) -> None:
-        if frame.request_id in self._write_ids:  # an answer to one of our MEM_WRITEs
+    def _on_answer(self, event: SessionEvent) -> None:
+        """An answer from the client: to a MEM_READ of ours, to a posted MEM_WRITE, to nothing
+        awaited (logged if an ERROR), or its fatal ERROR before it closes."""
+        kind, frame = event.__class__, event.frame
+        if kind is PostedAnswer:
             if frame.type == _ERROR:
                 self._memory_write_failed(frame)
             return
-        awaited = self.outstanding.answer(frame.request_id)
-        if awaited.__class__ is Unmatched or awaited[1].done():
+        if kind is Closing:
+            log.warning(
+                "session %x: the client is closing: %s", self.session_id, _error_text(frame)
+            )
+            AwaitedRequests.fail(event.failed, GuestMemoryError(f"client: {_error_text(frame)}"))
+            return
+        future = event.what[1] if kind is Answer else None
+        if future is None or future.done():
             if frame.type == _ERROR:
                 log.warning(
                     "session %x: client reported an error for request %d (%s)",
                     self.session_id,
                     frame.request_id,
-                    awaited.value if awaited.__class__ is Unmatched else "given up",
+                    event.why.value if kind is Stray else "given up",
                 )
             return
-        future = awaited[1]
         if frame.type == _MEM_READ_REPLY:  # the body is the data: nothing to decode
             future.set_result(frame.body)
             return
@@ -997,7 +1012,7 @@ def _error_text(frame: Frame) -> str:
     try:
         return decode_body(frame.type, frame.body).message
     except DecodeError as exc:
-        return f"an undecodable ERROR ({exc})"
+        return f"an undecodable error message ({exc})"
 
 
 def _later(task: asyncio.Task) -> None:
