@@ -1,4 +1,5 @@
-"""One client connection: a sans-IO frame reader and codec driven by an asyncio.Protocol.
+"""One client connection: the sans-IO session core (viowire.protocol.session) and codec driven
+by an asyncio.Protocol.
 
 Every session owns its own platform instance (devices, register files) and its own guest memory,
 so nothing a client sends can reach another session's devices or memory. Bad input gets an ERROR
