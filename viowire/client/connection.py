@@ -343,8 +343,8 @@ class Connection(asyncio.Protocol):
                 self.outstanding.fail(event.failed, error)
         elif frame.type == _ERROR:  # a posted write failed (or its request gave up waiting)
             self._posted_error(frame)
-        else:
-            log.debug("%s: %s reply %#x dropped", self.endpoint, event, frame.request_id)
+        else:  # an answer to nothing awaited: dropped, never answered
+            log.debug("%s: reply %#x to nothing awaited dropped", self.endpoint, frame.request_id)
 
     def _complete(self, frame: Frame, what: tuple[str, asyncio.Future]) -> None:
         label, future = what

@@ -12,6 +12,7 @@ What a request is to the caller (a future, a label) is opaque here: ``what``.
 
 from __future__ import annotations
 
+import collections
 import enum
 from typing import Generic, TypeVar
 
@@ -33,7 +34,7 @@ class Unmatched(enum.Enum):
 class Outstanding(Generic[T]):
     """Requests awaiting answers, keyed by request id, in the order they were opened."""
 
-    __slots__ = ("_entries", "_gone", "_last_deadline", "_ordered", "ids", "timeout", "window")
+    __slots__ = ("_entries", "_gone", "_ordered", "ids", "timeout", "window")
 
     def __init__(self, ids: RequestIds, window: int, timeout: float) -> None:
         if window < 1:
@@ -42,9 +43,11 @@ class Outstanding(Generic[T]):
         self.window = window  # max_inflight: raise or lower it once HELLO has settled it
         self.timeout = timeout  # seconds a request may await its answer, unless opened with one
         self._entries: dict[int, tuple[float, T]] = {}  # id -> (deadline, what), opening order
-        self._gone: dict[int, None] = {}  # expired or abandoned ids, oldest first (LATE)
-        self._ordered = True  # deadlines rise with opening order (one timeout for all)
-        self._last_deadline = 0.0
+        # Expired or abandoned ids, oldest first (LATE); ordered so the oldest goes in O(1).
+        self._gone: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # Deadlines rise with opening order while every request has the table's timeout (the
+        # clock only goes forward): expiry looks at the oldest only.
+        self._ordered = True
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -66,12 +69,18 @@ class Outstanding(Generic[T]):
         request_id = self.ids.next()
         while request_id in entries:  # a request outlived a whole wrap of the ids
             request_id = self.ids.next()
-        deadline = now + (self.timeout if timeout is None else timeout)
-        if deadline < self._last_deadline:
+        if timeout is None:
+            timeout = self.timeout
+        elif timeout != self.timeout:
             self._ordered = False
-        self._last_deadline = deadline
-        entries[request_id] = (deadline, what)
+        entries[request_id] = (now + timeout, what)
         return request_id
+
+    def take(self, request_id: int) -> T | None:
+        """The request ``request_id`` answers, no longer awaiting; None if no request awaits
+        it (then :meth:`answer` says why). The receive path's one dict look-up."""
+        entry = self._entries.pop(request_id, None)
+        return None if entry is None else entry[1]
 
     def answer(self, request_id: int) -> T | Unmatched:
         """The request an answer with ``request_id`` answers, no longer awaiting; or why it
@@ -106,7 +115,7 @@ class Outstanding(Generic[T]):
         for request_id in gone:
             self._forget(request_id)
         if not entries:
-            self._ordered, self._last_deadline = True, 0.0
+            self._ordered = True
         return expired
 
     def next_deadline(self) -> float | None:
@@ -124,11 +133,11 @@ class Outstanding(Generic[T]):
         for request_id in self._entries:
             self._forget(request_id)
         self._entries.clear()
-        self._ordered, self._last_deadline = True, 0.0
+        self._ordered = True
         return failed
 
     def _forget(self, request_id: int) -> None:
         gone = self._gone
         gone[request_id] = None
         if len(gone) > REMEMBERED:
-            del gone[next(iter(gone))]
+            gone.popitem(last=False)

@@ -89,8 +89,19 @@ class SessionCore:
         except FrameError as exc:
             self.state = SessionState.CLOSED
             raise BrokenStream(exc, [self.event(frame) for frame in exc.frames]) from None
-        event = self.event
-        return [event(frame) for frame in frames]
+        events: list[Event] = []
+        append, take = events.append, self.outstanding.take
+        for frame in frames:
+            # The usual request and the usual answer are told here, the rest by event(): one
+            # call less a frame on the server's request path and the client's register reads.
+            flags = frame.flags
+            if not flags & _REPLY:
+                append(Request(frame) if frame.type != _ERROR else self.event(frame))
+            elif (what := take(frame.request_id)) is not None:
+                append(Answer(frame, what))
+            else:
+                append(self.event(frame))
+        return events
 
     def event(self, frame: Frame) -> Event:
         """What ``frame``, from the peer, is to this end (an answer is matched, and no longer

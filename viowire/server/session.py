@@ -926,6 +926,8 @@ class ServerSession(asyncio.Protocol):
         opened = outstanding.open_now(_MEM_READ, timeout)
         request_id, future = opened or await outstanding.open(_MEM_READ, timeout)
         try:
+            if self._closed:  # closing (a fatal error) while it waited for the window
+                raise GuestMemoryError("the client disconnected")
             self._send_frame(pack_mem_read(ranges, request_id))
             return await future
         finally:
