@@ -35,6 +35,9 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
+_CLOSED = SessionState.CLOSED  # (an enum member's lookup costs a call in Python 3.11)
+
+
 class BrokenStream(Exception):
     """The stream lost its framing (a FrameError): act on ``events``, complete before the bad
     header, then send ERROR ``code`` and close."""
@@ -75,32 +78,33 @@ class SessionCore:
 
     def close(self) -> list:
         """The connection is gone: what awaited answers (``what`` each), to fail."""
-        self.state = SessionState.CLOSED
+        self.state = _CLOSED
         return self.outstanding.fail_all()
 
     def receive_data(self, data: bytes, limit: int | None = None) -> list[Event]:
         """The events of every frame ``data`` completes (at most ``limit``: the rest stay
         buffered, and ``receive_data(b"", limit)`` hands out the next); raises BrokenStream
         once the stream cannot be framed (then the session is CLOSED)."""
-        if self.state is SessionState.CLOSED:
-            return []
+        if self.state is _CLOSED or (not data and not self.reader.buffered):
+            return []  # (the second is a server's look for more after a slice: the usual case)
         try:
             frames = self.reader.feed(data, limit)
         except FrameError as exc:
-            self.state = SessionState.CLOSED
+            self.state = _CLOSED
             raise BrokenStream(exc, [self.event(frame) for frame in exc.frames]) from None
-        events: list[Event] = []
-        append, take = events.append, self.outstanding.take
-        for frame in frames:
-            # The usual request and the usual answer are told here, the rest by event(): one
-            # call less a frame on the server's request path and the client's register reads.
-            flags = frame.flags
-            if not flags & _REPLY:
-                append(Request(frame) if frame.type != _ERROR else self.event(frame))
+        # Each frame is replaced by its event in the reader's list. The usual request and the
+        # usual answer are told here, the rest by event(): this is the server's request path
+        # and the client's register-read path, where a call more per frame shows.
+        events: list = frames
+        take = self.outstanding.take
+        for i in range(len(frames)):
+            frame = frames[i]
+            if not frame.flags & _REPLY:
+                events[i] = Request(frame) if frame.type != _ERROR else self.event(frame)
             elif (what := take(frame.request_id)) is not None:
-                append(Answer(frame, what))
+                events[i] = Answer(frame, what)
             else:
-                append(self.event(frame))
+                events[i] = self.event(frame)
         return events
 
     def event(self, frame: Frame) -> Event:
