@@ -182,7 +182,10 @@ class Connection(asyncio.Protocol):
             self.transport.close()
             return
         for event in events:
-            self._dispatch(event)
+            if event.__class__ is Answer:  # the register read's path: one call less
+                self._complete(event.frame, event.what)
+            else:
+                self._dispatch(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.trace is not None:
