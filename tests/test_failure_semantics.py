@@ -188,6 +188,23 @@ async def test_a_refused_posted_mem_write_puts_the_running_devices_in_needs_rese
         assert await driver.status() == RUNNING
 
 
+# -- the client's closing ERROR ------------------------------------------------------------------
+@SCHEMES
+async def test_a_clients_closing_error_fails_the_mem_reads_it_leaves_unanswered(tmp_path, scheme):
+    """ERROR with request_id 0 and flags 0 is its sender's last word: not answered, and the
+    server's MEM_READ awaiting the client fails at once with its reason (no 10 s timeout)."""
+    async with running_server(tmp_path) as server, peer_of(server, scheme) as peer:
+        await peer.hello()
+        driver = await rng_on_proxied_memory(peer, peer, GuestRam())
+        await driver.notify()
+        mem_read = await peer.server_request()
+        assert mem_read.type == m.MsgType.MEM_READ
+        closing = m.Error(code=m.ErrorCode.INTERNAL, message="the test is going away")
+        await peer.send(encode(closing, 0, 0))
+        await needs_reset(peer, driver)  # well within the 10 s a MEM_READ may wait
+        await peer.expect_quiet()  # nothing answered the ERROR
+
+
 # -- POSTED only with POSTED_WRITES --------------------------------------------------------------
 @SCHEMES
 async def test_without_posted_writes_nothing_is_posted_either_way(tmp_path, scheme):

@@ -31,7 +31,7 @@ async def test_the_client_keeps_at_most_max_inflight_requests_out(server, small_
     original = Connection._queue
 
     def queue(self, frame):
-        seen.append(len(self._reads) + len(self._pending))
+        seen.append(len(self.outstanding))
         original(self, frame)
 
     async with await connect(url_of(server, scheme)) as conn:
@@ -54,7 +54,7 @@ async def test_the_server_keeps_at_most_max_inflight_mem_reads_out(server, small
 
     def send_frame(self, frame):
         if frame[4] == m.MsgType.MEM_READ:  # the type byte, after the length
-            seen.append(len(self._pending))
+            seen.append(len(self.outstanding))
         original(self, frame)
 
     ServerSession._send_frame = send_frame

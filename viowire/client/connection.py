@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from viowire import tls
 from viowire.auth import AuthError, ClientCredentials
+from viowire.awaited import AwaitedRequests
 from viowire.client.guest import DEFAULT_RAM_BASE, DEFAULT_RAM_SIZE, GuestRAM
 from viowire.client.mmio import VirtioMmioDevice
 from viowire.client.notify import DriverChannel
-from viowire.client.slots import Slots
 from viowire.fdsocket import FdSocketTransport
 from viowire.protocol import messages as m
 from viowire.protocol.codec import (
@@ -37,10 +37,14 @@ from viowire.protocol.codec import (
     unpack_mem_read,
     unpack_mem_write,
 )
-from viowire.protocol.framing import Frame, FrameError, FrameReader
+from viowire.protocol.events import Answer, Closing, Request
+from viowire.protocol.events import Event as SessionEvent
+from viowire.protocol.framing import Frame
 from viowire.protocol.handshake import ClientHandshake, HandshakeError, Negotiated
 from viowire.protocol.hostid import host_id
+from viowire.protocol.outstanding import Outstanding
 from viowire.protocol.requests import client_ids
+from viowire.protocol.session import BrokenStream, SessionCore
 from viowire.samehost import read_proof, segment_prefix
 from viowire.trace import recorder as wiretrace
 from viowire.trace.format import End, Event
@@ -71,12 +75,19 @@ _FD_SIDECAR = int(m.ProtoFeature.FD_SIDECAR)
 _IRQ, _MEM_READ = int(m.MsgType.IRQ), int(m.MsgType.MEM_READ)
 _MEM_REQUESTS = (_MEM_READ, int(m.MsgType.MEM_WRITE))
 MEMORY_MODES = ("auto", "shared", "proxied")
-WATCH_INTERVAL = 1.0  # how often requests are checked against REQUEST_TIMEOUT
 # Register accesses skip the message objects (the same bytes; tests/test_codec.py checks).
 _READ_REPLY = int(m.MsgType.MMIO_READ_REPLY)
 _READ_FRAME = named(frame_packer(m.MsgType.MMIO_READ), ("addr", "width"))
 _WRITE_FRAME = named(frame_packer(m.MsgType.MMIO_WRITE), ("addr", "width", "value"))
 _READ_REPLY_FIELDS = named(body_fields(m.MsgType.MMIO_READ_REPLY), ("value",))
+
+
+class _Label(str):
+    """A request's label that is also a mark: an MMIO_READ of :meth:`Connection.mmio_read`,
+    whose future takes the bare value (``request(MmioRead(...))`` gets the message)."""
+
+
+_MMIO_READ = _Label("MmioRead")
 
 
 class ProtocolError(Exception):
@@ -111,13 +122,19 @@ class DeviceInfo:
         return device_name(self.device_id)
 
 
+def _decode_reply(frame: Frame) -> object:
+    try:
+        return decode_body(frame.type, frame.body)
+    except DecodeError as exc:
+        return m.Error(code=exc.code, message=f"undecodable reply: {exc}")
+
+
 class Connection(asyncio.Protocol):
     """A session with a viowire server; use :func:`connect` to make one."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.transport: asyncio.Transport | None = None
-        self.reader = FrameReader()
         self.session_id = 0
         self.features = 0
         self.server_name = ""
@@ -125,16 +142,14 @@ class Connection(asyncio.Protocol):
         self.memory_mode = ""
         self.ram: GuestRAM | None = None
         self.posted_errors: list[ProtocolError] = []
-        self._new_id = client_ids().next  # the id of each request we send
-        self._pending: dict[int, asyncio.Future] = {}
-        self._reads: dict[int, asyncio.Future] = {}  # MMIO reads: resolved with the bare value
-        # One watchdog for every request, not a timer each (a timer costs more than the rest of
-        # a register read's client work): request id -> (deadline, what it was).
-        self._deadlines: dict[int, tuple[float, str]] = {}
-        self._watchdog: asyncio.TimerHandle | None = None
-        # Requests awaiting replies, at most the session's max_inflight (HELLO sets it); more wait.
-        self.max_inflight = m.DEFAULT_MAX_INFLIGHT
-        self._inflight = Slots(self.max_inflight)
+        # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
+        # Requests awaiting replies, at most the session's max_inflight (HELLO sets it); more
+        # wait. Each has a future; one timer fails those past REQUEST_TIMEOUT.
+        table: Outstanding = Outstanding(client_ids(), m.DEFAULT_MAX_INFLIGHT, REQUEST_TIMEOUT)
+        self.outstanding = AwaitedRequests(self._loop, table, self._timed_out)
+        self.core = SessionCore(table)  # what the server's bytes are: answers, requests, events
+        self._new_id = table.ids.next  # the id of a posted request: no reply is awaited
         self._irq_handlers: dict[int, Callable[[bool], None]] = {}
         self._devices: weakref.WeakSet = weakref.WeakSet()
         self._out: list[bytes] = []
@@ -149,8 +164,6 @@ class Connection(asyncio.Protocol):
         self.trace: wiretrace.Stream | None = None  # --trace: what this connection carries
         if (recorder := wiretrace.active()) is not None:
             self.trace = recorder.stream(End.CLIENT, peer=str(endpoint))
-        # Cached: in Python 3.11 each get_running_loop() is a getpid() system call.
-        self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -163,13 +176,16 @@ class Connection(asyncio.Protocol):
         if self.trace is not None:
             self.trace.received(data)
         try:
-            frames = self.reader.feed(data)
-        except FrameError as exc:
+            events = self.core.receive_data(data)
+        except BrokenStream as exc:
             log.error("server sent a malformed frame (%s); closing", exc)
             self.transport.close()
             return
-        for frame in frames:
-            self._dispatch(frame)
+        for event in events:
+            if event.__class__ is Answer:  # the register read's path: one call less
+                self._complete(event.frame, event.what)
+            else:
+                self._dispatch(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.trace is not None:
@@ -177,15 +193,7 @@ class Connection(asyncio.Protocol):
         error = ConnectionClosed(
             f"connection to {self.endpoint} closed" + (f": {exc}" if exc else "")
         )
-        for future in (*self._pending.values(), *self._reads.values()):
-            if not future.done():
-                future.set_exception(error)
-        self._pending.clear()
-        self._reads.clear()
-        self._deadlines.clear()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        self.outstanding.close(error)
         if not self._closed.done():
             self._closed.set_result(None)
         self._can_write.set()
@@ -205,6 +213,11 @@ class Connection(asyncio.Protocol):
     @property
     def closed(self) -> bool:
         return self._closed.done()
+
+    @property
+    def max_inflight(self) -> int:
+        """Requests that may await replies at once (as HELLO settled it); more wait."""
+        return self.outstanding.table.window
 
     # -- requests ------------------------------------------------------------------------------
     def _send(self, msg: object, request_id: int = 0, flags: int = 0, fds: list[int] | None = None):
@@ -270,15 +283,10 @@ class Connection(asyncio.Protocol):
 
     async def request(self, msg: object, *, fds: list[int] | None = None) -> object:
         """Send a request and await its reply; an ERROR reply raises :class:`ProtocolError`."""
-        if not self._inflight.take_now():
-            await self._inflight.take()
-        if self.closed:  # closed while waiting for a slot: nothing would ever answer
-            self._inflight.give()
+        if self.closed:
             raise ConnectionClosed(f"connection to {self.endpoint} is closed")
-        request_id = self._new_id()
-        future = self._loop.create_future()
-        self._pending[request_id] = future
-        self._watch(request_id, type(msg).__name__)
+        label = type(msg).__name__
+        request_id, future = self.outstanding.open_now(label) or await self.outstanding.open(label)
         try:
             if fds and self._sidecar is not None:
                 await self._send_on_sidecar(encode(msg, request_id, 0), fds)
@@ -286,32 +294,12 @@ class Connection(asyncio.Protocol):
                 self._send(msg, request_id, 0, fds)
             return await future
         finally:
-            self._pending.pop(request_id, None)
-            self._deadlines.pop(request_id, None)
-            self._inflight.give()
+            self.outstanding.release(request_id)
 
-    def _watch(self, request_id: int, what: str) -> None:
-        self._deadlines[request_id] = (self._loop.time() + REQUEST_TIMEOUT, what)
-        if self._watchdog is None:
-            self._watchdog = self._loop.call_later(WATCH_INTERVAL, self._check_deadlines)
-
-    def _check_deadlines(self) -> None:
-        """Fail the requests past REQUEST_TIMEOUT (within WATCH_INTERVAL of it)."""
-        self._watchdog = None
-        now = self._loop.time()
-        for request_id, (deadline, what) in list(self._deadlines.items()):
-            if deadline > now:
-                continue
-            del self._deadlines[request_id]
-            future = self._pending.get(request_id) or self._reads.get(request_id)
-            if future is not None and not future.done():
-                future.set_exception(
-                    ConnectionClosed(
-                        f"{self.endpoint} did not answer {what} within {REQUEST_TIMEOUT} s"
-                    )
-                )
-        if self._deadlines and not self.closed:
-            self._watchdog = self._loop.call_later(WATCH_INTERVAL, self._check_deadlines)
+    def _timed_out(self, label: str) -> Exception:
+        return ConnectionClosed(
+            f"{self.endpoint} did not answer {label} within {REQUEST_TIMEOUT} s"
+        )
 
     async def _send_on_sidecar(self, frame: bytes, fds: list[int]) -> None:
         """One packet with its descriptors. The reply comes on the connection, whose earlier
@@ -337,19 +325,33 @@ class Connection(asyncio.Protocol):
             self._sidecar.close()
             self._sidecar = None
 
-    def _dispatch(self, frame: Frame) -> None:
-        if frame.flags & _REPLY or frame.type == _ERROR:
-            self._complete(frame)
-        elif frame.type == _IRQ:
-            self._on_irq(frame)
-        elif frame.type in _MEM_REQUESTS:
-            self._serve_memory(frame)
-        else:
-            log.warning("server sent unexpected message type %#x", frame.type)
+    def _dispatch(self, event: SessionEvent) -> None:
+        kind = event.__class__
+        if kind is Answer:
+            self._complete(event.frame, event.what)
+            return
+        frame = event.frame
+        if kind is Request:
+            if frame.type == _IRQ:
+                self._on_irq(frame)
+            elif frame.type in _MEM_REQUESTS:
+                self._serve_memory(frame)
+            else:
+                log.warning("server sent unexpected message type %#x", frame.type)
+        elif kind is Closing:
+            # The server closes now: every request waiting learns why, not just that the
+            # connection closed.
+            error = self._posted_error(frame)
+            if error is not None:
+                self.outstanding.fail(event.failed, error)
+        elif frame.type == _ERROR:  # a posted write failed (or its request gave up waiting)
+            self._posted_error(frame)
+        else:  # an answer to nothing awaited: dropped, never answered
+            log.debug("%s: reply %#x to nothing awaited dropped", self.endpoint, frame.request_id)
 
-    def _complete(self, frame: Frame) -> None:
-        request_id = frame.request_id
-        if frame.type == _READ_REPLY and (future := self._reads.get(request_id)) is not None:
+    def _complete(self, frame: Frame, what: tuple[str, asyncio.Future]) -> None:
+        label, future = what
+        if frame.type == _READ_REPLY and label is _MMIO_READ:
             try:
                 (value,) = _READ_REPLY_FIELDS(frame.body)
             except struct.error:
@@ -358,26 +360,24 @@ class Connection(asyncio.Protocol):
                 if not future.done():
                     future.set_result(value)
                 return
-        try:
-            msg = decode_body(frame.type, frame.body)
-        except DecodeError as exc:
-            msg = m.Error(code=exc.code, message=f"undecodable reply: {exc}")
-        future = self._pending.get(request_id) or self._reads.get(request_id)
-        if isinstance(msg, m.Error):
-            error = ProtocolError(msg.code, msg.message)
-            if future is not None and not future.done():
-                future.set_exception(error)
-            else:  # a posted write failed, or the server is closing the session
-                log.warning("%s: %s", self.endpoint, error)
-                self.posted_errors.append(error)
-            if not request_id and not frame.flags & _REPLY:
-                # Fatal (the server closes now): every request waiting learns why, not just
-                # that the connection closed.
-                for waiting in (*self._pending.values(), *self._reads.values()):
-                    if not waiting.done():
-                        waiting.set_exception(error)
-        elif future is not None and not future.done():
+        msg = _decode_reply(frame)
+        if future.done():  # its sender stopped waiting
+            if isinstance(msg, m.Error):
+                self._posted_error(frame)
+        elif isinstance(msg, m.Error):
+            future.set_exception(ProtocolError(msg.code, msg.message))
+        else:
             future.set_result(msg)
+
+    def _posted_error(self, frame: Frame) -> ProtocolError | None:
+        """An ERROR nobody awaits: logged, and kept in ``posted_errors``."""
+        msg = _decode_reply(frame)
+        if not isinstance(msg, m.Error):
+            return None
+        error = ProtocolError(msg.code, msg.message)
+        log.warning("%s: %s", self.endpoint, error)
+        self.posted_errors.append(error)
+        return error
 
     def _on_irq(self, frame: Frame) -> None:
         msg = decode_body(frame.type, frame.body)
@@ -421,22 +421,13 @@ class Connection(asyncio.Protocol):
     async def mmio_read(self, addr: int, width: int) -> int:
         if self.closed:
             raise ConnectionClosed(f"connection to {self.endpoint} is closed")
-        if not self._inflight.take_now():
-            await self._inflight.take()
-        if self.closed:
-            self._inflight.give()
-            raise ConnectionClosed(f"connection to {self.endpoint} is closed")
-        request_id = self._new_id()
-        future = self._loop.create_future()
-        self._reads[request_id] = future
-        self._watch(request_id, "MmioRead")
+        outstanding = self.outstanding
+        request_id, future = outstanding.open_now(_MMIO_READ) or await outstanding.open(_MMIO_READ)
         try:
             self._queue_awaited(_READ_FRAME(request_id, 0, addr, width))
             value = await future
         finally:
-            self._reads.pop(request_id, None)  # connection_lost may have emptied it
-            self._deadlines.pop(request_id, None)
-            self._inflight.give()
+            outstanding.release(request_id)
         if type(value) is not int:
             raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"MMIO_READ answered with {value}")
         return value
@@ -699,12 +690,14 @@ async def _open(
 async def _authenticate(
     conn: Connection, handshake: ClientHandshake, credentials: ClientCredentials, want_shm: bool
 ) -> None:
-    """AUTH, where the server requires a token or offers named memory for a same-host proof."""
+    """AUTH, where the server requires a token or offers named memory for a same-host proof;
+    then the session is open."""
     name = handshake.shm_proof
     proof = read_proof(name) if want_shm and name else None
     binding = tls.channel_binding(conn.transport)
     request = handshake.auth_request(credentials.token, proof, binding=binding)
     if request is None:
+        conn.core.open()
         return
     try:
         answer = await conn.request(request)
@@ -716,6 +709,7 @@ async def _authenticate(
         conn.features = handshake.receive_auth_reply(answer)
     except HandshakeError as exc:
         raise ProtocolError(exc.code, str(exc)) from None
+    conn.core.open()
 
 
 async def _unix_handshake(
@@ -729,7 +723,7 @@ async def _unix_handshake(
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn._sidecar = mine
     try:
-        request_id = conn._new_id()
+        request_id, _future = conn.outstanding.open_now("Hello")  # answered right here
         frame = encode(handshake.hello, request_id, 0)
         if conn.trace is not None:
             conn.trace.sent(frame)
@@ -737,8 +731,11 @@ async def _unix_handshake(
         socket.send_fds(sock, [frame], [theirs.fileno()])
     finally:
         theirs.close()
-    frames = await asyncio.wait_for(_first_frames(loop, sock, conn), REQUEST_TIMEOUT)
-    reply, rest = frames[0], frames[1:]
+    try:
+        events = await asyncio.wait_for(_first_events(loop, sock, conn), REQUEST_TIMEOUT)
+    finally:
+        conn.outstanding.release(request_id)
+    reply, rest = events[0].frame, events[1:]
     msg = decode_body(reply.type, reply.body)
     if reply.request_id != request_id and not isinstance(msg, m.Error):
         raise ProtocolError(m.ErrorCode.BAD_MESSAGE, f"unexpected reply to HELLO: {msg}")
@@ -750,11 +747,11 @@ async def _unix_handshake(
         conn._close_sidecar()
         FdSocketTransport(loop, sock, conn)
         await asyncio.sleep(0)  # let connection_made run
-    for frame in rest:
-        conn._dispatch(frame)
+    for event in rest:
+        conn._dispatch(event)
 
 
-async def _first_frames(
+async def _first_events(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: Connection
 ) -> list:
     while True:
@@ -763,8 +760,8 @@ async def _first_frames(
             raise ConnectionClosed("the server closed the connection during HELLO")
         if conn.trace is not None:
             conn.trace.received(data)
-        if frames := conn.reader.feed(data):
-            return frames
+        if events := conn.core.receive_data(data):
+            return events
 
 
 def _accept_hello(conn: Connection, handshake: ClientHandshake, reply: object) -> None:
@@ -772,12 +769,10 @@ def _accept_hello(conn: Connection, handshake: ClientHandshake, reply: object) -
         negotiated: Negotiated = handshake.receive_hello_reply(reply)
     except HandshakeError as exc:
         raise ProtocolError(exc.code, str(exc)) from None
-    conn.max_inflight = negotiated.max_inflight
-    conn._inflight = Slots(negotiated.max_inflight)  # nothing is in flight yet
+    conn.core.settle(negotiated)
     conn.session_id = handshake.reply.session_id
     conn.features = negotiated.features
     conn.server_name = handshake.reply.name
-    conn.reader.max_frame = negotiated.max_frame
 
 
 async def _register_memory(conn: Connection, mode: str, size: int, base: int) -> None:

@@ -134,6 +134,21 @@ sends MEM_READ / MEM_WRITE (proxied memory) and IRQ events.
 * **ERROR** answers any failed request, with the REPLY flag and the request's id. Nobody
   answers a frame that carries REPLY, not even with ERROR: an unexpected or undecodable reply
   is logged and dropped, so errors never ping-pong.
+* **ERROR with request_id 0 and flags 0** is its sender's last frame: it closes the connection
+  next (section 1, section 9). The receiver answers nothing and fails every request it still
+  awaits a reply to with that ERROR's code and message, rather than only with "connection
+  closed". Either side may send it.
+* **A requester may stop waiting.** The viowire client fails a request not answered within
+  30 s, and the server a MEM_READ not answered within 10 s (the device sees a guest-memory
+  error); a reply that comes later matches nothing and is dropped as above. An implementation
+  should do likewise rather than wait forever on a peer that has stopped answering.
+
+viowire keeps all of this in one sans-IO state machine that both of its ends use
+(`viowire/protocol/session.py`): it is fed the bytes the peer sent and says what each frame is
+(a request of the peer's; an answer, matched to the request it answers; an answer to nothing
+awaited, late or unknown; an answer to a posted request, recognised by its id range; the peer's
+closing ERROR), keeps the sender's own requests awaiting replies within `max_inflight` with
+their deadlines (`protocol/outstanding.py`), and applies the limits the handshake settled.
 
 ## 3. Handshake
 

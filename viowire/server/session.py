@@ -1,4 +1,5 @@
-"""One client connection: a sans-IO frame reader and codec driven by an asyncio.Protocol.
+"""One client connection: the sans-IO session core (viowire.protocol.session) and codec driven
+by an asyncio.Protocol.
 
 Every session owns its own platform instance (devices, register files) and its own guest memory,
 so nothing a client sends can reach another session's devices or memory. Bad input gets an ERROR
@@ -18,6 +19,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
+from viowire.awaited import AwaitedRequests
 from viowire.fdsocket import FdSocketTransport, SidecarReader, is_seqpacket_socket
 from viowire.protocol import messages as m
 from viowire.protocol.codec import (
@@ -30,6 +32,8 @@ from viowire.protocol.codec import (
     pack_mem_read,
     pack_mem_write,
 )
+from viowire.protocol.events import Answer, Closing, PostedAnswer, Request, Stray
+from viowire.protocol.events import Event as SessionEvent
 from viowire.protocol.framing import Frame, FrameError, FrameReader
 from viowire.protocol.handshake import (
     HandshakeError,
@@ -38,10 +42,18 @@ from viowire.protocol.handshake import (
     may_prove_same_host,
 )
 from viowire.protocol.hostid import host_id
-from viowire.protocol.requests import SERVER_WRITE_TAG, server_read_ids, server_write_ids
+from viowire.protocol.outstanding import Outstanding
+from viowire.protocol.requests import server_read_ids, server_write_ids
+from viowire.protocol.session import BrokenStream, SessionCore
 from viowire.samehost import ShmProof, peer_uid, segment_prefix, trusted_uid
 from viowire.server.limits import Budget, LimitExceeded, RamAccount
-from viowire.server.memory import ProxiedGuestMemory, SessionMappings, map_fd, open_shm
+from viowire.server.memory import (
+    PROXY_TIMEOUT,
+    ProxiedGuestMemory,
+    SessionMappings,
+    map_fd,
+    open_shm,
+)
 from viowire.server.metrics import SERVER
 from viowire.server.notify import ChannelError, NotifyChannel, adopt_socket
 from viowire.server.platform import Platform, PlatformSpec, Slot
@@ -79,6 +91,7 @@ _ERROR = int(m.MsgType.ERROR)
 _QUEUE_NOTIFY = int(Reg.QUEUE_NOTIFY)
 _MEM_READ_REPLY = int(m.MsgType.MEM_READ_REPLY)
 _POSTED_WRITES = int(m.ProtoFeature.POSTED_WRITES)
+_MEM_READ = "MemRead"  # the label of our MEM_READs
 _RANGE_BYTES = 12  # a Range on the wire
 _MEM_WRITE_OVERHEAD = m.HEADER_SIZE + 4  # header and range count
 _SIDECAR_TYPES = frozenset((int(m.MsgType.MEM_REGISTER), int(m.MsgType.NOTIFY_CHANNEL)))
@@ -155,14 +168,22 @@ class ServerSession(asyncio.Protocol):
         self.allow_shm = allow_shm
         self.name = name
         self.poll_us = poll_us
-        self.reader = FrameReader()
         self.transport: asyncio.BaseTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.platform: Platform | None = None
         self.features = 0
         self.max_frame = m.DEFAULT_MAX_FRAME
         self.max_inflight = m.DEFAULT_MAX_INFLIGHT
-        self._inflight = asyncio.Semaphore(self.max_inflight)  # our MEM_READs to the client
+        # Our MEM_READs to a proxied client awaiting replies (at most max_inflight; more wait),
+        # ids with bit 31 clear; a reply past its timeout fails the read with TimeoutError.
+        reads: Outstanding = Outstanding(server_read_ids(), self.max_inflight, PROXY_TIMEOUT)
+        self.outstanding = AwaitedRequests(asyncio.get_running_loop(), reads, _timed_out)
+        # Posted MEM_WRITEs are not remembered: their ids (bit 31 set) tell an ERROR answering
+        # one apart from the rest.
+        self._write_ids = server_write_ids()
+        self._write_id = self._write_ids.next
+        # What the client's bytes are: requests, answers to our MEM_READs and MEM_WRITEs.
+        self.core = SessionCore(reads, posted=self._write_ids)
         self.memory: GuestMemory | None = None
         self._mappings = SessionMappings()
         self._proxied: ProxiedGuestMemory | None = None
@@ -176,16 +197,13 @@ class ServerSession(asyncio.Protocol):
         self._writes_data: list[bytes] = []
         self._writes_size = 0
         self._flush_pending = False
-        self._read_id = server_read_ids().next  # MEM_READ request ids: bit 31 clear
-        self._write_id = server_write_ids().next  # MEM_WRITE request ids: bit 31 set
-        self._pending: dict[int, asyncio.Future] = {}
         self._peer = "?"
         self._closed = False
         self._hello_timer: asyncio.TimerHandle | None = None
-        self._backlog: collections.deque[Frame] = collections.deque()  # read, not yet answered
+        self._backlog: collections.deque[SessionEvent] = collections.deque()  # not acted on yet
         self._slice_scheduled = False
         self._paused: set[str] = set()  # why reading is paused (see _pause)
-        self._fatal: FrameError | None = None  # answer the backlog, then close with this
+        self._fatal: BrokenStream | None = None  # answer the backlog, then close with this
         self.token = token
         self.handshake = ServerHandshake(token)
         self._handshaking = True  # until the handshake is OPEN: each request is checked by it
@@ -268,16 +286,16 @@ class ServerSession(asyncio.Protocol):
             return
         try:
             room = max(SLICE_FRAMES - len(self._backlog), 0)
-            frames = self.reader.feed(data, room)
-        except FrameError as exc:
+            events = self.core.receive_data(data, room)
+        except BrokenStream as exc:
             # The frames complete before the bad header are answered, in order; then it closes.
-            SERVER.frames_in += len(exc.frames)
-            self._backlog.extend(exc.frames)
+            SERVER.frames_in += len(exc.events)
+            self._backlog.extend(exc.events)
             self._fatal = exc
             self._pause("fatal")
             return
-        SERVER.frames_in += len(frames)
-        self._backlog.extend(frames)
+        SERVER.frames_in += len(events)
+        self._backlog.extend(events)
 
     def _schedule_slice(self) -> None:
         # Nothing is answered while the peer does not read its replies: a pipelining peer
@@ -324,10 +342,8 @@ class ServerSession(asyncio.Protocol):
         if self.trace is not None:
             self.trace.closed()
         self._drop_shm_proof()
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(GuestMemoryError("the client disconnected"))
-        self._pending.clear()
+        self.outstanding.close(GuestMemoryError("the client disconnected"))
+        self.core.close()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
@@ -438,12 +454,13 @@ class ServerSession(asyncio.Protocol):
         self._closed = True
 
     # -- dispatch ------------------------------------------------------------------------------
-    def _dispatch(self, frame: Frame) -> None:
+    def _dispatch(self, event: SessionEvent) -> None:
         if self._closed:
             return
-        if frame.flags & _REPLY:
-            self._complete(frame)
+        if event.__class__ is not Request:
+            self._on_answer(event)
             return
+        frame = event.frame
         msg_type = frame.type
         entry = _HANDLERS.get(msg_type)
         if entry is None:
@@ -458,6 +475,8 @@ class ServerSession(asyncio.Protocol):
                 self._handshake_refused(frame, exc)
                 return
             self._handshaking = self.handshake.state is not ServerState.OPEN
+            if not self._handshaking:
+                self.core.open()
         if frame.flags & _POSTED and not self.features & _POSTED_WRITES:
             self._reply_error(
                 frame,
@@ -512,7 +531,7 @@ class ServerSession(asyncio.Protocol):
             except OSError as exc:  # no /dev/shm, or it is full: the session goes on without
                 log.info("session %x: no same-host proof file (%s)", self.session_id, exc)
         self.max_frame = negotiated.max_frame
-        self.reader.max_frame = self.max_frame
+        self.core.settle(negotiated)
         if self.features & m.ProtoFeature.FD_SIDECAR and not self._adopt_sidecar():
             self.features &= ~m.ProtoFeature.FD_SIDECAR
         while self._fds:  # HELLO carries no descriptor but the sidecar: never pair one later
@@ -525,7 +544,6 @@ class ServerSession(asyncio.Protocol):
             ", awaiting the token" if awaiting_auth else "",
         )
         self.max_inflight = negotiated.max_inflight
-        self._inflight = asyncio.Semaphore(self.max_inflight)
         if not awaiting_auth and not self._open(frame):
             return
         reply = self.handshake.hello_reply(
@@ -648,7 +666,7 @@ class ServerSession(asyncio.Protocol):
             return
         for frame in frames:
             if frame.type in _SIDECAR_TYPES:
-                self._dispatch(frame)
+                self._dispatch(self.core.event(frame))
             else:  # anything else has the connection, with its back-pressure
                 self._reply_error(
                     frame,
@@ -917,20 +935,16 @@ class ServerSession(asyncio.Protocol):
             raise GuestMemoryError("the client disconnected")
         # At most the client's max_inflight MEM_READs await replies; the rest wait their turn
         # (thousands of proxied queues could otherwise each have one out).
-        async with self._inflight:
-            if self._closed:
+        outstanding = self.outstanding
+        opened = outstanding.open_now(_MEM_READ, timeout)
+        request_id, future = opened or await outstanding.open(_MEM_READ, timeout)
+        try:
+            if self._closed:  # closing (a fatal error) while it waited for the window
                 raise GuestMemoryError("the client disconnected")
-            request_id = self._read_id()
-            loop = self._loop or asyncio.get_running_loop()
-            future = loop.create_future()
-            self._pending[request_id] = future
-            timer = loop.call_later(timeout, _expire, future)
             self._send_frame(pack_mem_read(ranges, request_id))
-            try:
-                return await future
-            finally:
-                timer.cancel()
-                self._pending.pop(request_id, None)
+            return await future
+        finally:
+            outstanding.release(request_id)
 
     def _write_remote(self, ranges: Sequence[tuple[int, int]], data: bytes) -> None:
         """A posted MEM_WRITE. Writes in a row become one frame (a request's data, then the
@@ -970,18 +984,28 @@ class ServerSession(asyncio.Protocol):
             if slot.device.status:
                 slot.device.fail(reason)
 
-    def _complete(self, frame: Frame) -> None:
-        if frame.request_id & SERVER_WRITE_TAG:  # an answer to one of our MEM_WRITEs
+    def _on_answer(self, event: SessionEvent) -> None:
+        """An answer from the client: to a MEM_READ of ours, to a posted MEM_WRITE, to nothing
+        awaited (logged if an ERROR), or its fatal ERROR before it closes."""
+        kind, frame = event.__class__, event.frame
+        if kind is PostedAnswer:
             if frame.type == _ERROR:
                 self._memory_write_failed(frame)
             return
-        future = self._pending.get(frame.request_id)
+        if kind is Closing:
+            log.warning(
+                "session %x: the client is closing: %s", self.session_id, _error_text(frame)
+            )
+            AwaitedRequests.fail(event.failed, GuestMemoryError(f"client: {_error_text(frame)}"))
+            return
+        future = event.what[1] if kind is Answer else None
         if future is None or future.done():
             if frame.type == _ERROR:
                 log.warning(
-                    "session %x: client reported an error for request %d",
+                    "session %x: client reported an error for request %d (%s)",
                     self.session_id,
                     frame.request_id,
+                    event.why.value if kind is Stray else "given up",
                 )
             return
         if frame.type == _MEM_READ_REPLY:  # the body is the data: nothing to decode
@@ -1004,7 +1028,7 @@ def _error_text(frame: Frame) -> str:
     try:
         return decode_body(frame.type, frame.body).message
     except DecodeError as exc:
-        return f"an undecodable ERROR ({exc})"
+        return f"an undecodable error message ({exc})"
 
 
 def _later(task: asyncio.Task) -> None:
@@ -1013,9 +1037,8 @@ def _later(task: asyncio.Task) -> None:
     task.add_done_callback(_TEARDOWNS.discard)
 
 
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
+def _timed_out(_label: str) -> TimeoutError:
+    return TimeoutError()  # ProxiedGuestMemory says what it was
 
 
 # type byte -> (fields, handler): ``fields`` unpacks the body into the handler's arguments, or is
