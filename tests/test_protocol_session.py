@@ -145,9 +145,12 @@ def test_states_go_handshake_open_closed():
 def test_a_slice_limit_leaves_the_rest_buffered():
     core, _writes = server_core()
     data = b"".join(encode(m.MmioRead(addr=0x1000, width=4), i, 0) for i in range(1, 6))
+    frame_size = len(data) // 5
     assert len(core.receive_data(data, 2)) == 2
+    assert core.buffered == 3 * frame_size  # what a server checks to let a pipeliner wait
     assert len(core.receive_data(b"", 2)) == 2
     assert len(core.receive_data(b"")) == 1
+    assert core.buffered == 0
 
 
 @given(st.binary(max_size=300))

@@ -65,6 +65,11 @@ class SessionCore:
         self.max_frame = max_frame
         self.state = SessionState.HANDSHAKE
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out as events (a slice's limit left them)."""
+        return self.reader.buffered
+
     def settle(self, negotiated: Negotiated) -> None:
         """HELLO has settled the session's limits: frames are bounded by its max_frame both
         ways, and at most its max_inflight of our requests await answers."""

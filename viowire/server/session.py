@@ -263,7 +263,7 @@ class ServerSession(asyncio.Protocol):
         if self.trace is not None:
             self.trace.received(data)
         self._read_frames(data)
-        if len(self._backlog) >= SLICE_FRAMES and self.reader.buffered:
+        if len(self._backlog) >= SLICE_FRAMES and self.core.buffered:
             # More than a slice in one read: a pipelining peer. It waits for its turn behind
             # the others (Turns) instead of taking a slice now: when 200 peers start to flood
             # in the same turn of the loop, that turn serves SLICES_PER_TURN slices, not 200.
