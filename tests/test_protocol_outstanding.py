@@ -141,3 +141,15 @@ def test_expired_matches_a_plain_scan(steps):
         assert len(requests) == len(model)
         expected = min(model.values()) if model else None
         assert requests.next_deadline() == expected
+
+
+def test_a_timeout_lowered_while_requests_await_keeps_expiry_exact():
+    """A request opened after the table's timeout is lowered may expire before older ones: the
+    next deadline and expiry must see it, not stop at the oldest."""
+    requests = table(timeout=30.0)
+    old = requests.open(0, "old")
+    requests.timeout = 1.0
+    new = requests.open(1, "new")
+    assert requests.next_deadline() == 2.0
+    assert requests.expired(5) == [(new, "new")]
+    assert old in requests and requests.next_deadline() == 30.0

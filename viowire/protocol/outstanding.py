@@ -34,20 +34,31 @@ class Unmatched(enum.Enum):
 class Outstanding(Generic[T]):
     """Requests awaiting answers, keyed by request id, in the order they were opened."""
 
-    __slots__ = ("_entries", "_gone", "_ordered", "ids", "timeout", "window")
+    __slots__ = ("_entries", "_gone", "_ordered", "_timeout", "ids", "window")
 
     def __init__(self, ids: RequestIds, window: int, timeout: float) -> None:
         if window < 1:
             raise ValueError(f"a window of {window} requests admits none: use at least 1")
         self.ids = ids
         self.window = window  # max_inflight: raise or lower it once HELLO has settled it
-        self.timeout = timeout  # seconds a request may await its answer, unless opened with one
+        self._timeout = timeout  # seconds a request may await its answer, unless opened with one
         self._entries: dict[int, tuple[float, T]] = {}  # id -> (deadline, what), opening order
         # Expired or abandoned ids, oldest first (LATE); ordered so the oldest goes in O(1).
         self._gone: collections.OrderedDict[int, None] = collections.OrderedDict()
         # Deadlines rise with opening order while every request has the table's timeout (the
         # clock only goes forward): expiry looks at the oldest only.
         self._ordered = True
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a request opened without a timeout of its own may await its answer."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, timeout: float) -> None:
+        if timeout != self._timeout and self._entries:
+            self._ordered = False  # requests opened from now on may expire before older ones
+        self._timeout = timeout
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -70,8 +81,8 @@ class Outstanding(Generic[T]):
         while request_id in entries:  # a request outlived a whole wrap of the ids
             request_id = self.ids.next()
         if timeout is None:
-            timeout = self.timeout
-        elif timeout != self.timeout:
+            timeout = self._timeout
+        elif timeout != self._timeout:
             self._ordered = False
         entries[request_id] = (now + timeout, what)
         return request_id
