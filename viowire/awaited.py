@@ -46,15 +46,7 @@ class AwaitedRequests:
         waits for it before us; else None (then :meth:`open`)."""
         if self._waiters or self._closed is not None:
             return None
-        # What _take does, inline: this is the register-read path.
-        future = self._loop.create_future()
-        now = self._loop.time()
-        request_id = self.table.open(now, (label, future), timeout)
-        if request_id is None:
-            return None
-        if self._timer is None or (timeout is not None and now + timeout < self._timer_at):
-            self._arm()
-        return request_id, future
+        return self._take(label, timeout)
 
     async def open(self, label: str, timeout: float | None = None) -> tuple[int, asyncio.Future]:
         """As :meth:`open_now`, waiting in order for a place in the window; raises what
